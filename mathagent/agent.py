@@ -1,0 +1,258 @@
+"""Tool-integrated reasoning as an MDP: the multi-turn agent loop.
+
+The state s_h = (x, a_1, o_1, ..., a_{h-1}, o_{h-1}) is a trajectory's `messages`. At each turn the policy
+writes an action a_h (text, at most one ```python block); the code runs in the sandbox and its output comes
+back as the observation o_h ("```output ... ```"); the loop goes on until a `\\boxed{}` answer, a turn without
+code, or H = max_turns actions.
+
+All live trajectories advance together: one engine call per turn, one sandbox call per turn. A turn stops at
+EOS or at the end of its first python block (generation stops at "```output", which models trained on this
+format write next, and the text after the block is cut).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mathagent import grading
+from mathagent.engines import Engine, Request, Sampling
+from mathagent.errors import UserError
+from mathagent.records import (
+    ANSWERED,
+    LENGTH,
+    MAX_TURNS,
+    OBSERVATION_FENCE,
+    STOPPED,
+    TOOL_CALL,
+    actions,
+    format_observation,
+    is_observation,
+)
+
+PROMPTS = {
+    # Tool-integrated reasoning, in the user turn (some chat templates, Gemma's among them, have no system role).
+    "tool": (
+        "{question}\n\n"
+        "Solve this step by step. You may write Python code in a ```python block; it is run and its output is "
+        "shown to you in an ```output block, after which you continue. Variables persist between blocks. "
+        "Put the final answer within \\boxed{{}}."
+    ),
+    # Plain chain of thought, no tools.
+    "cot": "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+}
+
+_CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def load_prompt(name_or_path: str) -> str:
+    """A named prompt from PROMPTS, or a text file with a `{question}` placeholder."""
+    if name_or_path in PROMPTS:
+        return PROMPTS[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise UserError(f"--prompt: {name_or_path!r} is neither a prompt name ({', '.join(PROMPTS)}) nor a file")
+    text = path.read_text(encoding="utf-8")
+    if "{question}" not in text:
+        raise UserError(f"{name_or_path}: a prompt file needs a {{question}} placeholder")
+    return text
+
+
+def extract_code(action: str) -> str | None:
+    """The code of the action's first complete ```python block, or None."""
+    match = _CODE_BLOCK.search(action)
+    return match.group(1) if match else None
+
+
+def cut_after_code(text: str) -> str:
+    """An action ends with its first python block: what a model writes after it cannot have seen the output."""
+    match = _CODE_BLOCK.search(text)
+    return text[: match.end()] if match else text
+
+
+def pending_code(messages: Sequence[dict[str, str]]) -> str | None:
+    """The code of the last action if it still waits for its observation (and is not a final answer)."""
+    last = messages[-1]
+    if last["role"] != "assistant" or grading.extract_answer(last["content"]) is not None:
+        return None
+    return extract_code(last["content"])
+
+
+def executed_cells(messages: Sequence[dict[str, str]]) -> tuple[str, ...]:
+    """Code of the actions that already have an observation, in order: the state a new cell runs on."""
+    cells = []
+    for i in actions(messages):
+        code = extract_code(messages[i]["content"])
+        if code is not None and i + 1 < len(messages) and is_observation(messages, i + 1):
+            cells.append(code)
+    return tuple(cells)
+
+
+def new_trajectories(problem: dict[str, Any], n: int, prompt: str, system: str | None = None) -> list[dict[str, Any]]:
+    """n fresh trajectories of a problem: ids `{problem id}-{k}`, every problem field kept."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt.format(question=problem["question"])})
+    out = []
+    for k in range(n):
+        t = {key: value for key, value in problem.items() if key not in ("messages", "status")}
+        t.update(id=f"{problem['id']}-{k}", problem_id=problem["id"], messages=[dict(m) for m in messages])
+        out.append(t)
+    return out
+
+
+def branch(trajectory: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """n continuations of one trajectory (ids `{id}-{k}`); n=1 continues it under its own id."""
+    if n == 1:
+        return [trajectory]
+    return [{**trajectory, "id": f"{trajectory['id']}-{k}", "messages": [dict(m) for m in trajectory["messages"]]}
+            for k in range(n)]
+
+
+def grade(trajectory: dict[str, Any], reward_kind: str = "r1") -> None:
+    """Set `pred` (the last boxed answer of the last action) and, with a gold answer, `correct` and `reward`."""
+    last_action = next((m["content"] for m in reversed(trajectory["messages"]) if m["role"] == "assistant"), "")
+    pred = grading.extract_answer(last_action)
+    trajectory["pred"] = pred
+    gold = trajectory.get("answer")
+    if gold is not None:
+        trajectory["correct"] = grading.is_equivalent(pred, str(gold))
+        trajectory["reward"] = grading.reward(pred, str(gold), kind=reward_kind)
+
+
+@dataclass
+class AgentConfig:
+    max_turns: int = 6  # H: the most actions a trajectory may have in all, those it came with included
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512  # per turn
+    seed: int = 0
+    observation_role: str = "user"
+    execute: bool = True  # False: stop at a tool call (status tool_call) and leave the code to `execute`
+    reward: str = "r1"
+
+
+@dataclass
+class TurnReport:
+    turn: int
+    generated: int  # actions generated this turn
+    executed: int  # cells run this turn
+    finished: int  # trajectories that ended this turn
+    tokens: int  # tokens generated this turn
+    seconds: float  # engine time this turn
+
+
+def request_seed(seed: int, trajectory_id: str, turn: int) -> int:
+    """A per-request sampling seed: a trajectory's sample does not depend on what it was batched with."""
+    digest = hashlib.blake2b(f"{seed}/{trajectory_id}/{turn}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the state, ready for the next action (or for more of a cut last action)."""
+    continuing = messages[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=not continuing, continue_final_message=continuing
+    )
+    # The template already wrote any BOS it wants.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def execute_pending(trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user") -> int:
+    """Run the pending code of every trajectory that has some, in one sandbox call, and append each output as
+    an observation. Returns the number of cells run."""
+    from mathagent.sandbox import Cell
+
+    todo = [(t, code) for t in trajectories if (code := pending_code(t["messages"])) is not None]
+    if not todo:
+        return 0
+    cells = [Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code) for t, code in todo]
+    for (t, _), result in zip(todo, sandbox.run(cells), strict=True):
+        t["messages"].append({"role": observation_role, "content": format_observation(result.output)})
+    return len(todo)
+
+
+def run_agent(
+    trajectories: list[dict[str, Any]],
+    engine: Engine,
+    sandbox,
+    config: AgentConfig,
+    on_turn: Callable[[TurnReport], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Advance every trajectory until it ends; set `status`, `pred`, `correct`, `reward`. Mutates and returns
+    the list, in order.
+
+    A trajectory that comes in ending in an observation is continued; one whose last action was cut by the
+    token limit (status `length`) gets that action continued; pending code is executed first.
+    """
+    H = config.max_turns
+    sampling = Sampling(config.temperature, config.top_p, config.max_tokens, stop=(OBSERVATION_FENCE,))
+    live = list(trajectories)
+    for t in live:  # a cut action is continued once per run; other statuses are re-derived from messages
+        if t.get("status") != LENGTH:
+            t.pop("status", None)
+    turn = 0
+    while live:
+        turn += 1
+        report = TurnReport(turn, 0, 0, 0, 0, 0.0)
+        ended: list[dict[str, Any]] = []
+        # 1. observations for the code of the last turn (or of the input)
+        if config.execute:
+            report.executed = execute_pending(live, sandbox, config.observation_role)
+        # 2. which trajectories act now
+        acting, prompts = [], []
+        for t in live:
+            msgs = t["messages"]
+            last = msgs[-1]
+            n_actions = len(actions(msgs))
+            if last["role"] != "assistant":
+                if n_actions >= H:
+                    t["status"] = MAX_TURNS
+                    ended.append(t)
+                    continue
+            elif grading.extract_answer(last["content"]) is not None:
+                t["status"] = ANSWERED
+                ended.append(t)
+                continue
+            elif extract_code(last["content"]) is not None:  # only without config.execute
+                t["status"] = TOOL_CALL
+                ended.append(t)
+                continue
+            elif t.get("status") != LENGTH:
+                t["status"] = STOPPED
+                ended.append(t)
+                continue
+            t.pop("status", None)
+            acting.append(t)
+            prompts.append(Request(prompt_ids(engine.tokenizer, msgs), seed=request_seed(config.seed, t["id"], n_actions)))
+        # 3. one engine call for all of them
+        if acting:
+            tokens_before, seconds_before = engine.stats.generated_tokens, engine.stats.seconds
+            completions = engine.generate(prompts, sampling)
+            report.tokens = engine.stats.generated_tokens - tokens_before
+            report.seconds = engine.stats.seconds - seconds_before
+            report.generated = len(acting)
+            for t, completion in zip(acting, completions, strict=True):
+                msgs = t["messages"]
+                if msgs[-1]["role"] == "assistant":  # continuing a cut action
+                    msgs[-1]["content"] = cut_after_code(msgs[-1]["content"] + completion.text)
+                else:
+                    msgs.append({"role": "assistant", "content": cut_after_code(completion.text)})
+                content = msgs[-1]["content"]
+                has_code = extract_code(content) is not None
+                if grading.extract_answer(content) is None and not has_code and completion.finish_reason == "length":
+                    t["status"] = LENGTH  # ends this run; the next rollout continues the action
+                    ended.append(t)
+        for t in ended:
+            grade(t, config.reward)
+            if sandbox is not None:
+                sandbox.forget(str(t["id"]))
+        report.finished = len(ended)
+        done = {id(t) for t in ended}
+        live = [t for t in live if id(t) not in done]
+        if on_turn is not None:
+            on_turn(report)
+    return trajectories

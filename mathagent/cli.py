@@ -1,0 +1,383 @@
+"""The `mathagent` command line: one command per stage of the method, JSONL in and out.
+
+Each command parses its options, opens what it needs (engine, sandbox), calls one function of the package, and
+writes records. Records go to stdout or `-o PATH` (atomically); logs and progress go to stderr, so stages
+chain through pipes:
+
+    mathagent rollout problems.jsonl --model tiny --n 4 | mathagent evaluate
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mathagent import __version__
+from mathagent.errors import UserError
+from mathagent.records import (
+    InvalidCounter,
+    RecordWriter,
+    check_problem_or_trajectory,
+    read_finished,
+    read_records,
+)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Train LLM math agents with multi-turn tool-integrated preference learning (M-DPO / M-KTO).",
+)
+console = Console(stderr=True, soft_wrap=True)
+
+# Options shared by several stages.
+InputArg = Annotated[str, typer.Argument(help="Input JSONL path, or '-' for stdin.")]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output JSONL path (written atomically), or '-' for stdout.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep the records already in --output (or left by a killed run) and do only the missing ids.")]
+SkipInvalidOpt = Annotated[bool, typer.Option("--skip-invalid", help="Count and skip malformed input lines instead of stopping with exit code 2.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Model: a local path, a hub id, or 'tiny' (the embedded tiny model, built once into the cache).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="Generation backend: vllm or hf (transformers).")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="A peft LoRA adapter directory to generate with.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Most tokens generated per turn.")]
+MaxTurnsOpt = Annotated[int, typer.Option("--max-turns", help="H: the most actions (assistant turns) a trajectory may have in all.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; each trajectory's samples are seeded from it and its id.")]
+PromptOpt = Annotated[str, typer.Option("--prompt", help="'tool' (python blocks, then \\boxed{}), 'cot' (plain chain of thought), or a file with a {question} placeholder.")]
+ObservationRoleOpt = Annotated[str, typer.Option("--observation-role", help="Role of observation messages: user (as in the M-DPO data) or tool.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Per-cell wall-clock and CPU limit, in seconds.")]
+MemoryOpt = Annotated[int, typer.Option("--memory-mb", help="Per-cell memory cap, in MiB.")]
+MaxOutputOpt = Annotated[int, typer.Option("--max-output-chars", help="Observation text beyond this is cut, with a marker saying how much.")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Sandbox worker processes (default: the number of cores).")]
+RewardOpt = Annotated[str, typer.Option("--reward", help="Reward rule: r1 (+1 boxed and correct, -0.5 boxed and wrong, -1 no answer) or binary (1/0).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mathagent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    pass
+
+
+def _fail(message: str) -> None:
+    # Plain text, never wrapped: scripts grep for "FILE:LINE: ...".
+    sys.stderr.write(f"error: {message}\n")
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """User mistakes become one line on stderr and exit code 2; anything else keeps its traceback."""
+    try:
+        yield
+    except UserError as e:
+        _fail(str(e))
+
+
+@contextmanager
+def _record_stream() -> Iterator[IO[str]]:
+    """A private stream to the real stdout for records, while fd 1 points at stderr.
+
+    stdout must carry only JSONL, but libraries print there: vLLM's logger, C extensions, tqdm. For the
+    duration of a stage, whatever anything writes to stdout lands on stderr, and only records reach the pipe.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    try:
+        yield stream
+    finally:
+        stream.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        stream.close()
+
+
+def _report_invalid(invalid: InvalidCounter) -> None:
+    if invalid.count:
+        console.print(f"skipped {invalid.count} invalid input line(s), e.g. {invalid.examples[0]}", highlight=False)
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {shard!r}: need 0 <= I < N")
+    return index, count
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for lo in range(0, len(items), size):
+        yield items[lo : lo + size]
+
+
+class _AgentProgress:
+    """The rich progress bar of a rollout: trajectories done, turns, tokens/s (on stderr)."""
+
+    def __init__(self, total: int):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("turn {task.fields[turn]}  {task.fields[tps]:.0f} tok/s  {task.fields[cells]} cells"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("trajectories", total=total, turn=0, tps=0.0, cells=0)
+        self.tokens = 0
+        self.seconds = 0.0
+        self.cells = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def advance_done(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def on_turn(self, report) -> None:
+        self.tokens += report.tokens
+        self.seconds += report.seconds
+        self.cells += report.executed
+        tps = self.tokens / self.seconds if self.seconds else 0.0
+        self.progress.update(self.task, advance=report.finished, turn=report.turn, tps=tps, cells=self.cells)
+
+
+@app.command()
+def rollout(
+    input: InputArg = "-",
+    output: OutputOpt = "-",
+    model: ModelOpt = "tiny",
+    backend: BackendOpt = "vllm",
+    adapter: AdapterOpt = None,
+    n: Annotated[int, typer.Option("--n", help="Samples per problem (or continuations per input trajectory).")] = 1,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_tokens: MaxTokensOpt = 512,
+    max_turns: MaxTurnsOpt = 6,
+    seed: SeedOpt = 0,
+    prompt: PromptOpt = "tool",
+    system: Annotated[str | None, typer.Option("--system", help="An optional system message for new trajectories.")] = None,
+    observation_role: ObservationRoleOpt = "user",
+    execute: Annotated[bool, typer.Option("--execute/--no-execute", help="Run code between turns; --no-execute stops each trajectory at its next tool call (status tool_call) for `mathagent execute`.")] = True,
+    shard: Annotated[str | None, typer.Option("--shard", help="I/N: take only every N-th input record starting at I (split the input across machines).")] = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories advanced together; output is written (and resumable) chunk by chunk.")] = 1024,
+    reward: RewardOpt = "r1",
+    timeout: TimeoutOpt = 10.0,
+    memory_mb: MemoryOpt = 2048,
+    max_output_chars: MaxOutputOpt = 2000,
+    workers: WorkersOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="vLLM context length (default: the model's).")] = None,
+    resume: ResumeOpt = False,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Sample multi-turn tool-integrated trajectories: text + ```python -> run -> ```output -> ... -> \\boxed{}.
+
+    Input: problems {"id","question","answer"?}, or trajectories to continue (ending in an observation, in
+    pending code, or in an action cut by --max-tokens). Output: trajectories with status, pred, correct, reward.
+    """
+    from mathagent import agent
+    from mathagent.engines import open_engine
+    from mathagent.sandbox import Sandbox
+    from mathagent.tiny import resolve_model
+
+    with _user_errors():
+        if n < 1 or max_turns < 1 or max_tokens < 1:
+            raise UserError("--n, --max-turns and --max-tokens must be at least 1")
+        if observation_role == "assistant":
+            raise UserError("--observation-role cannot be assistant: observations are not the agent's actions")
+        template = agent.load_prompt(prompt)
+        shard_index, shard_count = _parse_shard(shard)
+        invalid = InvalidCounter()
+        records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid,
+                                    check=check_problem_or_trajectory))
+        units = []  # (input record, its trajectories)
+        for i, record in enumerate(records):
+            if i % shard_count != shard_index:
+                continue
+            if "messages" in record:
+                units.append(agent.branch(record, n))
+            else:
+                units.append(agent.new_trajectories(record, n, template, system))
+        kept: list[dict[str, Any]] = []
+        if resume and output != "-":
+            finished = {r["id"]: r for r in read_finished(output)}
+            todo = []
+            for trajectories in units:
+                if all(t["id"] in finished for t in trajectories):
+                    kept.extend(finished[t["id"]] for t in trajectories)
+                else:
+                    todo.append(trajectories)
+            console.print(f"resume: {len(units) - len(todo)} of {len(units)} inputs already done", highlight=False)
+            units = todo
+        _report_invalid(invalid)
+        config = agent.AgentConfig(
+            max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+            observation_role=observation_role, execute=execute, reward=reward,
+        )
+        trajectories = [t for unit in units for t in unit]
+        with _record_stream() as stdout, RecordWriter(output, keep=kept, stdout=stdout) as writer:
+            if trajectories:
+                engine = open_engine(backend, resolve_model(model), adapter=adapter, seed=seed, dtype=dtype,
+                                     max_model_len=max_model_len)
+                sandbox = Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb, max_output_chars=max_output_chars) if execute else None
+                start = time.perf_counter()
+                try:
+                    with _AgentProgress(len(trajectories)) as progress:
+                        for chunk in _chunks(trajectories, chunk_size):
+                            for t in agent.run_agent(chunk, engine, sandbox, config, on_turn=progress.on_turn):
+                                writer.write(t)
+                finally:
+                    if sandbox is not None:
+                        sandbox.close()
+                    engine.close()
+                stats = engine.stats
+                console.print(
+                    f"rollout: {len(trajectories)} trajectories, {stats.calls} engine calls, "
+                    f"{stats.generated_tokens} tokens in {time.perf_counter() - start:.1f} s",
+                    highlight=False,
+                )
+
+
+@app.command()
+def execute(
+    input: InputArg = "-",
+    output: OutputOpt = "-",
+    observation_role: ObservationRoleOpt = "user",
+    timeout: TimeoutOpt = 10.0,
+    memory_mb: MemoryOpt = 2048,
+    max_output_chars: MaxOutputOpt = 2000,
+    workers: WorkersOpt = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Records executed together in one sandbox call.")] = 1024,
+    resume: ResumeOpt = False,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Run the pending code of each trajectory's last action and append its output as one observation.
+
+    Records without pending code pass through unchanged, in order. Earlier cells are replayed (output
+    discarded) so a cell sees the state its trajectory built.
+    """
+    from mathagent import agent
+    from mathagent.sandbox import Sandbox
+
+    with _user_errors():
+        invalid = InvalidCounter()
+        records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid))
+        kept: list[dict[str, Any]] = []
+        if resume and output != "-":
+            finished = {r["id"]: r for r in read_finished(output)}
+            kept = [finished[r["id"]] for r in records if r["id"] in finished]
+            records = [r for r in records if r["id"] not in finished]
+        _report_invalid(invalid)
+        with _record_stream() as stdout, RecordWriter(output, keep=kept, stdout=stdout) as writer:
+            cells = 0
+            if any("messages" in r and agent.pending_code(r["messages"]) is not None for r in records):
+                with Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb, max_output_chars=max_output_chars) as sandbox:
+                    for chunk in _chunks(records, chunk_size):
+                        trajectories = [r for r in chunk if "messages" in r]
+                        cells += agent.execute_pending(trajectories, sandbox, observation_role)
+                        for record in chunk:
+                            writer.write(record)
+            else:
+                for record in records:
+                    writer.write(record)
+        console.print(f"execute: {cells} cells run, {len(records) - cells} records passed through", highlight=False)
+
+
+@app.command()
+def evaluate(
+    input: InputArg = "-",
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k for pass@k and maj@k, e.g. 1,4,8 (problems with fewer than k trajectories are left out of that k).")] = "1",
+    score_field: Annotated[str | None, typer.Option("--score-field", help="Report best-of-n: pick each problem's trajectory with the highest value of this field (e.g. a PRM's score).")] = None,
+    answer_modes: Annotated[str, typer.Option("--answer-modes", help="Comma-separated answer forms to extract from the last action, tried in order: boxed, answer_is, gsm8k.")] = "boxed",
+    reward: RewardOpt = "r1",
+    percent_scaling: Annotated[bool, typer.Option("--percent-scaling", help="Also accept answers off by a factor of 100 (0.5 for 50); off by default, since it grades wrong answers right.")] = False,
+    grading_timeout: Annotated[float, typer.Option("--grading-timeout", help="Seconds allowed for one symbolic comparison; past it the answer grades wrong and is counted.")] = 5.0,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the JSON summary to this path instead of stdout.")] = None,
+    graded: Annotated[str | None, typer.Option("--graded", help="Write every input record with pred, correct and reward set by this grading (JSONL, atomically).")] = None,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Re-grade trajectories from their messages and report accuracy, pass@k, maj@k, best-of-n and turn statistics.
+
+    Input: trajectories {"id","problem_id","answer","messages","status",...}, several per problem. Stored pred and
+    correct are ignored: pred is extracted from the last action again. A table goes to stderr, the JSON summary
+    to stdout (or --json).
+    """
+    import json
+
+    from mathagent import metrics
+    from mathagent.grading import ANSWER_MODES, REWARD_KINDS, Grader
+
+    with _user_errors():
+        try:
+            ks = sorted({int(x) for x in k.split(",") if x.strip()})
+        except ValueError:
+            raise UserError(f"--k {k!r}: expected comma-separated positive integers, e.g. 1,4,8") from None
+        if not ks or ks[0] < 1:
+            raise UserError(f"--k {k!r}: expected comma-separated positive integers, e.g. 1,4,8")
+        modes = tuple(m.strip() for m in answer_modes.split(",") if m.strip())
+        if not modes or any(m not in ANSWER_MODES for m in modes):
+            raise UserError(f"--answer-modes {answer_modes!r}: choose from {', '.join(ANSWER_MODES)}")
+        if reward not in REWARD_KINDS:
+            raise UserError(f"--reward {reward!r}: choose from {', '.join(REWARD_KINDS)}")
+        invalid = InvalidCounter()
+        records = list(read_records(input, required=("id", "problem_id", "messages"), skip_invalid=skip_invalid,
+                                    invalid=invalid))
+        _report_invalid(invalid)
+        with Grader(percent_scaling=percent_scaling, timeout=grading_timeout) as grader:
+            graded_records = metrics.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward)
+            summary = metrics.evaluate(graded_records, ks=ks, score_field=score_field, equal=grader.is_equivalent)
+            summary["grading"] = grader.stats.as_dict()
+        if graded is not None:
+            with RecordWriter(graded) as writer:
+                for record in graded_records:
+                    writer.write(record)
+        for line in metrics.format_report(summary):
+            console.print(line, highlight=False)
+        text = json.dumps(summary, indent=2)
+        if json_path is None:
+            typer.echo(text)
+        else:
+            try:
+                with open(json_path, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
+            except OSError as e:
+                raise UserError(f"{json_path}: cannot write: {e.strerror}") from None
+
+
+def main() -> None:
+    # vLLM's info logs would drown the progress bar; users can ask for them back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

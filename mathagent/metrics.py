@@ -1,0 +1,331 @@
+"""Evaluation metrics of a policy from its sampled trajectories: accuracy, pass@k, maj@k, best-of-n, turns.
+
+For a problem with n sampled trajectories of which c are correct:
+
+    pass@k = 1 - C(n - c, k) / C(n, k)           (the unbiased estimator of Chen et al., 2021)
+           = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)   (the form computed here: no huge binomials)
+
+    maj@k  = 1[ the most frequent answer among the first k trajectories == a* ]
+             answers are grouped by mathematical equivalence, not by string; a tie between groups goes to
+             the group whose first member came first (trajectories in input order); no answer casts no vote.
+
+    best-of-n = 1[ the trajectory with the highest score (e.g. a PRM's `score`) is correct ]
+                ties go to the first trajectory in input order; trajectories without the score are skipped.
+
+    accuracy  = (sum of correct) / (number of trajectories)       (pass@1 averaged over samples)
+
+Each metric is averaged over the problems that have at least k (or one scored) trajectories. Turn statistics
+(from `messages`): a tool call is an action followed by an observation; an error observation contains a
+Python error line ("ZeroDivisionError: ...") or a timeout; a max-turn hit has status "max_turns".
+
+`grade_trajectories` re-grades records from their messages (stored pred/correct are never trusted) and
+`evaluate` computes the report from graded records.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mathagent.grading import Grader
+
+Equal = Callable[[str, str], bool]  # equal(pred, gold)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The estimators (pure)
+# --------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one problem with n samples, c of them correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i): a product of numbers in (0, 1], stable for any n.
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        fail *= 1.0 - k / i
+    return 1.0 - fail
+
+
+def majority_answer(preds: Sequence[str | None], equal: Equal) -> tuple[str | None, int]:
+    """The answer voted most often (by equivalence classes) and its vote count; (None, 0) with no votes.
+
+    Each answer joins the first earlier class whose first member it equals; a tie between classes goes to
+    the class that appeared first.
+    """
+    classes: list[list[str]] = []
+    by_string: dict[str, int] = {}
+    for pred in preds:
+        if pred is None:
+            continue
+        index = by_string.get(pred)
+        if index is None:
+            index = next((i for i, members in enumerate(classes) if equal(pred, members[0])), None)
+            if index is None:
+                classes.append([])
+                index = len(classes) - 1
+            by_string[pred] = index
+        classes[index].append(pred)
+    if not classes:
+        return None, 0
+    # max() keeps the first of equal counts, and classes are in order of first appearance.
+    best = max(classes, key=len)
+    return best[0], len(best)
+
+
+def maj_at_k(preds: Sequence[str | None], gold: str, k: int, equal: Equal) -> bool:
+    """Whether the majority answer of the first k predictions equals the reference."""
+    answer, _ = majority_answer(preds[:k], equal)
+    return answer is not None and equal(answer, gold)
+
+
+def best_of_n(samples: Sequence[dict[str, Any]], score_field: str) -> bool | None:
+    """Whether the highest-scoring sample is correct; None when no sample has a numeric `score_field`."""
+    best: dict[str, Any] | None = None
+    for sample in samples:
+        score = sample.get(score_field)
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            if best is None or score > best[score_field]:
+                best = sample
+    return None if best is None else bool(best.get("correct"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Turn statistics
+# --------------------------------------------------------------------------------------------------------
+
+# A Python exception line ("ZeroDivisionError: division by zero", "sympy...PolynomialError: ...") or a
+# timeout notice from the sandbox.
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt|Exit)\b.*?:|timed? ?out|timeout", re.IGNORECASE | re.MULTILINE)
+
+
+def is_error_observation(content: str) -> bool:
+    return _ERROR_LINE.search(content) is not None
+
+
+def turn_statistics(messages: Sequence[dict[str, str]]) -> dict[str, int]:
+    """Actions, tool calls (actions answered by an observation), observations and error observations."""
+    seen_action = False
+    stats = {"actions": 0, "tool_calls": 0, "observations": 0, "error_observations": 0}
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            seen_action = True
+            stats["actions"] += 1
+            if i + 1 < len(messages) and messages[i + 1]["role"] != "assistant":
+                stats["tool_calls"] += 1
+        elif seen_action:
+            stats["observations"] += 1
+            if is_error_observation(message["content"]):
+                stats["error_observations"] += 1
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------------
+# Grading records
+# --------------------------------------------------------------------------------------------------------
+
+
+def last_action(messages: Sequence[dict[str, str]]) -> str | None:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), None)
+
+
+def grade_trajectory(
+    trajectory: dict[str, Any], grader: Grader, *, answer_modes: Sequence[str] = ("boxed",), reward_kind: str = "r1"
+) -> dict[str, Any]:
+    """A copy of the trajectory with `pred`, `correct`, `reward` set from its messages (not its stored
+    fields). Without a reference `answer`, `correct` and `reward` are None."""
+    from mathagent.grading import extract_answer
+
+    content = last_action(trajectory["messages"])
+    pred = extract_answer(content, answer_modes) if content is not None else None
+    graded = dict(trajectory)
+    graded["pred"] = pred
+    gold = trajectory.get("answer")
+    if gold is None:
+        graded["correct"] = None
+        graded["reward"] = None
+    else:
+        graded["correct"] = grader.is_equivalent(pred, str(gold))
+        graded["reward"] = _reward(pred, graded["correct"], reward_kind)
+    return graded
+
+
+def _reward(pred: str | None, correct: bool, kind: str) -> float:
+    # The same formula as grading.reward, without grading twice.
+    if kind == "binary":
+        return 1.0 if correct else 0.0
+    if pred is None:
+        return -1.0
+    return 1.0 if correct else -0.5
+
+
+def grade_trajectories(
+    trajectories: Iterable[dict[str, Any]],
+    grader: Grader,
+    *,
+    answer_modes: Sequence[str] = ("boxed",),
+    reward_kind: str = "r1",
+    threads: int = 4,
+) -> list[dict[str, Any]]:
+    """Grade many trajectories, `threads` at a time (the grader's sympy workers run in parallel)."""
+    items = list(trajectories)
+
+    def grade(t: dict[str, Any]) -> dict[str, Any]:
+        return grade_trajectory(t, grader, answer_modes=answer_modes, reward_kind=reward_kind)
+
+    if threads <= 1 or len(items) < 2:
+        return [grade(t) for t in items]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(grade, items))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _group_metrics(groups: dict[str, list[dict[str, Any]]], ks: Sequence[int], equal: Equal) -> dict[str, Any]:
+    samples = [t for ts in groups.values() for t in ts]
+    report: dict[str, Any] = {
+        "problems": len(groups),
+        "trajectories": len(samples),
+        "accuracy": _mean([1.0 if t["correct"] else 0.0 for t in samples]),
+        "pass@k": {},
+        "maj@k": {},
+    }
+    for k in ks:
+        eligible = [ts for ts in groups.values() if len(ts) >= k]
+        report["pass@k"][str(k)] = _mean([pass_at_k(len(ts), sum(bool(t["correct"]) for t in ts), k) for ts in eligible])
+        report["maj@k"][str(k)] = _mean(
+            [1.0 if maj_at_k([t["pred"] for t in ts], str(ts[0]["answer"]), k, equal) else 0.0 for ts in eligible]
+        )
+    return report
+
+
+def evaluate(
+    graded: Sequence[dict[str, Any]],
+    *,
+    ks: Sequence[int] = (1,),
+    score_field: str | None = None,
+    equal: Equal | None = None,
+) -> dict[str, Any]:
+    """The evaluation report of graded trajectories (records with `pred` and `correct`, see
+    `grade_trajectories`), grouped into problems by `problem_id`.
+
+    `equal(pred, gold)` groups answers for maj@k (default: a fresh `Grader`'s is_equivalent). Trajectories
+    without a reference answer count in the turn statistics only.
+    """
+    if any(k < 1 for k in ks):
+        raise ValueError(f"k must be positive, got {list(ks)}")
+    own_grader = None
+    if equal is None:
+        own_grader = Grader()
+        equal = own_grader.is_equivalent
+    try:
+        with_answer = [t for t in graded if t.get("correct") is not None]
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for t in with_answer:
+            groups[str(t["problem_id"])].append(t)
+        report: dict[str, Any] = {"ungraded": len(graded) - len(with_answer)}
+        report.update(_group_metrics(groups, ks, equal))
+
+        if score_field is not None:
+            outcomes = [best_of_n(ts, score_field) for ts in groups.values()]
+            scored = [o for o in outcomes if o is not None]
+            report["best_of_n"] = {
+                "score_field": score_field,
+                "problems": len(scored),
+                "accuracy": _mean([1.0 if o else 0.0 for o in scored]),
+            }
+
+        for field_name in ("subject", "level"):
+            values = {str(ts[0][field_name]) for ts in groups.values() if ts[0].get(field_name) is not None}
+            if values:
+                report[f"by_{field_name}"] = {
+                    value: _group_metrics(
+                        {p: ts for p, ts in groups.items() if str(ts[0].get(field_name)) == value}, ks, equal
+                    )
+                    for value in sorted(values, key=_natural_key)
+                }
+
+        report["turns"] = _turn_report(graded)
+        return report
+    finally:
+        if own_grader is not None:
+            own_grader.close()
+
+
+def _natural_key(value: str) -> tuple[int, Any]:
+    return (0, int(value)) if value.isdigit() else (1, value)
+
+
+def _turn_report(trajectories: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    per = [turn_statistics(t["messages"]) for t in trajectories]
+    observations = sum(s["observations"] for s in per)
+    errors = sum(s["error_observations"] for s in per)
+    n = len(trajectories)
+    statuses = Counter(str(t.get("status")) for t in trajectories)
+    return {
+        "trajectories": n,
+        "actions_mean": _mean([s["actions"] for s in per]),
+        "tool_calls_mean": _mean([s["tool_calls"] for s in per]),
+        "tool_calls_max": max((s["tool_calls"] for s in per), default=None),
+        "observations": observations,
+        "error_observations": errors,
+        "error_observation_rate": errors / observations if observations else None,
+        "max_turns_rate": statuses.get("max_turns", 0) / n if n else None,
+        "no_answer_rate": sum(t.get("pred") is None for t in trajectories) / n if n else None,
+        "statuses": dict(sorted(statuses.items())),
+    }
+
+
+def format_report(report: dict[str, Any]):
+    """The report as a rich table (for stderr): overall, then one row per subject and per level."""
+    from rich.table import Table
+
+    ks = list(report.get("pass@k", {}))
+    table = Table(title=f"evaluate: {report['trajectories']} trajectories, {report['problems']} problems")
+    table.add_column("group")
+    for column in ("problems", "trajectories", "accuracy", *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in ks)):
+        table.add_column(column, justify="right")
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    def row(name: str, r: dict[str, Any]) -> None:
+        table.add_row(name, str(r["problems"]), str(r["trajectories"]), pct(r["accuracy"]),
+                      *(pct(r["pass@k"][k]) for k in ks), *(pct(r["maj@k"][k]) for k in ks))
+
+    row("all", report)
+    for field_name in ("by_subject", "by_level"):
+        for value, r in report.get(field_name, {}).items():
+            row(f"{field_name[3:]} {value}", r)
+    lines = [table]
+    if "best_of_n" in report:
+        b = report["best_of_n"]
+        lines.append(f"best-of-n by {b['score_field']}: {pct(b['accuracy'])} % over {b['problems']} problems")
+    t = report["turns"]
+    lines.append(
+        f"turns: {t['actions_mean'] or 0:.2f} actions and {t['tool_calls_mean'] or 0:.2f} tool calls per trajectory; "
+        f"{t['error_observations']} of {t['observations']} observations are errors; "
+        f"max-turn hits {pct(t['max_turns_rate'])} %, no answer {pct(t['no_answer_rate'])} %"
+    )
+    if "grading" in report:
+        g = report["grading"]
+        lines.append(
+            f"grading: {g['comparisons']} comparisons, {g['symbolic']} symbolic, failures {g['failures']} "
+            f"(timeouts {g['timeouts']}, errors {g['errors']}, oversize {g['oversize']}), unparsed {g['unparsed']}"
+        )
+    if report.get("ungraded"):
+        lines.append(f"{report['ungraded']} trajectories have no reference answer: counted in turns only")
+    return lines

@@ -1,0 +1,136 @@
+"""The multi-turn loop: actions, code, observations, statuses, and one engine call per turn."""
+
+import pytest
+
+from mathagent import agent
+from mathagent.agent import AgentConfig, cut_after_code, executed_cells, extract_code, pending_code, run_agent
+from mathagent.records import format_observation
+
+from conftest import last_output
+
+CODE_ACTION = "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```"
+
+
+def test_code_is_the_first_complete_python_block():
+    assert extract_code(CODE_ACTION) == "x = 6 * 7\nprint(x)\n"
+    assert extract_code("```python\nprint(1)") is None
+    assert extract_code("no code") is None
+
+
+def test_an_action_ends_with_its_first_python_block():
+    text = CODE_ACTION + "\nso the output is 42 and \\boxed{42}"
+    assert cut_after_code(text) == CODE_ACTION
+    assert cut_after_code("plain \\boxed{1}") == "plain \\boxed{1}"
+
+
+def test_pending_code_is_code_without_an_observation_and_without_an_answer():
+    base = [{"role": "user", "content": "q"}]
+    assert pending_code(base + [{"role": "assistant", "content": CODE_ACTION}]) == "x = 6 * 7\nprint(x)\n"
+    assert pending_code(base + [{"role": "assistant", "content": CODE_ACTION + " \\boxed{42}"}]) is None
+    assert pending_code(base + [{"role": "assistant", "content": CODE_ACTION}, {"role": "user", "content": "```output\n42\n```"}]) is None
+
+
+def test_executed_cells_are_the_code_of_actions_with_observations():
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "```python\na = 1\n```"},
+        {"role": "tool", "content": format_observation("")},
+        {"role": "assistant", "content": "```python\nb = a + 1\n```"},
+    ]
+    assert executed_cells(messages) == ("a = 1\n",)
+
+
+def test_new_trajectories_keep_problem_fields_and_get_distinct_ids():
+    problem = {"id": "p1", "question": "What is 2+3?", "answer": "5", "level": 2}
+    ts = agent.new_trajectories(problem, 3, agent.PROMPTS["tool"])
+    assert [t["id"] for t in ts] == ["p1-0", "p1-1", "p1-2"]
+    assert all(t["problem_id"] == "p1" and t["level"] == 2 and t["answer"] == "5" for t in ts)
+    assert ts[0]["messages"][0]["content"].startswith("What is 2+3?\n\n")
+    assert ts[0]["messages"] is not ts[1]["messages"]
+
+
+def always_code(state, turn):
+    return f"Step {turn}.\n```python\nv{turn} = {turn} + 1\nprint(v{turn})\n```"
+
+
+def test_64_problems_times_4_samples_cost_one_engine_call_per_turn(scripted, sandbox):
+    engine = scripted(always_code)
+    problems = [{"id": f"p{i}", "question": f"q{i}", "answer": "1"} for i in range(64)]
+    trajectories = [t for p in problems for t in agent.new_trajectories(p, 4, agent.PROMPTS["tool"])]
+    run_agent(trajectories, engine, sandbox, AgentConfig(max_turns=3))
+    assert engine.stats.calls == 3
+    assert engine.stats.requests == 64 * 4 * 3
+    assert {t["status"] for t in trajectories} == {"max_turns"}
+    # every action's code ran, the last one included, and its output came back as the observation
+    assert all(len(t["messages"]) == 1 + 3 * 2 for t in trajectories)
+    assert trajectories[0]["messages"][-1]["content"] == "```output\n3\n```"
+
+
+def uses_earlier_state(state, turn):
+    if turn == 0:
+        return "```python\nx = 20\nprint('set')\n```"
+    if turn == 1:
+        return "```python\nprint(x + 1)\n```"
+    return f"The value is \\boxed{{{last_output(state)}}}"
+
+
+def test_names_from_turn_one_are_visible_in_turn_two_and_the_answer_is_graded(scripted, sandbox):
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 2, agent.PROMPTS["tool"])
+    run_agent(trajectories, scripted(uses_earlier_state), sandbox, AgentConfig(max_turns=6))
+    t = trajectories[0]
+    assert [m["role"] for m in t["messages"]] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert t["messages"][4]["content"] == "```output\n21\n```"
+    assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("answered", "21", True, 1.0)
+
+
+def test_a_turn_without_code_ends_the_trajectory_as_stopped(scripted, sandbox):
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, agent.PROMPTS["tool"])
+    run_agent(trajectories, scripted(lambda s, t: "I think it is 3."), sandbox, AgentConfig())
+    t = trajectories[0]
+    assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("stopped", None, False, -1.0)
+
+
+def test_a_cut_action_has_status_length_and_the_next_rollout_continues_it(scripted, sandbox):
+    long_text = "word " * 40 + "\\boxed{3}"
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, agent.PROMPTS["tool"])
+    run_agent(trajectories, scripted(lambda s, t: long_text), sandbox, AgentConfig(max_tokens=8))
+    assert trajectories[0]["status"] == "length"
+    cut = trajectories[0]["messages"][-1]["content"]
+    # the policy sees its cut action in the state and finishes it
+    engine = scripted(lambda state, t: " and so \\boxed{3}" if state.rstrip().endswith(cut.strip()) else "wrong")
+    run_agent(trajectories, engine, sandbox, AgentConfig(max_tokens=8))
+    t = trajectories[0]
+    assert len(t["messages"]) == 2 and t["messages"][-1]["content"] == cut + " and so \\boxed{3}"
+    assert t["status"] == "answered" and t["correct"] is True
+
+
+def test_observations_can_use_the_tool_role(scripted, sandbox):
+    trajectories = agent.new_trajectories({"id": "p", "question": "q"}, 1, agent.PROMPTS["tool"])
+    run_agent(trajectories, scripted(always_code), sandbox, AgentConfig(max_turns=2, observation_role="tool"))
+    assert [m["role"] for m in trajectories[0]["messages"]] == ["user", "assistant", "tool", "assistant", "tool"]
+    assert "correct" not in trajectories[0]  # no gold answer, no grade
+
+
+def test_without_execution_a_tool_call_ends_the_run_and_execute_pending_resumes_it(scripted, sandbox):
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 1, agent.PROMPTS["tool"])
+    run_agent(trajectories, scripted(uses_earlier_state), None, AgentConfig(execute=False))
+    assert trajectories[0]["status"] == "tool_call" and len(trajectories[0]["messages"]) == 2
+    assert agent.execute_pending(trajectories, sandbox) == 1
+    run_agent(trajectories, scripted(uses_earlier_state), None, AgentConfig(execute=False))
+    assert trajectories[0]["status"] == "tool_call" and len(trajectories[0]["messages"]) == 4
+    assert agent.execute_pending(trajectories, sandbox) == 1
+    # a fresh process would replay the first cell: the sandbox state is rebuilt from the messages
+    run_agent(trajectories, scripted(uses_earlier_state), sandbox, AgentConfig())
+    assert trajectories[0]["pred"] == "21" and trajectories[0]["correct"] is True
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_the_tiny_model_runs_the_loop_on_both_backends(backend, request, sandbox):
+    engine = request.getfixturevalue(f"{backend}_engine")
+    problems = [{"id": f"p{i}", "question": f"What is {i}+3?", "answer": str(i + 3)} for i in range(3)]
+    trajectories = [t for p in problems for t in agent.new_trajectories(p, 2, agent.PROMPTS["tool"])]
+    run_agent(trajectories, engine, sandbox, AgentConfig(max_turns=2, max_tokens=24, temperature=1.0))
+    for t in trajectories:
+        assert t["status"] in ("answered", "stopped", "length", "max_turns")
+        assert t["messages"][-1]["role"] == "assistant" or t["status"] == "max_turns"
+        assert "reward" in t and "correct" in t

@@ -1,0 +1,142 @@
+"""The command line as a user runs it: real subprocesses, the tiny model, pipes between stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+MATHAGENT = [sys.executable, "-m", "mathagent.cli"]
+PROBLEM = '{"id":"p1","question":"What is 2+3?","answer":"5"}\n'
+
+
+def run(args, stdin="", check=True, **kwargs):
+    proc = subprocess.run(MATHAGENT + args, input=stdin, capture_output=True, text=True, timeout=300, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_version_and_help_list_every_stage_option_with_its_default():
+    assert run(["--version"]).stdout.strip().startswith("mathagent ")
+    assert "rollout" in run(["--help"]).stdout
+    text = run(["rollout", "--help"]).stdout
+    for option in ("--model", "--backend", "--adapter", "--n ", "--temperature", "--top-p", "--max-tokens",
+                   "--max-turns", "--seed", "--prompt", "--observation-role", "--shard", "--resume",
+                   "--skip-invalid", "--output"):
+        assert option in text
+    assert "[default: 6]" in text and "[default: vllm]" in text
+    for option in ("--timeout", "--memory-mb", "--observation-role"):
+        assert option in run(["execute", "--help"]).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_rollout_prints_n_trajectories_with_distinct_ids(backend, tiny_model):
+    proc = run(["rollout", "--model", tiny_model, "--backend", backend, "--n", "4", "--max-turns", "3",
+                "--max-tokens", "32"], stdin=PROBLEM)
+    out = records(proc.stdout)
+    assert len(out) == 4
+    assert len({t["id"] for t in out}) == 4
+    for t in out:
+        assert t["problem_id"] == "p1" and t["answer"] == "5" and t["question"] == "What is 2+3?"
+        assert t["messages"][0]["role"] == "user" and t["messages"][1]["role"] == "assistant"
+        assert t["status"] in ("answered", "stopped", "max_turns", "length")
+        assert "reward" in t and "correct" in t
+    assert "engine calls" in proc.stderr
+
+
+@pytest.mark.slow
+def test_rollout_execute_rollout_pipe_continues_the_trajectories(tiny_model):
+    first = run(["rollout", "--model", tiny_model, "--backend", "hf", "--n", "2", "--max-turns", "1",
+                 "--max-tokens", "6", "--temperature", "1.0"], stdin=PROBLEM).stdout
+    # a hand-written trajectory whose code waits for its observation rides along
+    pending = {"id": "h", "problem_id": "p2", "question": "q", "answer": "42", "status": "tool_call",
+               "messages": [{"role": "user", "content": "q"},
+                            {"role": "assistant", "content": "```python\nx = 41\nprint(x + 1)\n```"}]}
+    executed = run(["execute"], stdin=first + json.dumps(pending) + "\n").stdout
+    middle = records(executed)
+    assert [t["id"] for t in middle] == ["p1-0", "p1-1", "h"]
+    assert middle[:2] == records(first)  # nothing pending there: passed through unchanged
+    assert middle[2]["messages"][-1] == {"role": "user", "content": "```output\n42\n```"}
+    final = records(run(["rollout", "--model", tiny_model, "--backend", "hf", "--max-turns", "3",
+                         "--max-tokens", "6", "--temperature", "1.0"], stdin=executed).stdout)
+    assert [t["id"] for t in final] == ["p1-0", "p1-1", "h"]
+    for before, after in zip(middle, final):
+        grew = len(after["messages"]) > len(before["messages"]) or len(after["messages"][-1]["content"]) > len(
+            before["messages"][-1]["content"])
+        assert grew or before["status"] in ("answered", "stopped")
+        assert after["messages"][: len(before["messages"]) - 1] == before["messages"][:-1]
+
+
+def test_malformed_input_exits_2_naming_the_line(tiny_model):
+    proc = run(["rollout", "--model", tiny_model], stdin=PROBLEM + '{"id": "p2", "question": \n', check=False)
+    assert proc.returncode == 2
+    assert "<stdin>:2: malformed JSON" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_a_missing_field_exits_2_naming_the_file_line_and_field(tmp_path, tiny_model):
+    path = tmp_path / "problems.jsonl"
+    path.write_text(PROBLEM + '{"id": "p2", "answer": "1"}\n')
+    proc = run(["rollout", str(path), "--model", tiny_model], check=False)
+    assert proc.returncode == 2
+    assert f"{path}:2: missing required field 'question'" in proc.stderr
+
+
+def test_execute_rejects_a_trajectory_with_bad_messages():
+    proc = run(["execute"], stdin='{"id": "a", "messages": "oops"}\n', check=False)
+    assert proc.returncode == 2 and "<stdin>:1: field 'messages'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_rollout_does_only_the_missing_ids(tmp_path, tiny_model):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i}?", "answer": str(i)}) + "\n"
+                                for i in range(12)))
+    out = tmp_path / "out.jsonl"
+    args = ["rollout", str(problems), "-o", str(out), "--model", tiny_model, "--backend", "hf", "--n", "2",
+            "--max-tokens", "8", "--chunk-size", "2", "--temperature", "1.0"]
+    proc = subprocess.Popen(MATHAGENT + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it once some chunks are written, before it ends
+        temps = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        if temps and sum(1 for _ in temps[0].open()) >= 4:
+            break
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # a killed run leaves no half output
+    partial = [json.loads(line) for line in next(p for p in tmp_path.iterdir() if p.name.endswith(".tmp")).open()
+               if line.endswith("\n")]
+    resumed = run(args + ["--resume"])
+    assert "inputs already done" in resumed.stderr
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(t["id"] for t in final) == sorted(f"q{i}-{k}" for i in range(12) for k in range(2))
+    by_id = {t["id"]: t for t in final}
+    done_problems = {t["problem_id"] for t in partial}
+    for t in partial:  # what the killed run finished was kept, not redone
+        if all(f"{t['problem_id']}-{k}" in {p["id"] for p in partial} for k in range(2)):
+            assert by_id[t["id"]] == t
+    assert done_problems
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_shards_split_the_input_without_overlap(tmp_path, tiny_model):
+    problems = "".join(json.dumps({"id": f"q{i}", "question": "x"}) + "\n" for i in range(5))
+    ids = []
+    for shard in ("0/2", "1/2"):
+        out = run(["rollout", "--model", tiny_model, "--backend", "hf", "--shard", shard, "--max-tokens", "2"],
+                  stdin=problems).stdout
+        ids.append([t["problem_id"] for t in records(out)])
+    assert ids == [["q0", "q2", "q4"], ["q1", "q3"]]

@@ -1,0 +1,47 @@
+"""Both backends on the tiny model: one call completes a whole batch, with the interface's finish reasons."""
+
+import pytest
+
+from mathagent.agent import prompt_ids
+from mathagent.engines import Request, Sampling
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_one_generate_call_completes_every_request(backend, request):
+    engine = request.getfixturevalue(f"{backend}_engine")
+    calls = engine.stats.calls
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "What is 2+3?"}])
+    out = engine.generate([Request(ids, seed=s) for s in range(6)], Sampling(temperature=1.0, max_tokens=16))
+    assert len(out) == 6
+    assert engine.stats.calls == calls + 1
+    for c in out:
+        assert c.finish_reason in ("stop", "length")
+        assert 0 < c.num_tokens <= 16 or c.finish_reason == "stop"
+        assert c.finish_reason == "stop" or c.num_tokens == 16
+
+
+def test_vllm_samples_are_reproducible_per_request_seed(vllm_engine):
+    ids = prompt_ids(vllm_engine.tokenizer, [{"role": "user", "content": "Find x."}])
+    sampling = Sampling(temperature=1.0, max_tokens=12)
+    first = vllm_engine.generate([Request(ids, seed=7), Request(ids, seed=8)], sampling)
+    again = vllm_engine.generate([Request(ids, seed=8), Request(ids, seed=7), Request(ids, seed=9)], sampling)
+    assert first[0].text == again[1].text and first[1].text == again[0].text
+    assert first[0].text != first[1].text
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_greedy_decoding_is_deterministic(backend, request):
+    engine = request.getfixturevalue(f"{backend}_engine")
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Compute 7*6."}])
+    a, b = engine.generate([Request(ids), Request(ids)], Sampling(temperature=0.0, max_tokens=10))
+    assert a.text == b.text
+
+
+def test_stop_strings_are_excluded_from_the_text(hf_engine):
+    ids = prompt_ids(hf_engine.tokenizer, [{"role": "user", "content": "Compute."}])
+    sampling = Sampling(temperature=0.0, max_tokens=20)
+    (full,) = hf_engine.generate([Request(ids)], sampling)
+    stop = full.text[3:6]
+    (cut,) = hf_engine.generate([Request(ids)], Sampling(temperature=0.0, max_tokens=20, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
