@@ -120,7 +120,7 @@ def grade(trajectory: dict[str, Any], reward_kind: str = "r1") -> None:
     gold = trajectory.get("answer")
     if gold is not None:
         trajectory["correct"] = grading.is_equivalent(pred, str(gold))
-        trajectory["reward"] = grading.reward(pred, str(gold), kind=reward_kind)
+        trajectory["reward"] = grading.outcome_reward(pred, trajectory["correct"], reward_kind)
 
 
 @dataclass

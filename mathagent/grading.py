@@ -1,4 +1,4 @@
-"""Answer extraction, answer equivalence and the outcome reward r(tau) of a trajectory.
+r"""Answer extraction, answer equivalence and the outcome reward r(tau) of a trajectory.
 
 The paper scores a trajectory tau only by its final answer (an outcome reward):
 
@@ -451,8 +451,9 @@ class GradingStats:
     not-equal. Thread-safe: every update holds the lock."""
 
     comparisons: int = 0
-    fast: int = 0  # decided on strings and exact rationals, no sympy
-    symbolic: int = 0  # sent to the sympy worker
+    # How answers and their parts (the items of a tuple count one each) were decided:
+    fast: int = 0  # on strings and exact rationals, no sympy
+    symbolic: int = 0  # by the sympy worker
     cache_hits: int = 0
     unparsed: int = 0  # sympy could not parse one side: graded not-equal (not a grader failure)
     timeouts: int = 0
@@ -670,12 +671,7 @@ class Grader:
         """r1: +1 boxed and correct, -0.5 boxed and wrong, -1 no answer; binary: 1 or 0."""
         if kind not in REWARD_KINDS:
             raise ValueError(f"unknown reward kind {kind!r}; choose from {REWARD_KINDS}")
-        correct = self.is_equivalent(pred, gold)
-        if kind == "binary":
-            return 1.0 if correct else 0.0
-        if pred is None:
-            return -1.0
-        return 1.0 if correct else -0.5
+        return outcome_reward(pred, self.is_equivalent(pred, gold), kind)
 
     # ---- comparison ---------------------------------------------------------------------------------
 
@@ -736,7 +732,7 @@ class Grader:
 
         # Word answers ("Monday", "\text{no solution}") compare as text, case-insensitively.
         if _WORDS.match(g) and _WORDS.match(p):
-            long_word = max(len(w) for w in re.split(r"[ '\-]", g + " " + p) if w) >= 4 or " " in g + p
+            long_word = max(len(w) for w in re.split(r"[ '\-]", g + " " + p) if w) >= 3 or " " in g + p
             if gold.was_text or pred.was_text or long_word:
                 self.stats.add("fast")
                 return g.lower() == p.lower()
@@ -1110,6 +1106,16 @@ def is_equivalent(pred: str | None, gold: str | None, *, timeout: float = 5.0) -
     """Whether `pred` equals `gold` mathematically. Never raises: a failure grades False and is counted in
     `default_grader().stats`."""
     return default_grader().is_equivalent(pred, gold, timeout=timeout)
+
+
+def outcome_reward(pred: str | None, correct: bool, kind: str = "r1") -> float:
+    """The reward of an answer already graded: r1 (DeepSeek-R1's rule) is +1 boxed and correct, -0.5 boxed and
+    wrong, -1 no boxed answer (pred None); binary is 1[correct]."""
+    if kind == "binary":
+        return 1.0 if correct else 0.0
+    if pred is None:
+        return -1.0
+    return 1.0 if correct else -0.5
 
 
 def reward(pred: str | None, gold: str, kind: str = "r1") -> float:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mathagent.grading import Grader
+from mathagent.grading import Grader, outcome_reward
 
 Equal = Callable[[str, str], bool]  # equal(pred, gold)
 
@@ -152,17 +152,8 @@ def grade_trajectory(
         graded["reward"] = None
     else:
         graded["correct"] = grader.is_equivalent(pred, str(gold))
-        graded["reward"] = _reward(pred, graded["correct"], reward_kind)
+        graded["reward"] = outcome_reward(pred, graded["correct"], reward_kind)
     return graded
-
-
-def _reward(pred: str | None, correct: bool, kind: str) -> float:
-    # The same formula as grading.reward, without grading twice.
-    if kind == "binary":
-        return 1.0 if correct else 0.0
-    if pred is None:
-        return -1.0
-    return 1.0 if correct else -0.5
 
 
 def grade_trajectories(

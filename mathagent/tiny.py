@@ -27,7 +27,7 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 TINY_NAME = "tiny"
 TINY_VERSION = 1  # bump when the build changes, so caches rebuild
-TINY_WARMUP_STEPS = 0  # steps of _warm_up for the default `tiny` (0: random weights)
+TINY_WARMUP_STEPS = 150  # the default `tiny` writes the agent's format (see _warm_up); ~1 min, once
 
 
 def _corpus(rng: random.Random) -> list[str]:
@@ -46,7 +46,13 @@ def _corpus(rng: random.Random) -> list[str]:
         "```python\ntotal = 0\nfor i in range({a}):\n    total += i * {b}\nprint(total)\n```",
         "```python\nimport numpy as np\nprint(np.array([{a}, {b}, {c}]).sum())\n```",
     ]
-    texts = []
+    from mathagent.agent import PROMPTS
+    from mathagent.tasks.arith import gold_messages, make_problems
+
+    # The prompt templates and the synthetic task's conversations, often, so that they become few tokens.
+    texts = [template.replace("{question}", "") for template in PROMPTS.values()] * 200
+    for problem in make_problems(1000, seed=rng.randint(0, 2**31)):
+        texts.extend(m["content"] for m in gold_messages(problem, PROMPTS["tool"]))
     for _ in range(3000):
         a, b, c = rng.randint(1, 999), rng.randint(1, 99), rng.randint(1, 9)
         sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
