@@ -36,8 +36,14 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# The main job on the embedded default: a tool-integrated rollout of the demo problems with the tiny model,
+# piped into evaluation. Outputs in runs/demo/.
 demo: install
-	$(PY) -m mathagent.demo
+	mkdir -p runs/demo
+	$(VENV)/bin/mathagent rollout data/demo_problems.jsonl --model tiny --n 4 --max-turns 3 --max-tokens 96 \
+	    -o runs/demo/trajectories.jsonl
+	$(VENV)/bin/mathagent evaluate runs/demo/trajectories.jsonl --k 1,4 --json runs/demo/summary.json
+	@echo "demo: trajectories in runs/demo/trajectories.jsonl, summary in runs/demo/summary.json" >&2
 
 bench: install
 	$(PY) benchmarks/run_all.py

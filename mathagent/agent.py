@@ -143,6 +143,7 @@ class TurnReport:
     finished: int  # trajectories that ended this turn
     tokens: int  # tokens generated this turn
     seconds: float  # engine time this turn
+    ended: tuple[str, ...] = ()  # ids of the trajectories that ended this turn
 
 
 def request_seed(seed: int, trajectory_id: str, turn: int) -> int:
@@ -251,6 +252,7 @@ def run_agent(
             if sandbox is not None:
                 sandbox.forget(str(t["id"]))
         report.finished = len(ended)
+        report.ended = tuple(str(t["id"]) for t in ended)
         done = {id(t) for t in ended}
         live = [t for t in live if id(t) not in done]
         if on_turn is not None:

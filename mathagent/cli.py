@@ -133,9 +133,9 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 class _AgentProgress:
-    """The rich progress bar of a rollout: trajectories done, turns, tokens/s (on stderr)."""
+    """The rich progress bar of a rollout on stderr: problems done, turns, tokens/s, cells run."""
 
-    def __init__(self, total: int):
+    def __init__(self, units: list[list[dict[str, Any]]]):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -143,9 +143,11 @@ class _AgentProgress:
             TextColumn("turn {task.fields[turn]}  {task.fields[tps]:.0f} tok/s  {task.fields[cells]} cells"),
             TimeElapsedColumn(),
             console=console,
-            transient=False,
         )
-        self.task = self.progress.add_task("trajectories", total=total, turn=0, tps=0.0, cells=0)
+        self.task = self.progress.add_task("problems", total=len(units), turn=0, tps=0.0, cells=0)
+        # a problem is done when the last of its trajectories ends
+        self.unit_of = {t["id"]: i for i, unit in enumerate(units) for t in unit}
+        self.left = [len(unit) for unit in units]
         self.tokens = 0
         self.seconds = 0.0
         self.cells = 0
@@ -157,15 +159,17 @@ class _AgentProgress:
     def __exit__(self, *exc):
         self.progress.__exit__(*exc)
 
-    def advance_done(self, n: int) -> None:
-        self.progress.advance(self.task, n)
-
     def on_turn(self, report) -> None:
         self.tokens += report.tokens
         self.seconds += report.seconds
         self.cells += report.executed
+        done = 0
+        for trajectory_id in report.ended:
+            unit = self.unit_of[trajectory_id]
+            self.left[unit] -= 1
+            done += self.left[unit] == 0
         tps = self.tokens / self.seconds if self.seconds else 0.0
-        self.progress.update(self.task, advance=report.finished, turn=report.turn, tps=tps, cells=self.cells)
+        self.progress.update(self.task, advance=done, turn=report.turn, tps=tps, cells=self.cells)
 
 
 @app.command()
@@ -249,7 +253,7 @@ def rollout(
                 sandbox = Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb, max_output_chars=max_output_chars) if execute else None
                 start = time.perf_counter()
                 try:
-                    with _AgentProgress(len(trajectories)) as progress:
+                    with _AgentProgress(units) as progress:
                         for chunk in _chunks(trajectories, chunk_size):
                             for t in agent.run_agent(chunk, engine, sandbox, config, on_turn=progress.on_turn):
                                 writer.write(t)
@@ -369,6 +373,103 @@ def evaluate(
                     f.write(text + "\n")
             except OSError as e:
                 raise UserError(f"{json_path}: cannot write: {e.strerror}") from None
+
+
+@app.command("make-pairs")
+def make_pairs(
+    input: InputArg = "-",
+    output: OutputOpt = "-",
+    format: Annotated[str, typer.Option("--format", help="pairs: {prompt, chosen, rejected} for M-DPO; kto: each trajectory of the selected pairs once, {prompt, completion, label}; sft: the selected winners as trajectories, for rejection-sampling fine-tuning.")] = "pairs",
+    strategy: Annotated[str, typer.Option("--strategy", help="random: up to K (winner, loser) combinations sampled without replacement; max-min: the best-scored winner against the worst-scored loser, then the next best against the next worst, up to K; all: every winner with every loser.")] = "random",
+    k: Annotated[int | None, typer.Option("--k", help="Most pairs (for sft: winners) per problem; default 8 for random, 1 for max-min; not allowed with all.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random strategy; each problem's sample depends only on it and the problem id.")] = 0,
+    score_field: Annotated[str | None, typer.Option("--score-field", help="max-min ranks by this numeric field (e.g. a PRM's score) instead of the reward.")] = None,
+    reward_threshold: Annotated[float | None, typer.Option("--reward-threshold", help="Winners are the trajectories with reward above this, losers the rest, instead of correct / incorrect.")] = None,
+    regrade: Annotated[bool, typer.Option("--regrade", help="Grade every trajectory with an answer from its messages; by default stored correct/reward are trusted and only records missing them are graded.")] = False,
+    reward: Annotated[str, typer.Option("--reward", help="Reward rule of the trajectories graded here: r1 (+1 boxed and correct, -0.5 boxed and wrong, -1 no answer) or binary (1/0).")] = "r1",
+    keep_unfinished: Annotated[bool, typer.Option("--keep-unfinished", help="Turn off the unfinished (status not answered) and no_answer filters: such trajectories become losers.")] = False,
+    keep_errors: Annotated[bool, typer.Option("--keep-errors", help="Turn off the error_observation filter (a Python error or timeout in the last observation).")] = False,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Drop trajectories longer than this many tokens under the chat template (needs --tokenizer).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", "--model", help="Tokenizer for --max-length: a local path, a hub id, or 'tiny'.")] = None,
+    stats_path: Annotated[str | None, typer.Option("--stats", help="Also write the counts (filters, duplicates, winners, losers, records) as JSON to this path.")] = None,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Build preference data from trajectories: pairs for M-DPO, labelled completions for M-KTO, winners for SFT.
+
+    Input: trajectories (id, problem_id, messages, status, and answer, correct, reward when known), grouped by
+    problem_id. Winners are correct, losers incorrect (or split by --reward-threshold). Stored grades are
+    trusted; a trajectory missing one is graded from its messages when it has an answer.
+
+    Named filters (no_action, unfinished, no_answer, error_observation, too_long, ungraded, no_score,
+    prompt_mismatch) drop unusable trajectories, then identical responses are deduplicated; every count goes
+    to stderr (and --stats).
+
+    A pair: id ({problem_id}:{chosen_id}>{rejected_id}), problem_id, prompt (the messages before the first
+    action), chosen and rejected (the rest of each trajectory), chosen_id, rejected_id, chosen_reward,
+    rejected_reward, and the fields the two share. The exact rules are in mathagent/pairs.py.
+    """
+    import json
+
+    from mathagent import pairs
+    from mathagent.grading import REWARD_KINDS, Grader
+
+    with _user_errors():
+        if format not in pairs.FORMATS:
+            raise UserError(f"--format {format!r}: choose from {', '.join(pairs.FORMATS)}")
+        if strategy not in pairs.STRATEGIES:
+            raise UserError(f"--strategy {strategy!r}: choose from {', '.join(pairs.STRATEGIES)}")
+        if k is not None and k < 1:
+            raise UserError("--k must be at least 1")
+        if k is not None and strategy == "all":
+            raise UserError("--k does not apply to --strategy all (every winner with every loser)")
+        if reward not in REWARD_KINDS:
+            raise UserError(f"--reward {reward!r}: choose from {', '.join(REWARD_KINDS)}")
+        if score_field is not None and strategy != "max-min":
+            raise UserError("--score-field applies to --strategy max-min only")
+        if max_length is not None and (max_length < 1 or tokenizer is None):
+            raise UserError("--max-length needs a positive length and --tokenizer (or --model)")
+        config = pairs.PairConfig(
+            strategy=strategy, k=k, seed=seed, score_field=score_field, reward_threshold=reward_threshold,
+            keep_unfinished=keep_unfinished, keep_errors=keep_errors, max_length=max_length, regrade=regrade,
+            reward_kind=reward, format=format,
+        )
+        invalid = InvalidCounter()
+        records = list(read_records(
+            input, required=("id", "problem_id", "messages", "status"), skip_invalid=skip_invalid, invalid=invalid,
+            check=lambda r: pairs.check_outcome_fields(r, score_field),
+        ))
+        _report_invalid(invalid)
+        chat_tokenizer = None
+        if max_length is not None:
+            from transformers import AutoTokenizer
+
+            from mathagent.tiny import resolve_model
+
+            try:
+                chat_tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+            except (OSError, ValueError) as e:  # a missing directory, or a name that is no hub id
+                raise UserError(f"--tokenizer {tokenizer!r}: cannot load: {e}") from None
+        if any(pairs.needs_grading(r, config) for r in records):
+            with Grader() as grader:
+                out, stats = pairs.make_pairs(records, config, grader=grader, tokenizer=chat_tokenizer)
+                grading = grader.stats.as_dict()
+        else:
+            out, stats = pairs.make_pairs(records, config, tokenizer=chat_tokenizer)
+            grading = None
+        with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer:
+            for record in out:
+                writer.write(record)
+        for line in pairs.format_stats(stats, config):
+            console.print(line, highlight=False)
+        if grading is not None and grading["failures"]:
+            console.print(f"  grading: {grading['failures']} comparisons failed and graded wrong", highlight=False)
+        if stats_path is not None:
+            summary = {**stats.as_dict(), "invalid_lines": invalid.count, "grading": grading}
+            try:
+                with open(stats_path, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(summary, indent=2) + "\n")
+            except OSError as e:
+                raise UserError(f"{stats_path}: cannot write: {e.strerror}") from None
 
 
 def main() -> None:

@@ -21,6 +21,13 @@ def _has_cuda() -> bool:
         return False
 
 
+def _context_length(model: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    return int(getattr(config, "max_position_embeddings", None) or 8192)
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -33,6 +40,7 @@ class VLLMEngine:
         kv_cache_memory_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9,
         max_lora_rank: int = 64,
+        **engine_args,
     ):
         # The in-process engine core starts in ~2 s and keeps logs on our stderr; users may override it.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -50,6 +58,11 @@ class VLLMEngine:
             # On a CPU, torch.compile of the model costs 15-60 s per start for little gain at test sizes.
             options["compilation_config"] = {"mode": 0}
             options["enforce_eager"] = True
+            # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when it discards a sampled
+            # token of a request that has its own seed, which happens under chunked prefill: prefill whole.
+            length = max_model_len or _context_length(model)
+            options["enable_chunked_prefill"] = False
+            options["max_num_batched_tokens"] = max(length, 8192)
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         if adapter is not None:
@@ -60,6 +73,7 @@ class VLLMEngine:
             dtype=dtype,
             enable_prefix_caching=True,
             **options,
+            **engine_args,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.lora = LoRARequest("adapter", 1, adapter) if adapter is not None else None
