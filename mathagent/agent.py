@@ -113,14 +113,9 @@ def branch(trajectory: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 
 def grade(trajectory: dict[str, Any], reward_kind: str = "r1") -> None:
-    """Set `pred` (the last boxed answer of the last action) and, with a gold answer, `correct` and `reward`."""
-    last_action = next((m["content"] for m in reversed(trajectory["messages"]) if m["role"] == "assistant"), "")
-    pred = grading.extract_answer(last_action)
-    trajectory["pred"] = pred
-    gold = trajectory.get("answer")
-    if gold is not None:
-        trajectory["correct"] = grading.is_equivalent(pred, str(gold))
-        trajectory["reward"] = grading.outcome_reward(pred, trajectory["correct"], reward_kind)
+    """Set `pred` (the last boxed answer of the last action) and `correct` and `reward` (None without a gold
+    answer), in place."""
+    trajectory.update(grading.grade_trajectory(trajectory, reward_kind=reward_kind))
 
 
 @dataclass

@@ -1118,6 +1118,33 @@ def outcome_reward(pred: str | None, correct: bool, kind: str = "r1") -> float:
     return 1.0 if correct else -0.5
 
 
+def grade_trajectory(
+    trajectory: dict[str, Any],
+    grader: Grader | None = None,
+    *,
+    answer_modes: Sequence[str] = ("boxed",),
+    reward_kind: str = "r1",
+) -> dict[str, Any]:
+    """A copy of the trajectory with `pred`, `correct`, `reward` set from its messages (never from its stored
+    fields): pred is the answer of the last action. Without a reference `answer`, `correct` and `reward` are
+    None."""
+    from mathagent.records import last_action
+
+    grader = grader or default_grader()
+    content = last_action(trajectory["messages"])
+    pred = extract_answer(content, answer_modes) if content is not None else None
+    graded = dict(trajectory)
+    graded["pred"] = pred
+    gold = trajectory.get("answer")
+    if gold is None:
+        graded["correct"] = None
+        graded["reward"] = None
+    else:
+        graded["correct"] = grader.is_equivalent(pred, str(gold))
+        graded["reward"] = outcome_reward(pred, graded["correct"], reward_kind)
+    return graded
+
+
 def reward(pred: str | None, gold: str, kind: str = "r1") -> float:
     """The outcome reward of a trajectory whose extracted answer is `pred` (None: no boxed answer).
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mathagent.grading import Grader, outcome_reward
+from mathagent.grading import Grader, grade_trajectory
 
 Equal = Callable[[str, str], bool]  # equal(pred, gold)
 
@@ -129,31 +129,6 @@ def turn_statistics(messages: Sequence[dict[str, str]]) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------
 # Grading records
 # --------------------------------------------------------------------------------------------------------
-
-
-def last_action(messages: Sequence[dict[str, str]]) -> str | None:
-    return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), None)
-
-
-def grade_trajectory(
-    trajectory: dict[str, Any], grader: Grader, *, answer_modes: Sequence[str] = ("boxed",), reward_kind: str = "r1"
-) -> dict[str, Any]:
-    """A copy of the trajectory with `pred`, `correct`, `reward` set from its messages (not its stored
-    fields). Without a reference `answer`, `correct` and `reward` are None."""
-    from mathagent.grading import extract_answer
-
-    content = last_action(trajectory["messages"])
-    pred = extract_answer(content, answer_modes) if content is not None else None
-    graded = dict(trajectory)
-    graded["pred"] = pred
-    gold = trajectory.get("answer")
-    if gold is None:
-        graded["correct"] = None
-        graded["reward"] = None
-    else:
-        graded["correct"] = grader.is_equivalent(pred, str(gold))
-        graded["reward"] = outcome_reward(pred, graded["correct"], reward_kind)
-    return graded
 
 
 def grade_trajectories(

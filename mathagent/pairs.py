@@ -59,7 +59,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from mathagent.grading import extract_answer
-from mathagent.metrics import grade_trajectories, is_error_observation, last_action
+from mathagent.metrics import grade_trajectories, is_error_observation
+from mathagent.records import last_action
 from mathagent.errors import UserError
 from mathagent.records import ANSWERED
 

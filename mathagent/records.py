@@ -58,6 +58,11 @@ def actions(messages: Sequence[dict[str, str]]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
+def last_action(messages: Sequence[dict[str, str]]) -> str | None:
+    """The content of the last action, or None before the first one."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), None)
+
+
 def is_observation(messages: Sequence[dict[str, str]], index: int) -> bool:
     """An observation is any non-assistant message after the first action."""
     if messages[index]["role"] == "assistant":

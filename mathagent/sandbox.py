@@ -11,9 +11,11 @@ defined in turn 1 are visible in turn 3, and a trailing bare expression is echoe
 
 Model-written code is hostile, so it never runs in the caller's process. The processes:
 
-    caller (threads) --socket--> session supervisor S (root, pid 1 of new pid/net/mount namespaces)
-        zygote Z: imports sympy/numpy once,         `-- holder H0 (empty namespace, unprivileged uid)
-        forks a launcher + S per trajectory                `-- cell 1 process --fork--> cell 2 process ...
+    zygote Z (imports sympy, numpy once) --fork--> launcher --fork--> supervisor S, one per trajectory
+    caller threads <------------- socket ---------------------------> S: root, pid 1 of its own pid,
+                                                                      network and mount namespaces
+                                          holder: the namespace, a uid of its own <--fork-- S
+                      the next cell's process, forked ahead of time <--fork-- holder
 
 Every cell runs in a fresh fork of the process that holds the trajectory's state (the "holder"). When the cell
 finishes, its process becomes the new holder and S kills everything else in the trajectory's pid namespace:
@@ -43,7 +45,6 @@ import ast
 import collections
 import ctypes
 import errno
-import io
 import itertools
 import json
 import linecache
@@ -69,7 +70,7 @@ STATUSES = ("ok", "error", "memory", "timeout", "killed")
 # Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
 PRELOADED_MODULES = (
     "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections", "random",
-    "statistics", "re", "json", "numpy", "sympy",
+    "statistics", "re", "json", "numpy", "sympy", "encodings.idna",
 )  # fmt: skip
 TRACEBACK_FRAMES = 2  # frames of a traceback the model sees, innermost last, besides the exception line
 SESSION_UID_BASE = 1_000_000_000  # per-session uids are taken from here up; none of them has a passwd entry
@@ -80,6 +81,9 @@ _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP = 1, 4, 24
 _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
+_MOUNT_OPTIONS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
+                  "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME}  # fmt: skip
 _SO_SNDBUFFORCE = 32
 _PF_EXITING = 0x4  # in /proc/PID/stat's flags: the process is in exit()
 _FRAME = struct.Struct(">I")
@@ -120,7 +124,7 @@ class Sandbox:
         network: bool = False,
         max_processes: int = 64,
         max_file_mb: int = 16,
-        max_sessions: int = 512,
+        max_sessions: int = 256,
     ):
         from mathagent.errors import UserError
 
@@ -136,7 +140,6 @@ class Sandbox:
             raise UserError("the sandbox needs Linux (namespaces, prctl, memfd)")
         self.workers = workers
         self.timeout = float(timeout)
-        self.max_output_chars = max_output_chars
         self.max_sessions = max_sessions
         self._config = {
             "timeout": self.timeout,
@@ -334,7 +337,7 @@ class Sandbox:
         for attempt in range(2):
             with self._zygote_lock:
                 if self._closed:
-                    raise _SessionLost("the sandbox is closed")
+                    raise RuntimeError("run() on a Sandbox closed meanwhile")
                 try:
                     if not self._zygote_ready:
                         self._control.settimeout(120)
@@ -488,6 +491,19 @@ def _prctl(option: int, value: int) -> None:
                ctypes.c_ulong(0))  # fmt: skip
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities() -> None:
+    """capset(2) with empty sets (64-bit capabilities: version 3, two data structs)."""
+    _libc_call("capset", ctypes.byref(_CapHeader(0x20080522, 0)), (_CapData * 2)())
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
     encode = lambda s: None if s is None else s.encode()  # noqa: E731
     _libc_call("mount", encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data))
@@ -574,6 +590,7 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
     if os.geteuid() != 0:
         wanted.insert(0, _CLONE_NEWUSER)  # lets an unprivileged caller still make the namespaces below
     namespaces = 0
+    real_uid, real_gid = os.getuid(), os.getgid()  # inside a new user namespace they read as 65534
     try:
         _unshare(sum(wanted))
         namespaces = sum(wanted)
@@ -585,10 +602,10 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
             except OSError:
                 pass
     if namespaces & _CLONE_NEWUSER:
-        real_uid, real_gid = os.getuid(), os.getgid()
         for path, text in (("uid_map", f"0 {real_uid} 1"), ("setgroups", "deny"), ("gid_map", f"0 {real_gid} 1")):
-            with open(f"/proc/self/{path}", "w") as f:
-                f.write(text)
+            fd = os.open(f"/proc/self/{path}", os.O_WRONLY)  # not open(): O_TRUNC is refused here
+            os.write(fd, text.encode())
+            os.close(fd)
     workdir = None
     if not namespaces & _CLONE_NEWNS:  # no private tmpfs: a host directory, removed when the session ends
         import tempfile
@@ -605,39 +622,45 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
             traceback.print_exc()
         os._exit(1)
     session_end.close()
-    while True:
-        try:
-            os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            break
+    os.waitpid(pid, 0)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
     os._exit(0)
+
+
+def _python_paths() -> set[str]:
+    """The directories the interpreter imports from and runs out of, none inside another."""
+    paths = {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}
+    paths |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    return {p for p in paths if not any(p.startswith(q + "/") for q in paths)}
+
+
+def _closed_ancestor(path: str) -> str | None:
+    """The first directory above `path` that users other than its owner may not enter, if any."""
+    import stat
+
+    ancestor = "/"
+    for part in path.strip("/").split("/")[:-1]:
+        ancestor = os.path.join(ancestor, part)
+        if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+            return ancestor
+    return None
 
 
 def _expose_python() -> None:
     """Let an unprivileged uid reach the Python installation, in our mount namespace only.
 
     A Python under a directory only root may enter (pyenv in /root, mode 0700) would leave a cell unable to
-    import anything the zygote did not import already. The blocking directory is covered by an empty tmpfs
+    import anything the zygote did not import already. The closed directory is covered by an empty tmpfs
     into which just the installation is bind-mounted, so nothing else of it becomes visible.
     """
-    import stat
-
-    needed = {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}
-    needed |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
-    needed.add(os.path.dirname(os.path.realpath(sys.executable)))
-    needed = {p for p in needed if not any(p.startswith(q + "/") for q in needed)}
-    blocked: dict[str, list[str]] = collections.defaultdict(list)
-    for path in sorted(needed):
-        ancestor = "/"
-        for part in path.strip("/").split("/")[:-1]:
-            ancestor = os.path.join(ancestor, part)
-            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
-                blocked[ancestor].append(path)
-                break
-    for ancestor, paths in blocked.items():
+    closed: dict[str, list[str]] = collections.defaultdict(list)
+    for path in sorted(_python_paths()):
+        ancestor = _closed_ancestor(path)
+        if ancestor is not None:
+            closed[ancestor].append(path)
+    for ancestor, paths in closed.items():
         originals = [os.open(path, os.O_PATH | os.O_DIRECTORY) for path in paths]
         _mount("tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
         for path, fd in zip(paths, originals):
@@ -712,7 +735,7 @@ class _Supervisor:
                 _expose_python()
             report["read_only_root"] = self._remount_read_only()
             self.workdir = "/tmp"
-            owner = "" if os.geteuid() != 0 or namespaces & _CLONE_NEWUSER else f",uid={self.uid},gid={self.uid}"
+            owner = f",uid={self.uid},gid={self.uid}" if drop_uid else ""
             size = 4 * self.config["max_file_mb"]
             _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size}m,mode=0700{owner}")
             if os.path.isdir("/dev/shm"):  # POSIX semaphores and shared memory live there
@@ -722,6 +745,8 @@ class _Supervisor:
                 _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
         else:
             self.workdir = workdir
+            if drop_uid and any(_closed_ancestor(path) for path in _python_paths()):
+                report["imports"] = "only what the zygote imported: the Python installation is closed to others"
         if drop_uid:
             report["uid"] = self.uid
         if not namespaces & _CLONE_NEWPID:
@@ -737,8 +762,9 @@ class _Supervisor:
             target = fields[4].encode().decode("unicode_escape")  # mountinfo escapes spaces as \040
             options = fields[5].split(",")
             flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
-            flags |= sum(flag for name, flag in (("nosuid", _MS_NOSUID), ("nodev", _MS_NODEV),
-                                                 ("noexec", _MS_NOEXEC)) if name in options)  # fmt: skip
+            # Flags the mount has must be repeated: in a user namespace they are locked, and a remount
+            # that drops one is refused.
+            flags |= sum(flag for name, flag in _MOUNT_OPTIONS.items() if name in options)
             try:
                 _mount(None, target, None, flags, None)
             except OSError:
@@ -1031,8 +1057,11 @@ def _fit(printed: str, error: str, cap: int) -> str:
     from its end with a marker saying how much was cut."""
     printed = printed.rstrip("\n")
     error = error.strip("\n")
-    if len(error) > cap // 2:
-        error = "..." + error[-(cap // 2 - 3) :]
+    if len(error) > cap // 2:  # the error's last lines (the exception is the last one) in half the cap
+        lines = error.splitlines()
+        while len(lines) > 1 and sum(len(line) + 1 for line in lines) > cap // 2:
+            lines.pop(0)
+        error = "\n".join(lines)[-(cap // 2) :]
     room = cap - len(error) - (1 if error else 0)
     if len(printed) > room:
         marker = f"\n[... {len(printed):d} more characters cut]"  # an upper bound on the marker's length
@@ -1078,17 +1107,19 @@ class _Holder:
             os.setgroups([])
             os.setresgid(supervisor.uid, supervisor.uid, supervisor.uid)
             os.setresuid(supervisor.uid, supervisor.uid, supervisor.uid)
-        elif supervisor.isolation["user_namespace"]:
-            # Root of a user namespace: drop every capability, so the mounts cannot be undone.
+        else:
+            # Root of a user namespace (or an unprivileged caller): no capabilities, now or after an exec,
+            # so a cell cannot undo the read-only mounts.
             for cap in range(64):
                 try:
                     _prctl(_PR_CAPBSET_DROP, cap)
                 except OSError:
                     break
+            _drop_capabilities()
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries do not give a cell its privileges back
         _prctl(_PR_SET_DUMPABLE, 1)  # setuid cleared it; cells may read their own /proc/self
         for which, value in limits:
-            soft, hard = resource.getrlimit(which)
+            _, hard = resource.getrlimit(which)
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(which, (value, value if which != resource.RLIMIT_CPU else value + 1))
         if supervisor.isolation["network"].startswith("blocked by an audit hook"):
@@ -1101,13 +1132,16 @@ class _Holder:
 
     def serve(self) -> None:
         buffer = bytearray(_MAX_CODE_BYTES + (1 << 16))
-        receive = lambda: json.loads(buffer[: self.commands.recv_into(buffer)] or b'{"kind": "exit"}')  # noqa
+
+        def receive() -> dict:
+            size = self.commands.recv_into(buffer)
+            return json.loads(buffer[:size]) if size else {"kind": "exit"}
+
         while True:
-            self._reap()
             command = receive()
             if command["kind"] == "exit":
                 os._exit(0)  # the supervisor is gone
-            pid = os.fork()
+            pid = self._fork()
             if pid == 0:
                 if command["kind"] == "prefork":  # forked ahead of time: now wait for the cell
                     self._warm_up()
@@ -1132,6 +1166,16 @@ class _Holder:
                 return
             if pid == 0:
                 return
+
+    def _fork(self) -> int:
+        # The processes a cell left were killed, but until reaped they count against RLIMIT_NPROC.
+        for attempt in range(100):
+            self._reap()
+            try:
+                return os.fork()
+            except BlockingIOError:
+                time.sleep(0.01)
+        return os.fork()
 
     def _warm_up(self) -> None:
         """After the fork every page is shared copy-on-write with the holder, and the first write to each
@@ -1158,7 +1202,8 @@ class _Holder:
         self._send({"seq": seq, "kind": "started"})
         os.dup2(self.printed, 1)  # an earlier cell may have closed or redirected them
         os.dup2(self.printed, 2)
-        out = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+        # Line-buffered, so that print()s and what subprocesses write straight to fd 1 keep their order.
+        out = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
         sys.stdout = sys.stderr = out
         sys.stdin = open(0, encoding="utf-8", closefd=False)
         status, error = _execute(code, f"<cell {index}>", self.namespace, self)
@@ -1208,7 +1253,7 @@ def _execute(code: str, filename: str, namespace: dict, holder: _Holder) -> tupl
             holder.in_cell = True
             linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
             tree = ast.parse(code, filename, "exec")
-            if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
+            if tree.body and isinstance(tree.body[-1], ast.Expr) and not _silenced(tree.body[-1], code):
                 echo = ast.Expression(tree.body.pop().value)
             exec(compile(tree, filename, "exec"), namespace)
             if echo is not None:
@@ -1221,9 +1266,10 @@ def _execute(code: str, filename: str, namespace: dict, holder: _Holder) -> tupl
             if os.getpid() != me:  # a process the cell forked ran off its end: it must not act as us
                 os._exit(0)
     except _CellTimeout as e:
-        kind = "CPU time" if e.args[0] == signal.SIGXCPU else ""
-        text = f"more than {holder.timeout:g} s of CPU time" if kind else f"longer than {holder.timeout:g} s"
-        return "timeout", f"TimeoutError: the cell ran {text}" if not kind else f"TimeoutError: the cell used {text}"
+        if e.args[0] == signal.SIGXCPU:
+            limit = resource.getrlimit(resource.RLIMIT_CPU)[0]
+            return "timeout", f"TimeoutError: the cell used more than {limit} s of CPU time"
+        return "timeout", f"TimeoutError: the cell ran longer than {holder.timeout:g} s"
     except MemoryError as e:
         return "memory", _format_error(e) if str(e) else (
             f"MemoryError: the cell needed more than the sandbox's "
@@ -1236,6 +1282,12 @@ def _execute(code: str, filename: str, namespace: dict, holder: _Holder) -> tupl
     except BaseException as e:
         return "error", _format_error(e)
     return "ok", ""
+
+
+def _silenced(statement: ast.stmt, code: str) -> bool:
+    """A trailing `;` hides a cell's last value, as in Jupyter."""
+    line = code.splitlines()[statement.end_lineno - 1].encode()  # AST columns count UTF-8 bytes
+    return line[statement.end_col_offset :].lstrip().startswith(b";")
 
 
 def _format_error(exception: BaseException) -> str:

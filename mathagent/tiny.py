@@ -26,7 +26,7 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 TINY_NAME = "tiny"
-TINY_VERSION = 1  # bump when the build changes, so caches rebuild
+TINY_VERSION = 2  # bump when the build changes, so caches rebuild
 TINY_WARMUP_STEPS = 150  # the default `tiny` writes the agent's format (see _warm_up); ~1 min, once
 
 
@@ -173,9 +173,18 @@ def resolve_model(name: str) -> str:
     """`tiny` is the embedded default (built once into the cache); anything else is a path or hub id."""
     if name != TINY_NAME:
         return name
+    import fcntl
+
     path = tiny_model_dir()
-    if not (path / "mathagent_tiny.json").exists():
-        build_tiny_model(path, warmup_steps=TINY_WARMUP_STEPS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wanted = {"version": TINY_VERSION, "seed": 0, "warmup_steps": TINY_WARMUP_STEPS}
+    # One builder at a time: stages started together (a pipe) wait for the first one's build.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = path / "mathagent_tiny.json"
+        if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+            print(f"building the tiny model into {path} (once)", file=sys.stderr)
+            build_tiny_model(path, warmup_steps=TINY_WARMUP_STEPS)
     return str(path)
 
 

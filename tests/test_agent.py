@@ -108,7 +108,7 @@ def test_observations_can_use_the_tool_role(scripted, sandbox):
     trajectories = agent.new_trajectories({"id": "p", "question": "q"}, 1, agent.PROMPTS["tool"])
     run_agent(trajectories, scripted(always_code), sandbox, AgentConfig(max_turns=2, observation_role="tool"))
     assert [m["role"] for m in trajectories[0]["messages"]] == ["user", "assistant", "tool", "assistant", "tool"]
-    assert "correct" not in trajectories[0]  # no gold answer, no grade
+    assert trajectories[0]["correct"] is None  # no gold answer, no grade
 
 
 def test_without_execution_a_tool_call_ends_the_run_and_execute_pending_resumes_it(scripted, sandbox):

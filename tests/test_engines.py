@@ -45,3 +45,32 @@ def test_stop_strings_are_excluded_from_the_text(hf_engine):
     (cut,) = hf_engine.generate([Request(ids)], Sampling(temperature=0.0, max_tokens=20, stop=(stop,)))
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_model, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    path = tmp_path_factory.mktemp("adapter") / "lora"
+    get_peft_model(model, config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_a_lora_adapter_changes_what_the_engine_generates(backend, tiny_model, lora_adapter, request):
+    from mathagent.engines import open_engine
+
+    base = request.getfixturevalue(f"{backend}_engine")
+    ids = prompt_ids(base.tokenizer, [{"role": "user", "content": "What is 2+3?"}])
+    greedy = Sampling(temperature=0.0, max_tokens=8)
+    adapted = open_engine(backend, tiny_model, adapter=lora_adapter)
+    try:
+        (with_adapter,) = adapted.generate([Request(ids)], greedy)
+    finally:
+        adapted.close()
+    (without,) = base.generate([Request(ids)], greedy)
+    assert with_adapter.text != without.text

@@ -1,0 +1,470 @@
+"""The sandbox against hostile cells, with the real sandbox: no mocks.
+
+Every hostile cell is checked the same way: the caller survives, the result says what happened in one
+output, nothing outside changes, nothing the cell started is left running, and the next cells of that and
+other sessions still run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mathagent.sandbox import Cell, CellResult, Sandbox
+
+TIMEOUT = 1.5
+SECRET = "MATHAGENT_TEST_SECRET"
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    # The secret is set before the sandbox starts: nothing may inherit it.
+    os.environ[SECRET] = "hunter2"
+    box = Sandbox(timeout=TIMEOUT, memory_mb=1024, max_output_chars=400)
+    yield box
+    box.close()
+    del os.environ[SECRET]
+    assert _processes_of(box) == [], "processes outlived close()"
+
+
+class Trajectory:
+    """A session driven turn by turn, as the agent loop does: each call passes the cells run so far."""
+
+    def __init__(self, sandbox: Sandbox, name: str):
+        self.sandbox, self.name, self.history = sandbox, name, ()
+
+    def __call__(self, code: str) -> CellResult:
+        code = textwrap.dedent(code)
+        (result,) = self.sandbox.run([Cell(self.name, self.history, code)])
+        self.history += (code,)
+        return result
+
+
+_names = iter(range(10**6))
+
+
+def trajectory(sandbox: Sandbox) -> Trajectory:
+    return Trajectory(sandbox, f"t{next(_names)}")
+
+
+def _processes_of(sandbox: Sandbox, comm: str | None = None) -> list[int]:
+    """Live processes whose environment carries this sandbox's mark (and whose name is `comm`)."""
+    mark = f"MATHAGENT_SANDBOX={sandbox._config['mark']}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        state = stat[stat.rindex(")") + 2]
+        if mark in environ.split(b"\0") and state not in "ZX" and comm in (None, name):
+            found.append(int(pid))
+    return found
+
+
+def assert_still_works(sandbox: Sandbox, t: Trajectory) -> None:
+    """The hostile cell's session keeps its state, and a fresh session runs too."""
+    assert t("survivor").output == "'still here'"
+    assert trajectory(sandbox)("6 * 7").output == "42"
+
+
+# -- notebook semantics -------------------------------------------------------------------------------------
+
+
+def test_a_trailing_expression_is_echoed_like_a_notebook(sandbox):
+    t = trajectory(sandbox)
+    result = t("x = 2\nx+1")
+    assert (result.output, result.status) == ("3", "ok")
+    assert t("x = 5").output == ""
+    assert t("None").output == ""
+    assert t("print('a')\nx * 2").output == "a\n10"
+    assert t("x * 2;").output == ""  # a trailing semicolon hides it, as in Jupyter
+    assert t("'é' * x  # not hidden;").output == "'ééééé'"
+    assert t("import sympy\nsympy.sqrt(8)").output == "2*sqrt(2)"
+    assert t("'text'").output == "'text'"
+
+
+def test_names_from_turn_one_are_visible_in_turn_three(sandbox):
+    t = trajectory(sandbox)
+    t("from fractions import Fraction\nhalf = Fraction(1, 2)")
+    t("def double(q):\n    return 2 * q")
+    result = t("print(double(half) + half)")
+    assert (result.output, result.status, result.replayed) == ("3/2", "ok", 0)
+
+
+def test_a_new_sandbox_resumes_a_trajectory_from_its_history():
+    history = ("a = 21\nprint('turn one printed this')", "b = a * 2\nb")
+    with Sandbox(timeout=TIMEOUT, workers=1) as fresh:
+        (result,) = fresh.run([Cell("from-a-file", history, "print(a, b)")])
+    # The history's own output is not shown again; only the new cell's.
+    assert (result.output, result.status, result.replayed) == ("21 42", "ok", 2)
+
+
+def test_a_changed_history_is_replayed_from_the_start(sandbox):
+    t = trajectory(sandbox)
+    t("x = 1")
+    (result,) = sandbox.run([Cell(t.name, ("x = 100",), "x")])
+    assert (result.output, result.replayed) == ("100", 1)
+
+
+def test_each_cell_runs_once(sandbox):
+    t = trajectory(sandbox)
+    t("runs = []")
+    t("runs.append(1)")
+    assert t("len(runs)").output == "1"
+
+
+# -- what the model sees ------------------------------------------------------------------------------------
+
+
+def test_errors_show_the_exception_and_the_last_frames_only(sandbox):
+    t = trajectory(sandbox)
+    result = t("print('before')\n1 / 0")
+    assert result.status == "error"
+    assert result.output.startswith("before\nTraceback (most recent call last):\n")
+    assert result.output.endswith("ZeroDivisionError: division by zero")
+    assert "sandbox.py" not in result.output and "exec" not in result.output
+
+    t("def f(n):\n    return g(n)\ndef g(n):\n    return h(n)\ndef h(n):\n    return [][n]")
+    deep = t("f(3)").output.splitlines()
+    assert deep[-1] == "IndexError: list index out of range"
+    assert sum(line.startswith("  File ") for line in deep) == 2  # the innermost frames only
+    assert '  File "<cell 2>", line 6, in h' in deep
+
+    syntax = t("x = (1,")
+    assert syntax.status == "error" and "SyntaxError" in syntax.output and "Traceback" not in syntax.output
+    assert t("undefined_name").output.endswith("NameError: name 'undefined_name' is not defined")
+
+
+def test_output_over_the_cap_is_cut_with_a_marker(sandbox):
+    result = trajectory(sandbox)("print('x' * 10_000)\nraise ValueError('kept')")
+    assert len(result.output) <= 400
+    assert result.output.startswith("xxxx")
+    assert "more characters cut]" in result.output
+    cut = int(result.output.split("[... ")[1].split(" ")[0])
+    assert cut == 10_000 - result.output.count("x")
+    assert result.output.endswith("ValueError: kept")
+
+
+def test_many_sessions_in_one_call_come_back_in_order(sandbox):
+    cells = [Cell(f"many-{i}", (), f"import time\ntime.sleep(0.2)\n{i} * {i}") for i in range(8)]
+    started = time.perf_counter()
+    results = sandbox.run(cells)
+    elapsed = time.perf_counter() - started
+    assert [r.output for r in results] == [str(i * i) for i in range(8)]
+    assert elapsed < 8 * 0.2  # they ran concurrently
+    # Two cells of one session in one call run in their order.
+    first, second = sandbox.run([Cell("pair", (), "y = 1"), Cell("pair", ("y = 1",), "y + 1")])
+    assert (first.output, second.output) == ("", "2")
+
+
+def test_run_is_safe_from_many_threads(sandbox):
+    outputs = {}
+
+    def worker(k):
+        outputs[k] = [r.output for r in sandbox.run([Cell(f"thread-{k}-{i}", (), f"{k}+{i}") for i in range(3)])]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outputs == {k: [str(k + i) for i in range(3)] for k in range(4)}
+
+
+# -- hostile cells ------------------------------------------------------------------------------------------
+
+
+def test_an_infinite_loop_times_out_and_its_effects_are_undone(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("survivor = 'overwritten'\nwhile True:\n    pass")
+    assert (result.status, result.output) == ("timeout", f"TimeoutError: the cell ran longer than {TIMEOUT:g} s")
+    assert TIMEOUT <= result.seconds < TIMEOUT + 1.5
+    assert_still_works(sandbox, t)
+
+
+def test_a_loop_that_swallows_the_timeout_is_killed(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("""
+        while True:
+            try:
+                while True:
+                    pass
+            except BaseException:
+                pass
+    """)
+    assert (result.status, result.output) == ("timeout", f"TimeoutError: the cell ran longer than {TIMEOUT:g} s")
+    assert_still_works(sandbox, t)
+
+
+def test_a_long_sleep_times_out_with_what_it_printed(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("print('going to sleep')\nimport time\ntime.sleep(3600)")
+    assert result.status == "timeout"
+    assert result.output == f"going to sleep\nTimeoutError: the cell ran longer than {TIMEOUT:g} s"
+    assert_still_works(sandbox, t)
+
+
+def test_a_huge_allocation_is_a_memory_error(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("x = bytearray(8 << 30)")
+    assert result.status == "memory"
+    assert result.output.endswith("MemoryError: the cell needed more than the sandbox's 1024 MB")
+    grow = t("chunks = []\nwhile True:\n    chunks.append(bytes(50 << 20))")
+    assert grow.status == "memory" and "MemoryError" in grow.output
+    numpy = t("import numpy\nnumpy.ones(10**10)")
+    assert numpy.status == "memory" and "Unable to allocate" in numpy.output
+    assert_still_works(sandbox, t)
+
+
+def test_an_output_flood_is_stopped_and_cut(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("while True:\n    print('flood' * 100)")
+    assert result.status in ("error", "timeout")
+    assert len(result.output) <= 400 and "more characters cut]" in result.output
+    assert result.output.startswith("flood")
+    assert_still_works(sandbox, t)
+
+
+def test_sys_exit_is_an_error_and_os_exit_ends_only_the_cell(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    exited = t("import sys\nsys.exit(3)")
+    assert (exited.status, exited.output.splitlines()[-1]) == ("error", "SystemExit: 3")
+    killed = t("import os\nsurvivor = 'changed'\nprint('bye', flush=True)\nos._exit(7)")
+    assert killed.status == "killed"
+    assert killed.output == "bye\nSystemExit: the cell ended its process with exit code 7"
+    segfault = t("import ctypes\nctypes.string_at(0)")
+    assert (segfault.status, segfault.output) == ("killed", "SandboxError: the cell's process was killed by SIGSEGV")
+    assert_still_works(sandbox, t)
+
+
+def test_killing_the_parent_process_does_not_take_the_session_down(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t(f"""
+        import os, signal
+        os.kill(os.getppid(), signal.SIGKILL)
+        for pid in (1, {os.getpid()}, {sandbox._zygote.pid}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError as e:
+                print(type(e).__name__)
+        os.kill(-1, signal.SIGKILL)
+        print('alive')
+    """)
+    assert result.status == "ok" and result.output.endswith("alive")
+    assert t("survivor").output == "'still here'"
+    # Killing the parent, then dying, loses the checkpoint: the session starts again from its history.
+    t("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos._exit(1)")
+    assert_still_works(sandbox, t)
+
+
+def test_a_fork_bomb_is_contained(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("""
+        import os, time
+        for _ in range(1000):
+            os.fork()
+        time.sleep(30)
+    """)
+    assert result.status == "error"
+    assert result.output.endswith("BlockingIOError: [Errno 11] Resource temporarily unavailable")
+    assert_still_works(sandbox, t)
+
+
+def test_a_detached_background_process_is_gone_when_the_result_returns(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("""
+        import ctypes, os, subprocess, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                ctypes.CDLL(None).prctl(15, b"mathagent-bg")  # PR_SET_NAME, for the test to find it
+                time.sleep(1)
+                open("late.txt", "w").write("I survived")
+                os._exit(0)
+            os._exit(0)
+        subprocess.Popen(["sleep", "1000"], start_new_session=True)
+        time.sleep(0.2)
+        print('started')
+    """)
+    assert (result.status, result.output) == ("ok", "started")
+    assert _processes_of(sandbox, "mathagent-bg") == []
+    assert _processes_of(sandbox, "sleep") == []
+    time.sleep(1.5)
+    assert t("import os\nos.path.exists('late.txt')").output == "False"
+    assert_still_works(sandbox, t)
+
+
+def test_threads_a_cell_leaves_running_are_stopped(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    started = t("""
+        import os, threading, time
+        def chatter():
+            while True:
+                os.write(1, b'chatter\\n')
+                time.sleep(0.01)
+        threading.Thread(target=chatter, daemon=True).start()
+        time.sleep(0.05)
+        kept = 'yes'
+    """)
+    assert started.status == "ok" and "chatter" in started.output
+    # Had the thread lived on, it would print into this cell's output while it sleeps.
+    after = t("time.sleep(0.2)\nprint(threading.active_count(), kept)")
+    assert after.output == "1 yes"
+    assert_still_works(sandbox, t)
+
+
+def test_files_outside_the_work_directory_cannot_be_changed(sandbox, tmp_path):
+    # /var/tmp is visible inside the sandbox and writable by anyone outside; the file is too.
+    victim_dir = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="mathagent-victim-"))
+    try:
+        victim_dir.chmod(0o777)
+        victim = victim_dir / "victim.txt"
+        victim.write_text("original")
+        victim.chmod(0o666)
+        hidden = tmp_path / "hidden.txt"
+        hidden.write_text("original")
+        t = trajectory(sandbox)
+        t("survivor = 'still here'")
+        result = t(f"""
+            import os, shutil
+            attempts = [
+                lambda: open({str(victim)!r}, "w").write("changed"),
+                lambda: os.remove({str(victim)!r}),
+                lambda: open({str(victim_dir / "new.txt")!r}, "w").write("new"),
+                lambda: os.chmod({str(victim)!r}, 0o600),
+                lambda: os.remove({str(hidden)!r}),
+                lambda: shutil.rmtree({str(tmp_path)!r}),
+                lambda: open("/etc/passwd", "a").write("x"),
+                lambda: open({os.path.abspath(__file__)!r}, "a").write("x"),
+            ]
+            for attempt in attempts:
+                try:
+                    attempt()
+                    print("changed")
+                except OSError as e:
+                    print(type(e).__name__)
+            open("mine.txt", "w").write("the work directory is writable")
+            print(open("mine.txt").read())
+        """)
+        assert result.status == "ok"
+        assert result.output.endswith("the work directory is writable")
+        outcomes = result.output.splitlines()[:-1]
+        if sandbox.isolation["read_only_root"]:
+            # With a read-only view of the filesystem even world-writable files are safe.
+            assert "changed" not in outcomes
+            assert victim.read_text() == "original" and sorted(os.listdir(victim_dir)) == ["victim.txt"]
+            assert oct(victim.stat().st_mode & 0o777) == oct(0o666)
+        else:  # no mount namespace: the cell's own uid protects what it does not own, and only that
+            assert "changed" not in outcomes[3:]
+        assert hidden.read_text() == "original"
+        assert not Path(__file__).read_text().endswith("x")
+        assert_still_works(sandbox, t)
+    finally:
+        for child in victim_dir.iterdir():
+            child.unlink()
+        victim_dir.rmdir()
+
+
+def test_the_callers_environment_is_not_visible(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t(f"""
+        import os
+        print(sorted(os.environ))
+        for path in ("/proc/self/environ", "/proc/1/environ", "/proc/{os.getpid()}/environ"):
+            try:
+                print("hunter2" in open(path, "rb").read().decode(errors="replace"))
+            except OSError as e:
+                print(type(e).__name__)
+    """)
+    assert "hunter2" not in result.output and SECRET not in result.output
+    assert "True" not in result.output
+    assert "'HOME'" in result.output and "'PATH'" in result.output
+    assert_still_works(sandbox, t)
+
+
+def test_no_network_connection_reaches_a_local_server(sandbox):
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    try:
+        t = trajectory(sandbox)
+        t("survivor = 'still here'")
+        result = t(f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=1)
+                print("connected")
+            except OSError as e:
+                print(type(e).__name__)
+        """)
+        assert result.status == "ok" and result.output != "connected"
+        with pytest.raises(TimeoutError):
+            server.accept()
+        assert_still_works(sandbox, t)
+    finally:
+        server.close()
+
+
+def test_reading_stdin_gets_end_of_file(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("import sys\nprint(repr(sys.stdin.read()))\ninput('? ')")
+    assert result.status == "error"
+    assert result.output.startswith("''\n? ") and result.output.endswith("EOFError: EOF when reading a line")
+    assert_still_works(sandbox, t)
+
+
+def test_deep_recursion_is_an_error(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("def down(n):\n    return down(n + 1)\ndown(0)")
+    assert result.status == "error"
+    assert result.output.endswith("RecursionError: maximum recursion depth exceeded")
+    # With the limit lifted it exhausts memory or the C stack: either way the session survives.
+    deeper = t("import sys\nsys.setrecursionlimit(10**8)\ndown(0)")
+    assert deeper.status in ("memory", "killed", "error", "timeout")
+    assert_still_works(sandbox, t)
+
+
+def test_a_forgotten_session_frees_its_processes(sandbox):
+    t = trajectory(sandbox)
+    t("x = 1")
+    time.sleep(0.5)  # the zygote replaces the spare session this trajectory took
+    before = len(_processes_of(sandbox))
+    sandbox.forget(t.name)
+    deadline = time.monotonic() + 5
+    while len(_processes_of(sandbox)) >= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_processes_of(sandbox)) < before
+    # A forgotten session that comes back is replayed from its history.
+    assert t("x + 1").replayed == 1
+
+
+def test_isolation_reports_what_was_in_force(sandbox):
+    sandbox.run([Cell("isolation", (), "1")])
+    report = sandbox.isolation
+    assert set(report) >= {"pid_namespace", "mount_namespace", "network", "read_only_root", "uid"}
+    if os.geteuid() == 0:  # the mechanisms the acceptance criteria ask for, where we are root
+        assert report["pid_namespace"] and report["mount_namespace"] and report["read_only_root"]
+        assert report["network"] == "none" and report["uid"] >= 1_000_000_000
