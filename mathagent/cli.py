@@ -472,6 +472,407 @@ def make_pairs(
                 raise UserError(f"{stats_path}: cannot write: {e.strerror}") from None
 
 
+# --------------------------------------------------------------------------------------------------------
+# Process reward model: mc-label -> train-prm -> score-prm (mathagent/labeling.py, mathagent/prm.py)
+# --------------------------------------------------------------------------------------------------------
+
+StepsOpt = Annotated[str, typer.Option("--steps", help="What a step is: turns (an action with its observations) or paragraphs (the text of actions split at blank lines, never inside a ``` fence; an action's observations go with its last paragraph).")]
+
+
+@app.command("mc-label")
+def mc_label(
+    input: InputArg = "-",
+    output: OutputOpt = "-",
+    model: ModelOpt = "tiny",
+    backend: BackendOpt = "vllm",
+    adapter: AdapterOpt = None,
+    m: Annotated[int, typer.Option("--m", help="M: completions sampled from each step's prefix.")] = 8,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_tokens: MaxTokensOpt = 512,
+    max_turns: MaxTurnsOpt = 6,
+    seed: SeedOpt = 0,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Continue under this prompt instead of each trajectory's own first user message: 'tool', 'cot', or a file with a {question} placeholder (needs the field 'question'). Default: the trajectory's own.")] = None,
+    steps: StepsOpt = "turns",
+    format: Annotated[str, typer.Option("--format", help="records: every input trajectory with 'steps' added; prm: PRM training chats (user = step, assistant = '+'/'-') with 'labels' and soft labels 'q'.")] = "records",
+    observation_role: ObservationRoleOpt = "user",
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories labeled together (their prefixes go to the engine together); output is written, and resumable, chunk by chunk.")] = 1024,
+    timeout: TimeoutOpt = 10.0,
+    memory_mb: MemoryOpt = 2048,
+    max_output_chars: MaxOutputOpt = 2000,
+    workers: WorkersOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="vLLM context length (default: the model's).")] = None,
+    resume: ResumeOpt = False,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Label every step of graded trajectories by Monte Carlo: Q-hat = fraction of M completions that are correct.
+
+    Input: trajectories with messages, answer and correct (as rollout writes them). For each step h but the
+    last, M completions of the prefix up to a_h and its observation run through the agent loop (code executed)
+    and are graded: "steps"[h] = {"q": Q-hat, "label": "+" if any is correct else "-", "m": M, "correct": hits}.
+    The last step is the trajectory's own grade: {"q": 1.0 or 0.0, "label", "m": 0}. Identical prefixes are
+    sampled once; all prefixes of a chunk go to the engine together. The cost goes to stderr.
+    """
+    from mathagent import agent, labeling, prm
+    from mathagent.engines import open_engine
+    from mathagent.sandbox import Sandbox
+    from mathagent.tiny import resolve_model
+
+    with _user_errors():
+        if m < 1 or max_turns < 1 or max_tokens < 1 or chunk_size < 1:
+            raise UserError("--m, --max-turns, --max-tokens and --chunk-size must be at least 1")
+        if steps not in labeling.STEP_MODES:
+            raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
+        if format not in ("records", "prm"):
+            raise UserError(f"--format {format!r}: choose from records, prm")
+        if observation_role == "assistant":
+            raise UserError("--observation-role cannot be assistant: observations are not the agent's actions")
+        template = agent.load_prompt(prompt) if prompt is not None else None
+        invalid = InvalidCounter()
+        records = list(read_records(input, required=("id", "messages", "answer", "correct"), skip_invalid=skip_invalid,
+                                    invalid=invalid, check=labeling.check_graded_trajectory))
+        _report_invalid(invalid)
+        finished: dict[str, dict[str, Any]] = {}
+        if resume and output != "-":
+            finished = {r["id"]: r for r in read_finished(output)}
+            console.print(f"resume: {sum(r['id'] in finished for r in records)} of {len(records)} trajectories already done", highlight=False)
+        config = agent.AgentConfig(max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                   seed=seed, observation_role=observation_role)
+        todo = [r for r in records if r["id"] not in finished]
+        needs_engine = any(len(labeling.split_steps(r["messages"], steps)) > 1 for r in todo)
+        report = labeling.LabelingReport()
+
+        def on_turn(turn) -> None:
+            console.print(f"mc-label: turn {turn.turn}: {turn.generated} actions, {turn.executed} cells, "
+                          f"{turn.tokens} tokens, {turn.finished} completions ended", highlight=False)
+
+        with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer:
+            engine = open_engine(backend, resolve_model(model), adapter=adapter, seed=seed, dtype=dtype,
+                                 max_model_len=max_model_len) if needs_engine else None
+            sandbox = Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb,
+                              max_output_chars=max_output_chars) if needs_engine else None
+            cache = labeling.LabelCache()
+            try:
+                for chunk in _chunks(records, chunk_size):
+                    new = [r for r in chunk if r["id"] not in finished]
+                    if new:
+                        report.add(labeling.label_trajectories(new, engine, sandbox, config, m=m, mode=steps,
+                                                               cache=cache, prompt=template, on_turn=on_turn))
+                    for r in chunk:
+                        if r["id"] in finished:
+                            writer.write(finished[r["id"]])
+                        else:
+                            writer.write(prm.prm_example(r, steps) if format == "prm" else r)
+            finally:
+                if sandbox is not None:
+                    sandbox.close()
+                if engine is not None:
+                    engine.close()
+        console.print(f"mc-label: {report.summary()}", highlight=False)
+
+
+@app.command("train-prm")
+def train_prm(
+    input: InputArg = "-",
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory the PRM is saved to (a transformers model, its tokenizer and prm.json); checkpoints go to OUTPUT/checkpoint-STEP.")] = "prm",
+    model: ModelOpt = "tiny",
+    labels: Annotated[str, typer.Option("--labels", help="hard: cross-entropy on the '+'/'-' label token; soft: binary cross-entropy of P('+') among {'+','-'} against Q-hat.")] = "hard",
+    steps: StepsOpt = "turns",
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="Train a LoRA of this rank on every linear layer (peft); 0 = full fine-tuning.")] = 0,
+    lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale alpha (default: 2 x rank).")] = None,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Save the LoRA merged into the base model (loads with transformers alone) instead of as an adapter.")] = False,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warm-up steps.")] = 0,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data (may be fractional).")] = 1.0,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps in all (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per optimizer step.")] = 8,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Drop (and count) conversations longer than this many tokens.")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", help="Save a checkpoint every this many steps (0: only the final model).")] = 0,
+    seed: SeedOpt = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Training dtype: auto (bfloat16 on a GPU that has it, else float32), bfloat16, float16, float32.")] = "auto",
+    eval_path: Annotated[str | None, typer.Option("--eval", help="Held-out examples (same formats as the input): report their label accuracy, scored as score-prm scores.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --output.")] = False,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Fine-tune a causal LM as a process reward model on step labels, with the loss on the label tokens only.
+
+    Input: mc-label output, either trajectories with "steps" or --format prm chats (user = step, assistant =
+    '+'/'-', soft labels in "q"). Saves a model that loads with transformers (or a peft adapter with
+    --lora-rank and no --merge-lora). A JSON summary (steps, final loss, held-out accuracy) goes to stdout.
+    """
+    import json
+
+    from mathagent import labeling, prm
+    from mathagent.tiny import resolve_model
+
+    with _user_errors():
+        if steps not in labeling.STEP_MODES:
+            raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
+        if labels not in prm.LABEL_KINDS:
+            raise UserError(f"--labels {labels!r}: choose from {', '.join(prm.LABEL_KINDS)}")
+        if batch_size < 1 or lora_rank < 0 or epochs <= 0 or (max_steps is not None and max_steps < 1):
+            raise UserError("--batch-size and --max-steps must be at least 1, --epochs positive, --lora-rank at least 0")
+        if merge_lora and lora_rank == 0:
+            raise UserError("--merge-lora needs --lora-rank")
+        check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
+        invalid = InvalidCounter()
+        records = list(read_records(input, required=("messages",), skip_invalid=skip_invalid, invalid=invalid,
+                                    check=check))
+        held_out = list(read_records(eval_path, required=("messages",), check=check)) if eval_path else []
+        _report_invalid(invalid)
+        config = prm.TrainConfig(
+            labels=labels, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora, lr=lr,
+            weight_decay=weight_decay, warmup_steps=warmup_steps, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, max_length=max_length, save_every=save_every, seed=seed, dtype=dtype,
+        )
+        with _record_stream() as stdout:
+            report = prm.train_prm(records, resolve_model(model), output, config, mode=steps, resume=resume,
+                                   log=lambda line: console.print(line, highlight=False))
+            summary = {"output": output, "examples": report.examples, "labels": report.labels,
+                       "too_long": report.too_long, "steps": report.steps, "resumed_from": report.resumed_from,
+                       "loss": report.loss, "seconds": round(report.seconds, 2)}
+            if held_out:
+                model_, tokenizer = prm.load_prm(output)
+                examples = [prm.training_chat(r, steps)[:2] for r in held_out]
+                summary["eval_accuracy"] = prm.label_accuracy(model_, tokenizer, examples)
+                summary["eval_labels"] = sum(len(e[1]) for e in examples)
+            stdout.write(json.dumps(summary) + "\n")
+        console.print(f"train-prm: {report.steps} steps on {report.examples} conversations ({report.labels} labels, "
+                      f"{report.too_long} too long) in {report.seconds:.1f} s, final loss {report.loss:.4f}"
+                      + (f", held-out accuracy {summary['eval_accuracy']:.3f}" if held_out else ""), highlight=False)
+
+
+@app.command("score-prm")
+def score_prm(
+    input: InputArg = "-",
+    output: OutputOpt = "-",
+    model: Annotated[str, typer.Option("--model", help="The PRM: a directory train-prm wrote (full model or LoRA adapter), a hub id, or 'tiny'.")] = "prm",
+    steps: StepsOpt = "turns",
+    aggregate: Annotated[str, typer.Option("--aggregate", help="Trajectory score from its step scores: min, mean, last or prod.")] = "min",
+    field: Annotated[str, typer.Option("--field", help="Field the aggregate is written to (for `mathagent evaluate --score-field`).")] = "score",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Trajectories per forward pass.")] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
+    resume: ResumeOpt = False,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Score every step of trajectories with a PRM: one forward pass per trajectory reads P('+') at every step.
+
+    Writes each input record with "step_scores" (P('+') per step) and the aggregate in --field ("score"), in
+    order. Then `mathagent evaluate --score-field score` reports best-of-n.
+    """
+    from mathagent import labeling, prm
+    from mathagent.tiny import resolve_model
+
+    with _user_errors():
+        if steps not in labeling.STEP_MODES:
+            raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
+        if aggregate not in prm.AGGREGATES:
+            raise UserError(f"--aggregate {aggregate!r}: choose from {', '.join(prm.AGGREGATES)}")
+        if batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        invalid = InvalidCounter()
+        records = list(read_records(input, required=("id", "messages"), skip_invalid=skip_invalid, invalid=invalid))
+        _report_invalid(invalid)
+        finished: dict[str, dict[str, Any]] = {}
+        if resume and output != "-":
+            finished = {r["id"]: r for r in read_finished(output)}
+        todo = [r for r in records if r["id"] not in finished]
+        report = prm.ScoreReport()
+        with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer:
+            if todo:
+                model_, tokenizer = prm.load_prm(resolve_model(model), dtype=dtype)
+                report = prm.score_trajectories(model_, tokenizer, todo, mode=steps, how=aggregate, field=field,
+                                                batch_size=batch_size)
+            for r in records:
+                writer.write(finished.get(r["id"], r))
+        console.print(f"score-prm: {report.trajectories} trajectories, {report.steps} steps in {report.forward_passes} "
+                      f"forward passes, {report.seconds:.1f} s"
+                      + (f"; {report.per_prefix} scored prefix by prefix (their chat template tokenizes a step's "
+                         f"prompt differently from the whole conversation)" if report.per_prefix else ""),
+                      highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Policy training: train-mdpo, train-sft (mathagent/losses.py, mathagent/training.py)
+# --------------------------------------------------------------------------------------------------------
+
+TrainInputArg = Annotated[str, typer.Argument(help="Input JSONL path, or '-' for stdin (a path under torchrun / accelerate launch).")]
+TrainOutputDirOpt = Annotated[str, typer.Option("--output-dir", help="Directory for the trained model (or LoRA adapter), metrics.jsonl, checkpoints/ and the reference log-probs.")]
+TrainRefModelOpt = Annotated[str | None, typer.Option("--ref-model", help="Reference policy pi_ref (default: the starting policy --model); its log-probs are computed once, before training.")]
+TrainLrOpt = Annotated[float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")]
+TrainSchedulerOpt = Annotated[str, typer.Option("--lr-scheduler", help="linear, cosine, constant or constant_with_warmup (after --warmup-steps).")]
+TrainWarmupOpt = Annotated[int, typer.Option("--warmup-steps", help="Learning-rate warm-up steps.")]
+TrainWeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
+TrainGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm to this (0: no clipping).")]
+TrainGradAccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step (per process); --batch-size is split across them.")]
+TrainMaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps in all (overrides --epochs).")]
+TrainEpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the data, each in its own seeded order.")]
+TrainLoraOpt = Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter on every linear layer (peft) instead of all weights.")]
+TrainLoraRankOpt = Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")]
+TrainLoraAlphaOpt = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha / r).")]
+TrainMergeLoraOpt = Annotated[bool, typer.Option("--merge-lora", help="Save the LoRA merged into the base model (vLLM --model) instead of the adapter (vLLM --adapter with the base --model).")]
+TrainMaskOpt = Annotated[bool, typer.Option("--mask-observations/--no-mask-observations", help="Loss on the agent's action tokens only (default), or on every token after the prompt, observations and template scaffolding included (the single-turn baseline).")]
+TrainResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output-dir (same data and options).")]
+TrainMaxLengthOpt = Annotated[int, typer.Option("--max-length", help="Cut longer conversations to this many tokens (counted and reported).")]
+TrainCheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, more time.")]
+TrainSaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Checkpoint every N optimizer steps (0: only the final model).")]
+TrainPrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")]
+TrainBatchOpt = Annotated[int, typer.Option("--batch-size", help="Examples per optimizer step over all processes and micro-batches (pairs for M-DPO).")]
+
+
+def _train_line(row: dict[str, Any]) -> str:
+    """The per-step line on stderr."""
+    def f(key: str, fmt: str = ".4f") -> str:
+        value = row.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    parts = [f"step {row['step']}", f"loss {f('loss')}"]
+    if "rewards/chosen" in row:
+        parts += [f"chosen {f('rewards/chosen')}", f"rejected {f('rewards/rejected')}"]
+    if "rewards/accuracies" in row:
+        parts.append(f"acc {f('rewards/accuracies', '.2f')}")
+    if "rewards/margins" in row:
+        parts.append(f"margin {f('rewards/margins')}")
+    if "kl" in row:
+        parts.append(f"kl {f('kl')}")
+    parts += [f"lr {f('learning_rate', '.2e')}", f"{f('tokens_per_second', '.0f')} tok/s"]
+    return "  ".join(parts)
+
+
+def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name: str) -> None:
+    import json
+
+    from mathagent import training
+
+    if input == "-" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("under torchrun / accelerate launch every process reads the input: give a path, not stdin")
+    invalid = InvalidCounter()
+    records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid, check=check))
+    _report_invalid(invalid)
+    main_process = os.environ.get("RANK", "0") == "0"
+    with _record_stream() as stdout:
+        summary = training.train(config, records, on_step=lambda row: console.print(_train_line(row), highlight=False),
+                                 log=lambda line: console.print(line, highlight=False))
+        if main_process:
+            stdout.write(json.dumps(summary) + "\n")
+    if main_process:
+        final = summary["final"]
+        console.print(f"{name}: {summary['steps']} steps in {summary['train_seconds']:.1f} s "
+                      f"({summary['tokens_per_second'] or 0:.0f} tok/s), final loss {final.get('loss', float('nan')):.4f}; "
+                      f"saved the {summary['saved']} to {summary['output_dir']}", highlight=False)
+
+
+@app.command("train-mdpo")
+def train_mdpo(
+    input: TrainInputArg = "-",
+    output_dir: TrainOutputDirOpt = "mdpo",
+    model: ModelOpt = "tiny",
+    ref_model: TrainRefModelOpt = None,
+    loss: Annotated[str, typer.Option("--loss", help="sigmoid (M-DPO), ipo, hinge, or kto (M-KTO: reads make-pairs --format kto records, or pairs as two examples each).")] = "sigmoid",
+    beta: Annotated[float, typer.Option("--beta", help="The paper's eta: the KL coefficient; a trajectory's reward is beta x its summed action log-ratio.")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Conservative DPO: the assumed probability that a pair's preference is flipped (sigmoid loss).")] = 0.0,
+    nll_weight: Annotated[float, typer.Option("--nll-weight", help="Add this times the mean NLL of the chosen action tokens (pair losses).")] = 0.0,
+    desirable_weight: Annotated[float, typer.Option("--desirable-weight", help="M-KTO: weight of the desirable examples' loss.")] = 1.0,
+    undesirable_weight: Annotated[float, typer.Option("--undesirable-weight", help="M-KTO: weight of the undesirable examples' loss.")] = 1.0,
+    learning_rate: TrainLrOpt = 5e-7,
+    lr_scheduler: TrainSchedulerOpt = "linear",
+    warmup_steps: TrainWarmupOpt = 0,
+    weight_decay: TrainWeightDecayOpt = 0.0,
+    max_grad_norm: TrainGradNormOpt = 1.0,
+    batch_size: TrainBatchOpt = 8,
+    grad_accum: TrainGradAccumOpt = 1,
+    max_steps: TrainMaxStepsOpt = None,
+    epochs: TrainEpochsOpt = 1,
+    lora: TrainLoraOpt = False,
+    lora_rank: TrainLoraRankOpt = 16,
+    lora_alpha: TrainLoraAlphaOpt = 32,
+    merge_lora: TrainMergeLoraOpt = False,
+    mask_observations: TrainMaskOpt = True,
+    resume: TrainResumeOpt = False,
+    seed: SeedOpt = 0,
+    max_length: TrainMaxLengthOpt = 4096,
+    gradient_checkpointing: TrainCheckpointingOpt = False,
+    save_every: TrainSaveEveryOpt = 0,
+    precision: TrainPrecisionOpt = "auto",
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Multi-turn preference learning (M-DPO / M-KTO): the log-ratio log pi/pi_ref is summed over the agent's
+    action tokens only; observations (the interpreter's output) are masked.
+
+    Input: make-pairs records {"id","prompt","chosen","rejected"} (or, with --loss kto, {"id","prompt",
+    "completion","label"}). One row per optimizer step goes to OUTPUT_DIR/metrics.jsonl (loss, rewards/chosen,
+    rewards/rejected, rewards/accuracies, rewards/margins as in TRL) and a line to stderr; a JSON summary to
+    stdout. Runs under `torchrun` / `accelerate launch` for several devices (docs/training.md).
+    """
+    from mathagent import losses as loss_functions
+    from mathagent import training
+
+    with _user_errors():
+        if loss not in loss_functions.LOSSES:
+            raise UserError(f"--loss {loss!r}: choose from {', '.join(loss_functions.LOSSES)}")
+        objective = "kto" if loss == "kto" else "pairs"
+        config = training.TrainConfig(
+            model=model, output_dir=output_dir, objective=objective, ref_model=ref_model, loss=loss, beta=beta,
+            label_smoothing=label_smoothing, nll_weight=nll_weight, desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight, learning_rate=learning_rate, lr_scheduler=lr_scheduler,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, lora=lora,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora, mask_observations=mask_observations,
+            resume=resume, seed=seed, max_length=max_length, gradient_checkpointing=gradient_checkpointing,
+            save_every=save_every, precision=precision,
+        )
+        check = training.check_kto if objective == "kto" else training.check_pair
+        _run_training(input, config, check, skip_invalid, "train-mdpo")
+
+
+@app.command("train-sft")
+def train_sft(
+    input: TrainInputArg = "-",
+    output_dir: TrainOutputDirOpt = "sft",
+    model: ModelOpt = "tiny",
+    learning_rate: TrainLrOpt = 1e-5,
+    lr_scheduler: TrainSchedulerOpt = "linear",
+    warmup_steps: TrainWarmupOpt = 0,
+    weight_decay: TrainWeightDecayOpt = 0.0,
+    max_grad_norm: TrainGradNormOpt = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Trajectories per optimizer step over all processes and micro-batches.")] = 8,
+    grad_accum: TrainGradAccumOpt = 1,
+    max_steps: TrainMaxStepsOpt = None,
+    epochs: TrainEpochsOpt = 1,
+    lora: TrainLoraOpt = False,
+    lora_rank: TrainLoraRankOpt = 16,
+    lora_alpha: TrainLoraAlphaOpt = 32,
+    merge_lora: TrainMergeLoraOpt = False,
+    mask_observations: TrainMaskOpt = True,
+    resume: TrainResumeOpt = False,
+    seed: SeedOpt = 0,
+    max_length: TrainMaxLengthOpt = 4096,
+    gradient_checkpointing: TrainCheckpointingOpt = False,
+    save_every: TrainSaveEveryOpt = 0,
+    precision: TrainPrecisionOpt = "auto",
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Supervised fine-tuning on trajectories (make-pairs --format sft, or any records with "messages"): the
+    negative log-likelihood of the action tokens only, averaged over the step's action tokens.
+
+    Same tokenization, checkpoints, --resume, LoRA and multi-device support as train-mdpo.
+    """
+    from mathagent import training
+
+    with _user_errors():
+        config = training.TrainConfig(
+            model=model, output_dir=output_dir, objective="sft", learning_rate=learning_rate,
+            lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+            epochs=epochs, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora,
+            mask_observations=mask_observations, resume=resume, seed=seed, max_length=max_length,
+            gradient_checkpointing=gradient_checkpointing, save_every=save_every, precision=precision,
+        )
+        _run_training(input, config, training.check_trajectory, skip_invalid, "train-sft")
+
+
 def main() -> None:
     # vLLM's info logs would drown the progress bar; users can ask for them back.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -101,3 +101,29 @@ def sandbox():
 
     with Sandbox(timeout=10.0) as box:
         yield box
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    """Mistral-7B's real 32,000-token sentencepiece tokenizer (shipped by mistral_common), with the [INST]
+    chat template of `mathagent.chat` (observations as user turns)."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from mathagent.chat import MISTRAL_TEMPLATE
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or spec.origin is None:
+        pytest.skip("mistral_common is not installed")
+    source = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+    folder = tmp_path_factory.mktemp("mistral")
+    shutil.copy(source, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    return tokenizer

@@ -1,0 +1,207 @@
+"""Rendering a conversation to tokens with its action mask, for any chat template.
+
+A trajectory's `messages` are the state s_h = (x, a_1, o_1, ..., a_H). Training (M-DPO, M-KTO, SFT, a
+generative PRM) needs the token ids of the whole conversation and which tokens are the agent's actions a_h
+(mask 1): those the policy generated. Everything else is mask 0: the system prompt, the question x, the
+observations o_h (the code interpreter's output, which the model did not write) and the template's
+scaffolding (`<|im_start|>assistant\\n`, `[INST]`, ...).
+
+How the mask is found, without any knowledge of a model family:
+
+1. The conversation is rendered prefix by prefix, `apply_chat_template(messages[:i+1])`. Each rendering must
+   extend the previous one as a string, or the template rewrites history (drops earlier reasoning, injects a
+   date) and a message's text has no fixed place: a `UserError` names the message index.
+2. For an assistant message i, the action starts where the generation prompt ends
+   (`apply_chat_template(messages[:i], add_generation_prompt=True)`): at inference the model sees exactly
+   that text and writes everything after it. Its content ends where the rendering with
+   `continue_final_message=True` ends.
+3. The action also owns the end-of-turn tokens after its content, up to and including the first special token
+   (`<|im_end|>`, `</s>`, `<|eot_id|>`, `<end_of_turn>`): the model must learn to stop, and generation stops
+   exactly there. What follows that token (ChatML's "\\n") is scaffolding. A template that puts no special
+   token after an assistant message gets actions of content alone.
+4. The whole text is tokenized once (with the template's own BOS, no added special tokens, as inference does:
+   see `agent.prompt_ids`), and each token is placed by its character offsets. A token whose characters lie
+   partly inside an action and partly outside (a *straddling* token: sentencepiece merges `]` and `+` of
+   `[/INST]+` into one piece) is not an action: it holds text the model did not write. Such tokens are counted
+   in `TokenizedConversation.straddling`, so callers can report them; a template that puts a space or a
+   special token at the start of the action (as Mistral's own format does) has none.
+
+`label_positions` gives, for a conversation whose assistant messages are single-token step labels ('+'/'-'),
+the positions whose next token is the label: where a generative PRM reads its prediction.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from mathagent.errors import UserError
+
+# Mistral's [INST] format (Mistral-7B v0.1 / v0.2): system text is put in front of the first user turn, and
+# observations (role user or tool) are user turns. The assistant's text starts with a space, as
+# mistral_common encodes it (its sentencepiece dummy prefix), so the action begins on a token boundary.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='', turn=0) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% set ns.system = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if ns.turn % 2 == 0 %}{{ raise_exception('an assistant message must follow a user message') }}{% endif %}"
+    "{{ ' ' + message['content'] + eos_token }}"
+    "{% set ns.turn = ns.turn + 1 %}"
+    "{% else %}"
+    "{% if ns.turn % 2 == 1 %}{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+    "{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}"
+    "{% set ns.system = '' %}"
+    "{% set ns.turn = ns.turn + 1 %}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class MessageSpan:
+    """Where message `index` lies in the token sequence.
+
+    `[start, end)` are all the tokens of its rendering, scaffolding included. For an assistant message,
+    `[action_start, action_end)` are its action tokens, of which `[action_start, content_end)` are its content
+    and `[content_end, action_end)` the end-of-turn tokens; None for other roles.
+    """
+
+    index: int
+    role: str
+    start: int
+    end: int
+    action_start: int | None = None
+    content_end: int | None = None
+    action_end: int | None = None
+
+
+class TokenizedConversation(NamedTuple):
+    input_ids: list[int]
+    action_mask: list[int]  # 1 on the agent's action tokens, 0 elsewhere
+    spans: list[MessageSpan]
+    straddling: int = 0  # tokens left out of an action because they also hold text outside it
+
+
+def _render(tokenizer, messages: Sequence[dict[str, Any]], index: int, **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+    except Exception as e:  # jinja's TemplateError, or transformers' ValueError for continue_final_message
+        raise UserError(f"message {index}: the chat template cannot render the conversation up to it: {e}") from None
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens (EOS, end-of-turn markers, ...), as the tokenizer declares them."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False))
+    return ids
+
+
+def _char_layout(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, list[int], dict[int, tuple[int, int]]]:
+    """The full text, the character end of each message's rendering, and for each assistant message the
+    character range from the end of its generation prompt to the end of its content."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("the tokenizer has no chat template")
+    text = ""
+    ends: list[int] = []
+    actions: dict[int, tuple[int, int]] = {}
+    for i, message in enumerate(messages):
+        rendered = _render(tokenizer, messages[: i + 1], i)
+        if not rendered.startswith(text):
+            raise UserError(
+                f"message {i}: the chat template's rendering of messages[:{i + 1}] does not extend its rendering "
+                f"of messages[:{i}], so the message has no fixed place in the token sequence"
+            )
+        if message["role"] == "assistant":
+            prompt = _render(tokenizer, messages[:i], i, add_generation_prompt=True) if i else ""
+            content = _render(tokenizer, messages[: i + 1], i, continue_final_message=True)
+            if not (prompt.startswith(text) and rendered.startswith(prompt) and rendered.startswith(content)
+                    and len(prompt) <= len(content)):
+                raise UserError(
+                    f"message {i}: the chat template's generation prompt after messages[:{i}] is not how it renders "
+                    f"assistant message {i}, so the action's start is unknown"
+                )
+            actions[i] = (len(prompt), len(content))
+        text = rendered
+        ends.append(len(text))
+    return text, ends, actions
+
+
+def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
+                          mask_observations: bool = True) -> TokenizedConversation:
+    """Token ids, action mask and per-message spans of a conversation under the tokenizer's chat template.
+
+    With `mask_observations=False` (the single-turn DPO baseline) the mask is 1 on every token from the first
+    action's start to the end: observations and the later turns' scaffolding count as if the model had
+    written them, as a single-turn trainer treats everything after the prompt. The spans are the same.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("action masks need a fast (tokenizers-backed) tokenizer, for its character offsets")
+    text, ends, actions = _char_layout(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoded["input_ids"]
+    offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
+    starts = [s for s, _ in offsets]
+    special = special_token_ids(tokenizer)
+    mask = [0] * len(ids)
+    spans: list[MessageSpan] = []
+    straddling = 0
+    begin = 0
+    for i, message in enumerate(messages):
+        first = bisect.bisect_left(starts, begin)
+        last = bisect.bisect_left(starts, ends[i])
+        span = MessageSpan(i, message["role"], first, last)
+        if i in actions:
+            a_start, c_end = actions[i]
+            # Tokens wholly inside [a_start, c_end) are the content; one that begins before a_start or runs
+            # past c_end also holds text that is not the action.
+            action_start = bisect.bisect_left(starts, a_start)
+            if action_start > 0 and offsets[action_start - 1][1] > a_start:
+                straddling += 1
+            content_end = action_start
+            while content_end < last and offsets[content_end][1] <= c_end and offsets[content_end][0] < c_end:
+                content_end += 1
+            action_end = content_end
+            if content_end < last and offsets[content_end][0] < c_end:
+                straddling += 1  # a token runs from the content into the scaffolding: not an action
+            else:
+                # The end-of-turn tokens, through the first special one.
+                for t in range(content_end, last):
+                    if ids[t] in special:
+                        action_end = t + 1
+                        break
+            for t in range(action_start, action_end):
+                mask[t] = 1
+            span = MessageSpan(i, message["role"], first, last, action_start, content_end, action_end)
+        spans.append(span)
+        begin = ends[i]
+    if not mask_observations:
+        first_action = next((s.action_start for s in spans if s.action_start is not None), len(ids))
+        mask = [0] * first_action + [1] * (len(ids) - first_action)
+    return TokenizedConversation(ids, mask, spans, straddling)
+
+
+def label_positions(conversation: TokenizedConversation) -> list[int]:
+    """For a conversation whose assistant messages are single-token labels ('+'/'-'): the positions p whose
+    next token input_ids[p + 1] is a label, one per assistant message, in order. A generative PRM reads
+    its prediction for step k from the logits at the k-th position.
+
+    Raises `UserError` if an assistant message is not exactly one whole token.
+    """
+    positions = []
+    for span in conversation.spans:
+        if span.action_start is None:
+            continue
+        if span.content_end - span.action_start != 1:
+            raise UserError(
+                f"message {span.index}: a label must be exactly one token of its own, got "
+                f"{span.content_end - span.action_start} (a token shared with the template's text counts as none)"
+            )
+        if span.action_start == 0:
+            raise UserError(f"message {span.index}: a label needs a token before it")
+        positions.append(span.action_start - 1)
+    return positions

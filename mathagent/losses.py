@@ -1,0 +1,118 @@
+"""The multi-turn preference objectives (M-DPO, M-KTO) as pure functions of summed action log-probs.
+
+For a trajectory tau = (x, a_1, o_1, ..., a_H) the policy's log-probability that matters is that of its own
+actions only:
+
+    log pi(tau) = sum_h log pi(a_h | s_h) = sum over action tokens t of log pi(y_t | y_<t)
+
+The observations o_h come from the code interpreter, deterministic given the state: their tokens are masked
+(`action_mask` = 0), so the model is pushed neither toward nor away from text it did not write. With
+r(tau) = beta * (log pi(tau) - log pi_ref(tau)) (beta is the paper's eta, the KL coefficient) and a pair
+(tau_w, tau_l) sharing the prompt x, h = (log pi(tau_w) - log pi_ref(tau_w)) - (log pi(tau_l) - log pi_ref(tau_l)):
+
+    sigmoid (M-DPO):  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps: --label-smoothing,
+                      conservative DPO; eps = 0 is the paper's loss)
+    ipo:              (h - 1 / (2 beta))^2        (on summed log-ratios, as in the IPO paper; TRL averages
+                                                   them over tokens)
+    hinge:            max(0, 1 - beta h)
+    kto (M-KTO):      desirable:   lambda_D (1 - sigmoid(beta (log-ratio(tau) - z0)))
+                      undesirable: lambda_U (1 - sigmoid(beta (z0 - log-ratio(tau))))
+                      z0 = max(0, mean over mismatched (x_i, completion_j), i != j, of the log-ratio): the KL
+                      baseline, a constant (no gradient), estimated from the micro-batch
+    nll (optional):   -sum of log pi over the chosen action tokens / their number, added with --nll-weight
+
+Every function returns per-example values; the caller reduces them (mean over the pairs of an optimizer step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mathagent.errors import UserError
+
+PAIR_LOSSES = ("sigmoid", "ipo", "hinge")
+LOSSES = PAIR_LOSSES + ("kto",)
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log pi(y_t | y_<t) for t = 1..T-1: [B, T-1], in float32 at least (logits [B, T, V], ids [B, T])."""
+    logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def action_logps(logits: torch.Tensor, input_ids: torch.Tensor, action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed log-probs of the action tokens, and the number of action tokens.
+
+        logp(seq) = sum_t action_mask[t] * log pi(input_ids[t] | input_ids[<t]),  t >= 1
+
+    The logits at position t-1 predict token t. Positions whose next token is not an action (observations,
+    prompt, scaffolding, padding) are selected away by `torch.where`, so the loss has exactly zero gradient
+    with respect to their logits.
+    """
+    mask = action_mask[:, 1:].bool()
+    per_token = token_logps(logits, input_ids)
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1), mask.sum(-1)
+
+
+def rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The implicit reward r(tau) = beta * (log pi(tau) - log pi_ref(tau)), detached (a metric)."""
+    return beta * (policy_logps - ref_logps).detach()
+
+
+def pair_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair preference loss from summed action log-probs (see the module docstring for the equations)."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss == "hinge":
+        return torch.relu(1 - beta * h)
+    raise UserError(f"--loss {loss!r}: choose from {', '.join(LOSSES)}")
+
+
+def kl_baseline(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """M-KTO's z0 = max(0, mean log-ratio of mismatched (prompt, completion) pairs), detached.
+
+    The mismatched pairs are the micro-batch's own prompts with its other examples' completions, so a
+    micro-batch of one example has none: that is a `UserError`.
+    """
+    if policy_kl_logps.numel() < 2:
+        raise UserError(
+            "--loss kto needs at least 2 examples per micro-batch: its KL baseline pairs each prompt with another "
+            "example's completion (raise --batch-size or lower --grad-accum / the number of processes)"
+        )
+    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-example M-KTO loss (desirable: a trajectory labelled good) with the KL baseline z0 = `kl`."""
+    ratio = policy_logps - ref_logps
+    good = desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio)))
+    return torch.where(desirable.bool(), good, bad)
+
+
+def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor | int) -> torch.Tensor:
+    """Mean negative log-likelihood per chosen action token: -sum logp / number of tokens."""
+    return -chosen_logps.sum() / chosen_tokens

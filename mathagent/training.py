@@ -1,0 +1,764 @@
+"""The glue between the M-DPO / M-KTO / SFT objectives (`losses`) and transformers, peft and accelerate.
+
+One function, `train`, runs a whole training:
+
+1. Encode the records with `chat.tokenize_conversation`: token ids and action masks (observations masked
+   unless `mask_observations=False`, the single-turn baseline in which everything after the prompt counts).
+2. Plan the data order: epoch e is a permutation seeded by (seed, e); optimizer step s takes the next
+   `batch_size` examples of its epoch, split evenly across processes and then into `grad_accum` micro-batches.
+   The order is a pure function of (seed, step), so a resumed run sees exactly the examples it would have.
+3. The reference pass (not for SFT): log pi_ref of every sequence the plan will use, computed once BEFORE
+   training, with `ref_model` (default: the starting policy itself, before any update or LoRA adapter), so
+   training holds a single model in memory. Cached in OUTPUT_DIR/reference_logps.json.
+4. Train: per micro-batch one forward pass over its chosen and rejected sequences together, summed action
+   log-probs, the loss, backward; per step gradient clipping, AdamW and the LR schedule. Each step's metrics
+   (TRL's names: rewards/chosen = mean of beta * (log pi - log pi_ref) over the step's chosen trajectories,
+   computed in that step's forward pass before its update, and so on) go to OUTPUT_DIR/metrics.jsonl.
+5. Every `save_every` steps a checkpoint (model or adapter, optimizer, scheduler, RNG states of every process,
+   the step; the data order follows from the step) in OUTPUT_DIR/checkpoints/step-N, written beside and
+   renamed, so a killed run leaves only complete ones. `resume=True` continues from the last.
+6. Save what vLLM loads: the full model, or the LoRA adapter (vLLM's --adapter), or the merged model.
+
+Multi-process (DDP) under `torchrun` / `accelerate launch` via accelerate; FSDP and DeepSpeed configs for GPUs
+are in docs/training.md. Reductions are exact across micro-batches and processes: the loss of a step is the
+mean over its `batch_size` examples however they are split.
+
+Device and precision are chosen in `choose_precision`: bf16 mixed precision on a GPU that has it (fp32 master
+weights; LoRA's frozen base weights in bf16), fp32 everywhere else.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mathagent import losses
+from mathagent.chat import tokenize_conversation
+from mathagent.errors import UserError
+
+OBJECTIVES = ("pairs", "kto", "sft")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    output_dir: str
+    objective: str = "pairs"  # pairs (M-DPO, IPO, hinge), kto (M-KTO) or sft
+    ref_model: str | None = None  # None: the starting policy
+    loss: str = "sigmoid"
+    beta: float = 0.1  # the paper's eta: the KL coefficient
+    label_smoothing: float = 0.0
+    nll_weight: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    learning_rate: float = 5e-7
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    batch_size: int = 8  # examples (pairs) per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1
+    max_steps: int | None = None  # overrides epochs
+    epochs: int = 1
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    merge_lora: bool = False
+    mask_observations: bool = True
+    resume: bool = False
+    seed: int = 0
+    max_length: int = 4096
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # 0: no intermediate checkpoints
+    precision: str = "auto"
+    ref_batch_size: int | None = None  # sequences per reference forward pass (default: 2 x micro-batch)
+
+
+@dataclass
+class Encoded:
+    """One tokenized conversation: ids and action mask (1 = a token of the agent's actions)."""
+
+    input_ids: list[int]
+    action_mask: list[int]
+
+    @property
+    def actions(self) -> int:
+        return sum(self.action_mask)
+
+
+@dataclass
+class Example:
+    """A training example: a pair (chosen, rejected), a KTO completion with its label, or an SFT trajectory."""
+
+    id: str
+    sequences: list[Encoded]  # pairs: [chosen, rejected]; kto and sft: [conversation]
+    desirable: bool = True
+    prompt: list[dict[str, str]] = field(default_factory=list)  # kto: for the mismatched KL pairs
+    completion: list[dict[str, str]] = field(default_factory=list)
+
+
+# ---- records ---------------------------------------------------------------------------------------------
+
+
+def _check_messages(value: Any, name: str, *, starts_with_action: bool = False) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"field '{name}' must be a non-empty list of messages"
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"field '{name}[{j}]' must be an object with string 'role' and 'content'"
+    if starts_with_action and value[0]["role"] != "assistant":
+        return f"field '{name}' must start with an assistant message (the first action)"
+    return None
+
+
+def check_pair(record: dict[str, Any]) -> str | None:
+    """What train-mdpo reads: {"id", "prompt", "chosen", "rejected"} (make-pairs' default format)."""
+    return (_check_messages(record.get("prompt"), "prompt")
+            or _check_messages(record.get("chosen"), "chosen", starts_with_action=True)
+            or _check_messages(record.get("rejected"), "rejected", starts_with_action=True))
+
+
+def check_kto(record: dict[str, Any]) -> str | None:
+    """M-KTO reads {"id", "prompt", "completion", "label": bool}, or pairs (each gives two examples)."""
+    if "chosen" in record:
+        return check_pair(record)
+    if not isinstance(record.get("label"), bool):
+        return "field 'label' must be true or false"
+    return (_check_messages(record.get("prompt"), "prompt")
+            or _check_messages(record.get("completion"), "completion", starts_with_action=True))
+
+
+def check_trajectory(record: dict[str, Any]) -> str | None:
+    """SFT reads trajectories {"id", "messages"} with at least one action."""
+    problem = _check_messages(record.get("messages"), "messages")
+    if problem is None and not any(m["role"] == "assistant" for m in record["messages"]):
+        return "field 'messages' has no assistant message (no action to learn)"
+    return problem
+
+
+@dataclass
+class EncodeReport:
+    truncated: int = 0  # sequences cut to max_length
+    no_actions: int = 0  # sequences left with no action token (after truncation)
+    straddling: int = 0  # tokens left out of actions because they also hold template text (see chat.py)
+
+
+def _encode(tokenizer, messages: list[dict[str, str]], config: TrainConfig, report: EncodeReport) -> Encoded:
+    conv = tokenize_conversation(tokenizer, messages, mask_observations=config.mask_observations)
+    ids, mask = conv.input_ids, conv.action_mask
+    report.straddling += conv.straddling
+    if len(ids) > config.max_length:
+        ids, mask = ids[: config.max_length], mask[: config.max_length]
+        report.truncated += 1
+    if not any(mask[1:]):
+        report.no_actions += 1
+    return Encoded(ids, mask)
+
+
+def encode_records(tokenizer, records: Sequence[dict[str, Any]], config: TrainConfig) -> tuple[list[Example], EncodeReport]:
+    """Tokenize the records for the objective; a record that the template cannot render names itself."""
+    report = EncodeReport()
+    examples: list[Example] = []
+    for record in records:
+        try:
+            if config.objective == "sft":
+                examples.append(Example(record["id"], [_encode(tokenizer, record["messages"], config, report)]))
+            elif config.objective == "pairs":
+                chosen = _encode(tokenizer, record["prompt"] + record["chosen"], config, report)
+                rejected = _encode(tokenizer, record["prompt"] + record["rejected"], config, report)
+                examples.append(Example(record["id"], [chosen, rejected]))
+            else:
+                units = ([(record["chosen"], True), (record["rejected"], False)] if "chosen" in record
+                         else [(record["completion"], record["label"])])
+                for completion, label in units:
+                    seq = _encode(tokenizer, record["prompt"] + completion, config, report)
+                    examples.append(Example(record["id"], [seq], label, record["prompt"], completion))
+        except UserError as e:
+            raise UserError(f"record {record['id']}: {e}") from None
+    return examples, report
+
+
+# ---- the plan: which examples each step, process and micro-batch takes ------------------------------------
+
+
+@dataclass
+class Plan:
+    n_examples: int
+    batch_size: int
+    grad_accum: int
+    world: int
+    seed: int
+    total_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_examples // self.batch_size
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // (self.world * self.grad_accum)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.n_examples))
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def step(self, step: int) -> list[list[list[int]]]:
+        """Example indices of optimizer step `step` (0-based): [process][micro-batch][example]."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        chosen = self._order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+        per_rank = self.batch_size // self.world
+        m = self.micro_batch
+        return [[chosen[r * per_rank + a * m : r * per_rank + (a + 1) * m] for a in range(self.grad_accum)]
+                for r in range(self.world)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def make_plan(n_examples: int, config: TrainConfig, world: int) -> Plan:
+    if config.batch_size < 1 or config.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be at least 1")
+    if config.batch_size % (world * config.grad_accum):
+        raise UserError(
+            f"--batch-size {config.batch_size} must be a multiple of --grad-accum ({config.grad_accum}) times the "
+            f"number of processes ({world})"
+        )
+    if n_examples < config.batch_size:
+        raise UserError(f"{n_examples} training examples, fewer than --batch-size {config.batch_size}")
+    plan = Plan(n_examples, config.batch_size, config.grad_accum, world, config.seed, 0)
+    plan.total_steps = config.max_steps if config.max_steps else config.epochs * plan.steps_per_epoch
+    if plan.total_steps < 1:
+        raise UserError("nothing to train: --max-steps and --epochs give 0 steps")
+    return plan
+
+
+def kl_partners(micro: list[int]) -> list[tuple[int, int]]:
+    """M-KTO's mismatched pairs of a micro-batch: prompt of example j with the completion of example j-1."""
+    return [(micro[j], micro[j - 1]) for j in range(len(micro))]
+
+
+# ---- models, precision, batches ----------------------------------------------------------------------------
+
+
+def choose_precision(requested: str = "auto") -> str:
+    """'bf16' (mixed precision) on a CUDA GPU that supports it, else 'fp32'; an explicit choice is kept."""
+    import torch
+
+    if requested not in PRECISIONS:
+        raise UserError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def load_model(path: str, *, frozen_bf16: bool = False):
+    """A causal LM in fp32 (trained weights stay fp32 under mixed precision), or bf16 where it stays frozen."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+    except OSError as e:
+        raise UserError(f"--model {path}: cannot load: {e}") from None
+    model.config.use_cache = False
+    return model
+
+
+def disable_dropout(model) -> None:
+    """Dropout off (as TRL's DPO does by default): the policy's and the reference's log-probs must agree at
+    step 0, and the reference pass runs without it."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def collate(sequences: Sequence[Encoded], pad_id: int):
+    """Right-padded input_ids, attention_mask and action_mask tensors."""
+    import torch
+
+    width = max(len(s.input_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    actions = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        attention[row, :n] = 1
+        actions[row, :n] = torch.tensor(s.action_mask)
+    return {"input_ids": ids, "attention_mask": attention, "action_mask": actions}
+
+
+def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device):
+    """Summed action log-probs [B] (with grad if enabled), action-token counts [B] and non-pad tokens."""
+    batch = {k: v.to(device) for k, v in collate(sequences, pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps, counts = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
+    return logps, counts, int(batch["attention_mask"].sum())
+
+
+def reference_logps(model, sequences: Sequence[Encoded], *, batch_size: int, pad_id: int, device, autocast,
+                    indices: Sequence[int]) -> dict[int, float]:
+    """log pi_ref of `sequences[i]` for each i in `indices`, longest first (less padding)."""
+    import torch
+
+    todo = sorted(indices, key=lambda i: -len(sequences[i].input_ids))
+    out: dict[int, float] = {}
+    model.eval()
+    with torch.no_grad(), autocast():
+        for lo in range(0, len(todo), batch_size):
+            chunk = todo[lo : lo + batch_size]
+            logps, _, _ = sequence_logps(model, [sequences[i] for i in chunk], pad_id, device)
+            out.update(zip(chunk, logps.double().tolist()))
+    return out
+
+
+def weights_digest(model) -> str:
+    """sha256 of the trainable parameters (sorted by name): equal on every DDP process after each step."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any]) -> Path:
+    root = output_dir / "checkpoints"
+    final = root / f"step-{step:08d}"
+    staging = root / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if row.get("step", math.inf) <= up_to_step:
+                rows.append(row)
+    return rows
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
+          on_step: Callable[[dict[str, Any]], None] | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train on `records` (pairs, KTO examples or trajectories, per `config.objective`) and save the model.
+
+    Returns the run's summary (also in OUTPUT_DIR/training_summary.json). `on_step` gets each metrics row and
+    `log` each progress message, on the main process only.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+    from transformers import AutoTokenizer, get_scheduler
+
+    from mathagent.tiny import resolve_model
+
+    if config.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {config.objective!r}")
+    if config.objective == "pairs" and config.loss not in losses.PAIR_LOSSES:
+        raise UserError(f"--loss {config.loss!r}: choose from {', '.join(losses.LOSSES)}")
+    if config.objective == "kto" and config.nll_weight:
+        raise UserError("--nll-weight applies to the pair losses (sigmoid, ipo, hinge), not kto")
+    if config.lr_scheduler not in SCHEDULERS:
+        raise UserError(f"--lr-scheduler {config.lr_scheduler!r}: choose from {', '.join(SCHEDULERS)}")
+    if config.beta <= 0 or not 0 <= config.label_smoothing < 0.5:
+        raise UserError("--beta must be positive and --label-smoothing in [0, 0.5)")
+    if config.merge_lora and not config.lora:
+        raise UserError("--merge-lora needs --lora")
+    if config.max_length < 2:
+        raise UserError("--max-length must be at least 2")
+
+    precision = choose_precision(config.precision)
+    # CUDA when there is one, else the CPU; cpu=True is also what makes accelerate run DDP over gloo on CPUs
+    # under torchrun.
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                              gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    say = log if main else (lambda _message: None)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    output_dir = Path(config.output_dir)
+    metrics_path = output_dir / "metrics.jsonl"
+    existing = checkpoints(output_dir)
+    if not config.resume and (existing or metrics_path.exists()):
+        raise UserError(f"{output_dir} already holds a training run: pass --resume to continue it, or choose "
+                        "another --output-dir")
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    def resolve(name: str) -> str:  # the main process builds `tiny` (once) and tells the others
+        path = resolve_model(name) if main else None
+        return gather_object([path])[0] if world > 1 else path
+
+    model_path = resolve(config.model)
+    ref_path = resolve(config.ref_model) if config.ref_model else None
+    say(f"device {device}, {world} process(es), precision {precision}")
+
+    # 1. data
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples, report = encode_records(tokenizer, records, config)
+    if report.truncated or report.no_actions or report.straddling:
+        say(f"encoding: {report.truncated} sequence(s) cut to --max-length {config.max_length}, "
+            f"{report.no_actions} with no action token left, {report.straddling} token(s) straddling an action "
+            "boundary left out of the actions")
+    plan = make_plan(len(examples), config, world)
+    if config.objective == "kto" and plan.micro_batch < 2:
+        losses.kl_baseline(torch.zeros(plan.micro_batch), torch.zeros(plan.micro_batch))  # raises the UserError
+    left_out = len(examples) - plan.steps_per_epoch * plan.batch_size
+    say(f"{len(examples)} examples, {plan.steps_per_epoch} steps per epoch ({left_out} examples left out of each "
+        f"epoch by its order), {plan.total_steps} steps, micro-batch {plan.micro_batch} x {config.grad_accum} "
+        f"accumulation x {world} process(es)")
+
+    # Every sequence the reference pass scores: the examples', then M-KTO's mismatched pairs in the plan.
+    sequences = [s for e in examples for s in e.sequences]
+    first_seq = [0]
+    for e in examples:
+        first_seq.append(first_seq[-1] + len(e.sequences))
+    kl_index: dict[tuple[int, int], int] = {}
+    if config.objective == "kto":
+        for step in range(plan.total_steps):
+            for per_rank in plan.step(step):
+                for micro in per_rank:
+                    for i, j in kl_partners(micro):
+                        if (i, j) not in kl_index:
+                            kl_index[(i, j)] = len(sequences)
+                            sequences.append(_encode(tokenizer, examples[i].prompt + examples[j].completion,
+                                                     config, EncodeReport()))
+
+    # 2. resume point
+    start_step = 0
+    resume_from = existing[-1] if config.resume and existing else None
+    run_identity = {
+        "objective": config.objective, "loss": config.loss, "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum, "world_size": world, "seed": config.seed, "examples": len(examples),
+        "lora": config.lora, "data": _fingerprint([(s.input_ids, s.action_mask) for s in sequences]),
+    }
+    if resume_from is not None:
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        for key, value in run_identity.items():
+            if state["run"].get(key) != value:
+                raise UserError(f"--resume: {resume_from} was made with {key}={state['run'].get(key)!r}, this run "
+                                f"has {value!r}")
+        start_step = state["step"]
+        say(f"resuming from {resume_from} (step {start_step})")
+    elif config.resume:
+        say(f"--resume: no checkpoint in {output_dir}, starting from step 0")
+
+    set_seed(config.seed)
+    frozen_bf16 = precision == "bf16" and config.lora
+
+    # 3. the reference pass, before training: one model in memory at a time
+    ref_logps: list[float] = []
+    model = None
+    if config.objective != "sft":
+        cache_path = output_dir / "reference_logps.json"
+        key = _fingerprint(run_identity["data"], ref_path or model_path, precision)
+        cached = json.loads(cache_path.read_text()) if cache_path.exists() else None
+        if cached is not None and cached.get("key") == key:
+            ref_logps = cached["logps"]
+            say(f"reference log-probs: {len(ref_logps)} from {cache_path}")
+        else:
+            started = time.perf_counter()
+            # Without --ref-model the reference is the starting policy: this very model is then trained
+            # (under LoRA its base stays frozen, in bf16 where that is the precision).
+            ref_model = load_model(ref_path, frozen_bf16=precision == "bf16") if ref_path else \
+                load_model(model_path, frozen_bf16=frozen_bf16)
+            disable_dropout(ref_model)
+            ref_model.to(device)
+            batch = config.ref_batch_size or max(2, 2 * plan.micro_batch)
+            mine = reference_logps(ref_model, sequences, batch_size=batch, pad_id=pad_id, device=device,
+                                   autocast=accelerator.autocast, indices=range(rank, len(sequences), world))
+            merged: dict[int, float] = {}
+            for part in (gather_object([mine]) if world > 1 else [mine]):
+                merged.update(part)
+            ref_logps = [merged[i] for i in range(len(sequences))]
+            if main:
+                tmp = cache_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"key": key, "logps": ref_logps}))
+                os.replace(tmp, cache_path)
+            say(f"reference log-probs: {len(sequences)} sequences in {time.perf_counter() - started:.1f} s")
+            if ref_path is None:
+                model = ref_model
+            else:
+                del ref_model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    # 4. the policy
+    if model is None:
+        model = load_model(model_path, frozen_bf16=frozen_bf16)
+    disable_dropout(model)
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=plan.total_steps)
+    # The scheduler stays unprepared: accelerate's wrapper steps it once per process per step.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+    rows = _read_metrics(metrics_path, start_step) if main else []
+    if main:
+        tmp = metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, metrics_path)
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if main else None
+
+    # 5. the steps
+    started = time.perf_counter()
+    tokens_total = 0
+    last_row: dict[str, Any] = rows[-1] if rows else {}
+    try:
+        for step in range(start_step, plan.total_steps):
+            t0 = time.perf_counter()
+            row = _train_step(model, accelerator, optimizer, scheduler, plan, step, examples, first_seq, sequences,
+                              kl_index, ref_logps, config, pad_id)
+            tokens_total += row["tokens"]
+            row["tokens_per_second"] = row["tokens"] / (time.perf_counter() - t0)
+            if main:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                if on_step is not None:
+                    on_step(row)
+            last_row = row
+            done = step + 1
+            if config.save_every and done % config.save_every == 0 and done < plan.total_steps:
+                _save_checkpoint(accelerator, output_dir, done, {"step": done, "run": run_identity,
+                                                                  "config": asdict(config)})
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    seconds = time.perf_counter() - started
+
+    # 6. the model vLLM loads
+    digests = gather_object([weights_digest(model)]) if world > 1 else [weights_digest(model)]
+    accelerator.wait_for_everyone()
+    saved = save_model(accelerator, model, tokenizer, output_dir, merge_lora=config.merge_lora)
+    summary = {
+        "output_dir": str(output_dir), "saved": saved, "steps": plan.total_steps, "resumed_from_step": start_step,
+        "examples": len(examples), "world_size": world, "precision": precision, "device": str(device),
+        "train_seconds": seconds, "train_tokens": tokens_total,
+        "tokens_per_second": tokens_total / seconds if seconds else None,
+        "final": last_row, "weights_sha256": digests, "processes_agree": len(set(digests)) == 1,
+        "encoding": asdict(report),
+    }
+    if main:
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        if not summary["processes_agree"]:
+            say("warning: the processes ended with different weights")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int, examples: list[Example],
+                first_seq: list[int], sequences: list[Encoded], kl_index: dict[tuple[int, int], int],
+                ref_logps: list[float], config: TrainConfig, pad_id: int) -> dict[str, Any]:
+    """One optimizer step over the plan's examples for `step`; returns its metrics row (all processes')."""
+    import torch
+
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    everyone = plan.step(step)
+    micro_batches = everyone[rank]
+    total = plan.batch_size
+    # Token normalizers over the whole step (all processes): exact whatever the split.
+    if config.objective == "sft":
+        step_tokens = sum(sequences[first_seq[i]].actions - sequences[first_seq[i]].action_mask[0]
+                          for part in everyone for micro in part for i in micro)
+    elif config.objective == "pairs" and config.nll_weight:
+        step_tokens = sum(sequences[first_seq[i]].actions - sequences[first_seq[i]].action_mask[0]
+                          for part in everyone for micro in part for i in micro)
+    else:
+        step_tokens = 1
+    step_tokens = max(step_tokens, 1)
+    per_example: list[torch.Tensor] = []  # detached per-example losses
+    chosen_rewards, rejected_rewards, chosen_logps_all, rejected_logps_all = [], [], [], []
+    kls: list[torch.Tensor] = []
+    nll_sum = torch.zeros((), device=device)
+    tokens = 0
+    lr = scheduler.get_last_lr()[0]
+    for micro in micro_batches:
+        # accelerate's accumulate() skips the gradient all-reduce (and, under DeepSpeed, the optimizer step)
+        # until the step's last micro-batch; backward() divides by grad_accum, which the scaling undoes.
+        with accelerator.accumulate(model), accelerator.autocast():
+            if config.objective == "pairs":
+                seqs = [sequences[first_seq[i]] for i in micro] + [sequences[first_seq[i] + 1] for i in micro]
+                logps, counts, n_tokens = sequence_logps(model, seqs, pad_id, device)
+                refs = torch.tensor([ref_logps[first_seq[i]] for i in micro] + [ref_logps[first_seq[i] + 1] for i in micro],
+                                    device=device, dtype=logps.dtype)
+                m = len(micro)
+                pc, pr, rc, rr = logps[:m], logps[m:], refs[:m], refs[m:]
+                ell = losses.pair_loss(pc, pr, rc, rr, beta=config.beta, loss=config.loss,
+                                       label_smoothing=config.label_smoothing)
+                loss = ell.sum() / total
+                if config.nll_weight:
+                    loss = loss + config.nll_weight * (-pc.sum()) / step_tokens
+                    nll_sum = nll_sum + (-pc.detach().sum())
+                chosen_rewards.append(losses.rewards(pc, rc, config.beta))
+                rejected_rewards.append(losses.rewards(pr, rr, config.beta))
+                chosen_logps_all.append(pc.detach())
+                rejected_logps_all.append(pr.detach())
+            elif config.objective == "kto":
+                seqs = [sequences[first_seq[i]] for i in micro]
+                logps, counts, n_tokens = sequence_logps(model, seqs, pad_id, device)
+                refs = torch.tensor([ref_logps[first_seq[i]] for i in micro], device=device, dtype=logps.dtype)
+                partners = [kl_index[p] for p in kl_partners(micro)]
+                with torch.no_grad():
+                    kl_logps, _, _ = sequence_logps(model, [sequences[k] for k in partners], pad_id, device)
+                kl_refs = torch.tensor([ref_logps[k] for k in partners], device=device, dtype=kl_logps.dtype)
+                kl_local = losses.kl_baseline(kl_logps, kl_refs)
+                kl = accelerator.gather(kl_local.reshape(1)).mean().clamp(min=0) if world > 1 else kl_local
+                desirable = torch.tensor([examples[i].desirable for i in micro], device=device)
+                ell = losses.kto_loss(logps, refs, desirable, kl, beta=config.beta,
+                                      desirable_weight=config.desirable_weight,
+                                      undesirable_weight=config.undesirable_weight)
+                loss = ell.sum() / total
+                reward = losses.rewards(logps, refs, config.beta)
+                chosen_rewards.append(torch.where(desirable, reward, torch.nan))
+                rejected_rewards.append(torch.where(desirable, torch.nan, reward))
+                kls.append(kl.detach().reshape(1))
+            else:
+                seqs = [sequences[first_seq[i]] for i in micro]
+                logps, counts, n_tokens = sequence_logps(model, seqs, pad_id, device)
+                ell = -logps
+                loss = ell.sum() / step_tokens
+            per_example.append(ell.detach())
+            tokens += n_tokens
+            # DDP averages gradients over the processes: scale so that they sum to the step's gradient.
+            accelerator.backward(loss * world * plan.grad_accum)
+    if not accelerator.sync_gradients:
+        raise RuntimeError("the step ended before accelerate synchronized gradients")
+    grad_norm = None
+    if config.max_grad_norm:
+        norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        grad_norm = None if norm is None else float(norm)  # DeepSpeed clips by its own config
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    def gathered(parts: list[torch.Tensor]) -> list[float]:
+        local = torch.cat(parts).float() if parts else torch.zeros(0, device=device)
+        return (accelerator.gather(local) if world > 1 else local).tolist()
+
+    ell_all = gathered(per_example)
+    tokens_all = int(sum(gathered([torch.tensor([float(tokens)], device=device)])))
+    row: dict[str, Any] = {"step": step + 1}
+    if config.objective == "sft":
+        row["loss"] = sum(ell_all) / step_tokens
+    elif config.objective == "pairs":
+        c, r = gathered(chosen_rewards), gathered(rejected_rewards)
+        row["loss"] = sum(ell_all) / total
+        if config.nll_weight:
+            nll = sum(gathered([nll_sum.reshape(1)])) / step_tokens
+            row["loss"] += config.nll_weight * nll
+            row["nll"] = nll
+        row["rewards/chosen"] = _mean(c)
+        row["rewards/rejected"] = _mean(r)
+        row["rewards/accuracies"] = _mean([float(x > y) for x, y in zip(c, r)])
+        row["rewards/margins"] = _mean([x - y for x, y in zip(c, r)])
+        row["logps/chosen"] = _mean(gathered(chosen_logps_all))
+        row["logps/rejected"] = _mean(gathered(rejected_logps_all))
+    else:
+        c = [x for x in gathered(chosen_rewards) if not math.isnan(x)]
+        r = [x for x in gathered(rejected_rewards) if not math.isnan(x)]
+        row["loss"] = sum(ell_all) / total
+        row["rewards/chosen"] = _mean(c)
+        row["rewards/rejected"] = _mean(r)
+        row["rewards/margins"] = (row["rewards/chosen"] - row["rewards/rejected"]
+                                  if c and r else None)
+        row["kl"] = _mean(gathered(kls))
+    row.update({"grad_norm": grad_norm, "learning_rate": lr, "epoch": plan.epoch_of(step + 1), "tokens": tokens_all})
+    return row
+
+
+def save_model(accelerator, model, tokenizer, output_dir: Path, *, merge_lora: bool) -> str:
+    """Write what vLLM loads into `output_dir`: the model (`--model DIR`), or the LoRA adapter (`--adapter DIR`
+    with the base model), or with `merge_lora` the adapter merged into the base. Returns which."""
+    unwrapped = accelerator.unwrap_model(model)
+    is_peft = hasattr(unwrapped, "peft_config")
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        if is_peft and merge_lora:
+            merged = unwrapped.merge_and_unload()
+            merged.save_pretrained(output_dir)
+            kind = "merged"
+        elif is_peft:
+            unwrapped.save_pretrained(output_dir)
+            kind = "adapter"
+        else:
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+            kind = "model"
+        tokenizer.save_pretrained(output_dir)
+    else:
+        kind = "merged" if is_peft and merge_lora else "adapter" if is_peft else "model"
+    accelerator.wait_for_everyone()
+    return kind

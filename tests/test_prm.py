@@ -1,0 +1,209 @@
+"""The process reward model: PRM chats, the hard and soft objectives, training, and one-pass scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mathagent import prm
+from mathagent.agent import prompt_ids
+from mathagent.records import format_observation
+
+ERRORS = ("Traceback (most recent call last):\nZeroDivisionError: division by zero",
+          "NameError: name 'total' is not defined", "TypeError: unsupported operand type(s) for /: 'str' and 'int'")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # The test machines are shared: two torch threads on two busy cores run 5-40x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic(n, seed):
+    """Labeled trajectories where a step is '-' exactly when its observation shows a Python error (soft labels
+    near 0 then, near 1 otherwise); the final answer step is '+'."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        messages = [{"role": "user", "content": f"What is {a} * {b}?"}]
+        steps = []
+        for _ in range(rng.randint(1, 2)):
+            x, y = rng.randint(2, 99), rng.randint(0, 9)
+            bad = rng.random() < 0.5
+            messages.append({"role": "assistant", "content": f"Compute.\n```python\nprint({x} / {y})\n```"})
+            messages.append({"role": "user", "content": format_observation(
+                rng.choice(ERRORS) if bad else str(round(x / max(y, 1), 3)))})
+            q = rng.choice([0.0, 0.125]) if bad else rng.choice([0.625, 0.75, 0.875, 1.0])
+            steps.append({"q": q, "label": "-" if bad else "+", "m": 8})
+        messages.append({"role": "assistant", "content": f"The answer is \\boxed{{{a * b}}}."})
+        steps.append({"q": 1.0, "label": "+", "m": 0})
+        out.append({"id": f"s{seed}-{i}", "problem_id": f"p{i}", "messages": messages, "steps": steps})
+    return out
+
+
+TRAJECTORY = {
+    "id": "t", "problem_id": "p", "answer": "42", "correct": True,
+    "messages": [
+        {"role": "system", "content": "You are a careful solver."},
+        {"role": "user", "content": "What is 6 * 7?"},
+        {"role": "assistant", "content": "Compute.\n```python\nprint(6 * 7)\n```"},
+        {"role": "user", "content": "```output\n42\n```"},
+        {"role": "assistant", "content": "So \\boxed{42}."},
+    ],
+    "steps": [{"q": 0.75, "label": "+", "m": 4}, {"q": 1.0, "label": "+", "m": 0}],
+}
+
+
+def test_a_prm_example_is_a_chat_of_steps_and_labels_with_the_soft_labels_beside_it():
+    example = prm.prm_example(TRAJECTORY)
+    assert example["messages"] == [
+        {"role": "user", "content": "What is 6 * 7?\n\nCompute.\n```python\nprint(6 * 7)\n```\n\n```output\n42\n```"},
+        {"role": "assistant", "content": "+"},
+        {"role": "user", "content": "So \\boxed{42}."},
+        {"role": "assistant", "content": "+"},
+    ]
+    assert example["labels"] == ["+", "+"] and example["q"] == [0.75, 1.0]
+    assert example["answer"] == "42" and "steps" not in example
+
+
+def test_the_hard_loss_is_cross_entropy_on_the_label_token_over_the_vocabulary():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 0.0], [1.0, -0.5, 0.25, 3.0]], dtype=torch.float64)
+    loss = prm.prm_loss(logits, torch.tensor([True, False]), torch.tensor([0.9, 0.1]), 1, 2, "hard")
+    lse0 = math.log(math.exp(0.5) + math.exp(2.0) + math.exp(-1.0) + 1.0)
+    lse1 = math.log(math.exp(1.0) + math.exp(-0.5) + math.exp(0.25) + math.exp(3.0))
+    assert loss.item() == pytest.approx(((lse0 - 2.0) + (lse1 - 0.25)) / 2, abs=1e-6)
+
+
+def test_the_soft_loss_is_binary_cross_entropy_of_p_plus_among_the_two_labels_against_q_hat():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 0.0], [1.0, -0.5, 0.25, 3.0]], dtype=torch.float64)
+    loss = prm.prm_loss(logits, torch.tensor([True, False]), torch.tensor([0.9, 0.1]), 1, 2, "soft")
+    p0 = math.exp(2.0) / (math.exp(2.0) + math.exp(-1.0))  # the other logits play no part
+    p1 = math.exp(-0.5) / (math.exp(-0.5) + math.exp(0.25))
+    bce = lambda p, q: -(q * math.log(p) + (1 - q) * math.log(1 - p))  # noqa: E731
+    assert loss.item() == pytest.approx((bce(p0, 0.9) + bce(p1, 0.1)) / 2, abs=1e-6)
+    assert prm.plus_probability(logits, 1, 2).tolist() == pytest.approx([p0, p1], abs=1e-12)
+
+
+def test_aggregates_of_step_scores():
+    scores = [0.9, 0.5, 0.8]
+    assert prm.aggregate(scores, "min") == 0.5
+    assert prm.aggregate(scores, "mean") == pytest.approx(2.2 / 3)
+    assert prm.aggregate(scores, "last") == 0.8
+    assert prm.aggregate(scores, "prod") == pytest.approx(0.36)
+    assert prm.aggregate([], "min") is None
+
+
+def random_llama(vocab_size, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    return LlamaForCausalLM(config).eval()
+
+
+def per_prefix_scores(model, tokenizer, chat):
+    """The reference scorer: each step's prompt rendered and encoded alone, one forward pass per prefix."""
+    plus_id, minus_id = prm.label_token_ids(tokenizer)
+    scores = []
+    for i, m in enumerate(chat):
+        if m["role"] == "assistant":
+            with torch.no_grad():
+                z = model(torch.tensor([prompt_ids(tokenizer, chat[:i])])).logits[0, -1].double()
+            scores.append(torch.sigmoid(z[plus_id] - z[minus_id]).item())
+    return scores
+
+
+@pytest.mark.parametrize("template", ["chatml", "mistral"])
+def test_one_pass_scores_equal_per_prefix_scores(template, request):
+    tokenizer = request.getfixturevalue("tiny_tokenizer" if template == "chatml" else "mistral_tokenizer")
+    model = random_llama(len(tokenizer))
+    trajectories = synthetic(5, seed=3) + [{k: v for k, v in TRAJECTORY.items() if k != "steps"}]
+    report = prm.score_trajectories(model, tokenizer, trajectories, how="min", batch_size=4)
+    assert report.forward_passes == 2 and report.per_prefix == 0  # 6 trajectories in batches of 4
+    for t in trajectories:
+        reference = per_prefix_scores(model, tokenizer, prm.step_chat(t["messages"]))
+        assert len(t["step_scores"]) == len(reference) == len(prm.step_chat(t["messages"])) // 2
+        assert t["step_scores"] == pytest.approx(reference, abs=1e-5)
+        assert t["score"] == min(t["step_scores"])
+    assert len({round(s, 6) for t in trajectories for s in t["step_scores"]}) > 5  # not one constant
+
+
+@pytest.mark.parametrize("labels", ["hard", "soft"])
+def test_train_prm_learns_that_a_step_whose_observation_is_an_error_is_minus(labels, tiny_model, tmp_path):
+    config = prm.TrainConfig(labels=labels, lr=2e-3, batch_size=16, max_steps=40)
+    report = prm.train_prm(synthetic(160, seed=0), tiny_model, str(tmp_path / "prm"), config)
+    assert report.steps == 40 and report.examples == 160
+    model, tokenizer = prm.load_prm(str(tmp_path / "prm"))
+    held_out = [prm.training_chat(t, "turns")[:2] for t in synthetic(60, seed=1)]
+    assert prm.label_accuracy(model, tokenizer, held_out) > 0.95
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path):
+    data = synthetic(24, seed=2)
+    config = prm.TrainConfig(lr=1e-3, batch_size=8, max_steps=4, save_every=1, lora_rank=4)
+    prm.train_prm(data, tiny_model, str(tmp_path / "whole"), config)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_3(line):
+        if "step 3/" in line:
+            raise Killed
+
+    with pytest.raises(Killed):
+        prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, log=kill_at_step_3)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    report = prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, resume=True)
+    assert report.resumed_from == 2 and report.steps == 2
+    assert not list((tmp_path / "cut").glob("checkpoint-*"))
+    again = prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, resume=True)
+    assert again.steps == 0 and again.resumed_from == 4  # a finished PRM is not trained again
+    whole, _ = prm.load_prm(str(tmp_path / "whole"))
+    cut, _ = prm.load_prm(str(tmp_path / "cut"))
+    for (name, a), (_, b) in zip(whole.named_parameters(), cut.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def mathagent(args, stdin=""):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_torch_thread
+    proc = subprocess.run([sys.executable, "-m", "mathagent.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_train_prm_then_score_prm_then_best_of_n(tiny_model, tmp_path):
+    """A merged LoRA PRM loads with transformers alone; score-prm writes step_scores and score, in order."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(prm.prm_example(t)) + "\n" for t in synthetic(8, seed=4)))
+    out = tmp_path / "prm"
+    summary = json.loads(mathagent(["train-prm", str(train), "--model", tiny_model, "-o", str(out), "--labels", "soft",
+                                    "--lora-rank", "4", "--merge-lora", "--max-steps", "2", "--batch-size", "4",
+                                    "--eval", str(train)]).stdout)
+    assert summary["steps"] == 2 and 0 <= summary["eval_accuracy"] <= 1
+    assert not (out / "adapter_config.json").exists() and (out / "prm.json").exists()
+
+    trajectories = [{**t, "problem_id": "p", "answer": "1"} for t in synthetic(4, seed=5)]
+    for t in trajectories:
+        t.pop("steps")
+    stdin = "".join(json.dumps(t) + "\n" for t in trajectories)
+    scored = [json.loads(line) for line in mathagent(["score-prm", "--model", str(out), "--aggregate", "mean"], stdin).stdout.splitlines()]
+    assert [t["id"] for t in scored] == [t["id"] for t in trajectories]
+    for t in scored:
+        assert len(t["step_scores"]) == len(prm.step_chat(t["messages"])) // 2
+        assert t["score"] == pytest.approx(sum(t["step_scores"]) / len(t["step_scores"]))
+    report = json.loads(mathagent(["evaluate", "--score-field", "score"], "".join(json.dumps(t) + "\n" for t in scored)).stdout)
+    assert report["best_of_n"]["problems"] == 1

@@ -1,0 +1,337 @@
+"""M-DPO / M-KTO / SFT training on the tiny model: exact losses, masked observations, learning, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mathagent import losses, training
+from mathagent.chat import tokenize_conversation
+from mathagent.errors import UserError
+from mathagent.records import format_observation
+
+MATHAGENT = [sys.executable, "-m", "mathagent.cli"]
+# One thread per process: results that must agree bit for bit (resume) come from the same kernels.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model trains faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def act(text):
+    return {"role": "assistant", "content": text}
+
+
+def obs(text):
+    return {"role": "user", "content": format_observation(text)}
+
+
+HAND_PAIRS = [
+    {"id": "a", "problem_id": "p1", "prompt": [{"role": "user", "content": "What is 2+3?"}],
+     "chosen": [act("```python\nprint(2 + 3)\n```"), obs("5"), act("So \\boxed{5}.")],
+     "rejected": [act("```python\nprint(2 * 3)\n```"), obs("6"), act("So \\boxed{6}.")]},
+    {"id": "b", "problem_id": "p2",
+     "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 7-4."}],
+     "chosen": [act("```python\nprint(7 - 4)\n```"), obs("3"), act("\\boxed{3}")],
+     "rejected": [act("I guess \\boxed{2}")]},
+]
+
+
+def toy_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A learnable preference set: the chosen trajectory answers with the observed number, the rejected one
+    gives up."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        code = act(f"```python\nprint({a}+{b})\n```")
+        out.append({"id": str(i), "problem_id": str(i), "prompt": [{"role": "user", "content": f"{a}+{b}?"}],
+                    "chosen": [code, obs(str(a + b)), act(f"\\boxed{{{a + b}}}")],
+                    "rejected": [code, obs(str(a + b)), act("No idea.")]})
+    return out
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ref_model(tiny_model, tmp_path_factory) -> str:
+    """A reference policy different from the tiny model: its weights plus noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("ref")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)
+
+
+_F64: dict[str, object] = {}
+
+
+def float64_logps(model_dir, tokenizer, messages, *, mask_observations=True) -> float:
+    """Summed action log-probs, independently: a float64 forward and a plain loop over the mask."""
+    from transformers import AutoModelForCausalLM
+
+    if model_dir not in _F64:
+        _F64[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    conv = tokenize_conversation(tokenizer, messages, mask_observations=mask_observations)
+    with torch.no_grad():
+        logits = _F64[model_dir](torch.tensor([conv.input_ids])).logits[0]
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[t - 1, conv.input_ids[t]].item() for t in range(1, len(conv.input_ids)) if conv.action_mask[t])
+
+
+def run_one_step(tmp_path, tiny_model, records, **options) -> dict:
+    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=len(records),
+                                  max_steps=1, learning_rate=1e-3, **options)
+    training.train(config, records, log=lambda _: None)
+    return metrics(config.output_dir)[0]
+
+
+@pytest.mark.parametrize("mask_observations", [True, False])
+def test_the_loss_equals_a_float64_computation_from_per_token_log_probs(tmp_path, tiny_model, tiny_tokenizer,
+                                                                         ref_model, mask_observations):
+    beta = 0.1
+    row = run_one_step(tmp_path, tiny_model, HAND_PAIRS, ref_model=ref_model, beta=beta,
+                       mask_observations=mask_observations)
+    want_losses, chosen, rejected = [], [], []
+    for pair in HAND_PAIRS:
+        lp = {side: float64_logps(tiny_model, tiny_tokenizer, pair["prompt"] + pair[side],
+                                  mask_observations=mask_observations) for side in ("chosen", "rejected")}
+        ref = {side: float64_logps(ref_model, tiny_tokenizer, pair["prompt"] + pair[side],
+                                   mask_observations=mask_observations) for side in ("chosen", "rejected")}
+        h = (lp["chosen"] - ref["chosen"]) - (lp["rejected"] - ref["rejected"])
+        want_losses.append(math.log1p(math.exp(-beta * h)))
+        chosen.append(beta * (lp["chosen"] - ref["chosen"]))
+        rejected.append(beta * (lp["rejected"] - ref["rejected"]))
+    assert row["loss"] == pytest.approx(sum(want_losses) / 2, abs=1e-5)
+    assert row["rewards/chosen"] == pytest.approx(sum(chosen) / 2, abs=1e-5)
+    assert row["rewards/rejected"] == pytest.approx(sum(rejected) / 2, abs=1e-5)
+    assert row["rewards/margins"] == pytest.approx((sum(chosen) - sum(rejected)) / 2, abs=1e-5)
+    assert row["rewards/accuracies"] == sum(c > r for c, r in zip(chosen, rejected)) / 2
+    assert abs(row["rewards/margins"]) > 1e-3  # the reference differs: the check is not of zeros
+
+
+def test_observation_tokens_get_no_gradient(tiny_model, tiny_tokenizer):
+    """d loss / d logits is exactly 0 at every position whose next token is not an action: the loss cannot
+    depend on how the model predicts an observation (or the prompt, or the template's scaffolding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    config = training.TrainConfig(model=tiny_model, output_dir="unused")
+    examples, _ = training.encode_records(tiny_tokenizer, HAND_PAIRS, config)
+    seqs = [e.sequences[0] for e in examples] + [e.sequences[1] for e in examples]
+    batch = training.collate(seqs, tiny_tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits.retain_grad()
+    logps, _ = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
+    ref = logps.detach() + torch.randn(4)
+    losses.pair_loss(logps[:2], logps[2:], ref[:2], ref[2:], beta=0.1).mean().backward()
+    observation_positions = 0
+    for row, seq in enumerate(seqs):
+        conv = tokenize_conversation(tiny_tokenizer, HAND_PAIRS[row % 2]["prompt"]
+                                     + HAND_PAIRS[row % 2]["chosen" if row < 2 else "rejected"])
+        assert conv.input_ids == seq.input_ids
+        for span in conv.spans:
+            if span.role == "user" and span.index >= len(HAND_PAIRS[row % 2]["prompt"]):
+                for t in range(span.start, span.end):  # the logits at t - 1 predict observation token t
+                    assert torch.equal(logits.grad[row, t - 1], torch.zeros_like(logits.grad[row, t - 1]))
+                    observation_positions += 1
+        for t in range(logits.shape[1] - 1):
+            predicts_action = t + 1 < len(seq.input_ids) and seq.action_mask[t + 1]
+            assert (logits.grad[row, t].abs().sum() > 0) == bool(predicts_action)
+    assert observation_positions > 10
+
+
+def test_without_observation_masking_the_loss_changes_by_exactly_the_observation_terms(tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if tiny_model not in _F64:
+        _F64[tiny_model] = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    for pair in HAND_PAIRS:
+        messages = pair["prompt"] + pair["chosen"]
+        masked = tokenize_conversation(tiny_tokenizer, messages)
+        unmasked = tokenize_conversation(tiny_tokenizer, messages, mask_observations=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(_F64[tiny_model](torch.tensor([masked.input_ids])).logits[0], -1)
+        extra = [t for t in range(1, len(masked.input_ids)) if unmasked.action_mask[t] and not masked.action_mask[t]]
+        # the extra terms are the observations and the later turns' scaffolding, nothing of the prompt
+        first_action = next(s.action_start for s in masked.spans if s.action_start is not None)
+        assert min(extra) > first_action
+        assert pair["chosen"][1]["content"] in tiny_tokenizer.decode([masked.input_ids[t] for t in extra])
+        terms = sum(logp[t - 1, masked.input_ids[t]].item() for t in extra)
+        assert float64_logps(tiny_model, tiny_tokenizer, messages, mask_observations=False) == pytest.approx(
+            float64_logps(tiny_model, tiny_tokenizer, messages) + terms, abs=1e-9)
+
+
+def test_fifty_steps_on_a_learnable_preference_set_reach_high_reward_accuracy(tmp_path, tiny_model):
+    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=2, max_steps=50,
+                                  learning_rate=2e-3, beta=0.1, seed=0)
+    summary = training.train(config, toy_pairs(12), log=lambda _: None)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 51))
+    late = rows[-10:]
+    assert sum(r["rewards/accuracies"] for r in late) / len(late) > 0.9
+    assert abs(rows[0]["rewards/chosen"]) < 1e-3  # policy = reference at step 1
+    assert sum(r["rewards/chosen"] for r in late) / len(late) > 0.05  # the chosen log-ratio went up
+    assert late[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    assert summary["saved"] == "model" and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_kto_trains_on_labelled_completions_and_needs_two_per_micro_batch(tmp_path, tiny_model):
+    records = []
+    for pair in toy_pairs(4):
+        records.append({"id": pair["id"] + "+", "prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        records.append({"id": pair["id"] + "-", "prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "kto"), objective="kto", loss="kto",
+                                  batch_size=4, max_steps=3, learning_rate=1e-3)
+    training.train(config, records, log=lambda _: None)
+    rows = metrics(tmp_path / "kto")
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-3)  # 1 - sigmoid(0) at policy = reference
+    one = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "kto1"), objective="kto", loss="kto",
+                               batch_size=4, grad_accum=4, max_steps=1)
+    with pytest.raises(UserError, match="at least 2 examples per micro-batch"):
+        training.train(one, records, log=lambda _: None)
+
+
+def test_sft_loss_is_the_mean_nll_of_the_action_tokens(tmp_path, tiny_model, tiny_tokenizer):
+    trajectories = [{"id": p["id"], "messages": p["prompt"] + p["chosen"]} for p in HAND_PAIRS]
+    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "sft"), objective="sft",
+                                  batch_size=2, max_steps=1, learning_rate=1e-3)
+    training.train(config, trajectories, log=lambda _: None)
+    total, tokens = 0.0, 0
+    for t in trajectories:
+        total -= float64_logps(tiny_model, tiny_tokenizer, t["messages"])
+        tokens += sum(tokenize_conversation(tiny_tokenizer, t["messages"]).action_mask[1:])
+    assert metrics(tmp_path / "sft")[0]["loss"] == pytest.approx(total / tokens, abs=1e-5)
+
+
+def test_lora_saves_an_adapter_or_the_merged_model(tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for merge in (False, True):
+        config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / f"lora{merge}"), batch_size=4,
+                                      max_steps=2, learning_rate=1e-2, lora=True, lora_rank=4, lora_alpha=8,
+                                      merge_lora=merge)
+        assert training.train(config, toy_pairs(4), log=lambda _: None)["saved"] == ("merged" if merge else "adapter")
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "loraFalse"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "loraTrue"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[1, 5, 9, 20, 30]])
+    with torch.no_grad():
+        assert torch.allclose(adapter(ids).logits, merged(ids).logits, atol=1e-5)
+        assert not torch.allclose(base(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_a_second_run_into_the_same_directory_needs_resume(tmp_path, tiny_model):
+    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=2, max_steps=1)
+    training.train(config, HAND_PAIRS, log=lambda _: None)
+    with pytest.raises(UserError, match="--resume"):
+        training.train(config, HAND_PAIRS, log=lambda _: None)
+    odd = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "odd"), batch_size=3, grad_accum=2)
+    with pytest.raises(UserError, match="multiple of --grad-accum"):
+        training.train(odd, HAND_PAIRS * 2, log=lambda _: None)
+
+
+def test_a_bad_pair_record_is_a_file_line_error_with_exit_code_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from mathagent.cli import app
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [HAND_PAIRS[0], {"id": "x", "prompt": [], "chosen": [], "rejected": []}])
+    result = CliRunner().invoke(app, ["train-mdpo", str(path), "--output-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert f"error: {path}:2: field 'prompt' must be a non-empty list of messages" in result.output
+
+
+# ---- subprocesses: kill and resume, torchrun ----------------------------------------------------------------
+
+RUN = {"batch_size": 2, "max_steps": 16, "save_every": 4, "learning_rate": 1e-3, "seed": 3}
+RUN_ARGS = ["--batch-size", "2", "--max-steps", "16", "--save-every", "4", "--learning-rate", "1e-3", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", toy_pairs(16, seed=1))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory) -> Path:
+    """One process, 2 micro-batches of 1 pair per step (the decomposition of the DDP run too), in-process."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    config = training.TrainConfig(model=tiny_model, output_dir=str(out), grad_accum=2, **RUN)
+    assert training.train(config, toy_pairs(16, seed=1), log=lambda _: None)["steps"] == 16
+    return out
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint_with_the_same_losses(tiny_model, toy_file, tmp_path,
+                                                                                 uninterrupted):
+    out = tmp_path / "killed"
+    args = MATHAGENT + ["train-mdpo", str(toy_file), "--model", tiny_model, "--output-dir", str(out),
+                        "--grad-accum", "2", *RUN_ARGS]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 240
+    while not training.checkpoints(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    still_running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert still_running, "the run ended before it could be killed after a checkpoint"
+    killed_at = int(training.checkpoints(out)[-1].name.split("-")[1])
+    assert 4 <= killed_at < 16
+    messages = []
+    config = training.TrainConfig(model=tiny_model, output_dir=str(out), grad_accum=2, resume=True, **RUN)
+    summary = training.train(config, toy_pairs(16, seed=1), log=messages.append)
+    assert summary["resumed_from_step"] == killed_at and any(f"(step {killed_at})" in m for m in messages)
+    want, got = metrics(uninterrupted), metrics(out)
+    assert [r["step"] for r in got] == list(range(1, 17))
+    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], abs=1e-4)
+    for a, b in zip(want, got):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_under_torchrun_end_with_identical_weights(tiny_model, toy_file, tmp_path, uninterrupted):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mathagent.cli",
+         "train-mdpo", str(toy_file), "--model", tiny_model, "--output-dir", str(out), *RUN_ARGS],
+        capture_output=True, text=True, env=ENV, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(summary["weights_sha256"]) == 2 and summary["processes_agree"]
+    # Two processes with one micro-batch each take the same gradient steps as one process with two.
+    for a, b in zip(metrics(uninterrupted), metrics(out), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["rewards/accuracies"] == a["rewards/accuracies"]
