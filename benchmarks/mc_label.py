@@ -13,7 +13,7 @@ the agent's format, so continuations run code and take several turns), on vLLM, 
 Both draw the same samples (continuation ids, hence per-request seeds, depend only on the prefix), and vLLM's
 prefix cache is emptied before each, so neither inherits the other's cache.
 
-    python benchmarks/mc_label.py [--problems 12] [--n 2] [--m 4] [--max-tokens 48] [--max-turns 4]
+    python benchmarks/mc_label.py [--problems 12] [--n 2] [--m 8] [--max-tokens 48] [--max-turns 4]
 
 Prints a table to stderr and a JSON summary to stdout.
 """
@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", type=int, default=12)
     parser.add_argument("--n", type=int, default=2, help="tiny-model trajectories per problem, beside gold and twin")
-    parser.add_argument("--m", type=int, default=4)
+    parser.add_argument("--m", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--model", default="tiny")

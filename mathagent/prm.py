@@ -331,11 +331,13 @@ def label_accuracy(model, tokenizer, examples: Sequence[tuple[list[dict[str, str
 @dataclass
 class TrainConfig:
     labels: str = "hard"  # hard: cross-entropy on the label token; soft: BCE of P('+') against Q-hat
-    lora_rank: int = 0  # 0: full fine-tuning; r > 0: a peft LoRA of rank r on every linear layer
-    lora_alpha: float | None = None  # default 2r
+    lora: bool = False  # a peft LoRA on every linear layer instead of all weights
+    lora_rank: int = 16
+    lora_alpha: int = 32
     merge_lora: bool = False  # save the LoRA merged into the base model (loads without peft)
-    lr: float = 1e-5
+    learning_rate: float = 1e-5
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     warmup_steps: int = 0
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
@@ -343,7 +345,7 @@ class TrainConfig:
     max_length: int | None = None  # longer examples are dropped (counted)
     save_every: int = 0  # a checkpoint every this many steps (0: only the final model)
     seed: int = 0
-    dtype: str = "auto"
+    precision: str = "auto"  # see training.choose_precision: bf16 autocast on a GPU that has it, else fp32
 
 
 @dataclass
@@ -358,40 +360,35 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)
 
 
-def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in out_dir.glob("checkpoint-*"):
-        if (p / "trainer_state.json").exists():
-            found.append((int(p.name.split("-")[1]), p))
-    return sorted(found)
-
-
 def _load_model(model_path: str, config: TrainConfig, checkpoint: Path | None):
+    """The model to train, fp32 weights (as `training.load_model` gives them), from a checkpoint if any."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from mathagent.engines.hf import _pick_dtype
+    from mathagent.training import load_model
 
-    dtype = _pick_dtype(config.dtype)
-    source = checkpoint if checkpoint is not None and config.lora_rank == 0 else model_path
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    if config.lora_rank > 0:
+    model = load_model(str(checkpoint) if checkpoint is not None and not config.lora else model_path)
+    if config.lora:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if checkpoint is not None:
             model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         else:
             model = get_peft_model(model, LoraConfig(
-                r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank, lora_dropout=0.0,
-                target_modules="all-linear", task_type="CAUSAL_LM"))
+                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                task_type="CAUSAL_LM"))
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _save_checkpoint(model, optimizer, out_dir: Path, step: int, config: TrainConfig, keep: int = 2) -> None:
+def _save_checkpoint(model, optimizer, out_dir: Path, step: int, config: TrainConfig) -> None:
+    """OUT/checkpoints/step-N (as mathagent.training lays them out): weights or adapter, optimizer, step.
+    Written beside and renamed, so a killed save never leaves a checkpoint that looks complete."""
     import torch
 
-    path = out_dir / f"checkpoint-{step}"
-    staging = out_dir / f".checkpoint-{step}.tmp"
+    from mathagent.training import CHECKPOINTS_KEPT, checkpoints
+
+    root = out_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    path, staging = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     model.save_pretrained(staging)
@@ -399,8 +396,8 @@ def _save_checkpoint(model, optimizer, out_dir: Path, step: int, config: TrainCo
     (staging / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(config)}))
     if path.exists():
         shutil.rmtree(path)
-    staging.rename(path)  # a killed save never leaves a checkpoint that looks complete
-    for _, old in _checkpoints(out_dir)[:-keep]:
+    staging.rename(path)
+    for old in checkpoints(out_dir)[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old)
 
 
@@ -416,9 +413,13 @@ def train_prm(
 ) -> TrainReport:
     """Fine-tune `model_path` as a PRM on `records` (PRM examples or labeled trajectories) and save it to
     `out_dir` (a model transformers loads, its tokenizer, and prm.json); checkpoints go to
-    `out_dir/checkpoint-STEP`, and `resume` continues from the latest one."""
+    `out_dir/checkpoints/step-N`, and `resume` continues from the latest one."""
+    import contextlib
+
     import torch
     from transformers import AutoTokenizer
+
+    from mathagent.training import checkpoints, choose_precision
 
     if config.labels not in LABEL_KINDS:
         raise UserError(f"--labels {config.labels!r}: choose from {', '.join(LABEL_KINDS)}")
@@ -446,16 +447,18 @@ def train_prm(
 
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch))
+    precision = choose_precision(config.precision)
     checkpoint, first_step = None, 0
-    if resume and not _checkpoints(out) and (out / PRM_FILE).exists():
+    if resume and not checkpoints(out) and (out / PRM_FILE).exists():
         log(f"train-prm: {out} already holds a finished PRM; nothing to resume")
         report.resumed_from = json.loads((out / PRM_FILE).read_text()).get("trained_steps", 0)
         report.seconds = time.perf_counter() - start
         return report
-    if resume and _checkpoints(out):
-        first_step, checkpoint = _checkpoints(out)[-1]
+    if resume and checkpoints(out):
+        checkpoint = checkpoints(out)[-1]
+        first_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
-        for name in ("labels", "lora_rank", "batch_size", "seed"):
+        for name in ("labels", "lora", "lora_rank", "batch_size", "seed"):
             if saved[name] != getattr(config, name):
                 raise UserError(f"--resume: {checkpoint} was trained with {name}={saved[name]!r}, not {getattr(config, name)!r}")
         report.resumed_from = first_step
@@ -463,8 +466,8 @@ def train_prm(
     torch.manual_seed(config.seed)
     model = _load_model(model_path, config, checkpoint)
     device = _device(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     if checkpoint is not None:
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device))
     model.train()
@@ -476,12 +479,17 @@ def train_prm(
             random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
         batch = [data[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-        logits = torch.cat(_label_logits(model, [b[0] for b in batch], device))
+            group["lr"] = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = torch.cat(_label_logits(model, [b[0] for b in batch], device))
         is_plus = torch.tensor([x for b in batch for x in b[1]], device=device)
         q = torch.tensor([x for b in batch for x in b[2]], device=device)
         loss = prm_loss(logits, is_plus, q, *label_ids, kind=config.labels)
         loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         report.losses.append(loss.item())
@@ -495,7 +503,7 @@ def train_prm(
     report.loss = sum(tail) / len(tail) if tail else float("nan")
 
     model.eval()
-    if config.lora_rank > 0 and config.merge_lora:
+    if config.lora and config.merge_lora:
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -503,7 +511,7 @@ def train_prm(
         "plus": PLUS, "minus": MINUS, "label_token_ids": list(label_ids), "base_model": model_path,
         "steps_mode": mode, "trained_steps": total, "config": asdict(config),
     }, indent=2))
-    for _, old in _checkpoints(out):  # the final model supersedes them
+    for old in checkpoints(out):  # the final model supersedes them
         shutil.rmtree(old)
     report.seconds = time.perf_counter() - start
     return report

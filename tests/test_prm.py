@@ -142,7 +142,7 @@ def test_one_pass_scores_equal_per_prefix_scores(template, request):
 
 @pytest.mark.parametrize("labels", ["hard", "soft"])
 def test_train_prm_learns_that_a_step_whose_observation_is_an_error_is_minus(labels, tiny_model, tmp_path):
-    config = prm.TrainConfig(labels=labels, lr=2e-3, batch_size=16, max_steps=40)
+    config = prm.TrainConfig(labels=labels, learning_rate=2e-3, batch_size=16, max_steps=40)
     report = prm.train_prm(synthetic(160, seed=0), tiny_model, str(tmp_path / "prm"), config)
     assert report.steps == 40 and report.examples == 160
     model, tokenizer = prm.load_prm(str(tmp_path / "prm"))
@@ -151,8 +151,10 @@ def test_train_prm_learns_that_a_step_whose_observation_is_an_error_is_minus(lab
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path):
+    from mathagent.training import checkpoints
+
     data = synthetic(24, seed=2)
-    config = prm.TrainConfig(lr=1e-3, batch_size=8, max_steps=4, save_every=1, lora_rank=4)
+    config = prm.TrainConfig(learning_rate=1e-3, batch_size=8, max_steps=4, save_every=1, lora=True, lora_rank=4)
     prm.train_prm(data, tiny_model, str(tmp_path / "whole"), config)
 
     class Killed(Exception):
@@ -164,10 +166,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path
 
     with pytest.raises(Killed):
         prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, log=kill_at_step_3)
-    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-00000001", "step-00000002"]
     report = prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, resume=True)
     assert report.resumed_from == 2 and report.steps == 2
-    assert not list((tmp_path / "cut").glob("checkpoint-*"))
+    assert not checkpoints(tmp_path / "cut")
     again = prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, resume=True)
     assert again.steps == 0 and again.resumed_from == 4  # a finished PRM is not trained again
     whole, _ = prm.load_prm(str(tmp_path / "whole"))
@@ -190,8 +192,8 @@ def test_train_prm_then_score_prm_then_best_of_n(tiny_model, tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(prm.prm_example(t)) + "\n" for t in synthetic(8, seed=4)))
     out = tmp_path / "prm"
-    summary = json.loads(mathagent(["train-prm", str(train), "--model", tiny_model, "-o", str(out), "--labels", "soft",
-                                    "--lora-rank", "4", "--merge-lora", "--max-steps", "2", "--batch-size", "4",
+    summary = json.loads(mathagent(["train-prm", str(train), "--model", tiny_model, "--output-dir", str(out),
+                                    "--labels", "soft", "--lora", "--lora-rank", "4", "--merge-lora", "--max-steps", "2", "--batch-size", "4",
                                     "--eval", str(train)]).stdout)
     assert summary["steps"] == 2 and 0 <= summary["eval_accuracy"] <= 1
     assert not (out / "adapter_config.json").exists() and (out / "prm.json").exists()
