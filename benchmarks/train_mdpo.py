@@ -11,9 +11,9 @@ the time is the whole training call, from tokenizing the pairs to the saved mode
 imports excluded): for train-mdpo its single reference pass before training, for TRL its reference forward
 pass at each step (its default) or, in a third row, its `precompute_ref_log_probs=True`. "steps tok/s" is
 the same tokens over the optimizer-step loop alone. Each trainer runs --repeats times, alternating; the best
-run of each is reported.
+run of each is reported. Both run on --threads torch threads (default 1).
 
-    python benchmarks/train_mdpo.py [--pairs 64] [--batch-size 8] [--steps 16] [--repeats 1]
+    python benchmarks/train_mdpo.py [--pairs 64] [--batch-size 8] [--steps 16] [--repeats 2] [--threads 1]
 
 Prints a table on stderr and the JSON summary on stdout.
 """
@@ -21,11 +21,13 @@ Prints a table on stderr and the JSON summary on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -87,7 +89,7 @@ def run_trl(model: str, pairs: list[dict], args, out: str, precompute: bool) -> 
         max_steps=args.steps, learning_rate=args.lr, beta=0.1, loss_type=["sigmoid"], max_length=args.max_length,
         lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, disable_dropout=True,
         precompute_ref_log_probs=precompute, use_cpu=True, bf16=False, report_to="none", logging_steps=1,
-        save_strategy="no", dataloader_num_workers=0, seed=0,
+        save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     start = time.perf_counter()
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -109,15 +111,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both (one: the comparison suffers less from other jobs on the machine)")
     parser.add_argument("--model", default=None, help="model directory (default: the tiny model, built fresh)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from mathagent.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-mdpo-"))
-    model = args.model or str(build_tiny_model(work / "tiny"))
+    try:
+        run(args, work, args.model or str(build_tiny_model(work / "tiny")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path, model: str) -> None:
     pairs = single_turn_pairs(args.pairs)
     runners = {
         "train-mdpo": lambda out: run_ours(model, pairs, args, out),
@@ -129,7 +142,8 @@ def main() -> None:
         order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
         for name in order:
             out = str(work / f"{name.replace(' ', '_').replace(',', '')}-{repeat}")
-            results[name].append(runners[name](out))
+            with contextlib.redirect_stdout(sys.stderr):  # trainers print their logs; stdout is for the JSON
+                results[name].append(runners[name](out))
     best = {}
     for name, runs in results.items():
         run = max(runs, key=lambda r: r["tokens"] / r["seconds"])
@@ -138,7 +152,8 @@ def main() -> None:
     ours = best["train-mdpo"]["tokens_per_second"]
     summary = {
         "model": model, "pairs": args.pairs, "batch_size": args.batch_size, "steps": args.steps,
-        "max_length": args.max_length, "repeats": args.repeats, "data": "gsm8k" if GSM8K.exists() else "synthetic",
+        "max_length": args.max_length, "repeats": args.repeats, "threads": args.threads,
+        "data": "gsm8k" if GSM8K.exists() else "synthetic",
         "results": best,
         "speedup_vs_trl": ours / best["TRL DPOTrainer"]["tokens_per_second"],
         "speedup_vs_trl_precomputed": ours / best["TRL DPOTrainer, precomputed ref"]["tokens_per_second"],

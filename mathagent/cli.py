@@ -575,15 +575,17 @@ def mc_label(
 @app.command("train-prm")
 def train_prm(
     input: InputArg = "-",
-    output: Annotated[str, typer.Option("--output", "-o", help="Directory the PRM is saved to (a transformers model, its tokenizer and prm.json); checkpoints go to OUTPUT/checkpoint-STEP.")] = "prm",
+    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Directory the PRM is saved to (a transformers model or LoRA adapter, its tokenizer and prm.json); checkpoints go to OUTPUT_DIR/checkpoints/.")] = "prm",
     model: ModelOpt = "tiny",
     labels: Annotated[str, typer.Option("--labels", help="hard: cross-entropy on the '+'/'-' label token; soft: binary cross-entropy of P('+') among {'+','-'} against Q-hat.")] = "hard",
     steps: StepsOpt = "turns",
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="Train a LoRA of this rank on every linear layer (peft); 0 = full fine-tuning.")] = 0,
-    lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale alpha (default: 2 x rank).")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter on every linear layer (peft) instead of all weights.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 16,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha / r).")] = 32,
     merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Save the LoRA merged into the base model (loads with transformers alone) instead of as an adapter.")] = False,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-5,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")] = 1e-5,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm to this (0: no clipping).")] = 1.0,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warm-up steps.")] = 0,
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data (may be fractional).")] = 1.0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps in all (overrides --epochs).")] = None,
@@ -591,16 +593,16 @@ def train_prm(
     max_length: Annotated[int | None, typer.Option("--max-length", help="Drop (and count) conversations longer than this many tokens.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Save a checkpoint every this many steps (0: only the final model).")] = 0,
     seed: SeedOpt = 0,
-    dtype: Annotated[str, typer.Option("--dtype", help="Training dtype: auto (bfloat16 on a GPU that has it, else float32), bfloat16, float16, float32.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")] = "auto",
     eval_path: Annotated[str | None, typer.Option("--eval", help="Held-out examples (same formats as the input): report their label accuracy, scored as score-prm scores.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --output-dir (same data and options).")] = False,
     skip_invalid: SkipInvalidOpt = False,
 ) -> None:
     """Fine-tune a causal LM as a process reward model on step labels, with the loss on the label tokens only.
 
     Input: mc-label output, either trajectories with "steps" or --format prm chats (user = step, assistant =
     '+'/'-', soft labels in "q"). Saves a model that loads with transformers (or a peft adapter with
-    --lora-rank and no --merge-lora). A JSON summary (steps, final loss, held-out accuracy) goes to stdout.
+    --lora and no --merge-lora). A JSON summary (steps, final loss, held-out accuracy) goes to stdout.
     """
     import json
 
@@ -612,10 +614,10 @@ def train_prm(
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
         if labels not in prm.LABEL_KINDS:
             raise UserError(f"--labels {labels!r}: choose from {', '.join(prm.LABEL_KINDS)}")
-        if batch_size < 1 or lora_rank < 0 or epochs <= 0 or (max_steps is not None and max_steps < 1):
-            raise UserError("--batch-size and --max-steps must be at least 1, --epochs positive, --lora-rank at least 0")
-        if merge_lora and lora_rank == 0:
-            raise UserError("--merge-lora needs --lora-rank")
+        if batch_size < 1 or lora_rank < 1 or epochs <= 0 or (max_steps is not None and max_steps < 1):
+            raise UserError("--batch-size, --lora-rank and --max-steps must be at least 1, --epochs positive")
+        if merge_lora and not lora:
+            raise UserError("--merge-lora needs --lora")
         check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
         invalid = InvalidCounter()
         records = list(read_records(input, required=("messages",), skip_invalid=skip_invalid, invalid=invalid,
@@ -623,18 +625,19 @@ def train_prm(
         held_out = list(read_records(eval_path, required=("messages",), check=check)) if eval_path else []
         _report_invalid(invalid)
         config = prm.TrainConfig(
-            labels=labels, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora, lr=lr,
-            weight_decay=weight_decay, warmup_steps=warmup_steps, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, max_length=max_length, save_every=save_every, seed=seed, dtype=dtype,
+            labels=labels, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora,
+            learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            warmup_steps=warmup_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+            max_length=max_length, save_every=save_every, seed=seed, precision=precision,
         )
         with _record_stream() as stdout:
-            report = prm.train_prm(records, resolve_model(model), output, config, mode=steps, resume=resume,
+            report = prm.train_prm(records, resolve_model(model), output_dir, config, mode=steps, resume=resume,
                                    log=lambda line: console.print(line, highlight=False))
-            summary = {"output": output, "examples": report.examples, "labels": report.labels,
+            summary = {"output_dir": output_dir, "examples": report.examples, "labels": report.labels,
                        "too_long": report.too_long, "steps": report.steps, "resumed_from": report.resumed_from,
                        "loss": report.loss, "seconds": round(report.seconds, 2)}
             if held_out:
-                model_, tokenizer = prm.load_prm(output)
+                model_, tokenizer = prm.load_prm(output_dir)
                 examples = [prm.training_chat(r, steps)[:2] for r in held_out]
                 summary["eval_accuracy"] = prm.label_accuracy(model_, tokenizer, examples)
                 summary["eval_labels"] = sum(len(e[1]) for e in examples)

@@ -38,11 +38,12 @@ LOSSES = PAIR_LOSSES + ("kto",)
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log pi(y_t | y_<t) for t = 1..T-1: [B, T-1], in float32 at least (logits [B, T, V], ids [B, T])."""
     logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.gather(logits.log_softmax(-1), -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def action_logps(logits: torch.Tensor, input_ids: torch.Tensor, action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def action_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, action_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed log-probs of the action tokens, and the number of action tokens.
 
         logp(seq) = sum_t action_mask[t] * log pi(input_ids[t] | input_ids[<t]),  t >= 1

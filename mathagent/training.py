@@ -10,8 +10,8 @@ One function, `train`, runs a whole training:
 3. The reference pass (not for SFT): log pi_ref of every sequence the plan will use, computed once BEFORE
    training, with `ref_model` (default: the starting policy itself, before any update or LoRA adapter), so
    training holds a single model in memory. Cached in OUTPUT_DIR/reference_logps.json.
-4. Train: per micro-batch one forward pass over its chosen and rejected sequences together, summed action
-   log-probs, the loss, backward; per step gradient clipping, AdamW and the LR schedule. Each step's metrics
+4. Train: per micro-batch, forward passes over its chosen and rejected sequences in groups of similar
+   length (less padding), summed action log-probs, the loss, one backward pass; per step gradient clipping, AdamW and the LR schedule. Each step's metrics
    (TRL's names: rewards/chosen = mean of beta * (log pi - log pi_ref) over the step's chosen trajectories,
    computed in that step's forward pass before its update, and so on) go to OUTPUT_DIR/metrics.jsonl.
 5. Every `save_every` steps a checkpoint (model or adapter, optimizer, scheduler, RNG states of every process,
@@ -124,9 +124,16 @@ def _check_messages(value: Any, name: str, *, starts_with_action: bool = False) 
     return None
 
 
+def _check_prompt(value: Any) -> str | None:
+    problem = _check_messages(value, "prompt")
+    if problem is None and any(m["role"] == "assistant" for m in value):
+        return "field 'prompt' has an assistant message: the prompt is the messages before the first action"
+    return problem
+
+
 def check_pair(record: dict[str, Any]) -> str | None:
     """What train-mdpo reads: {"id", "prompt", "chosen", "rejected"} (make-pairs' default format)."""
-    return (_check_messages(record.get("prompt"), "prompt")
+    return (_check_prompt(record.get("prompt"))
             or _check_messages(record.get("chosen"), "chosen", starts_with_action=True)
             or _check_messages(record.get("rejected"), "rejected", starts_with_action=True))
 
@@ -137,7 +144,7 @@ def check_kto(record: dict[str, Any]) -> str | None:
         return check_pair(record)
     if not isinstance(record.get("label"), bool):
         return "field 'label' must be true or false"
-    return (_check_messages(record.get("prompt"), "prompt")
+    return (_check_prompt(record.get("prompt"))
             or _check_messages(record.get("completion"), "completion", starts_with_action=True))
 
 
@@ -168,7 +175,9 @@ def _encode(tokenizer, messages: list[dict[str, str]], config: TrainConfig, repo
     return Encoded(ids, mask)
 
 
-def encode_records(tokenizer, records: Sequence[dict[str, Any]], config: TrainConfig) -> tuple[list[Example], EncodeReport]:
+def encode_records(
+    tokenizer, records: Sequence[dict[str, Any]], config: TrainConfig
+) -> tuple[list[Example], EncodeReport]:
     """Tokenize the records for the objective; a record that the template cannot render names itself."""
     report = EncodeReport()
     examples: list[Example] = []
@@ -306,12 +315,39 @@ def collate(sequences: Sequence[Encoded], pad_id: int):
     return {"input_ids": ids, "attention_mask": attention, "action_mask": actions}
 
 
+# A micro-batch is run as groups of similar length: a sequence joins the current group (longest first) while
+# it is at least this fraction of the group's longest. Trajectories vary in length several-fold, and padding
+# them all to the longest costs more than the extra forward passes (half the time on the benchmark's pairs).
+LENGTH_GROUP_RATIO = 0.8
+
+
+def length_groups(lengths: Sequence[int], ratio: float = LENGTH_GROUP_RATIO) -> list[list[int]]:
+    """Indices grouped by length, longest first; within a group every length is >= ratio x the longest."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not groups or lengths[i] < ratio * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
 def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device):
-    """Summed action log-probs [B] (with grad if enabled), action-token counts [B] and non-pad tokens."""
-    batch = {k: v.to(device) for k, v in collate(sequences, pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps, counts = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
-    return logps, counts, int(batch["attention_mask"].sum())
+    """Summed action log-probs [B] (with grad if enabled), action-token counts [B] and non-pad tokens.
+
+    One forward pass per length group (see `length_groups`); the results are in the order of `sequences`, and
+    a single backward pass through them all follows.
+    """
+    import torch
+
+    logps: list[Any] = [None] * len(sequences)
+    counts: list[Any] = [None] * len(sequences)
+    for group in length_groups([len(s.input_ids) for s in sequences]):
+        batch = {k: v.to(device) for k, v in collate([sequences[i] for i in group], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        group_logps, group_counts = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
+        for row, i in enumerate(group):
+            logps[i], counts[i] = group_logps[row], group_counts[row]
+    return torch.stack(logps), torch.stack(counts), sum(len(s.input_ids) for s in sequences)
 
 
 def reference_logps(model, sequences: Sequence[Encoded], *, batch_size: int, pad_id: int, device, autocast,
@@ -433,8 +469,14 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     # under torchrun.
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                               gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+    # `accelerate launch` may set ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which would win over ours.
+    accelerator.gradient_accumulation_steps = config.grad_accum
     main = accelerator.is_main_process
     say = log if main else (lambda _message: None)
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if sharded and config.lora:
+        raise UserError("--lora runs under DDP (torchrun, or accelerate launch without an FSDP/DeepSpeed config); "
+                        "FSDP and DeepSpeed are for full fine-tuning (see docs/training.md)")
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     output_dir = Path(config.output_dir)
     metrics_path = output_dir / "metrics.jsonl"
@@ -445,6 +487,7 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+
     def resolve(name: str) -> str:  # the main process builds `tiny` (once) and tells the others
         path = resolve_model(name) if main else None
         return gather_object([path])[0] if world > 1 else path
@@ -493,6 +536,13 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
         "grad_accum": config.grad_accum, "world_size": world, "seed": config.seed, "examples": len(examples),
         "lora": config.lora, "data": _fingerprint([(s.input_ids, s.action_mask) for s in sequences]),
     }
+    summary_path = output_dir / "training_summary.json"
+    if config.resume and summary_path.exists():
+        finished = json.loads(summary_path.read_text())
+        if finished.get("run") == run_identity and finished.get("steps") == plan.total_steps:
+            say(f"--resume: {output_dir} holds the finished run ({plan.total_steps} steps); nothing to do")
+            accelerator.end_training()
+            return finished
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
         for key, value in run_identity.items():
@@ -562,6 +612,14 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=plan.total_steps)
     # The scheduler stays unprepared: accelerate's wrapper steps it once per process per step.
+    if accelerator.state.deepspeed_plugin is not None:
+        # No dataloader is prepared, so DeepSpeed learns the micro-batch here; its accumulation must be ours
+        # (it steps the optimizer itself at the accumulation boundary) and it clips by its own config.
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = plan.micro_batch
+        ds["gradient_accumulation_steps"] = config.grad_accum
+        ds["train_batch_size"] = config.batch_size
+        ds["gradient_clipping"] = config.max_grad_norm
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if resume_from is not None:
@@ -600,7 +658,8 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     seconds = time.perf_counter() - started
 
     # 6. the model vLLM loads
-    digests = gather_object([weights_digest(model)]) if world > 1 else [weights_digest(model)]
+    # Under DDP every process holds all weights, which must agree; FSDP and DeepSpeed hold shards.
+    digests = [] if sharded else gather_object([weights_digest(model)]) if world > 1 else [weights_digest(model)]
     accelerator.wait_for_everyone()
     saved = save_model(accelerator, model, tokenizer, output_dir, merge_lora=config.merge_lora)
     summary = {
@@ -608,11 +667,11 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
         "examples": len(examples), "world_size": world, "precision": precision, "device": str(device),
         "train_seconds": seconds, "train_tokens": tokens_total,
         "tokens_per_second": tokens_total / seconds if seconds else None,
-        "final": last_row, "weights_sha256": digests, "processes_agree": len(set(digests)) == 1,
-        "encoding": asdict(report),
+        "final": last_row, "weights_sha256": digests, "processes_agree": len(set(digests)) <= 1,
+        "encoding": asdict(report), "run": run_identity,
     }
     if main:
-        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        summary_path.write_text(json.dumps(summary, indent=2))
         if not summary["processes_agree"]:
             say("warning: the processes ended with different weights")
     accelerator.wait_for_everyone()
@@ -630,16 +689,10 @@ def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int,
     everyone = plan.step(step)
     micro_batches = everyone[rank]
     total = plan.batch_size
-    # Token normalizers over the whole step (all processes): exact whatever the split.
-    if config.objective == "sft":
-        step_tokens = sum(sequences[first_seq[i]].actions - sequences[first_seq[i]].action_mask[0]
-                          for part in everyone for micro in part for i in micro)
-    elif config.objective == "pairs" and config.nll_weight:
-        step_tokens = sum(sequences[first_seq[i]].actions - sequences[first_seq[i]].action_mask[0]
-                          for part in everyone for micro in part for i in micro)
-    else:
-        step_tokens = 1
-    step_tokens = max(step_tokens, 1)
+    # The NLL normalizer: the action tokens (that have a predecessor) of the step's SFT trajectories or chosen
+    # trajectories, over all processes, so the loss is exact whatever the split.
+    step_tokens = max(1, sum(sequences[first_seq[i]].actions - sequences[first_seq[i]].action_mask[0]
+                             for part in everyone for micro in part for i in micro))
     per_example: list[torch.Tensor] = []  # detached per-example losses
     chosen_rewards, rejected_rewards, chosen_logps_all, rejected_logps_all = [], [], [], []
     kls: list[torch.Tensor] = []
@@ -651,10 +704,9 @@ def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int,
         # until the step's last micro-batch; backward() divides by grad_accum, which the scaling undoes.
         with accelerator.accumulate(model), accelerator.autocast():
             if config.objective == "pairs":
-                seqs = [sequences[first_seq[i]] for i in micro] + [sequences[first_seq[i] + 1] for i in micro]
-                logps, counts, n_tokens = sequence_logps(model, seqs, pad_id, device)
-                refs = torch.tensor([ref_logps[first_seq[i]] for i in micro] + [ref_logps[first_seq[i] + 1] for i in micro],
-                                    device=device, dtype=logps.dtype)
+                order = [first_seq[i] for i in micro] + [first_seq[i] + 1 for i in micro]  # chosen, then rejected
+                logps, _, n_tokens = sequence_logps(model, [sequences[k] for k in order], pad_id, device)
+                refs = torch.tensor([ref_logps[k] for k in order], device=device, dtype=logps.dtype)
                 m = len(micro)
                 pc, pr, rc, rr = logps[:m], logps[m:], refs[:m], refs[m:]
                 ell = losses.pair_loss(pc, pr, rc, rr, beta=config.beta, loss=config.loss,
@@ -669,7 +721,7 @@ def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int,
                 rejected_logps_all.append(pr.detach())
             elif config.objective == "kto":
                 seqs = [sequences[first_seq[i]] for i in micro]
-                logps, counts, n_tokens = sequence_logps(model, seqs, pad_id, device)
+                logps, _, n_tokens = sequence_logps(model, seqs, pad_id, device)
                 refs = torch.tensor([ref_logps[first_seq[i]] for i in micro], device=device, dtype=logps.dtype)
                 partners = [kl_index[p] for p in kl_partners(micro)]
                 with torch.no_grad():
@@ -688,7 +740,7 @@ def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int,
                 kls.append(kl.detach().reshape(1))
             else:
                 seqs = [sequences[first_seq[i]] for i in micro]
-                logps, counts, n_tokens = sequence_logps(model, seqs, pad_id, device)
+                logps, _, n_tokens = sequence_logps(model, seqs, pad_id, device)
                 ell = -logps
                 loss = ell.sum() / step_tokens
             per_example.append(ell.detach())

@@ -55,7 +55,8 @@ def test_kto_loss_against_its_kl_baseline():
     policy = torch.tensor([-5.0, -6.0, -2.0], dtype=torch.float64)
     ref = torch.tensor([-6.0, -5.0, -2.5], dtype=torch.float64)
     desirable = torch.tensor([True, False, True])
-    kl = losses.kl_baseline(torch.tensor([-9.0, -8.0], dtype=torch.float64), torch.tensor([-9.5, -8.1], dtype=torch.float64))
+    kl = losses.kl_baseline(torch.tensor([-9.0, -8.0], dtype=torch.float64),
+                            torch.tensor([-9.5, -8.1], dtype=torch.float64))
     assert kl.item() == pytest.approx(0.3)
     got = losses.kto_loss(policy, ref, desirable, kl, beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731

@@ -116,28 +116,47 @@ def run_one_step(tmp_path, tiny_model, records, **options) -> dict:
     return metrics(config.output_dir)[0]
 
 
-@pytest.mark.parametrize("mask_observations", [True, False])
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+@pytest.mark.parametrize("mask_observations,label_smoothing,nll_weight", [(True, 0.0, 0.0), (False, 0.0, 0.0),
+                                                                          (True, 0.1, 0.5)])
 def test_the_loss_equals_a_float64_computation_from_per_token_log_probs(tmp_path, tiny_model, tiny_tokenizer,
-                                                                         ref_model, mask_observations):
-    beta = 0.1
+                                                                         ref_model, mask_observations,
+                                                                         label_smoothing, nll_weight):
+    beta, eps = 0.1, label_smoothing
     row = run_one_step(tmp_path, tiny_model, HAND_PAIRS, ref_model=ref_model, beta=beta,
-                       mask_observations=mask_observations)
+                       mask_observations=mask_observations, label_smoothing=eps, nll_weight=nll_weight)
     want_losses, chosen, rejected = [], [], []
+    nll, nll_tokens = 0.0, 0
     for pair in HAND_PAIRS:
         lp = {side: float64_logps(tiny_model, tiny_tokenizer, pair["prompt"] + pair[side],
                                   mask_observations=mask_observations) for side in ("chosen", "rejected")}
         ref = {side: float64_logps(ref_model, tiny_tokenizer, pair["prompt"] + pair[side],
                                    mask_observations=mask_observations) for side in ("chosen", "rejected")}
         h = (lp["chosen"] - ref["chosen"]) - (lp["rejected"] - ref["rejected"])
-        want_losses.append(math.log1p(math.exp(-beta * h)))
+        want_losses.append(-(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h))
         chosen.append(beta * (lp["chosen"] - ref["chosen"]))
         rejected.append(beta * (lp["rejected"] - ref["rejected"]))
-    assert row["loss"] == pytest.approx(sum(want_losses) / 2, abs=1e-5)
+        nll -= lp["chosen"]
+        nll_tokens += sum(tokenize_conversation(tiny_tokenizer, pair["prompt"] + pair["chosen"],
+                                                mask_observations=mask_observations).action_mask[1:])
+    assert row["loss"] == pytest.approx(sum(want_losses) / 2 + nll_weight * nll / nll_tokens, abs=1e-5)
     assert row["rewards/chosen"] == pytest.approx(sum(chosen) / 2, abs=1e-5)
     assert row["rewards/rejected"] == pytest.approx(sum(rejected) / 2, abs=1e-5)
     assert row["rewards/margins"] == pytest.approx((sum(chosen) - sum(rejected)) / 2, abs=1e-5)
     assert row["rewards/accuracies"] == sum(c > r for c, r in zip(chosen, rejected)) / 2
     assert abs(row["rewards/margins"]) > 1e-3  # the reference differs: the check is not of zeros
+
+
+def test_a_micro_batch_runs_in_groups_of_similar_length():
+    lengths = [481, 138, 254, 427, 151, 367, 300, 384]
+    groups = training.length_groups(lengths, 0.8)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert all(lengths[i] >= 0.8 * lengths[group[0]] for i in group)
+    assert [[lengths[i] for i in g] for g in groups] == [[481, 427], [384, 367], [300, 254], [151, 138]]
 
 
 def test_observation_tokens_get_no_gradient(tiny_model, tiny_tokenizer):
@@ -210,7 +229,8 @@ def test_kto_trains_on_labelled_completions_and_needs_two_per_micro_batch(tmp_pa
     records = []
     for pair in toy_pairs(4):
         records.append({"id": pair["id"] + "+", "prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
-        records.append({"id": pair["id"] + "-", "prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+        records.append({"id": pair["id"] + "-", "prompt": pair["prompt"], "completion": pair["rejected"],
+                        "label": False})
     config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "kto"), objective="kto", loss="kto",
                                   batch_size=4, max_steps=3, learning_rate=1e-3)
     training.train(config, records, log=lambda _: None)
@@ -233,6 +253,24 @@ def test_sft_loss_is_the_mean_nll_of_the_action_tokens(tmp_path, tiny_model, tin
         total -= float64_logps(tiny_model, tiny_tokenizer, t["messages"])
         tokens += sum(tokenize_conversation(tiny_tokenizer, t["messages"]).action_mask[1:])
     assert metrics(tmp_path / "sft")[0]["loss"] == pytest.approx(total / tokens, abs=1e-5)
+
+
+def test_train_sft_command_trains_on_trajectories_and_a_finished_run_resumes_to_nothing(tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from mathagent.cli import app
+
+    trajectories = [{"id": p["id"], "messages": p["prompt"] + p["chosen"], "status": "answered"} for p in toy_pairs(4)]
+    path = write_jsonl(tmp_path / "sft.jsonl", trajectories)
+    args = ["train-sft", str(path), "--model", tiny_model, "--output-dir", str(tmp_path / "sft"), "--batch-size", "2",
+            "--max-steps", "3", "--learning-rate", "1e-3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = metrics(tmp_path / "sft")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "step 3  loss" in result.output
+    again = CliRunner().invoke(app, args + ["--resume"])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    assert metrics(tmp_path / "sft") == rows
 
 
 def test_lora_saves_an_adapter_or_the_merged_model(tmp_path, tiny_model):
@@ -268,7 +306,8 @@ def test_a_bad_pair_record_is_a_file_line_error_with_exit_code_2(tmp_path):
 
     from mathagent.cli import app
 
-    path = write_jsonl(tmp_path / "pairs.jsonl", [HAND_PAIRS[0], {"id": "x", "prompt": [], "chosen": [], "rejected": []}])
+    bad = {"id": "x", "prompt": [], "chosen": [], "rejected": []}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [HAND_PAIRS[0], bad])
     result = CliRunner().invoke(app, ["train-mdpo", str(path), "--output-dir", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert f"error: {path}:2: field 'prompt' must be a non-empty list of messages" in result.output
@@ -335,3 +374,26 @@ def test_two_ddp_processes_under_torchrun_end_with_identical_weights(tiny_model,
     for a, b in zip(metrics(uninterrupted), metrics(out), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["rewards/accuracies"] == a["rewards/accuracies"]
+
+
+@pytest.mark.slow
+def test_vllm_generates_with_the_saved_lora_adapter_as_transformers_does(tmp_path, tiny_model):
+    """The adapter train-mdpo saves is what `rollout --adapter` loads: vLLM and transformers, greedy, agree."""
+    from mathagent.agent import prompt_ids
+    from mathagent.engines import Request, Sampling, open_engine
+
+    out = tmp_path / "lora"
+    config = training.TrainConfig(model=tiny_model, output_dir=str(out), batch_size=4, max_steps=3,
+                                  learning_rate=5e-2, lora=True, lora_rank=8, lora_alpha=16)
+    assert training.train(config, toy_pairs(4), log=lambda _: None)["saved"] == "adapter"
+    completions = {}
+    for backend, adapter in (("hf", None), ("hf", str(out)), ("vllm", str(out))):
+        engine = open_engine(backend, tiny_model, adapter=adapter, seed=0)
+        try:
+            request = Request(prompt_ids(engine.tokenizer, toy_pairs(1)[0]["prompt"]))
+            completions[backend, adapter] = engine.generate([request], Sampling(temperature=0.0, max_tokens=8))[0]
+        finally:
+            engine.close()
+    assert completions["vllm", str(out)].num_tokens > 0
+    assert completions["vllm", str(out)].text == completions["hf", str(out)].text
+    assert completions["hf", str(out)].text != completions["hf", None].text  # the adapter is applied
