@@ -62,9 +62,11 @@ def copies(trajectories: list[dict]) -> list[dict]:
 
 def built(trajectories, engine, sandbox, config, m) -> dict:
     calls, tokens, requests = engine.stats.calls, engine.stats.generated_tokens, engine.stats.requests
+    engine_seconds = engine.stats.seconds
     report = labeling.label_trajectories(trajectories, engine, sandbox, config, m=m)
     return {
-        "seconds": report.seconds, "engine_calls": engine.stats.calls - calls,
+        "seconds": report.seconds, "engine_seconds": engine.stats.seconds - engine_seconds,
+        "engine_calls": engine.stats.calls - calls,
         "completions": report.completions,
         "requests": engine.stats.requests - requests, "tokens": engine.stats.generated_tokens - tokens,
         "prefixes_sampled": report.prefixes,
@@ -73,6 +75,7 @@ def built(trajectories, engine, sandbox, config, m) -> dict:
 
 def per_prefix(trajectories, engine, sandbox, config, m) -> dict:
     calls, tokens, requests = engine.stats.calls, engine.stats.generated_tokens, engine.stats.requests
+    engine_seconds = engine.stats.seconds
     start = time.perf_counter()
     completions = prefixes = 0
     for t in trajectories:
@@ -89,7 +92,8 @@ def per_prefix(trajectories, engine, sandbox, config, m) -> dict:
             labels.append(labeling.outcome_step(bool(t.get("correct"))))
         t["steps"] = labels
     return {
-        "seconds": time.perf_counter() - start, "engine_calls": engine.stats.calls - calls,
+        "seconds": time.perf_counter() - start, "engine_seconds": engine.stats.seconds - engine_seconds,
+        "engine_calls": engine.stats.calls - calls,
         "completions": completions, "requests": engine.stats.requests - requests,
         "tokens": engine.stats.generated_tokens - tokens, "prefixes_sampled": prefixes,
     }

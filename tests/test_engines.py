@@ -85,5 +85,5 @@ def test_rollout_with_an_adapter_on_vllm_generates_like_transformers_with_it(tin
         proc = subprocess.run(args, input=problem, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         texts[backend] = json.loads(proc.stdout)["messages"][-1]["content"]
-    # vLLM computes in bfloat16 on a CPU, transformers in float32: compare the first tokens' worth of text
+    # the backends may compute in different precisions (vLLM uses bf16 on CPUs that have it): compare the start
     assert texts["vllm"][:3] == texts["hf"][:3]

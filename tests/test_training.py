@@ -378,22 +378,35 @@ def test_two_ddp_processes_under_torchrun_end_with_identical_weights(tiny_model,
 
 @pytest.mark.slow
 def test_vllm_generates_with_the_saved_lora_adapter_as_transformers_does(tmp_path, tiny_model):
-    """The adapter train-mdpo saves is what `rollout --adapter` loads: vLLM and transformers, greedy, agree."""
-    from mathagent.agent import prompt_ids
+    """The adapter train-mdpo saves is what `rollout --adapter` loads: vLLM and transformers, greedy, agree.
+
+    vLLM keeps process-wide state, so it runs in its own process: the CLI's `rollout`, continuing the prompt."""
+    import subprocess
+    import sys
+
+    from mathagent.agent import cut_after_code, prompt_ids
     from mathagent.engines import Request, Sampling, open_engine
 
     out = tmp_path / "lora"
     config = training.TrainConfig(model=tiny_model, output_dir=str(out), batch_size=4, max_steps=3,
                                   learning_rate=5e-2, lora=True, lora_rank=8, lora_alpha=16)
     assert training.train(config, toy_pairs(4), log=lambda _: None)["saved"] == "adapter"
+    prompt = toy_pairs(1)[0]["prompt"]
     completions = {}
-    for backend, adapter in (("hf", None), ("hf", str(out)), ("vllm", str(out))):
-        engine = open_engine(backend, tiny_model, adapter=adapter, seed=0)
-        try:
-            request = Request(prompt_ids(engine.tokenizer, toy_pairs(1)[0]["prompt"]))
-            completions[backend, adapter] = engine.generate([request], Sampling(temperature=0.0, max_tokens=8))[0]
-        finally:
-            engine.close()
-    assert completions["vllm", str(out)].num_tokens > 0
-    assert completions["vllm", str(out)].text == completions["hf", str(out)].text
-    assert completions["hf", str(out)].text != completions["hf", None].text  # the adapter is applied
+    for adapter in (None, str(out)):
+        engine = open_engine("hf", tiny_model, adapter=adapter, seed=0)
+        request = Request(prompt_ids(engine.tokenizer, prompt))
+        text = engine.generate([request], Sampling(temperature=0.0, max_tokens=8))[0].text
+        completions["hf", adapter] = cut_after_code(text)
+        engine.close()
+    record = {"id": "t", "problem_id": "t", "question": "q", "messages": prompt}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mathagent.cli", "rollout", "--model", tiny_model, "--backend", "vllm", "--adapter",
+         str(out), "--temperature", "0", "--max-tokens", "8", "--max-turns", "1"],
+        input=json.dumps(record) + "\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    completions["vllm", str(out)] = json.loads(proc.stdout)["messages"][-1]["content"]
+    assert completions["vllm", str(out)]
+    assert completions["vllm", str(out)] == completions["hf", str(out)]
+    assert completions["hf", str(out)] != completions["hf", None]  # the adapter is applied

@@ -21,6 +21,15 @@ def _has_cuda() -> bool:
         return False
 
 
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _context_length(model: str) -> int:
     from transformers import AutoConfig
 
@@ -63,6 +72,9 @@ class VLLMEngine:
             length = max_model_len or _context_length(model)
             options["enable_chunked_prefill"] = False
             options["max_num_batched_tokens"] = max(length, 8192)
+            if dtype == "auto" and not _cpu_has_bf16():
+                # vLLM picks bfloat16 on a CPU; without native bf16 instructions it runs at half of float32's speed.
+                dtype = "float32"
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         if adapter is not None:
