@@ -127,3 +127,15 @@ def mistral_tokenizer(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = MISTRAL_TEMPLATE
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests run torch on one thread: on two shared, busy cores, two threads run 5-40x slower, and
+    results that must agree bit for bit (resume) come from the same kernels."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ ERRORS = ("Traceback (most recent call last):\nZeroDivisionError: division by ze
           "NameError: name 'total' is not defined", "TypeError: unsupported operand type(s) for /: 'str' and 'int'")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machines are shared: two torch threads on two busy cores run 5-40x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(n, seed):
