@@ -9,11 +9,13 @@ chain through pipes:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
@@ -333,7 +335,6 @@ def evaluate(
     correct are ignored: pred is extracted from the last action again. A table goes to stderr, the JSON summary
     to stdout (or --json).
     """
-    import json
 
     from mathagent import metrics
     from mathagent.grading import ANSWER_MODES, REWARD_KINDS, Grader
@@ -408,7 +409,6 @@ def make_pairs(
     action), chosen and rejected (the rest of each trajectory), chosen_id, rejected_id, chosen_reward,
     rejected_reward, and the fields the two share. The exact rules are in mathagent/pairs.py.
     """
-    import json
 
     from mathagent import pairs
     from mathagent.grading import REWARD_KINDS, Grader
@@ -604,7 +604,6 @@ def train_prm(
     '+'/'-', soft labels in "q"). Saves a model that loads with transformers (or a peft adapter with
     --lora and no --merge-lora). A JSON summary (steps, final loss, held-out accuracy) goes to stdout.
     """
-    import json
 
     from mathagent import labeling, prm
     from mathagent.tiny import resolve_model
@@ -652,7 +651,7 @@ def score_prm(
     input: InputArg = "-",
     output: OutputOpt = "-",
     model: Annotated[str, typer.Option("--model", help="The PRM: a directory train-prm wrote (full model or LoRA adapter), a hub id, or 'tiny'.")] = "prm",
-    steps: StepsOpt = "turns",
+    steps: Annotated[str | None, typer.Option("--steps", help="What a step is: turns or paragraphs (see mc-label). Default: what the PRM was trained on (its prm.json), else turns.")] = None,
     aggregate: Annotated[str, typer.Option("--aggregate", help="Trajectory score from its step scores: min, mean, last or prod.")] = "min",
     field: Annotated[str, typer.Option("--field", help="Field the aggregate is written to (for `mathagent evaluate --score-field`).")] = "score",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Trajectories per forward pass.")] = 8,
@@ -669,6 +668,10 @@ def score_prm(
     from mathagent.tiny import resolve_model
 
     with _user_errors():
+        model = resolve_model(model)
+        if steps is None:  # score steps as the PRM was taught to see them
+            trained = Path(model) / prm.PRM_FILE
+            steps = json.loads(trained.read_text()).get("steps_mode", "turns") if trained.is_file() else "turns"
         if steps not in labeling.STEP_MODES:
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
         if aggregate not in prm.AGGREGATES:
@@ -685,7 +688,7 @@ def score_prm(
         report = prm.ScoreReport()
         with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer:
             if todo:
-                model_, tokenizer = prm.load_prm(resolve_model(model), dtype=dtype)
+                model_, tokenizer = prm.load_prm(model, dtype=dtype)
                 report = prm.score_trajectories(model_, tokenizer, todo, mode=steps, how=aggregate, field=field,
                                                 batch_size=batch_size)
             for r in records:
@@ -745,7 +748,6 @@ def _train_line(row: dict[str, Any]) -> str:
 
 
 def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name: str) -> None:
-    import json
 
     from mathagent import training
 
