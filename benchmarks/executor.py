@@ -72,6 +72,17 @@ run(cells[-1], True)
 """
 
 
+def throughput(latencies: list[float], wall: float) -> dict:
+    """Cells per second of wall time and the latency percentiles, the figures both designs report."""
+    return {
+        "cells": len(latencies),
+        "wall_s": wall,
+        "cells_per_s": len(latencies) / wall,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
+
+
 def corpus(trajectories: int) -> list[list[str]]:
     """Deterministic 4-turn trajectories: turn t of trajectory i uses template i % 3 with i's numbers."""
     out = []
@@ -125,11 +136,7 @@ def bench_sandbox(trajectories: list[list[str]], workers: int) -> dict:
             fresh.append(time.perf_counter() - t0)
             sandbox.forget(f"fresh-{k}")
     return {
-        "cells": len(latencies),
-        "wall_s": wall,
-        "cells_per_s": len(latencies) / wall,
-        "p50_ms": 1000 * percentile(latencies, 0.5),
-        "p99_ms": 1000 * percentile(latencies, 0.99),
+        **throughput(latencies, wall),
         "startup_s": startup,
         "arithmetic_p50_ms": 1000 * statistics.median(paused),
         "arithmetic_back_to_back_p50_ms": 1000 * statistics.median(back_to_back),
@@ -162,11 +169,7 @@ def bench_replay(trajectories: list[list[str]], workers: int) -> dict:
         wall = time.perf_counter() - started
         arithmetic = [replay_once(["1+1"])[0] for _ in range(10)]
     return {
-        "cells": len(latencies),
-        "wall_s": wall,
-        "cells_per_s": len(latencies) / wall,
-        "p50_ms": 1000 * percentile(latencies, 0.5),
-        "p99_ms": 1000 * percentile(latencies, 0.99),
+        **throughput(latencies, wall),
         "arithmetic_p50_ms": 1000 * statistics.median(arithmetic),
         "outputs": outputs,
     }

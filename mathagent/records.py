@@ -39,7 +39,6 @@ MAX_TURNS = "max_turns"  # the turn budget ran out before an answer
 LENGTH = "length"  # the last action was cut by the per-turn token limit; rollout continues it
 TOOL_CALL = "tool_call"  # the last action's code waits for its observation (`mathagent execute` runs it)
 STATUSES = (ANSWERED, STOPPED, MAX_TURNS, LENGTH, TOOL_CALL)
-FINISHED = (ANSWERED, STOPPED)
 
 OBSERVATION_FENCE = "```output"
 
@@ -47,10 +46,6 @@ OBSERVATION_FENCE = "```output"
 def format_observation(output: str) -> str:
     """The content of an observation message: the code's output in an ```output fence."""
     return f"```output\n{output.rstrip(chr(10))}\n```"
-
-
-def is_trajectory(record: dict[str, Any]) -> bool:
-    return "messages" in record
 
 
 def actions(messages: Sequence[dict[str, str]]) -> list[int]:
