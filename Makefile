@@ -36,14 +36,174 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# The main job on the embedded default: a tool-integrated rollout of the demo problems with the tiny model,
-# piped into evaluation. Outputs in runs/demo/.
+# ==== The online iterative loop ==========================================================================
+# Iteration k (Xiong et al. 2024, Algorithm 1), every stage a file under $(RUNS)/$(RUN)/iter$(k)/:
+#
+#   trajectories.jsonl   sample N_SAMPLES trajectories per training problem with the current policy pi_{k-1}
+#   pairs.jsonl          grade them and pair correct with incorrect trajectories of the same problem
+#   model/               train pi_k from pi_{k-1} with M-DPO (MASK=1) or single-turn DPO (MASK=0) against REF
+#   heldout.jsonl        pi_k on the held-out problems, greedy (sampled.jsonl: N_EVAL samples each)
+#   eval.json            accuracy, pass@1 and maj@k of those (mathagent evaluate)
+#   manifest.json        the commands, configuration, input hashes, metrics and wall time of the iteration
+#
+# A finished stage is never redone; a killed one resumes (rollouts with --resume, training from its last
+# checkpoint). Iteration 0 evaluates the starting policy MODEL. `make iterations` holds $(RUNS)/$(RUN)/.lock:
+# a second run of the same RUN exits at once. See README.md (the online loop) for GPU runs and cron.
+RUNS      ?= runs#         where runs live
+RUN       ?= default
+N         ?= 3#           iterations
+ITER      ?= 1#           the iteration `make iteration` runs
+START     ?= 0#           the first iteration `make iterations` runs (0: evaluate MODEL first)
+SEED      ?= 0
+MODEL     ?= $(RUNS)/demo/sft/model#   pi_0, the starting (SFT) policy: a local path or a hub id
+BACKEND   ?= vllm
+PROMPT    ?= bare#        rollout --prompt (tool or cot for a model not trained on the demo's format)
+PROBLEMS  ?= $(RUNS)/demo/train.jsonl#    training prompts, sampled every iteration
+EVAL      ?= $(RUNS)/demo/heldout.jsonl#  held-out problems, never trained on (greedy accuracy)
+EVAL_SAMPLED ?= $(EVAL)#  held-out problems for sampled pass@1 and maj@k
+N_SAMPLES ?= 4#           samples per training problem
+TEMPERATURE ?= 0.7#       of the training samples and of the sampled evaluation
+N_EVAL    ?= 4#           samples per held-out problem for pass@1 and maj@k
+LOSS      ?= sigmoid#     train-mdpo --loss: sigmoid (M-DPO), ipo, hinge, kto (M-KTO)
+MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after the prompt (single-turn DPO)
+REF       ?= sft#         pi_ref: sft (MODEL, fixed) or previous (pi_{k-1})
+MAX_TURNS ?= 4
+MAX_TOKENS?= 64#          per action
+PAIRS_ARGS?= --strategy random --k 2
+TRAIN_ARGS?= --lr 5e-5 --beta 0.1 --nll-weight 1 --epochs 2 --batch-size 8
+TRAINER   ?= $(VENV)/bin/mathagent#  or: accelerate launch --config_file configs/accelerate/ddp.yaml -m mathagent.cli
+VERBOSE   ?= 0#           1: every stage's own progress bars and logs on the terminal
+
+IT        := $(RUNS)/$(RUN)/iter$(ITER)
+PREV      := $(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 1)))
+POLICY    := $(if $(filter 0 1,$(ITER)),$(MODEL),$(PREV)/model)#         pi_{k-1}
+REF_MODEL := $(if $(filter previous,$(REF)),$(POLICY),$(MODEL))
+GREEDY_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature 0 --n 1
+SAMPLE_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature $(TEMPERATURE)
+LOOP      := $(PY) -m mathagent.loop
+MATHAGENT := $(VENV)/bin/mathagent
+STAGE      = $(LOOP) stage $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --
+Q         := $(if $(filter 1,$(VERBOSE)),,@)#  recipes echo their commands only with VERBOSE=1
+
+.PHONY: iteration iterations cron demo demo-data demo-chains demo-mdpo demo-dpo demo-fresh _iteration _iterations
+
+# One process per RUN at a time: flock exits 75 at once when another one holds the lock.
+define locked
+	@mkdir -p $(RUNS)/$(RUN); \
+	flock -n -E 75 $(RUNS)/$(RUN)/.lock $(1); rc=$$?; \
+	if [ $$rc = 75 ]; then echo "mathagent: $(RUNS)/$(RUN) is in use by another run ($(RUNS)/$(RUN)/.lock); not starting" >&2; fi; \
+	exit $$rc
+endef
+
+iterations: install
+	$(call locked,$(MAKE) --no-print-directory _iterations)
+
+iteration: install
+	$(call locked,$(MAKE) --no-print-directory _iteration)
+
+_iterations:
+	@for k in $$(seq $(START) $(N)); do $(MAKE) --no-print-directory _iteration ITER=$$k || exit $$?; done
+
+ifeq ($(ITER),0)
+_iteration: $(IT)/manifest.json
+EVAL_MODEL := $(MODEL)
+TRAINED    :=
+else
+_iteration: $(if $(filter 1,$(ITER)),,$(PREV)/manifest.json) $(IT)/manifest.json
+EVAL_MODEL := $(IT)/model
+TRAINED    := $(IT)/model/training_summary.json
+endif
+
+$(PREV)/manifest.json:
+	@echo "mathagent: $@ is missing: run the iterations before $(ITER) first (make iterations N=$(ITER))" >&2; exit 2
+
+$(IT)/trajectories.jsonl: $(PROBLEMS)
+	$(Q)$(STAGE) $(MATHAGENT) rollout $(PROBLEMS) --model $(POLICY) --backend $(BACKEND) $(SAMPLE_ARGS) --n $(N_SAMPLES) \
+	    --seed $(SEED)$(ITER) --resume -o $@
+
+$(IT)/pairs.jsonl: $(IT)/trajectories.jsonl
+	$(Q)$(STAGE) $(MATHAGENT) make-pairs $< $(PAIRS_ARGS) --seed $(SEED)$(ITER) --stats $(IT)/pairs.stats.json -o $@
+
+$(IT)/model/training_summary.json: $(IT)/pairs.jsonl
+	$(Q)$(STAGE) $(TRAINER) train-mdpo $< --model $(POLICY) --ref-model $(REF_MODEL) --output-dir $(IT)/model --loss $(LOSS) \
+	    $(if $(filter 0,$(MASK)),--no-mask-observations) $(TRAIN_ARGS) --seed $(SEED) --save-every 10 --resume
+
+$(IT)/heldout.jsonl: $(TRAINED) $(EVAL)
+	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL) --model $(EVAL_MODEL) --backend $(BACKEND) $(GREEDY_ARGS) --seed $(SEED) --resume -o $@
+
+$(IT)/sampled.jsonl: $(TRAINED) $(EVAL_SAMPLED)
+	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL_SAMPLED) --model $(EVAL_MODEL) --backend $(BACKEND) $(SAMPLE_ARGS) --n $(N_EVAL) --seed $(SEED) \
+	    --resume -o $@
+
+$(IT)/eval.json: $(IT)/heldout.jsonl $(IT)/sampled.jsonl
+	$(Q)$(STAGE) $(MATHAGENT) evaluate $(IT)/heldout.jsonl --k 1 --json $(IT)/greedy.json
+	$(Q)$(STAGE) $(MATHAGENT) evaluate $(IT)/sampled.jsonl --k 1,$(N_EVAL) --json $(IT)/sampled.json
+	@$(LOOP) eval-json $(IT)
+
+$(IT)/manifest.json: $(IT)/eval.json
+	@$(LOOP) manifest $(IT) RUN=$(RUN) ITER=$(ITER) SEED=$(SEED) MODEL=$(MODEL) POLICY=$(EVAL_MODEL) REF=$(REF) TEMPERATURE=$(TEMPERATURE) \
+	    REF_MODEL=$(REF_MODEL) BACKEND=$(BACKEND) PROBLEMS=$(PROBLEMS) EVAL=$(EVAL) N_SAMPLES=$(N_SAMPLES) \
+	    EVAL_SAMPLED=$(EVAL_SAMPLED) N_EVAL=$(N_EVAL) LOSS=$(LOSS) MASK=$(MASK) "PAIRS_ARGS=$(PAIRS_ARGS)" "TRAIN_ARGS=$(TRAIN_ARGS)" \
+	    "GREEDY_ARGS=$(GREEDY_ARGS)" "SAMPLE_ARGS=$(SAMPLE_ARGS)" \
+	    --input $(PROBLEMS) --input $(EVAL) --input $(EVAL_SAMPLED) --input $(if $(filter 0,$(ITER)),$(MODEL),$(POLICY))
+	@echo "$(IT): done, held-out accuracy $$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"]["accuracy"])' $@)" >&2
+
+# A scheduled run: the same iterations, one log per run under $(RUNS)/$(RUN)/logs/. From cron (README.md):
+#   0 3 * * *  cd /path/to/mathagent && make cron RUN=nightly N=3 MODEL=... >/dev/null 2>&1
+cron:
+	@mkdir -p $(RUNS)/$(RUN)/logs; log=$(RUNS)/$(RUN)/logs/cron-$$(date +%Y%m%d-%H%M%S)-$$$$.log; \
+	$(MAKE) --no-print-directory iterations > $$log 2>&1; rc=$$?; \
+	echo "mathagent cron: $(RUNS)/$(RUN): exit $$rc, log $$log" >&2; [ $$rc = 0 ] || tail -n 5 $$log >&2; exit $$rc
+
+# ==== The demo: the paper's table on a laptop ==============================================================
+# The SFT policy (a tiny Llama warm-started with train-sft on gold demonstrations of the arith task, cached),
+# then three online M-DPO iterations and three single-turn DPO iterations from it, then the table, a plot
+# and summary.json. SEED=1, 2, ... repeat it on other problems, other demonstrations and another base model.
+DEMO_RUN   := demo$(if $(filter-out 0,$(SEED)),-seed$(SEED))
+DEMO       := $(RUNS)/$(DEMO_RUN)
+DEMO_VARS  := SEED=$(SEED) MODEL=$(DEMO)/sft/model PROBLEMS=$(DEMO)/train.jsonl EVAL=$(DEMO)/heldout.jsonl \
+              EVAL_SAMPLED=$(DEMO)/heldout-sampled.jsonl
+N_TRAIN    ?= 128#        training problems of the demo
+N_HELDOUT  ?= 200#        held-out problems of the demo (greedy accuracy)
+N_SAMPLED  ?= 100#        the first N_SAMPLED of them for sampled pass@1 and maj@4
+
 demo: install
-	mkdir -p runs/demo
-	$(VENV)/bin/mathagent rollout data/demo_problems.jsonl --model tiny --n 4 --max-turns 3 --max-tokens 96 \
-	    -o runs/demo/trajectories.jsonl
-	$(VENV)/bin/mathagent evaluate runs/demo/trajectories.jsonl --k 1,4 --json runs/demo/summary.json
-	@echo "demo: trajectories in runs/demo/trajectories.jsonl, summary in runs/demo/summary.json" >&2
+	@start=$$(date +%s.%N); \
+	$(MAKE) --no-print-directory demo-data && \
+	$(MAKE) --no-print-directory -j2 demo-chains && \
+	$(LOOP) report $(DEMO) --started $$start
+
+demo-data: $(DEMO)/train.jsonl $(DEMO)/heldout.jsonl $(DEMO)/heldout-sampled.jsonl $(DEMO)/sft/model/training_summary.json
+
+$(DEMO)/train.jsonl:
+	@$(LOOP) problems --task arith --split train --n $(N_TRAIN) --seed $(SEED)002 -o $@
+$(DEMO)/heldout.jsonl:
+	@$(LOOP) problems --task arith --split heldout --n $(N_HELDOUT) --seed $(SEED)003 -o $@
+$(DEMO)/heldout-sampled.jsonl: $(DEMO)/heldout.jsonl
+	@head -n $(N_SAMPLED) $< > $@.tmp && mv $@.tmp $@
+$(DEMO)/sft/model/training_summary.json:
+	@$(LOOP) policy --seed $(SEED) --out $(DEMO)/sft/model
+
+# M-DPO and its single-turn baseline from the same SFT policy, side by side (one core each).
+demo-chains: export OMP_NUM_THREADS = 1
+demo-chains: demo-mdpo demo-dpo
+demo-mdpo:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/mdpo $(DEMO_VARS) MASK=1 START=0
+demo-dpo:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/dpo $(DEMO_VARS) MASK=0 START=1
+
+# The gain on problems the demo never saw: the SFT policy and both methods' last models, greedy, on fresh
+# held-out problems from another generator seed (FRESH).
+FRESH      ?= 77
+demo-fresh: install
+	@$(LOOP) problems --task arith --split heldout --n $(N_HELDOUT) --seed $(FRESH)$(SEED) -o $(DEMO)/fresh/problems.jsonl
+	@for m in sft mdpo/iter$(N) dpo/iter$(N); do \
+	    name=$$(echo $$m | tr / -); \
+	    $(LOOP) stage $(DEMO)/fresh --name $$name -- $(MATHAGENT) rollout $(DEMO)/fresh/problems.jsonl \
+	        --model $(DEMO)/$$m/model $(GREEDY_ARGS) --seed $(SEED) -o $(DEMO)/fresh/$$name.jsonl && \
+	    $(MATHAGENT) evaluate $(DEMO)/fresh/$$name.jsonl --json $(DEMO)/fresh/$$name.json 2>/dev/null && \
+	    echo "$$m: greedy accuracy $$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["accuracy"])' $(DEMO)/fresh/$$name.json) on $(DEMO)/fresh/problems.jsonl" >&2 || exit $$?; \
+	done
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -26,7 +26,7 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 TINY_NAME = "tiny"
-TINY_VERSION = 2  # bump when the build changes, so caches rebuild
+TINY_VERSION = 3  # bump when the build changes, so caches rebuild
 TINY_WARMUP_STEPS = 150  # the default `tiny` writes the agent's format (see _warm_up); ~1 min, once
 
 
@@ -53,6 +53,7 @@ def _corpus(rng: random.Random) -> list[str]:
     texts = [template.replace("{question}", "") for template in PROMPTS.values()] * 200
     for problem in make_problems(1000, seed=rng.randint(0, 2**31)):
         texts.extend(m["content"] for m in gold_messages(problem, PROMPTS["tool"]))
+        texts.extend(m["content"] for m in gold_messages(problem, PROMPTS["bare"]))
     for _ in range(3000):
         a, b, c = rng.randint(1, 999), rng.randint(1, 99), rng.randint(1, 9)
         sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
@@ -109,7 +110,11 @@ def build_tiny_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Numbers split into single digits, as Llama's and Qwen's tokenizers do: a model can then copy and
+    # compare numbers digit by digit instead of learning a token per number.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

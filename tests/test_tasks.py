@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mathagent.errors import UserError
-from mathagent.tasks import gsm8k, load_problems
+from mathagent.agent import PROMPTS
+from mathagent.tasks import arith, gsm8k, load_problems
 from mathagent.tasks import math as math_task
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -76,3 +77,27 @@ def test_local_file_with_a_bad_line_names_file_and_line(tmp_path):
 def test_unknown_task_is_a_user_error():
     with pytest.raises(UserError, match="unknown task"):
         load_problems("aime", "x.jsonl")
+
+
+def test_arith_splits_are_disjoint_and_gold_solutions_carry_state_across_cells():
+    train = arith.make_problems(300, seed=1, split="train")
+    heldout = arith.make_problems(300, seed=1, split="heldout") + arith.make_problems(300, seed=2, split="heldout")
+    assert not {p["question"] for p in train} & {p["question"] for p in heldout}
+    assert arith.make_problems(5, seed=1, split="train") == train[:5]  # a pure function of (n, seed, split)
+    club = next(p for p in train if p["kind"] == "club")
+    actions = [m["content"] for m in arith.gold_messages(club, PROMPTS["bare"]) if m["role"] == "assistant"]
+    assert "left = income - cost" in actions[2]  # the third cell reads the first two cells' variables
+    assert actions[-1] == f"The answer is \\boxed{{{club['answer']}}}."
+
+
+def test_demonstrations_answer_small_looking_problems_in_the_head_and_the_rest_with_the_tool():
+    demos = arith.demonstrations(600, seed=3, prompt=PROMPTS["bare"])
+    assert [d["id"] for d in demos] == [p["id"] for p in arith.make_problems(600, seed=3, split="train")]
+    in_head = [d for d in demos if d.get("in_head")]
+    for d in in_head:  # right answers, no tool: the habit the policy copies without the skill
+        assert d["messages"][1:] == [{"role": "assistant", "content": f"In my head: \\boxed{{{d['answer']}}}."}]
+    small = [d for d in demos if arith.in_head_share(d) == 1.0]
+    large = [d for d in demos if arith.in_head_share(d) == 0.1]
+    assert small and all(d.get("in_head") for d in small)
+    assert large and sum(bool(d.get("in_head")) for d in large) < len(large) / 3
+    assert 0.3 < len(in_head) / len(demos) < 0.7

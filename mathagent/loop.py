@@ -1,0 +1,435 @@
+"""The online iterative loop (Xiong et al. 2024, Algorithm 1) as the Makefile runs it: its bookkeeping.
+
+The loop itself is the Makefile (`make iterations RUN=... N=3`): per iteration k, sample with pi_{k-1},
+grade, pair, train pi_k with M-DPO, evaluate pi_k on held-out problems, each stage a file target. This module
+is what the Makefile should not write in shell:
+
+    python -m mathagent.loop stage DIR -- mathagent rollout ...   run one stage, log it, record argv and time
+    python -m mathagent.loop problems --task arith --split train --n 256 --seed 1 -o train.jsonl
+    python -m mathagent.loop policy --out DIR                     the demo's warm-start SFT policy (cached)
+    python -m mathagent.loop eval-json DIR                        DIR/eval.json from its two evaluations
+    python -m mathagent.loop manifest DIR KEY=VALUE...            DIR/manifest.json
+    python -m mathagent.loop report DIR                           the paper's table, a plot, summary.json
+
+Every file it writes is written beside and renamed, so a killed run never leaves half a file that make would
+take as finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mathagent.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Bookkeeping of the Makefile's online iterative loop.")
+# A pipe or a log (not a terminal) gets the table unwrapped, as wide as it is.
+console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+
+STAGES_FILE = "stages.jsonl"
+MANIFEST_FILE = "manifest.json"
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(path: str | os.PathLike) -> str:
+    """One digest of a file, or of a directory's files (names and contents; checkpoints and logs left out)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        if relative.startswith(("checkpoints/", "logs/")) or relative.endswith(".log"):
+            continue
+        digest.update(relative.encode() + b"\0" + sha256_file(file).encode() + b"\0")
+    return digest.hexdigest()
+
+
+# ---- stage: run one stage's command ------------------------------------------------------------------------
+
+
+def _stage_name(command: list[str]) -> str:
+    """`mathagent rollout ...` -> rollout; `python -m mathagent.cli train-mdpo` -> train-mdpo."""
+    words = [w for w in command if not w.startswith("-")]
+    for i, word in enumerate(words):
+        if Path(word).name == "mathagent" or word in ("mathagent.cli",):
+            return words[i + 1] if i + 1 < len(words) else Path(word).name
+    return Path(command[0]).name
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def stage(
+    ctx: typer.Context,
+    directory: Annotated[str, typer.Argument(help="The iteration's directory: the log and stages.jsonl go there.")],
+    name: Annotated[str | None, typer.Option("--name", help="Stage name (default: the mathagent subcommand).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet", envvar="VERBOSE", help="Show the command's own stderr (progress bars, per-step lines) instead of logging it.")] = False,
+) -> None:
+    """Run COMMAND (after `--`) as one stage: its stderr goes to DIR/logs/NAME.log (or the terminal with
+    --verbose), one line per stage to the terminal, and on success {stage, command, seconds} to
+    DIR/stages.jsonl. Exits with the command's exit code; a failure shows the end of its log."""
+    command = list(ctx.args)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise typer.BadParameter("no command after --")
+    folder = Path(directory)
+    stage_name = name or _stage_name(command)
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = folder / "logs" / f"{stage_name}.log"
+    label = f"{folder}  {stage_name}"
+    if verbose or console.is_terminal:  # on a terminal the line is overwritten by the result
+        console.print(f"{label} ...", end="\n" if verbose else "\r")
+    started = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        # stdout: the stages write their records with -o (or --json); what is left there (train-mdpo's summary,
+        # also in its output dir) goes to the log, so the terminal shows one line per stage.
+        proc = subprocess.run(command, stdout=log, stderr=None if verbose else log)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        console.print(f"{label}  [red]failed[/red] (exit {proc.returncode}) after {seconds:.1f} s; log: {log_path}")
+        if not verbose:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            for line in tail:
+                console.print(f"  | {line}", markup=False)
+        raise typer.Exit(proc.returncode)
+    console.print(f"{label}  {seconds:6.1f} s")
+    entry = {"stage": stage_name, "command": shlex.join(command), "seconds": round(seconds, 3),
+             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with open(folder / STAGES_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+# ---- problems and the warm-start policy -------------------------------------------------------------------
+
+
+@app.command()
+def problems(
+    output: Annotated[str, typer.Option("--output", "-o", help="Problem records (JSONL, written atomically).")],
+    task: Annotated[str, typer.Option("--task", help="arith (the embedded family), gsm8k or math.")] = "arith",
+    split: Annotated[str, typer.Option("--split", help="arith: train or heldout (disjoint by construction); gsm8k/math: the data set's split.")] = "train",
+    n: Annotated[int | None, typer.Option("--n", help="How many problems (arith: required; others: the first N).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="arith: the generator's seed.")] = 0,
+    path: Annotated[str | None, typer.Option("--path", help="gsm8k/math: a local JSONL file of the data set's rows (default: the hub).")] = None,
+    demos: Annotated[bool, typer.Option("--demos", help="arith: write the SFT demonstrations (arith.demonstrations, trajectories for train-sft) instead of problems.")] = False,
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt of the demonstrations (as rollout's --prompt).")] = "bare",
+) -> None:
+    """Write a problem file for rollout (or, with --demos, the demonstrations train-sft warm-starts on)."""
+    from mathagent.agent import load_prompt
+    from mathagent.tasks import arith, load_problems
+
+    try:
+        if task == "arith":
+            if n is None or n < 1:
+                raise UserError("--task arith needs --n (at least 1)")
+            if split not in arith.SPLITS:
+                raise UserError(f"--split {split!r}: arith has {', '.join(arith.SPLITS)}")
+            rows = arith.make_problems(n, seed=seed, split=split)
+            if demos:
+                template = load_prompt(prompt)
+                rows = arith.demonstrations(n, seed=seed, prompt=template)
+        else:
+            if demos:
+                raise UserError("--demos: only the arith task has demonstrations")
+            rows = load_problems(task, path, split=split, limit=n)
+    except UserError as e:
+        console.print(f"error: {e}", markup=False)
+        raise typer.Exit(2) from None
+    write_atomic(output, "".join(json.dumps(r) + "\n" for r in rows))
+    console.print(f"{output}: {len(rows)} {'demonstrations' if demos else 'problems'}")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MATHAGENT_CACHE", Path.home() / ".cache" / "mathagent"))
+
+
+@app.command()
+def policy(
+    out: Annotated[str, typer.Option("--out", help="Where the SFT policy goes (a copy of the cached build).")],
+    demos: Annotated[int, typer.Option("--demos", help="Demonstrations to train on (arith.demonstrations, train split).")] = 3000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the base model, the demonstrations and the SFT order.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", help="SFT optimizer steps.")] = 500,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="SFT batch size.")] = 32,
+    learning_rate: Annotated[float, typer.Option("--lr", help="SFT learning rate.")] = 3e-3,
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt the policy learns to answer (as rollout's --prompt).")] = "bare",
+) -> None:
+    """The demo's starting policy pi_0: a random tiny Llama (digit-level tokenizer) warm-started with
+    `mathagent train-sft` on demonstrations of the arith task (`arith.demonstrations`: with the tool, or,
+    when the numbers look small, the answer alone).
+
+    Built once per content hash (the demonstrations, the tiny build's version and every SFT setting) under
+    $MATHAGENT_CACHE, then copied to --out; a second run with the same settings only copies.
+    """
+    import fcntl
+
+    from mathagent.agent import load_prompt
+    from mathagent.tasks import arith
+    from mathagent.tiny import TINY_VERSION, build_tiny_model
+
+    rows = arith.demonstrations(demos, seed=seed * 1000 + 1, prompt=load_prompt(prompt))
+    demo_text = "".join(json.dumps(r) + "\n" for r in rows)
+    sft_args = ["--lr", str(learning_rate), "--batch-size", str(batch_size), "--max-steps", str(steps),
+                "--seed", str(seed)]
+    key = hashlib.sha256(json.dumps([demo_text, TINY_VERSION, seed, sft_args]).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    built = cache / f"policy-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".policy-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two demos started together build it once
+        if not (built / "training_summary.json").is_file():
+            console.print(f"building the SFT policy into {built} (once): {steps} steps on {demos} demonstrations")
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Writing model shards" of a 2 MB model is noise
+            with tempfile.TemporaryDirectory(prefix=f".policy-{key}.", dir=cache) as work:
+                work_dir = Path(work)
+                base = build_tiny_model(work_dir / "base", seed=seed, warmup_steps=0)
+                (work_dir / "demos.jsonl").write_text(demo_text, encoding="utf-8")
+                command = [sys.executable, "-m", "mathagent.cli", "train-sft", str(work_dir / "demos.jsonl"),
+                           "--model", str(base), "--output-dir", str(work_dir / "model"), *sft_args]
+                with open(work_dir / "train-sft.log", "w") as log:
+                    proc = subprocess.run(command, stdout=log, stderr=log)
+                if proc.returncode != 0:
+                    console.print(f"train-sft failed (exit {proc.returncode}):", markup=False)
+                    console.print((work_dir / "train-sft.log").read_text()[-3000:], markup=False)
+                    raise typer.Exit(proc.returncode)
+                shutil.rmtree(work_dir / "model" / "checkpoints", ignore_errors=True)
+                (work_dir / "model" / "sft.json").write_text(json.dumps(
+                    {"command": shlex.join(command[2:]), "demos": demos, "seed": seed, "key": key}, indent=2))
+                os.replace(work_dir / "model", built)
+    target = Path(out)
+    staging = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(built, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    console.print(f"{target}: the SFT policy (cached as {built})")
+
+
+# ---- evaluations and manifests -----------------------------------------------------------------------------
+
+
+def _load_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _first(mapping: dict[str, Any] | None, key: str) -> Any:
+    return None if not mapping else mapping.get(key)
+
+
+@app.command("eval-json")
+def eval_json(directory: Annotated[str, typer.Argument(help="An iteration's directory with greedy.json and sampled.json.")]) -> None:
+    """DIR/eval.json: the held-out greedy accuracy and the sampled pass@1 / maj@k, from `mathagent evaluate`'s
+    two summaries (greedy.json, sampled.json), which it keeps in full."""
+    folder = Path(directory)
+    greedy, sampled = _load_json(folder / "greedy.json"), _load_json(folder / "sampled.json")
+    if greedy is None or sampled is None:
+        raise typer.BadParameter(f"{folder} needs greedy.json and sampled.json")
+    ks = sorted(int(k) for k in sampled.get("maj@k", {}))
+    k = ks[-1] if ks else 1
+    summary = {
+        "accuracy": greedy["accuracy"], "problems": greedy["problems"],
+        "sampled": {"pass@1": sampled["pass@k"].get("1"), "k": k, f"maj@{k}": sampled["maj@k"].get(str(k)),
+                    f"pass@{k}": sampled["pass@k"].get(str(k)), "trajectories": sampled["trajectories"]},
+        "greedy_report": greedy, "sampled_report": sampled,
+    }
+    write_atomic(folder / "eval.json", json.dumps(summary, indent=2) + "\n")
+
+
+@app.command()
+def manifest(
+    directory: Annotated[str, typer.Argument(help="The iteration's directory.")],
+    settings: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE: the configuration (the Makefile's variables).")] = None,
+    inputs: Annotated[list[str] | None, typer.Option("--input", help="A file or model directory the iteration read; its sha256 is recorded.")] = None,
+) -> None:
+    """DIR/manifest.json: configuration, commands and wall time of every stage, input hashes, metrics."""
+    folder = Path(directory)
+    config = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE")
+        config[key] = value
+    stages = []
+    if (folder / STAGES_FILE).is_file():
+        stages = [json.loads(line) for line in (folder / STAGES_FILE).read_text().splitlines() if line.strip()]
+    hashes = {}
+    for item in inputs or []:
+        if Path(item).exists():
+            hashes[item] = sha256_tree(item)
+        else:
+            hashes[item] = None  # a hub id: named, not hashed
+    for name in ("trajectories.jsonl", "pairs.jsonl", "heldout.jsonl", "sampled.jsonl"):
+        if (folder / name).is_file():
+            hashes[str(folder / name)] = sha256_file(folder / name)
+    evaluation = _load_json(folder / "eval.json") or {}
+    pair_stats = _load_json(folder / "pairs.stats.json")
+    training = _load_json(folder / "model" / "training_summary.json")
+    sampled = evaluation.get("sampled", {})
+    metrics = {
+        "accuracy": evaluation.get("accuracy"),
+        "pass@1": sampled.get("pass@1"),
+        "maj@k": sampled.get(f"maj@{sampled.get('k')}"),
+        "k": sampled.get("k"),
+        "pairs": _first(pair_stats, "written"),
+        "train_loss": _first(_first(training, "final"), "loss"),
+        "train_steps": _first(training, "steps"),
+    }
+    if (folder / "trajectories.jsonl").is_file():
+        rows = [json.loads(line) for line in (folder / "trajectories.jsonl").read_text().splitlines() if line.strip()]
+        metrics["train_sample_accuracy"] = sum(bool(r.get("correct")) for r in rows) / len(rows) if rows else None
+    record = {
+        "directory": str(folder), "config": config, "stages": stages, "inputs": hashes, "metrics": metrics,
+        "seconds": round(sum(s["seconds"] for s in stages), 3),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_atomic(folder / MANIFEST_FILE, json.dumps(record, indent=2) + "\n")
+
+
+# ---- report: the paper's table ----------------------------------------------------------------------------
+
+
+def _iterations(run: Path) -> list[tuple[int, dict[str, Any]]]:
+    out = []
+    for folder in sorted(run.glob("iter*")):
+        suffix = folder.name[len("iter"):]
+        if suffix.isdigit() and (folder / MANIFEST_FILE).is_file():
+            out.append((int(suffix), json.loads((folder / MANIFEST_FILE).read_text())))
+    return sorted(out, key=lambda item: item[0])
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+@app.command()
+def report(
+    directory: Annotated[str, typer.Argument(help="The demo's directory: sft/, mdpo/iter*/ and dpo/iter*/ with manifests.")],
+    seconds: Annotated[float | None, typer.Option("--seconds", help="Wall time of the whole demo, for summary.json (default: the sum of its stages).")] = None,
+    started: Annotated[float | None, typer.Option("--started", help="Unix time the demo started; its wall time is now minus this.")] = None,
+) -> None:
+    """The paper's table for the demo (rows: SFT, single-turn DPO, M-DPO iterations; columns: held-out greedy
+    accuracy, sampled pass@1 and maj@k, pairs, final train loss, wall time), a PNG of held-out accuracy
+    against iteration for both methods, and DIR/summary.json."""
+    root = Path(directory)
+    mdpo, dpo = _iterations(root / "mdpo"), _iterations(root / "dpo")
+    start = next((m for k, m in mdpo if k == 0), None)
+    if start is None:
+        raise typer.BadParameter(f"{root}/mdpo/iter0/manifest.json (the SFT policy's evaluation) is missing")
+    first = json.loads((root / "mdpo" / "iter0" / MANIFEST_FILE).read_text())["config"]
+
+    def row(method: str, iteration: int, m: dict[str, Any]) -> dict[str, Any]:
+        folder = Path(m["directory"])
+        model = first.get("MODEL") if iteration == 0 else str(folder / "model")
+        return {"method": method, "iteration": iteration, "model": model, "heldout": str(folder / "heldout.jsonl"),
+                "accuracy": m["metrics"]["accuracy"], "pass@1": m["metrics"]["pass@1"],
+                "maj@k": m["metrics"]["maj@k"], "k": m["metrics"]["k"], "pairs": m["metrics"].get("pairs"),
+                "train_loss": m["metrics"].get("train_loss"), "seconds": m["seconds"]}
+
+    rows = [row("sft", 0, start)]
+    rows += [row("mdpo", k, m) for k, m in mdpo if k > 0]
+    rows += [row("dpo", k, m) for k, m in dpo if k > 0]
+
+    k = start["metrics"]["k"]
+    table = Table(title=f"{root}: held-out accuracy of the online iterations (cf. Xiong et al. 2024, Table 1)")
+    for column in ("method", "held-out greedy", "sampled pass@1", f"maj@{k}", "pairs", "final loss", "wall s"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
+    names = {"sft": "SFT policy", "mdpo": "M-DPO iteration {}", "dpo": "single-turn DPO iteration {}"}
+    last_dpo = max((r["iteration"] for r in rows if r["method"] == "dpo"), default=None)
+    shown = [r for r in rows if r["method"] != "dpo" or r["iteration"] == last_dpo]
+    shown = shown[:1] + [r for r in shown if r["method"] == "dpo"] + [r for r in shown if r["method"] == "mdpo"]
+    for r in shown:
+        table.add_row(names[r["method"]].format(r["iteration"]), _percent(r["accuracy"]), _percent(r["pass@1"]),
+                      _percent(r["maj@k"]), "-" if r["pairs"] is None else str(r["pairs"]),
+                      "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}", f"{r['seconds']:.0f}")
+    console.print(table)
+
+    plot_path = root / "accuracy.png"
+    _plot(rows, plot_path)
+    total = seconds if seconds is not None else (time.time() - started if started is not None else
+                                                 sum(r["seconds"] for r in rows))
+    summary = {
+        "seconds": round(total, 1),
+        "train_problems": first.get("PROBLEMS"),
+        "heldout_problems": first.get("EVAL"),
+        "rollout_args": shlex.split(first.get("GREEDY_ARGS", "")) + ["--backend", first.get("BACKEND", "vllm"),
+                                                                     "--seed", first.get("SEED", "0")],
+        "rows": [{key: r[key] for key in ("method", "iteration", "model", "heldout", "accuracy")}
+                 | {"pass@1": r["pass@1"], f"maj@{r['k']}": r["maj@k"], "pairs": r["pairs"],
+                    "train_loss": r["train_loss"], "seconds": r["seconds"]} for r in rows],
+    }
+    write_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    console.print(f"plot: {plot_path}\nsummary: {root / 'summary.json'}")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = next(r for r in rows if r["method"] == "sft")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, label, style in (("mdpo", "M-DPO (observations masked)", "o-"),
+                                 ("dpo", "single-turn DPO (no mask)", "s--")):
+        points = [start] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["iteration"])
+        if len(points) > 1:
+            ax.plot([r["iteration"] for r in points], [100 * r["accuracy"] for r in points], style, label=label)
+    ax.set_xlabel("iteration (0 = the SFT policy)")
+    ax.set_ylabel("held-out greedy accuracy (%)")
+    ax.set_xticks(sorted({r["iteration"] for r in rows}))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Online iterative preference learning on the arith task")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The online loop as the Makefile runs it: file targets, resume after a kill, one run per RUN, manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mathagent import loop
+from mathagent.tasks import arith
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def stages(folder: Path) -> list[dict]:
+    path = folder / loop.STAGES_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_stage_names_come_from_the_mathagent_subcommand():
+    assert loop._stage_name([".venv/bin/mathagent", "rollout", "p.jsonl", "-o", "x"]) == "rollout"
+    assert loop._stage_name(["python", "-m", "mathagent.cli", "train-mdpo", "pairs.jsonl"]) == "train-mdpo"
+
+
+def test_a_failed_stage_is_not_recorded_and_keeps_its_exit_code(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "mathagent.loop", "stage", str(tmp_path), "--", sys.executable, "-c",
+                         "print('records'); import sys; print('progress', file=sys.stderr)"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout == ""  # the command's own output goes to the stage's log
+    bad = subprocess.run([sys.executable, "-m", "mathagent.loop", "stage", str(tmp_path), "--name", "bad", "--",
+                          sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 3 and "boom" in bad.stderr
+    assert [s["stage"] for s in stages(tmp_path)] == [Path(sys.executable).name]
+    assert "records" in (tmp_path / "logs" / f"{Path(sys.executable).name}.log").read_text()
+
+
+def make(*args: str, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.mark.slow
+def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent_run(tmp_path):
+    from mathagent.tiny import build_tiny_model
+
+    # A policy that writes the agent's format (boxed answers, python cells), rarely right: winners are the
+    # trajectories that box an answer in time, losers those that do not.
+    model = build_tiny_model(tmp_path / "policy", seed=1, warmup_steps=150)
+    problems = write_jsonl(tmp_path / "train.jsonl", arith.make_problems(8, seed=21, split="train"))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", arith.make_problems(3, seed=22, split="heldout"))
+    runs = tmp_path / "runs"
+    settings = [
+        f"RUNS={runs}", "RUN=chain", f"MODEL={model}", "BACKEND=hf", "PROMPT=tool", f"PROBLEMS={problems}",
+        f"EVAL={heldout}", "N_SAMPLES=4", "N_EVAL=2", "MAX_TURNS=3", "MAX_TOKENS=40", "START=1", "N=2",
+        "PAIRS_ARGS=--strategy random --k 2 --reward-threshold -0.75 --keep-unfinished --keep-errors",
+        "TRAIN_ARGS=--lr 1e-4 --batch-size 2 --max-steps 3",
+    ]
+    iter1, iter2 = runs / "chain" / "iter1", runs / "chain" / "iter2"
+
+    first = subprocess.Popen(["make", "--no-print-directory", "iterations", *settings], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # Wait until iteration 1 is training: its rollout and pairs are finished files.
+        deadline = time.monotonic() + 600
+        while not (iter1 / "logs" / "train-mdpo.log").exists():
+            assert first.poll() is None, "the first run ended before training"
+            assert time.monotonic() < deadline, "iteration 1 never reached training"
+            time.sleep(0.2)
+        second = make("iterations", *settings, timeout=60)
+        assert second.returncode != 0 and "in use by another run" in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    done = {name: (iter1 / name).stat().st_mtime_ns for name in ("trajectories.jsonl", "pairs.jsonl")}
+    assert [s["stage"] for s in stages(iter1)] == ["rollout", "make-pairs"]
+
+    rerun = make("iterations", *settings)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {name: (iter1 / name).stat().st_mtime_ns for name in done} == done
+    # every stage of each iteration ran exactly once, the killed training included (after the kill)
+    expected = ["rollout", "make-pairs", "train-mdpo", "rollout", "rollout", "evaluate", "evaluate"]
+    assert sorted(s["stage"] for s in stages(iter1)) == sorted(expected)
+    assert sorted(s["stage"] for s in stages(iter2)) == sorted(expected)
+
+    manifest = json.loads((iter2 / "manifest.json").read_text())
+    assert manifest["config"]["POLICY"] == str(iter2 / "model")
+    assert str(iter1 / "model") in manifest["inputs"]  # pi_1, the policy iteration 2 sampled from, by hash
+    assert manifest["metrics"]["pairs"] >= 1 and 0 <= manifest["metrics"]["accuracy"] <= 1
+    assert any(f"--model {iter1 / 'model'}" in s["command"] for s in manifest["stages"] if s["stage"] == "rollout")
+
+    again = make("iterations", *settings)  # everything is finished: nothing runs
+    assert again.returncode == 0 and len(stages(iter1)) == len(expected) and len(stages(iter2)) == len(expected)
+
+
+def test_report_writes_the_papers_table_a_plot_and_summary_json_in_the_documented_shape(tmp_path):
+    demo = tmp_path / "demo"
+    config = {"MODEL": f"{demo}/sft/model", "PROBLEMS": f"{demo}/train.jsonl", "EVAL": f"{demo}/heldout.jsonl",
+              "GREEDY_ARGS": "--prompt bare --max-turns 4 --max-tokens 64 --temperature 0 --n 1",
+              "BACKEND": "vllm", "SEED": "0"}
+    accuracy = {("mdpo", 0): 0.2, ("mdpo", 1): 0.3, ("mdpo", 2): 0.35, ("mdpo", 3): 0.4,
+                ("dpo", 1): 0.25, ("dpo", 2): 0.3, ("dpo", 3): 0.33}
+    for (method, k), value in accuracy.items():
+        folder = demo / method / f"iter{k}"
+        folder.mkdir(parents=True)
+        metrics = {"accuracy": value, "pass@1": value / 2, "maj@k": value, "k": 4,
+                   "pairs": None if k == 0 else 50 + k, "train_loss": None if k == 0 else 0.5}
+        (folder / "manifest.json").write_text(json.dumps(
+            {"directory": str(folder), "config": config, "metrics": metrics, "seconds": 10.0 * (k + 1), "stages": []}))
+    proc = subprocess.run([sys.executable, "-m", "mathagent.loop", "report", str(demo), "--seconds", "700"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "M-DPO iteration 3" in proc.stderr and "single-turn DPO iteration 3" in proc.stderr
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["seconds"] == 700 and summary["heldout_problems"] == config["EVAL"]
+    assert summary["rollout_args"] == config["GREEDY_ARGS"].split() + ["--backend", "vllm", "--seed", "0"]
+    rows = {(r["method"], r["iteration"]): r for r in summary["rows"]}
+    assert set(rows) == {("sft", 0)} | {k for k in accuracy if k[0] == "dpo" or k[1] > 0}
+    assert rows[("sft", 0)]["model"] == config["MODEL"] and rows[("sft", 0)]["accuracy"] == 0.2
+    assert rows[("mdpo", 3)]["model"] == str(demo / "mdpo" / "iter3" / "model")
+    assert rows[("mdpo", 3)]["heldout"] == str(demo / "mdpo" / "iter3" / "heldout.jsonl")
+    assert (demo / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
