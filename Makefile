@@ -69,6 +69,7 @@ MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after t
 REF       ?= sft#         pi_ref: sft (MODEL, fixed) or previous (pi_{k-1})
 MAX_TURNS ?= 4
 MAX_TOKENS?= 64#          per action
+CHUNK     ?= 128#          trajectories a rollout advances together (and holds sandbox sessions for)
 PAIRS_ARGS?= --strategy random --k 2
 TRAIN_ARGS?= --lr 5e-5 --beta 0.1 --nll-weight 1 --epochs 2 --batch-size 8
 TRAINER   ?= $(VENV)/bin/mathagent#  or: accelerate launch --config_file configs/accelerate/ddp.yaml -m mathagent.cli
@@ -78,8 +79,9 @@ IT        := $(RUNS)/$(RUN)/iter$(ITER)
 PREV      := $(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 1)))
 POLICY    := $(if $(filter 0 1,$(ITER)),$(MODEL),$(PREV)/model)#         pi_{k-1}
 REF_MODEL := $(if $(filter previous,$(REF)),$(POLICY),$(MODEL))
-GREEDY_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature 0 --n 1
-SAMPLE_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature $(TEMPERATURE)
+GREEDY_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature 0 --n 1 --chunk-size $(CHUNK)
+SAMPLE_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature $(TEMPERATURE) \
+               --chunk-size $(CHUNK)
 LOOP      := $(PY) -m mathagent.loop
 MATHAGENT := $(VENV)/bin/mathagent
 STAGE      = $(LOOP) stage $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --
@@ -165,7 +167,7 @@ DEMO_VARS  := SEED=$(SEED) MODEL=$(DEMO)/sft/model PROBLEMS=$(DEMO)/train.jsonl 
               EVAL_SAMPLED=$(DEMO)/heldout-sampled.jsonl
 N_TRAIN    ?= 128#        training problems of the demo
 N_HELDOUT  ?= 200#        held-out problems of the demo (greedy accuracy)
-N_SAMPLED  ?= 100#        the first N_SAMPLED of them for sampled pass@1 and maj@4
+N_SAMPLED  ?= 60#         the first N_SAMPLED of them for sampled pass@1 and maj@4
 
 demo: install
 	@start=$$(date +%s.%N); \

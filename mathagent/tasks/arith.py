@@ -49,10 +49,12 @@ KINDS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     ),
     "sell": (
         "A farm fills {a} crates with {b} {thing} each and sells {c} {thing}. How many {thing} are left?",
-        [("First the {thing} in the crates.", "total", "{a} * {b}"), ("Then take away the sold ones.", "left", "total - {c}")],
+        [("First the {thing} in the crates.", "total", "{a} * {b}"),
+         ("Then take away the sold ones.", "left", "total - {c}")],
     ),
     "share": (
-        "A shop gets {a} boxes of {b} {thing} and shares them equally among {c} stores. How many {thing} does each store get?",
+        "A shop gets {a} boxes of {b} {thing} and shares them equally among {c} stores. "
+        "How many {thing} does each store get?",
         [("First all the {thing}.", "total", "{a} * {b}"), ("Now share them.", "each", "total // {c}")],
     ),
     "grow": (
@@ -60,7 +62,8 @@ KINDS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         [("First the {thing} bought.", "bought", "{b} * {c}"), ("Add what it had.", "now", "{a} + bought")],
     ),
     "club": (
-        "A club has {a} members who each pay {b} dollars, and it spends {c} dollars on each of {d} trips. How many dollars are left?",
+        "A club has {a} members who each pay {b} dollars, and it spends {c} dollars on each of {d} trips. "
+        "How many dollars are left?",
         [("First the money paid.", "income", "{a} * {b}"), ("Then the cost of the trips.", "cost", "{c} * {d}"),
          ("What is left.", "left", "income - cost")],
     ),
