@@ -89,10 +89,11 @@ Q         := $(if $(filter 1,$(VERBOSE)),,@)#  recipes echo their commands only 
 
 .PHONY: iteration iterations cron demo demo-data demo-chains demo-mdpo demo-dpo demo-fresh _iteration _iterations
 
-# One process per RUN at a time: flock exits 75 at once when another one holds the lock.
+# One process per RUN at a time: flock exits 75 at once when another one holds the lock; -o keeps the lock
+# out of the stages, so nothing a killed run leaves behind holds it.
 define locked
 	@mkdir -p $(RUNS)/$(RUN); \
-	flock -n -E 75 $(RUNS)/$(RUN)/.lock $(1); rc=$$?; \
+	flock -n -o -E 75 $(RUNS)/$(RUN)/.lock $(1); rc=$$?; \
 	if [ $$rc = 75 ]; then echo "mathagent: $(RUNS)/$(RUN) is in use by another run ($(RUNS)/$(RUN)/.lock); not starting" >&2; fi; \
 	exit $$rc
 endef

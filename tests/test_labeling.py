@@ -204,7 +204,8 @@ def test_mc_label_command_keeps_every_record_in_order_and_resumes(tiny_model, tm
     stdin = "".join(json.dumps(t) + "\n" for t in trajectories)
     out = tmp_path / "labeled.jsonl"
     # A killed run's finished records: the first trajectory only (its labels are not recomputed on resume).
-    first = {**trajectories[0], "steps": [{"q": 0.5, "label": "+", "m": 2}] * 3}
+    steps = len(split_steps(trajectories[0]["messages"]))
+    first = {**trajectories[0], "steps": [{"q": 0.5, "label": "+", "m": 2}] * steps}
     tmp = tmp_path / ".labeled.jsonl.x.tmp"
     tmp.write_text(json.dumps(first) + "\n")
     args = ["mc-label", "--model", tiny_model, "--backend", "hf", "--m", "2", "--max-tokens", "8", "--max-turns", "4",
@@ -223,10 +224,10 @@ def test_mc_label_command_keeps_every_record_in_order_and_resumes(tiny_model, tm
     prm = mathagent(["mc-label", "--model", tiny_model, "--backend", "hf", "--m", "1", "--max-tokens", "4",
                      "--format", "prm"], "".join(json.dumps(t) + "\n" for t in trajectories[:1]))
     (example,) = [json.loads(line) for line in prm.stdout.splitlines()]
-    assert [m["role"] for m in example["messages"]] == ["user", "assistant"] * 3
+    assert [m["role"] for m in example["messages"]] == ["user", "assistant"] * steps
     assert [m["content"] for m in example["messages"][1::2]] == example["labels"]
     assert example["messages"][0]["content"].startswith(trajectories[0]["messages"][0]["content"] + "\n\n")
-    assert len(example["q"]) == 3 and example["labels"][-1] == "+" and "steps" not in example
+    assert len(example["q"]) == steps and example["labels"][-1] == "+" and "steps" not in example
 
 
 def test_mc_label_refuses_an_ungraded_trajectory_with_its_line():

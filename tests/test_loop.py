@@ -52,6 +52,7 @@ def make(*args: str, timeout: float = 900, **kwargs) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent_run(tmp_path):
     from mathagent.tiny import build_tiny_model
 
@@ -83,6 +84,13 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the killed stage (a big process) takes a moment to die
+            try:
+                os.killpg(first.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
     done = {name: (iter1 / name).stat().st_mtime_ns for name in ("trajectories.jsonl", "pairs.jsonl")}
     assert [s["stage"] for s in stages(iter1)] == ["rollout", "make-pairs"]
 
