@@ -176,10 +176,6 @@ def problems(
     console.print(f"{output}: {len(rows)} {'demonstrations' if demos else 'problems'}")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MATHAGENT_CACHE", Path.home() / ".cache" / "mathagent"))
-
-
 @app.command()
 def policy(
     out: Annotated[str, typer.Option("--out", help="Where the SFT policy goes (a copy of the cached build).")],
@@ -201,14 +197,14 @@ def policy(
 
     from mathagent.agent import load_prompt
     from mathagent.tasks import arith
-    from mathagent.tiny import TINY_VERSION, build_tiny_model
+    from mathagent.tiny import TINY_VERSION, build_tiny_model, cache_dir
 
     rows = arith.demonstrations(demos, seed=seed * 1000 + 1, prompt=load_prompt(prompt))
     demo_text = "".join(json.dumps(r) + "\n" for r in rows)
     sft_args = ["--lr", str(learning_rate), "--batch-size", str(batch_size), "--max-steps", str(steps),
                 "--seed", str(seed)]
     key = hashlib.sha256(json.dumps([demo_text, TINY_VERSION, seed, sft_args]).encode()).hexdigest()[:16]
-    cache = _cache_dir()
+    cache = cache_dir()
     built = cache / f"policy-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f".policy-{key}.lock", "w") as lock:

@@ -169,9 +169,13 @@ def build_tiny_model(
     return out
 
 
+def cache_dir() -> Path:
+    """Where built models are kept: $MATHAGENT_CACHE, else ~/.cache/mathagent."""
+    return Path(os.environ.get("MATHAGENT_CACHE", Path.home() / ".cache" / "mathagent"))
+
+
 def tiny_model_dir() -> Path:
-    cache = Path(os.environ.get("MATHAGENT_CACHE", Path.home() / ".cache" / "mathagent"))
-    return cache / f"tiny-v{TINY_VERSION}"
+    return cache_dir() / f"tiny-v{TINY_VERSION}"
 
 
 def resolve_model(name: str) -> str:
