@@ -161,10 +161,10 @@ def problems(
                 raise UserError("--task arith needs --n (at least 1)")
             if split not in arith.SPLITS:
                 raise UserError(f"--split {split!r}: arith has {', '.join(arith.SPLITS)}")
-            rows = arith.make_problems(n, seed=seed, split=split)
             if demos:
-                template = load_prompt(prompt)
-                rows = arith.demonstrations(n, seed=seed, prompt=template)
+                rows = arith.demonstrations(n, seed=seed, prompt=load_prompt(prompt))
+            else:
+                rows = arith.make_problems(n, seed=seed, split=split)
         else:
             if demos:
                 raise UserError("--demos: only the arith task has demonstrations")
@@ -350,7 +350,7 @@ def report(
     start = next((m for k, m in mdpo if k == 0), None)
     if start is None:
         raise typer.BadParameter(f"{root}/mdpo/iter0/manifest.json (the SFT policy's evaluation) is missing")
-    first = json.loads((root / "mdpo" / "iter0" / MANIFEST_FILE).read_text())["config"]
+    first = start["config"]
 
     def row(method: str, iteration: int, m: dict[str, Any]) -> dict[str, Any]:
         folder = Path(m["directory"])

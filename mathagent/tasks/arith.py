@@ -34,7 +34,6 @@ from typing import Any
 
 from mathagent.records import format_observation
 
-VERSION = 2  # bump when problems or gold solutions change (the demo's cached policy is keyed on it)
 SPLITS = ("train", "heldout")
 HELDOUT_SHARE = 4  # one question in HELDOUT_SHARE belongs to the held-out split
 
