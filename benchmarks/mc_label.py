@@ -84,8 +84,8 @@ def per_prefix(trajectories, engine, sandbox, config, m) -> dict:
         for step in steps[:-1]:
             root = labeling.continuation_root(step, t, labeling.prefix_key(step, t.get("answer")))
             group = agent.branch(root, m)
-            agent.run_agent(group, engine, sandbox, config)
-            labels.append(labeling.sampled_step([bool(c.get("correct")) for c in group]))
+            labeling.complete(group, engine, sandbox, config)
+            labels.append(labeling.sampled_step(labeling.outcomes(group)))
             completions += len(group)
             prefixes += 1
         if steps:

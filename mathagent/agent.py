@@ -30,8 +30,8 @@ from mathagent.records import (
     STOPPED,
     TOOL_CALL,
     actions,
-    format_observation,
     is_observation,
+    observation_message,
 )
 
 PROMPTS = {
@@ -162,7 +162,7 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 def execute_pending(trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user") -> int:
     """Run the pending code of every trajectory that has some, in one sandbox call, and append each output as
-    an observation. Returns the number of cells run."""
+    an observation, with the cell's outcome (`records.observation_message`). Returns the number of cells run."""
     from mathagent.sandbox import Cell
 
     todo = [(t, code) for t in trajectories if (code := pending_code(t["messages"])) is not None]
@@ -170,7 +170,7 @@ def execute_pending(trajectories: Sequence[dict[str, Any]], sandbox, observation
         return 0
     cells = [Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code) for t, code in todo]
     for (t, _), result in zip(todo, sandbox.run(cells), strict=True):
-        t["messages"].append({"role": observation_role, "content": format_observation(result.output)})
+        t["messages"].append(observation_message(result.output, result.status, result.cut, observation_role))
     return len(todo)
 
 

@@ -39,6 +39,10 @@ from typing import Any, NamedTuple
 
 from mathagent.errors import UserError
 
+# The longest conversation, in tokens under the chat template, that training takes. Longer examples are
+# dropped, never cut (train-mdpo, train-sft), and make-pairs --max-length drops the same ones earlier.
+DEFAULT_MAX_LENGTH = 4096
+
 # Mistral's [INST] format (Mistral-7B v0.1 / v0.2): system text is put in front of the first user turn, and
 # observations (role user or tool) are user turns. The assistant's text starts with a space, as
 # mistral_common encodes it (its sentencepiece dummy prefix), so the action begins on a token boundary.

@@ -10,6 +10,7 @@ chain through pipes:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mathagent import __version__
+from mathagent.chat import DEFAULT_MAX_LENGTH
 from mathagent.errors import UserError
 from mathagent.records import (
     InvalidCounter,
@@ -60,7 +62,7 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Per-cell wall-cloc
 MemoryOpt = Annotated[int, typer.Option("--memory-mb", help="Per-cell memory cap, in MiB.")]
 MaxOutputOpt = Annotated[int, typer.Option("--max-output-chars", help="Observation text beyond this is cut, with a marker saying how much.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Sandbox worker processes (default: the number of cores).")]
-RewardOpt = Annotated[str, typer.Option("--reward", help="Reward rule: r1 (+1 boxed and correct, -0.5 boxed and wrong, -1 no answer) or binary (1/0).")]
+RewardOpt = Annotated[str, typer.Option("--reward", help="Reward rule: r1 (DeepSeek-R1's rule: +1 boxed and correct, -0.5 boxed and wrong, -1 no boxed answer) or binary (1/0).")]
 
 
 def _version(value: bool) -> None:
@@ -387,11 +389,11 @@ def make_pairs(
     score_field: Annotated[str | None, typer.Option("--score-field", help="max-min ranks by this numeric field (e.g. a PRM's score) instead of the reward.")] = None,
     reward_threshold: Annotated[float | None, typer.Option("--reward-threshold", help="Winners are the trajectories with reward above this, losers the rest, instead of correct / incorrect.")] = None,
     regrade: Annotated[bool, typer.Option("--regrade", help="Grade every trajectory with an answer from its messages; by default stored correct/reward are trusted and only records missing them are graded.")] = False,
-    reward: Annotated[str, typer.Option("--reward", help="Reward rule of the trajectories graded here: r1 (+1 boxed and correct, -0.5 boxed and wrong, -1 no answer) or binary (1/0).")] = "r1",
+    reward: Annotated[str, typer.Option("--reward", help="Reward rule of the trajectories graded here: r1 (DeepSeek-R1's rule: +1 boxed and correct, -0.5 boxed and wrong, -1 no boxed answer) or binary (1/0).")] = "r1",
     keep_unfinished: Annotated[bool, typer.Option("--keep-unfinished", help="Turn off the unfinished (status not answered) and no_answer filters: such trajectories become losers.")] = False,
     keep_errors: Annotated[bool, typer.Option("--keep-errors", help="Turn off the error_observation filter (a Python error or timeout in the last observation).")] = False,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Drop trajectories longer than this many tokens under the chat template (needs --tokenizer).")] = None,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", "--model", help="Tokenizer for --max-length: a local path, a hub id, or 'tiny'.")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Drop trajectories longer than this many tokens under the chat template (needs --tokenizer). Default with --tokenizer: 4096, the length beyond which train-mdpo and train-sft drop an example.")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", "--model", help="Tokenizer for --max-length (the policy's): a local path, a hub id, or 'tiny'.")] = None,
     stats_path: Annotated[str | None, typer.Option("--stats", help="Also write the counts (filters, duplicates, winners, losers, records) as JSON to this path.")] = None,
     skip_invalid: SkipInvalidOpt = False,
 ) -> None:
@@ -428,6 +430,8 @@ def make_pairs(
             raise UserError("--score-field applies to --strategy max-min only")
         if max_length is not None and (max_length < 1 or tokenizer is None):
             raise UserError("--max-length needs a positive length and --tokenizer (or --model)")
+        if max_length is None and tokenizer is not None:
+            max_length = DEFAULT_MAX_LENGTH  # what training would drop anyway
         config = pairs.PairConfig(
             strategy=strategy, k=k, seed=seed, score_field=score_field, reward_threshold=reward_threshold,
             keep_unfinished=keep_unfinished, keep_errors=keep_errors, max_length=max_length, regrade=regrade,
@@ -494,6 +498,8 @@ def mc_label(
     seed: SeedOpt = 0,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Continue under this prompt instead of each trajectory's own first user message: 'tool', 'cot', or a file with a {question} placeholder (needs the field 'question'). Default: the trajectory's own.")] = None,
     steps: StepsOpt = "turns",
+    q: Annotated[str, typer.Option("--q", help="The soft label 'q': mean (Q-hat, the fraction of correct completions) or soft-optimal (Q* = eta log mean exp(u/eta), the talk's KL-regularised value; eta -> infinity gives the mean, eta -> 0 the hard label).")] = "mean",
+    eta: Annotated[float, typer.Option("--eta", help="eta of --q soft-optimal (the KL coefficient).")] = 1.0,
     format: Annotated[str, typer.Option("--format", help="records: every input trajectory with 'steps' added; prm: PRM training chats (user = step, assistant = '+'/'-') with 'labels' and soft labels 'q'.")] = "records",
     observation_role: ObservationRoleOpt = "user",
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories labeled together (their prefixes go to the engine together); output is written, and resumable, chunk by chunk.")] = 1024,
@@ -511,8 +517,10 @@ def mc_label(
     Input: trajectories with messages, answer and correct (as rollout writes them). For each step h but the
     last, M completions of the prefix up to a_h and its observation run through the agent loop (code executed)
     and are graded: "steps"[h] = {"q": Q-hat, "label": "+" if any is correct else "-", "m": M, "correct": hits}.
-    The last step is the trajectory's own grade: {"q": 1.0 or 0.0, "label", "m": 0}. Identical prefixes are
-    sampled once; all prefixes of a chunk go to the engine together. The cost goes to stderr.
+    A completion cut by --max-tokens is continued (up to --max-turns rounds), and left out of Q-hat if still
+    cut ("cut": how many). The last step is the trajectory's own grade: {"q": 1.0 or 0.0, "label", "m": 0}.
+    Identical prefixes are sampled once; all prefixes of a chunk go to the engine together. The cost goes to
+    stderr.
     """
     from mathagent import agent, labeling, prm
     from mathagent.engines import open_engine
@@ -524,6 +532,10 @@ def mc_label(
             raise UserError("--m, --max-turns, --max-tokens and --chunk-size must be at least 1")
         if steps not in labeling.STEP_MODES:
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
+        if q not in labeling.Q_ESTIMATES:
+            raise UserError(f"--q {q!r}: choose from {', '.join(labeling.Q_ESTIMATES)}")
+        if not (eta > 0 and math.isfinite(eta)):
+            raise UserError(f"--eta {eta}: must be a positive finite number")
         if format not in ("records", "prm"):
             raise UserError(f"--format {format!r}: choose from records, prm")
         if observation_role == "assistant":
@@ -541,6 +553,12 @@ def mc_label(
                                    seed=seed, observation_role=observation_role)
         todo = [r for r in records if r["id"] not in finished]
         needs_engine = any(len(labeling.split_steps(r["messages"], steps)) > 1 for r in todo)
+        single = sum(1 for r in todo if len(labeling.split_steps(r["messages"], steps)) == 1)
+        if single and steps == "turns":
+            console.print(
+                f"mc-label: {single} of {len(todo)} trajectories have a single action: with --steps turns that is "
+                "one step, labeled by the trajectory's own grade, with no Monte-Carlo estimate. For "
+                "chain-of-thought solutions use --steps paragraphs (each paragraph a step).", highlight=False)
         report = labeling.LabelingReport()
 
         def on_turn(turn) -> None:
@@ -558,7 +576,8 @@ def mc_label(
                     new = [r for r in chunk if r["id"] not in finished]
                     if new:
                         report.add(labeling.label_trajectories(new, engine, sandbox, config, m=m, mode=steps,
-                                                               cache=cache, prompt=template, on_turn=on_turn))
+                                                               cache=cache, prompt=template, estimate=q, eta=eta,
+                                                               on_turn=on_turn))
                     for r in chunk:
                         if r["id"] in finished:
                             writer.write(finished[r["id"]])
@@ -652,7 +671,7 @@ def score_prm(
     output: OutputOpt = "-",
     model: Annotated[str, typer.Option("--model", help="The PRM: a directory train-prm wrote (full model or LoRA adapter), a hub id, or 'tiny'.")] = "prm",
     steps: Annotated[str | None, typer.Option("--steps", help="What a step is: turns or paragraphs (see mc-label). Default: what the PRM was trained on (its prm.json), else turns.")] = None,
-    aggregate: Annotated[str, typer.Option("--aggregate", help="Trajectory score from its step scores: min, mean, last or prod.")] = "min",
+    aggregate: Annotated[str, typer.Option("--aggregate", help="Trajectory score from its step scores: min (Math-Shepherd's), prod (PRM800K's), mean (RLHFlow's) or last; docs/prm.md compares them.")] = "min",
     field: Annotated[str, typer.Option("--field", help="Field the aggregate is written to (for `mathagent evaluate --score-field`).")] = "score",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Trajectories per forward pass.")] = 8,
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
@@ -721,7 +740,7 @@ TrainLoraAlphaOpt = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha
 TrainMergeLoraOpt = Annotated[bool, typer.Option("--merge-lora", help="Save the LoRA merged into the base model (vLLM --model) instead of the adapter (vLLM --adapter with the base --model).")]
 TrainMaskOpt = Annotated[bool, typer.Option("--mask-observations/--no-mask-observations", help="Loss on the agent's action tokens only (default), or on every token after the prompt, observations and template scaffolding included (the single-turn baseline).")]
 TrainResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output-dir (same data and options).")]
-TrainMaxLengthOpt = Annotated[int, typer.Option("--max-length", help="Cut longer conversations to this many tokens (counted and reported).")]
+TrainMaxLengthOpt = Annotated[int, typer.Option("--max-length", help="Drop examples longer than this many tokens, never cut them (counted and reported; make-pairs --max-length has the same default).")]
 TrainCheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, more time.")]
 TrainSaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Checkpoint every N optimizer steps (0: only the final model).")]
 TrainPrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")]
@@ -797,7 +816,7 @@ def train_mdpo(
     mask_observations: TrainMaskOpt = True,
     resume: TrainResumeOpt = False,
     seed: SeedOpt = 0,
-    max_length: TrainMaxLengthOpt = 4096,
+    max_length: TrainMaxLengthOpt = DEFAULT_MAX_LENGTH,
     gradient_checkpointing: TrainCheckpointingOpt = False,
     save_every: TrainSaveEveryOpt = 0,
     precision: TrainPrecisionOpt = "auto",
@@ -853,7 +872,7 @@ def train_sft(
     mask_observations: TrainMaskOpt = True,
     resume: TrainResumeOpt = False,
     seed: SeedOpt = 0,
-    max_length: TrainMaxLengthOpt = 4096,
+    max_length: TrainMaxLengthOpt = DEFAULT_MAX_LENGTH,
     gradient_checkpointing: TrainCheckpointingOpt = False,
     save_every: TrainSaveEveryOpt = 0,
     precision: TrainPrecisionOpt = "auto",

@@ -1,16 +1,20 @@
 r"""Answer extraction, answer equivalence and the outcome reward r(tau) of a trajectory.
 
-The paper scores a trajectory tau only by its final answer (an outcome reward):
+A trajectory tau is scored only by its final answer (an outcome reward). The rule-based reward `r1` is
+DeepSeek-R1's (Guo et al., 2025; the rule as the talk's slide states it), which rewards the format as well as
+the answer:
 
-    r1(tau)     = +1    if tau ends in a boxed answer a_hat and a_hat == a*
-                  -0.5  if tau ends in a boxed answer a_hat and a_hat != a*
-                  -1    if tau has no boxed answer
+    r1(tau)     = +1    if the last action gives its answer in \boxed{} and a_hat == a*
+                  -0.5  if the last action gives its answer in \boxed{} and a_hat != a*
+                  -1    if the last action has no \boxed{} answer (whatever else it states)
     binary(tau) = 1[a_hat == a*]
 
-where a* is the reference answer and "==" is mathematical equivalence. This module implements the three
-parts of that formula:
+where a* is the reference answer and "==" is mathematical equivalence. The M-DPO paper itself trains on the
+correct / incorrect split alone (binary). With `--answer-modes` that also read an unboxed "The answer is 5",
+`correct` grades that answer, but r1 still gives -1: the format is part of the reward. This module implements
+the three parts:
 
-- extraction: `extract_answer` finds a_hat in the last action's text (the last \\boxed{}/\\fbox{}, or
+- extraction: `extract_answer` finds a_hat in the last action's text (the last \boxed{}/\fbox{}, or
   "The answer is ...", or GSM8K's "#### N");
 - equivalence: `is_equivalent(pred, gold)` decides a_hat == a*;
 - the reward: `reward(pred, gold, kind)`.
@@ -24,10 +28,10 @@ comparison that are wrong or unsafe for training. A comparison goes, in order:
 2. "x = 3" against "3" (a lone variable on the left), then structure: tuples and intervals in order with
    their brackets, sets and solution lists ("1, 2", "x = \pm 1", "2 or 5") as multisets, unions,
    matrices by shape, each part compared by this same procedure;
-3. choice letters ("(C)", "\text{(C)}"), case-sensitive single letters (math-verify grades "c" equal to
-   "C"), exact numbers as rationals without sympy (integers, decimals, fractions, mixed and repeating
-   decimals, scientific notation: 0.0000001 != 0.0000002 and 1000001 != 1000000, where math-verify rounds
-   floats to 6 decimals), word answers as text;
+3. choice letters ("(C)", "\text{(C)}": "C", "(C)", "c" all match), otherwise case-sensitive single letters
+   (math-verify grades the symbol "c" equal to "C"), exact numbers as rationals without sympy (integers,
+   decimals, fractions, mixed and repeating decimals, scientific notation: 0.0000001 != 0.0000002 and 1000001
+   != 1000000, where math-verify rounds floats to 6 decimals), word answers as text;
 4. everything else in a sympy worker: exact numbers (radicals, pi, factorials) exactly when small and to 60
    significant digits otherwise, never with an absolute tolerance (1/2004! != 1/2006!, e^-100 != e^-101,
    which math-verify `chop`s to zero); a decimal against an irrational within |a - b| <= abs_tol +
@@ -668,10 +672,11 @@ class Grader:
             return False
 
     def reward(self, pred: str | None, gold: str, kind: str = "r1") -> float:
-        """r1: +1 boxed and correct, -0.5 boxed and wrong, -1 no answer; binary: 1 or 0."""
+        """The reward of a boxed answer `pred` (None: no boxed answer). r1: +1 correct, -0.5 wrong, -1 none;
+        binary: 1 or 0."""
         if kind not in REWARD_KINDS:
             raise ValueError(f"unknown reward kind {kind!r}; choose from {REWARD_KINDS}")
-        return outcome_reward(pred, self.is_equivalent(pred, gold), kind)
+        return outcome_reward(pred is not None, self.is_equivalent(pred, gold), kind)
 
     # ---- comparison ---------------------------------------------------------------------------------
 
@@ -706,9 +711,12 @@ class Grader:
         if g_coll is not None or p_coll is not None:
             return self._collections_equal(g_coll, p_coll, g, p, deadline, depth)
 
-        # Multiple-choice letters: "(C)", "C", "\text{(C)}".
-        g_choice, p_choice = _CHOICE.match(g), _CHOICE.match(p)
-        if g_choice and (gold.was_text or g.startswith("(") or p_choice):
+        # Multiple-choice letters: "(C)", "C", "\text{(C)}". A gold marked as a choice (parentheses or \text)
+        # takes the letter in any case ("c", "(c)"), as math-verify does; a bare "C" stays a case-sensitive symbol.
+        g_choice = _CHOICE.match(g)
+        marked = g_choice is not None and (gold.was_text or g.startswith("("))
+        p_choice = _CHOICE.match(p.upper() if marked else p)
+        if g_choice and (marked or p_choice):
             self.stats.add("fast")
             return bool(p_choice) and (g_choice.group(1) or g_choice.group(2)) == (p_choice.group(1) or p_choice.group(2))
 
@@ -1108,12 +1116,13 @@ def is_equivalent(pred: str | None, gold: str | None, *, timeout: float = 5.0) -
     return default_grader().is_equivalent(pred, gold, timeout=timeout)
 
 
-def outcome_reward(pred: str | None, correct: bool, kind: str = "r1") -> float:
+def outcome_reward(boxed: bool, correct: bool, kind: str = "r1") -> float:
     """The reward of an answer already graded: r1 (DeepSeek-R1's rule) is +1 boxed and correct, -0.5 boxed and
-    wrong, -1 no boxed answer (pred None); binary is 1[correct]."""
+    wrong, -1 without a boxed answer (even when another answer form was read and graded); binary is
+    1[correct]."""
     if kind == "binary":
         return 1.0 if correct else 0.0
-    if pred is None:
+    if not boxed:
         return -1.0
     return 1.0 if correct else -0.5
 
@@ -1141,12 +1150,13 @@ def grade_trajectory(
         graded["reward"] = None
     else:
         graded["correct"] = grader.is_equivalent(pred, str(gold))
-        graded["reward"] = outcome_reward(pred, graded["correct"], reward_kind)
+        boxed = content is not None and extract_boxed(content) is not None
+        graded["reward"] = outcome_reward(boxed, graded["correct"], reward_kind)
     return graded
 
 
 def reward(pred: str | None, gold: str, kind: str = "r1") -> float:
-    """The outcome reward of a trajectory whose extracted answer is `pred` (None: no boxed answer).
+    """The outcome reward of a trajectory whose boxed answer is `pred` (None: no boxed answer).
 
     r1: +1 if pred == gold, -0.5 if pred is a wrong answer, -1 if there is none; binary: 1[pred == gold].
     """

@@ -5,8 +5,22 @@ s_{h+1} = (x, a_1, o_1, ..., a_h, o_h) is continued M times by the reference pol
 multi-turn loop as rollout (`agent.run_agent`: code runs in the sandbox, observations come back), and each
 completion tau_j is graded against the reference answer:
 
-    Q-hat(s_h, a_h) = (1/M) * sum_{j=1..M} 1[tau_j is correct]     (the soft label)
+    Q-hat(s_h, a_h) = (1/M) * sum_{j=1..M} u_j,   u_j = 1[tau_j is correct]     (the soft label, `--q mean`)
     label_h         = '+'  if Q-hat(s_h, a_h) > 0  else '-'         (the hard label: "some completion succeeds")
+
+The talk's soft-optimal Q (the slide "Q Learning via Monte-Carlo Estimation") is the value of the
+KL-regularised target with coefficient eta, estimated from the same M completions (`--q soft-optimal --eta`):
+
+    Q*(s_h, a_h) = eta * log( (1/M) * sum_j exp(u_j / eta) )
+
+It tends to Q-hat as eta -> infinity (a KL term so strong that the policy stays pi_ref: the mean) and to
+max_j u_j as eta -> 0 (no KL term: the best completion, the hard label).
+
+A completion whose last action is cut by `--max-tokens` has no answer yet; grading it wrong would bias Q-hat
+down. Cut actions are continued (another `--max-tokens` each time) for up to H = `--max-turns` rounds; those
+still cut after that are left out of the estimate (M above becomes the number that finished) and counted in
+the step's `cut` and the report. A step none of whose completions finished gets q = 0 and '-' (no completion
+was seen to succeed), with `cut` = M saying why.
 
 The last step is not sampled: its prefix is the whole trajectory, so it is labeled by the trajectory's own
 grade (Q-hat = 1.0 if `correct` else 0.0).
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +52,7 @@ from mathagent.records import LENGTH
 
 PLUS, MINUS = "+", "-"
 STEP_MODES = ("turns", "paragraphs")
+Q_ESTIMATES = ("mean", "soft-optimal")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -117,15 +133,41 @@ def q_hat(outcomes: Sequence[bool]) -> float:
     return sum(1 for o in outcomes if o) / len(outcomes)
 
 
+def soft_optimal_q(outcomes: Sequence[bool], eta: float) -> float:
+    """Q*(s_h, a_h) = eta * log((1/M) sum_j exp(u_j / eta)), u_j = 1[completion j is correct]: the soft-optimal
+    value of the KL-regularised target (eta -> infinity: Q-hat; eta -> 0: max_j u_j). Computed as
+    u_max + eta * log((1/M) sum_j exp((u_j - u_max) / eta)), which neither overflows nor underflows."""
+    if not outcomes:
+        raise ValueError("Q* of zero completions is undefined")
+    if not eta > 0 or math.isinf(eta):
+        raise ValueError(f"eta must be a positive finite number, got {eta}")
+    u = [1.0 if o else 0.0 for o in outcomes]
+    top = max(u)
+    return top + eta * math.log(sum(math.exp((x - top) / eta) for x in u) / len(u))
+
+
 def hard_label(q: float) -> str:
     """'+' iff some completion from the step reached the right answer (Q-hat > 0), as in the paper."""
     return PLUS if q > 0 else MINUS
 
 
-def sampled_step(outcomes: Sequence[bool]) -> dict[str, Any]:
-    """The label of a sampled step: soft (`q`), hard (`label`), completions (`m`) and how many were right."""
-    q = q_hat(outcomes)
-    return {"q": q, "label": hard_label(q), "m": len(outcomes), "correct": sum(1 for o in outcomes if o)}
+def sampled_step(outcomes: Sequence[bool | None], estimate: str = "mean", eta: float = 1.0) -> dict[str, Any]:
+    """The label of a sampled step from its completions' outcomes (None: cut by the token limit, left out):
+    soft (`q`, by `estimate`), hard (`label`), completions sampled (`m`), how many were right, and `cut`
+    when some were left out."""
+    finished = [o for o in outcomes if o is not None]
+    right = sum(1 for o in finished if o)
+    if not finished:
+        q = 0.0
+    elif estimate == "soft-optimal":
+        q = soft_optimal_q(finished, eta)
+    else:
+        q = q_hat(finished)
+    # The hard label from the count, not from q: a rounding of Q* never flips it.
+    step = {"q": q, "label": PLUS if right else MINUS, "m": len(outcomes), "correct": right}
+    if len(finished) < len(outcomes):
+        step["cut"] = len(outcomes) - len(finished)
+    return step
 
 
 def outcome_step(correct: bool) -> dict[str, Any]:
@@ -155,9 +197,10 @@ def _root_id(key: str) -> str:
 
 @dataclass
 class LabelCache:
-    """Outcomes of prefixes already sampled (key -> one bool per completion); reused across chunks."""
+    """Outcomes of prefixes already sampled (key -> per completion: correct, or None when it was still cut by
+    the token limit); reused across chunks."""
 
-    outcomes: dict[str, list[bool]] = field(default_factory=dict)
+    outcomes: dict[str, list[bool | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +211,8 @@ class LabelingReport:
     prefixes: int = 0  # distinct prefixes sampled in this call
     reused: int = 0  # sampled steps whose prefix was already sampled (in this call or an earlier one)
     completions: int = 0
+    continued: int = 0  # completions whose action was cut by --max-tokens and continued
+    left_out: int = 0  # completions still cut after the continuation rounds: not in any Q-hat
     tokens: int = 0
     engine_calls: int = 0
     seconds: float = 0.0
@@ -180,7 +225,8 @@ class LabelingReport:
         rate = self.steps / self.seconds if self.seconds else 0.0
         return (
             f"{self.trajectories} trajectories, {self.steps} steps labeled ({self.sampled_steps} sampled from "
-            f"{self.prefixes} distinct prefixes, {self.reused} reused), {self.completions} completions, "
+            f"{self.prefixes} distinct prefixes, {self.reused} reused), {self.completions} completions "
+            f"({self.continued} cut by --max-tokens and continued, {self.left_out} still cut and left out of Q-hat), "
             f"{self.tokens} tokens, {self.engine_calls} engine calls in {self.seconds:.1f} s "
             f"({rate:.1f} labeled steps/s)"
         )
@@ -205,6 +251,29 @@ def continuation_root(step: Step, trajectory: dict[str, Any], key: str) -> dict[
     return root
 
 
+def complete(
+    completions: list[dict[str, Any]], engine, sandbox, config: agent.AgentConfig,
+    on_turn: Callable[[agent.TurnReport], None] | None = None,
+) -> int:
+    """Run continuations to their end through the agent loop; an action cut by the token limit has no answer
+    yet, so it is continued, up to H = max_turns rounds in all, rather than graded wrong. Returns how many
+    were cut and continued at least once."""
+    agent.run_agent(completions, engine, sandbox, config, on_turn=on_turn)
+    continued: set[str] = set()
+    for _ in range(config.max_turns - 1):
+        cut = [c for c in completions if c.get("status") == LENGTH]
+        if not cut:
+            break
+        continued.update(c["id"] for c in cut)
+        agent.run_agent(cut, engine, sandbox, config, on_turn=on_turn)
+    return len(continued)
+
+
+def outcomes(completions: Sequence[dict[str, Any]]) -> list[bool | None]:
+    """Per completion: whether it is correct, or None when its action is still cut (left out of Q-hat)."""
+    return [None if c.get("status") == LENGTH else bool(c.get("correct")) for c in completions]
+
+
 def label_trajectories(
     trajectories: list[dict[str, Any]],
     engine,
@@ -215,6 +284,8 @@ def label_trajectories(
     mode: str = "turns",
     cache: LabelCache | None = None,
     prompt: str | None = None,
+    estimate: str = "mean",
+    eta: float = 1.0,
     on_turn: Callable[[agent.TurnReport], None] | None = None,
 ) -> LabelingReport:
     """Set `steps` on every trajectory (in place): one label object per step, in order.
@@ -222,9 +293,14 @@ def label_trajectories(
     Each trajectory needs `messages` and `correct` (and `answer` for its prefixes' completions to be graded).
     All distinct, not yet cached prefixes are continued M times in one `run_agent` call. With `prompt` (a
     template with a {question} placeholder), the continuations see the first user message rendered from the
-    trajectory's `question` with it instead of the trajectory's own."""
+    trajectory's `question` with it instead of the trajectory's own. `estimate` is the soft label: "mean"
+    (Q-hat) or "soft-optimal" (Q* with `eta`)."""
     if m < 1:
         raise UserError("--m must be at least 1")
+    if estimate not in Q_ESTIMATES:
+        raise UserError(f"--q {estimate!r}: choose from {', '.join(Q_ESTIMATES)}")
+    if estimate == "soft-optimal" and not (eta > 0 and math.isfinite(eta)):
+        raise UserError(f"--eta {eta}: must be a positive finite number")
     cache = cache if cache is not None else LabelCache()
     start = time.perf_counter()
     report = LabelingReport(trajectories=len(trajectories))
@@ -247,13 +323,14 @@ def label_trajectories(
     batch = [c for group in continuations.values() for c in group]
     if batch:
         calls, tokens = engine.stats.calls, engine.stats.generated_tokens
-        agent.run_agent(batch, engine, sandbox, config, on_turn=on_turn)
+        report.continued = complete(batch, engine, sandbox, config, on_turn)
         report.engine_calls = engine.stats.calls - calls
         report.tokens = engine.stats.generated_tokens - tokens
     for key, group in continuations.items():
-        cache.outcomes[key] = [bool(c.get("correct")) for c in group]
+        cache.outcomes[key] = outcomes(group)
+        report.left_out += sum(1 for o in cache.outcomes[key] if o is None)
     for t, keys in plan:
-        labels = [sampled_step(cache.outcomes[key]) for key in keys]
+        labels = [sampled_step(cache.outcomes[key], estimate, eta) for key in keys]
         if any(message["role"] == "assistant" for message in t["messages"]):
             labels.append(outcome_step(bool(t.get("correct"))))
         t["steps"] = labels

@@ -17,14 +17,17 @@ r(tau) = beta * (log pi(tau) - log pi_ref(tau)) (beta is the paper's eta, the KL
     hinge:            max(0, 1 - beta h)
     kto (M-KTO):      desirable:   lambda_D (1 - sigmoid(beta (log-ratio(tau) - z0)))
                       undesirable: lambda_U (1 - sigmoid(beta (z0 - log-ratio(tau))))
-                      z0 = max(0, mean over mismatched (x_i, completion_j), i != j, of the log-ratio): the KL
-                      baseline, a constant (no gradient), estimated from the micro-batch
+                      z0 = max(0, mean over mismatched (x_i, completion_j) of the log-ratio), x_i never the
+                      prompt of completion j: the KL baseline, a constant (no gradient), estimated from the
+                      micro-batches of all processes and clamped once, after their mean
     nll (optional):   -sum of log pi over the chosen action tokens / their number, added with --nll-weight
 
 Every function returns per-example values; the caller reduces them (mean over the pairs of an optimizer step).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,18 +86,27 @@ def pair_loss(
     raise UserError(f"--loss {loss!r}: choose from {', '.join(LOSSES)}")
 
 
-def kl_baseline(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+def kl_baseline(
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """M-KTO's z0 = max(0, mean log-ratio of mismatched (prompt, completion) pairs), detached.
 
-    The mismatched pairs are the micro-batch's own prompts with its other examples' completions, so a
-    micro-batch of one example has none: that is a `UserError`.
+    The mismatched pairs are the micro-batch's own prompts with other examples' completions, so a micro-batch
+    of one example is a `UserError`. Under DDP, `mean_over_processes` averages this process's mean with the
+    others' (every micro-batch has as many pairs), and the clamp comes once, after it: clamping each process's
+    mean first would move z0 up whenever some of them are negative.
     """
     if policy_kl_logps.numel() < 2:
         raise UserError(
             "--loss kto needs at least 2 examples per micro-batch: its KL baseline pairs each prompt with another "
             "example's completion (raise --batch-size or lower --grad-accum / the number of processes)"
         )
-    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    mean = (policy_kl_logps - ref_kl_logps).detach().mean()
+    if mean_over_processes is not None:
+        mean = mean_over_processes(mean)
+    return mean.clamp(min=0).detach()
 
 
 def kto_loss(

@@ -15,8 +15,10 @@ For a problem with n sampled trajectories of which c are correct:
     accuracy  = (sum of correct) / (number of trajectories)       (pass@1 averaged over samples)
 
 Each metric is averaged over the problems that have at least k (or one scored) trajectories. Turn statistics
-(from `messages`): a tool call is an action followed by an observation; an error observation contains a
-Python error line ("ZeroDivisionError: ...") or a timeout; a max-turn hit has status "max_turns".
+(from `messages`): a tool call is an action followed by an observation; an error observation is one whose
+recorded cell outcome is not ok (error, memory, timeout, killed; `records.observation_failed`), or, for an
+observation from elsewhere without an outcome, one that reads as a Python traceback or timeout; a cut
+observation had its output cut to the sandbox's cap; a max-turn hit has status "max_turns".
 
 `grade_trajectories` re-grades records from their messages (stored pred/correct are never trusted) and
 `evaluate` computes the report from graded records.
@@ -24,13 +26,13 @@ Python error line ("ZeroDivisionError: ...") or a timeout; a max-turn hit has st
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mathagent.grading import Grader, grade_trajectory
+from mathagent.records import observation_failed
 
 Equal = Callable[[str, str], bool]  # equal(pred, gold)
 
@@ -100,19 +102,11 @@ def best_of_n(samples: Sequence[dict[str, Any]], score_field: str) -> bool | Non
 # Turn statistics
 # --------------------------------------------------------------------------------------------------------
 
-# A Python exception line ("ZeroDivisionError: division by zero", "sympy...PolynomialError: ...") or a
-# timeout notice from the sandbox.
-_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt|Exit)\b.*?:|timed? ?out|timeout", re.IGNORECASE | re.MULTILINE)
-
-
-def is_error_observation(content: str) -> bool:
-    return _ERROR_LINE.search(content) is not None
-
-
-def turn_statistics(messages: Sequence[dict[str, str]]) -> dict[str, int]:
-    """Actions, tool calls (actions answered by an observation), observations and error observations."""
+def turn_statistics(messages: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Actions, tool calls (actions answered by an observation), observations, error observations (a failed
+    cell: `records.observation_failed`) and cut observations (output cut to the sandbox's cap)."""
     seen_action = False
-    stats = {"actions": 0, "tool_calls": 0, "observations": 0, "error_observations": 0}
+    stats = {"actions": 0, "tool_calls": 0, "observations": 0, "error_observations": 0, "cut_observations": 0}
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             seen_action = True
@@ -121,8 +115,9 @@ def turn_statistics(messages: Sequence[dict[str, str]]) -> dict[str, int]:
                 stats["tool_calls"] += 1
         elif seen_action:
             stats["observations"] += 1
-            if is_error_observation(message["content"]):
-                stats["error_observations"] += 1
+            stats["error_observations"] += observation_failed(message)
+            outcome = message.get("outcome")
+            stats["cut_observations"] += isinstance(outcome, dict) and outcome.get("cut") is True
     return stats
 
 
@@ -239,6 +234,7 @@ def _turn_report(trajectories: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per = [turn_statistics(t["messages"]) for t in trajectories]
     observations = sum(s["observations"] for s in per)
     errors = sum(s["error_observations"] for s in per)
+    cut = sum(s["cut_observations"] for s in per)
     n = len(trajectories)
     statuses = Counter(str(t.get("status")) for t in trajectories)
     return {
@@ -249,6 +245,7 @@ def _turn_report(trajectories: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "observations": observations,
         "error_observations": errors,
         "error_observation_rate": errors / observations if observations else None,
+        "cut_observations": cut,
         "max_turns_rate": statuses.get("max_turns", 0) / n if n else None,
         "no_answer_rate": sum(t.get("pred") is None for t in trajectories) / n if n else None,
         "statuses": dict(sorted(statuses.items())),

@@ -15,7 +15,9 @@ and a strategy picks pairs (w, l) in W x L, w the chosen response and l the reje
               random.Random(f"{seed}:{problem_id}") (a problem's pairs do not depend on the rest of the file),
               listed in the order of `all`.
     max-min   w_(1), w_(2), ... the winners by score s descending, l_(1), l_(2), ... the losers by score
-              ascending (ties keep input order), and the pairs (w_(j), l_(j)) for j = 1 .. min(K, |W|, |L|):
+              ascending (ties in a random order from the same per-problem generator: with outcome rewards
+              all winners tie and all losers tie, so this is a random pair, never the first against the
+              first), and the pairs (w_(j), l_(j)) for j = 1 .. min(K, |W|, |L|):
               K = 1 is (argmax_W s, argmin_L s), the best winner against the worst loser; a larger K takes the
               next best against the next worst, so no trajectory is in two pairs. s is the reward r(tau), or a
               score field such as a PRM's `score` (--score-field).
@@ -37,7 +39,8 @@ it hits and counted under that name:
     no_action          no assistant message: there is no response
     unfinished         status is not "answered" (stopped, max_turns, length, tool_call)   [keep_unfinished]
     no_answer          pred is None: no \boxed{} answer                                    [keep_unfinished]
-    error_observation  the last observation is a Python error ("XxxError: ...") or a timeout  [keep_errors]
+    error_observation  the last observation reports a failed cell: its recorded outcome is error, memory,
+                       timeout or killed (without an outcome: a traceback or timeout in its text) [keep_errors]
     too_long           more than max_length tokens for the whole conversation under the chat template
     ungraded           no label: no stored grade and no answer to grade against
     no_score           max-min only: no numeric score (the score field, or the reward)
@@ -59,10 +62,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from mathagent.grading import extract_answer
-from mathagent.metrics import grade_trajectories, is_error_observation
-from mathagent.records import last_action
 from mathagent.errors import UserError
-from mathagent.records import ANSWERED
+from mathagent.metrics import grade_trajectories
+from mathagent.records import ANSWERED, last_action, observation_failed
 
 STRATEGIES = ("random", "max-min", "all")
 FORMATS = ("pairs", "kto", "sft")
@@ -220,17 +222,19 @@ def no_answer(trajectory: dict[str, Any]) -> bool:
     return pred(trajectory) is None
 
 
-def last_observation(messages: Sequence[dict[str, str]]) -> str | None:
-    """The content of the last observation (a non-assistant message after the first action), or None."""
+def last_observation(messages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last observation (a non-assistant message after the first action), or None."""
     start = first_action(messages)
     if start is None:
         return None
-    return next((m["content"] for m in reversed(messages[start:]) if m["role"] != "assistant"), None)
+    return next((m for m in reversed(messages[start:]) if m["role"] != "assistant"), None)
 
 
 def error_observation(trajectory: dict[str, Any]) -> bool:
+    """The last observation reports a failed cell: its recorded outcome, or the traceback heuristic for
+    trajectories from elsewhere (`records.observation_failed`)."""
     observation = last_observation(trajectory["messages"])
-    return observation is not None and is_error_observation(observation)
+    return observation is not None and observation_failed(observation)
 
 
 def conversation_length(tokenizer, messages: Sequence[dict[str, str]]) -> int:
@@ -330,13 +334,20 @@ def random_pairs(winners: Sequence[T], losers: Sequence[T], k: int, rng: random.
     return [(winners[i // len(losers)], losers[i % len(losers)]) for i in chosen]
 
 
+def _shuffled(items: Sequence[T], rng: random.Random) -> list[T]:
+    out = list(items)
+    rng.shuffle(out)
+    return out
+
+
 def max_min_pairs(
-    winners: Sequence[T], losers: Sequence[T], k: int, score_of: Callable[[T], float]
+    winners: Sequence[T], losers: Sequence[T], k: int, score_of: Callable[[T], float], rng: random.Random
 ) -> list[tuple[T, T]]:
     """(w_(j), l_(j)) for j < min(k, |W|, |L|): winners by score descending against losers by score
-    ascending, ties in input order (sorted() is stable)."""
-    best = sorted(winners, key=lambda w: -score_of(w))
-    worst = sorted(losers, key=score_of)
+    ascending, ties in a random order drawn from `rng` (a shuffle, then a stable sort): with outcome rewards
+    every winner ties, and input order would always pair the first winner with the first loser."""
+    best = sorted(_shuffled(winners, rng), key=lambda w: -score_of(w))
+    worst = sorted(_shuffled(losers, rng), key=score_of)
     return list(zip(best, worst))[:k]
 
 
@@ -354,18 +365,19 @@ def select_pairs(
         return all_pairs(winners, losers)
     if strategy == "random":
         return random_pairs(winners, losers, k, rng)
-    return max_min_pairs(winners, losers, k, score_of)
+    return max_min_pairs(winners, losers, k, score_of, rng)
 
 
 def select_winners(
     winners: Sequence[T], strategy: str, k: int | None, rng: random.Random, score_of: Callable[[T], float]
 ) -> list[T]:
-    """The winners kept for SFT: all; a uniform sample of min(k, |W|) (in input order); or the k best."""
+    """The winners kept for SFT: all; a uniform sample of min(k, |W|) (in input order); or the k best (ties at
+    random, as in max_min_pairs)."""
     if strategy == "all":
         return list(winners)
     if strategy == "random":
         return [winners[i] for i in sorted(rng.sample(range(len(winners)), min(k, len(winners))))]
-    return sorted(winners, key=lambda w: -score_of(w))[:k]
+    return sorted(_shuffled(winners, rng), key=lambda w: -score_of(w))[:k]
 
 
 def problem_rng(seed: int, problem_id: Any) -> random.Random:

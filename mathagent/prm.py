@@ -19,7 +19,9 @@ The positions come from the chat template's structure (`mathagent.chat.label_pos
 token offset; that the tokens before each position are exactly the per-prefix prompt is checked, and a
 conversation for which it fails is scored prefix by prefix instead (counted, reported).
 
-The aggregate of a trajectory's step scores is one of min, mean, last, prod (the paper's PRM uses min).
+The aggregate of a trajectory's step scores is one of min (Math-Shepherd's, the default: our labels are its
+labels), prod (PRM800K's, Lightman et al. 2023), mean (RLHFlow's released PRM code, the M-DPO authors'), or
+last; docs/prm.md says why min is the default.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from mathagent.labeling import MINUS, PLUS, split_steps
 
 LABEL_KINDS = ("hard", "soft")
 AGGREGATES = ("min", "mean", "last", "prod")
+DEFAULT_AGGREGATE = "min"  # Math-Shepherd's; see docs/prm.md
 PRM_FILE = "prm.json"  # beside a trained PRM: its label strings and how it was trained
 
 
@@ -208,7 +211,7 @@ def prm_loss(label_logits, is_plus, q, plus_id: int, minus_id: int, kind: str = 
     raise UserError(f"--labels {kind!r}: choose from {', '.join(LABEL_KINDS)}")
 
 
-def aggregate(step_scores: Sequence[float], how: str = "min") -> float | None:
+def aggregate(step_scores: Sequence[float], how: str = DEFAULT_AGGREGATE) -> float | None:
     """One trajectory score from its step scores: min, mean, last or prod; None without steps."""
     if how not in AGGREGATES:
         raise UserError(f"--aggregate {how!r}: choose from {', '.join(AGGREGATES)}")
@@ -299,7 +302,7 @@ def score_chats(model, tokenizer, chats: Sequence[Sequence[dict[str, str]]], *, 
 
 
 def score_trajectories(model, tokenizer, trajectories: list[dict[str, Any]], *, mode: str = "turns",
-                       how: str = "min", field: str = "score", batch_size: int = 8) -> ScoreReport:
+                       how: str = DEFAULT_AGGREGATE, field: str = "score", batch_size: int = 8) -> ScoreReport:
     """Set `step_scores` (p_h per step) and `field` (their aggregate) on every trajectory, in place."""
     start = time.perf_counter()
     report = ScoreReport(trajectories=len(trajectories))

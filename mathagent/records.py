@@ -9,7 +9,9 @@ does not understand. The formats (see docs/records.md):
 
 `messages` is the state s_h of the paper: optional system, the user question, then actions a_1, o_1, ... .
 An action is an assistant message; an observation is any non-assistant message after the first action, its
-content "```output\\n...\\n```" (role `user` by default, as in the M-DPO data; `tool` allowed).
+content "```output\\n...\\n```" (role `user` by default, as in the M-DPO data; `tool` allowed). An
+observation the sandbox made also carries the cell's outcome as data, `"outcome": {"status", "cut"}`, so no
+stage has to guess an error back from the text.
 
 I/O rules shared by every stage: read a path or '-' (stdin); write `-o PATH` atomically (temp file + rename)
 or stdout; a malformed line or a missing field is a `UserError` "FILE:LINE: what is wrong" unless the stage
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,10 +45,59 @@ STATUSES = (ANSWERED, STOPPED, MAX_TURNS, LENGTH, TOOL_CALL)
 
 OBSERVATION_FENCE = "```output"
 
+# How a cell ended (`outcome.status` of an observation): sandbox.STATUSES, written again because the sandbox
+# runs as a standalone file that imports nothing of mathagent (a test keeps the two equal).
+CELL_OK = "ok"  # it ran to its end
+CELL_STATUSES = (CELL_OK, "error", "memory", "timeout", "killed")
+
 
 def format_observation(output: str) -> str:
     """The content of an observation message: the code's output in an ```output fence."""
     return f"```output\n{output.rstrip(chr(10))}\n```"
+
+
+def observation_message(output: str, status: str, cut: bool, role: str = "user") -> dict[str, Any]:
+    """An observation o_h: the output in its fence, and the cell's outcome as data (status, and whether the
+    output was cut to the sandbox's cap)."""
+    return {"role": role, "content": format_observation(output), "outcome": {"status": status, "cut": cut}}
+
+
+def cell_status(message: dict[str, Any]) -> str | None:
+    """The recorded outcome status of an observation, or None for one that came from elsewhere without it."""
+    outcome = message.get("outcome")
+    status = outcome.get("status") if isinstance(outcome, dict) else None
+    return status if status in CELL_STATUSES else None
+
+
+# For observations without a recorded outcome only: a real Python traceback, or a last line that is an
+# exception line ("ZeroDivisionError: division by zero", "sympy.polys.polyerrors.PolynomialError: ...",
+# "KeyboardInterrupt") or a timeout notice. Printed results such as "error: 0.001" or "abs_error = 0.1" are
+# neither.
+_TRACEBACK = re.compile(r"^Traceback \(most recent call last\):\s*$", re.MULTILINE)
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*(?:Error|Exception|Exit|Interrupt)|Exception)(?::\s.*|:)?$")
+_TIMEOUT_LINE = re.compile(r"^(?:timed?[ _-]?out|timeout)\b", re.IGNORECASE)
+
+
+def looks_like_error(content: str) -> bool:
+    """The text heuristic for an observation that carries no outcome: a traceback, or an exception or timeout
+    line as its last line."""
+    body = content.strip()
+    if body.startswith(OBSERVATION_FENCE):
+        body = body[len(OBSERVATION_FENCE):].removesuffix("```")
+    lines = [line.strip() for line in body.splitlines() if line.strip()]
+    if not lines:
+        return False
+    if _TRACEBACK.search(body):
+        return True
+    return bool(_EXCEPTION_LINE.match(lines[-1]) or _TIMEOUT_LINE.match(lines[-1]))
+
+
+def observation_failed(message: dict[str, Any]) -> bool:
+    """Whether an observation reports a failed cell (error, memory, timeout, killed): its recorded outcome,
+    or, for an observation from elsewhere, the text heuristic `looks_like_error`."""
+    status = cell_status(message)
+    return looks_like_error(message["content"]) if status is None else status != CELL_OK
 
 
 def actions(messages: Sequence[dict[str, str]]) -> list[int]:

@@ -104,6 +104,7 @@ class CellResult:
     status: str  # one of STATUSES
     seconds: float  # wall time of the cell itself, fork included, replay excluded
     replayed: int = 0  # history cells run first because the session's state was not here
+    cut: bool = False  # `output` was cut to the cap (printed text cut, or the error's first lines dropped)
 
 
 class _SessionLost(Exception):
@@ -283,7 +284,8 @@ class Sandbox:
                 with self._lock:
                     self.stats["cells"] += 1
                     self.stats["replayed"] += len(replay)
-                return CellResult(reply["output"], reply["status"], reply["seconds"], replayed=len(replay))
+                return CellResult(reply["output"], reply["status"], reply["seconds"], replayed=len(replay),
+                                  cut=reply.get("cut") is True)
         raise RuntimeError("the sandbox could not start a session three times in a row")
 
     def _deadline(self) -> float:
@@ -937,8 +939,8 @@ class _Supervisor:
                 self._start_chain()
                 lost = True
         self._prefork()
-        printed = self._printed()
-        return {"status": status, "output": _fit(printed, error, self.cap), "seconds": seconds, "lost": lost}
+        output, cut = _fit(self._printed(), error, self.cap)
+        return {"status": status, "output": output, "cut": cut, "seconds": seconds, "lost": lost}
 
     def _await(self, seq: int, deadline: float) -> tuple[str, dict | None, int]:
         """Wait for the cell's result, its process's death, or the deadline: (outcome, message, cell pid)."""
@@ -1052,22 +1054,23 @@ def _death_message(message: dict | None) -> str:
     return "SandboxError: the cell's process died"
 
 
-def _fit(printed: str, error: str, cap: int) -> str:
+def _fit(printed: str, error: str, cap: int) -> tuple[str, bool]:
     """Printed text then the error, cut to `cap` characters: the error is kept, the printed text is cut
-    from its end with a marker saying how much was cut."""
+    from its end with a marker saying how much was cut. Also whether anything was cut."""
     printed = printed.rstrip("\n")
     error = error.strip("\n")
+    cut = False
     if len(error) > cap // 2:  # the error's last lines (the exception is the last one) in half the cap
         lines = error.splitlines()
         while len(lines) > 1 and sum(len(line) + 1 for line in lines) > cap // 2:
             lines.pop(0)
-        error = "\n".join(lines)[-(cap // 2) :]
+        error, cut = "\n".join(lines)[-(cap // 2) :], True
     room = cap - len(error) - (1 if error else 0)
     if len(printed) > room:
         marker = f"\n[... {len(printed):d} more characters cut]"  # an upper bound on the marker's length
         keep = max(room - len(marker), 0)
-        printed = printed[:keep] + f"\n[... {len(printed) - keep} more characters cut]"
-    return "\n".join(part for part in (printed, error) if part)
+        printed, cut = printed[:keep] + f"\n[... {len(printed) - keep} more characters cut]", True
+    return "\n".join(part for part in (printed, error) if part), cut
 
 
 class _CellTimeout(BaseException):

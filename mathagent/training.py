@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mathagent import losses
-from mathagent.chat import tokenize_conversation
+from mathagent.chat import DEFAULT_MAX_LENGTH, tokenize_conversation
 from mathagent.errors import UserError
 
 OBJECTIVES = ("pairs", "kto", "sft")
@@ -80,7 +80,7 @@ class TrainConfig:
     mask_observations: bool = True
     resume: bool = False
     seed: int = 0
-    max_length: int = 4096
+    max_length: int = DEFAULT_MAX_LENGTH  # longer examples are dropped, never cut
     gradient_checkpointing: bool = False
     save_every: int = 0  # 0: no intermediate checkpoints
     precision: str = "auto"
@@ -158,43 +158,50 @@ def check_trajectory(record: dict[str, Any]) -> str | None:
 
 @dataclass
 class EncodeReport:
-    truncated: int = 0  # sequences cut to max_length
-    no_actions: int = 0  # sequences left with no action token (after truncation)
+    too_long: int = 0  # examples dropped because a sequence of theirs is longer than max_length
+    no_actions: int = 0  # sequences with no action token
     straddling: int = 0  # tokens left out of actions because they also hold template text (see chat.py)
 
 
 def _encode(tokenizer, messages: list[dict[str, str]], config: TrainConfig, report: EncodeReport) -> Encoded:
     conv = tokenize_conversation(tokenizer, messages, mask_observations=config.mask_observations)
-    ids, mask = conv.input_ids, conv.action_mask
     report.straddling += conv.straddling
-    if len(ids) > config.max_length:
-        ids, mask = ids[: config.max_length], mask[: config.max_length]
-        report.truncated += 1
-    if not any(mask[1:]):
+    if not any(conv.action_mask[1:]):
         report.no_actions += 1
-    return Encoded(ids, mask)
+    return Encoded(conv.input_ids, conv.action_mask)
 
 
 def encode_records(
     tokenizer, records: Sequence[dict[str, Any]], config: TrainConfig
 ) -> tuple[list[Example], EncodeReport]:
-    """Tokenize the records for the objective; a record that the template cannot render names itself."""
+    """Tokenize the records for the objective; a record that the template cannot render names itself.
+
+    An example with a sequence longer than `max_length` is dropped whole and counted, never cut: cutting
+    the end of a trajectory removes its answer, and a pair whose answers are gone teaches the opposite of
+    its label (make-pairs --max-length drops the same pairs earlier, with the same default)."""
     report = EncodeReport()
     examples: list[Example] = []
+
+    def add(example: Example) -> None:
+        if any(len(seq.input_ids) > config.max_length for seq in example.sequences):
+            report.too_long += 1
+        else:
+            examples.append(example)
+
     for record in records:
         try:
             if config.objective == "sft":
-                examples.append(Example(record["id"], [_encode(tokenizer, record["messages"], config, report)]))
+                add(Example(record["id"], [_encode(tokenizer, record["messages"], config, report)]))
             elif config.objective == "pairs":
                 chosen = _encode(tokenizer, record["prompt"] + record["chosen"], config, report)
                 rejected = _encode(tokenizer, record["prompt"] + record["rejected"], config, report)
-                examples.append(Example(record["id"], [chosen, rejected]))
+                add(Example(record["id"], [chosen, rejected]))
             else:
                 units = ([(record["chosen"], True), (record["rejected"], False)] if "chosen" in record
                          else [(record["completion"], record["label"])])
                 for completion, label in units:
                     seq = _encode(tokenizer, record["prompt"] + completion, config, report)
-                    examples.append(Example(record["id"], [seq], label, record["prompt"], completion))
+                    add(Example(record["id"], [seq], label, record["prompt"], completion))
         except UserError as e:
             raise UserError(f"record {record['id']}: {e}") from None
     return examples, report
@@ -255,9 +262,23 @@ def make_plan(n_examples: int, config: TrainConfig, world: int) -> Plan:
     return plan
 
 
-def kl_partners(micro: list[int]) -> list[tuple[int, int]]:
-    """M-KTO's mismatched pairs of a micro-batch: prompt of example j with the completion of example j-1."""
-    return [(micro[j], micro[j - 1]) for j in range(len(micro))]
+def kl_partners(micro: list[int], prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """M-KTO's mismatched pairs of a micro-batch: (i, j), the prompt of example i with the completion of
+    example j, where j never has i's prompt (`prompts[k]` is example k's prompt, as a key). j is the nearest
+    example before i in the micro-batch (cyclically) with another prompt; when every example of the micro-batch
+    shares i's prompt (two completions of one problem), the next example after i in the data that has another."""
+    out = []
+    n = len(prompts)
+    for position, i in enumerate(micro):
+        others = (micro[position - d] for d in range(1, len(micro)))
+        j = next((k for k in others if prompts[k] != prompts[i]), None)
+        if j is None:
+            j = next((k % n for k in range(i + 1, i + n) if prompts[k % n] != prompts[i]), None)
+        if j is None:
+            raise UserError("--loss kto needs at least two different prompts: its KL baseline pairs a prompt with "
+                            "the completion of another")
+        out.append((i, j))
+    return out
 
 
 # ---- models, precision, batches ----------------------------------------------------------------------------
@@ -500,10 +521,12 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples, report = encode_records(tokenizer, records, config)
-    if report.truncated or report.no_actions or report.straddling:
-        say(f"encoding: {report.truncated} sequence(s) cut to --max-length {config.max_length}, "
-            f"{report.no_actions} with no action token left, {report.straddling} token(s) straddling an action "
-            "boundary left out of the actions")
+    if report.too_long or report.no_actions or report.straddling:
+        say(f"encoding: {report.too_long} example(s) longer than --max-length {config.max_length} tokens dropped "
+            f"(never cut: that would cut off answers), {report.no_actions} sequence(s) with no action token, "
+            f"{report.straddling} token(s) straddling an action boundary left out of the actions")
+    if not examples and report.too_long:
+        raise UserError(f"every example is longer than --max-length {config.max_length} tokens: raise it")
     plan = make_plan(len(examples), config, world)
     if config.objective == "kto" and plan.micro_batch < 2:
         losses.kl_baseline(torch.zeros(plan.micro_batch), torch.zeros(plan.micro_batch))  # raises the UserError
@@ -518,11 +541,12 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     for e in examples:
         first_seq.append(first_seq[-1] + len(e.sequences))
     kl_index: dict[tuple[int, int], int] = {}
+    prompt_keys = [json.dumps(e.prompt, sort_keys=True) for e in examples]
     if config.objective == "kto":
         for step in range(plan.total_steps):
             for per_rank in plan.step(step):
                 for micro in per_rank:
-                    for i, j in kl_partners(micro):
+                    for i, j in kl_partners(micro, prompt_keys):
                         if (i, j) not in kl_index:
                             kl_index[(i, j)] = len(sequences)
                             sequences.append(_encode(tokenizer, examples[i].prompt + examples[j].completion,
@@ -639,7 +663,7 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
         for step in range(start_step, plan.total_steps):
             t0 = time.perf_counter()
             row = _train_step(model, accelerator, optimizer, scheduler, plan, step, examples, first_seq, sequences,
-                              kl_index, ref_logps, config, pad_id)
+                              kl_index, prompt_keys, ref_logps, config, pad_id)
             tokens_total += row["tokens"]
             row["tokens_per_second"] = row["tokens"] / (time.perf_counter() - t0)
             if main:
@@ -681,7 +705,7 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
 
 def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int, examples: list[Example],
                 first_seq: list[int], sequences: list[Encoded], kl_index: dict[tuple[int, int], int],
-                ref_logps: list[float], config: TrainConfig, pad_id: int) -> dict[str, Any]:
+                prompt_keys: list[str], ref_logps: list[float], config: TrainConfig, pad_id: int) -> dict[str, Any]:
     """One optimizer step over the plan's examples for `step`; returns its metrics row (all processes')."""
     import torch
 
@@ -723,12 +747,12 @@ def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int,
                 seqs = [sequences[first_seq[i]] for i in micro]
                 logps, _, n_tokens = sequence_logps(model, seqs, pad_id, device)
                 refs = torch.tensor([ref_logps[first_seq[i]] for i in micro], device=device, dtype=logps.dtype)
-                partners = [kl_index[p] for p in kl_partners(micro)]
+                partners = [kl_index[p] for p in kl_partners(micro, prompt_keys)]
                 with torch.no_grad():
                     kl_logps, _, _ = sequence_logps(model, [sequences[k] for k in partners], pad_id, device)
                 kl_refs = torch.tensor([ref_logps[k] for k in partners], device=device, dtype=kl_logps.dtype)
-                kl_local = losses.kl_baseline(kl_logps, kl_refs)
-                kl = accelerator.gather(kl_local.reshape(1)).mean().clamp(min=0) if world > 1 else kl_local
+                kl = losses.kl_baseline(kl_logps, kl_refs, (lambda mean: accelerator.gather(mean.reshape(1)).mean())
+                                        if world > 1 else None)
                 desirable = torch.tensor([examples[i].desirable for i in micro], device=device)
                 ell = losses.kto_loss(logps, refs, desirable, kl, beta=config.beta,
                                       desirable_weight=config.desirable_weight,

@@ -134,3 +134,25 @@ def test_the_tiny_model_runs_the_loop_on_both_backends(backend, request, sandbox
         assert t["status"] in ("answered", "stopped", "length", "max_turns")
         assert t["messages"][-1]["role"] == "assistant" or t["status"] == "max_turns"
         assert "reward" in t and "correct" in t
+
+
+def test_each_observation_records_its_cells_outcome_as_data(scripted):
+    from mathagent.pairs import error_observation
+    from mathagent.metrics import turn_statistics
+    from mathagent.sandbox import Sandbox
+
+    cells = ['print("error:", 0.001)', "1 / 0", "import time\ntime.sleep(5)", "print('x' * 500)", "print('done')"]
+
+    def policy(state, turn):
+        return f"Step.\n```python\n{cells[turn]}\n```" if turn < len(cells) else "\\boxed{1}"
+
+    with Sandbox(timeout=1.0, max_output_chars=300) as box:
+        (t,) = agent.new_trajectories({"id": "p", "question": "q", "answer": "1"}, 1, agent.PROMPTS["tool"])
+        run_agent([t], scripted(policy), box, AgentConfig(max_turns=len(cells) + 1, max_tokens=200))
+    outcomes = [m["outcome"] for m in t["messages"] if "outcome" in m]
+    assert outcomes == [{"status": "ok", "cut": False}, {"status": "error", "cut": False},
+                        {"status": "timeout", "cut": False}, {"status": "ok", "cut": True},
+                        {"status": "ok", "cut": False}]
+    assert turn_statistics(t["messages"])["error_observations"] == 2  # "error: 0.001" is a printed result
+    first = {**t, "messages": t["messages"][:3] + [{"role": "assistant", "content": "\\boxed{1}"}]}
+    assert "error: 0.001" in first["messages"][2]["content"] and not error_observation(first)

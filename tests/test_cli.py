@@ -66,7 +66,8 @@ def test_rollout_execute_rollout_pipe_continues_the_trajectories(tiny_model):
     middle = records(executed)
     assert [t["id"] for t in middle] == ["p1-0", "p1-1", "h"]
     assert middle[:2] == records(first)  # nothing pending there: passed through unchanged
-    assert middle[2]["messages"][-1] == {"role": "user", "content": "```output\n42\n```"}
+    assert middle[2]["messages"][-1] == {"role": "user", "content": "```output\n42\n```",
+                                         "outcome": {"status": "ok", "cut": False}}
     final = records(run(["rollout", "--model", tiny_model, "--backend", "hf", "--max-turns", "3",
                          "--max-tokens", "6", "--temperature", "1.0"], stdin=executed).stdout)
     assert [t["id"] for t in final] == ["p1-0", "p1-1", "h"]

@@ -293,3 +293,15 @@ def test_module_functions_use_a_default_grader_with_counters():
     assert is_equivalent(r"\dfrac{3}{4}", "0.75")
     assert reward(r"\boxed{7}", "7") == 1.0
     assert grading.grading_stats()["comparisons"] >= before + 2
+
+
+def test_r1_gives_minus_one_to_an_unboxed_answer_even_when_another_answer_mode_reads_it():
+    trajectory = {"id": "t", "answer": "12", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "So the answer is 12."}]}
+    graded = grading.grade_trajectory(trajectory, answer_modes=("boxed", "answer_is"))
+    assert (graded["pred"], graded["correct"], graded["reward"]) == ("12", True, -1.0)
+    boxed = {**trajectory, "messages": [trajectory["messages"][0], {"role": "assistant", "content": "\\boxed{12}"}]}
+    assert grading.grade_trajectory(boxed, answer_modes=("boxed", "answer_is"))["reward"] == 1.0
+    wrong = {**trajectory, "answer": "13"}
+    assert grading.grade_trajectory(wrong, answer_modes=("boxed", "answer_is"))["reward"] == -1.0
+    assert grading.grade_trajectory(wrong, answer_modes=("answer_is",), reward_kind="binary")["reward"] == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -53,6 +54,21 @@ def test_q_hat_is_the_fraction_of_correct_completions_and_plus_means_any_correct
     assert outcome_step(False) == {"q": 0.0, "label": "-", "m": 0}
     with pytest.raises(ValueError):
         q_hat([])
+
+
+def test_soft_optimal_q_tends_to_the_mean_for_large_eta_and_to_the_hard_label_for_small_eta():
+    outcomes = [True, False, False, False]
+    assert labeling.soft_optimal_q(outcomes, 1.0) == pytest.approx(math.log((math.e + 3) / 4), abs=1e-15)
+    assert labeling.soft_optimal_q(outcomes, 1e6) == pytest.approx(q_hat(outcomes), abs=1e-6)
+    assert labeling.soft_optimal_q(outcomes, 1e-3) == pytest.approx(1.0, abs=1e-2)  # 1 + eta log(1/4)
+    assert labeling.soft_optimal_q(outcomes, 1e-9) == pytest.approx(1.0, abs=1e-7)
+    assert labeling.soft_optimal_q([False] * 4, 1e-9) == 0.0 and labeling.soft_optimal_q([True] * 4, 0.5) == 1.0
+    for eta in (0.01, 0.3, 1.0, 10.0):  # between the mean and the max, increasing as eta falls
+        assert q_hat(outcomes) < labeling.soft_optimal_q(outcomes, eta) < 1.0
+    step = labeling.sampled_step(outcomes, "soft-optimal", 1e-9)
+    assert step["q"] == pytest.approx(1.0) and step["label"] == "+" and step["correct"] == 1
+    with pytest.raises(ValueError):
+        labeling.soft_optimal_q(outcomes, 0.0)
 
 
 def test_a_turn_step_is_an_action_with_its_observation_and_its_prefix_ends_there():
@@ -118,6 +134,45 @@ def test_a_single_action_trajectory_is_labeled_by_its_own_grade_without_sampling
     assert right["steps"] == [{"q": 1.0, "label": "+", "m": 0}]
     assert wrong["steps"] == [{"q": 0.0, "label": "-", "m": 0}]
     assert engine.stats.calls == 0
+
+
+def rambling_policy(ramblers):
+    """From the prefix's state, the j-th completion (j = 1..M) either rambles without end (j in `ramblers`) or
+    writes a long preamble (cut by a small --max-tokens) and, continued, the right answer."""
+    seen = Counter()
+
+    def policy(state, turn):
+        if "Hmm" in state.rsplit("hint", 1)[-1]:
+            return "Hmm " * 40
+        if "Let me see" in state.rsplit("hint", 1)[-1]:
+            return " \\boxed{7}."
+        seen[state] += 1
+        return "Hmm " * 40 if seen[state] in ramblers else "Let me see " * 10 + "\\boxed{7}."
+
+    return policy
+
+
+def test_a_completion_cut_by_the_token_limit_is_continued_and_left_out_of_q_hat_if_still_cut(scripted, sandbox):
+    t = trajectory("a", [3], 7, True)
+    engine = scripted(rambling_policy({2, 4}))
+    report = label_trajectories([t], engine, sandbox, AgentConfig(max_turns=3, max_tokens=8), m=4)
+    # Completions 1 and 3 are cut once, continued, and right; 2 and 4 are still cut after 3 rounds.
+    assert t["steps"][0] == {"q": 1.0, "label": "+", "m": 4, "correct": 2, "cut": 2}
+    assert (report.continued, report.left_out) == (4, 2)
+    assert engine.stats.calls == 3  # the first round and two continuation rounds (H = 3 in all)
+    everything_cut = trajectory("b", [4], 7, True)
+    label_trajectories([everything_cut], scripted(rambling_policy({1, 2, 3, 4})), sandbox,
+                       AgentConfig(max_turns=2, max_tokens=8), m=4)
+    assert everything_cut["steps"][0] == {"q": 0.0, "label": "-", "m": 4, "correct": 0, "cut": 4}
+
+
+def test_a_single_action_trajectory_under_turns_steps_is_reported_with_a_pointer_to_paragraphs():
+    single = trajectory("s", [], 7, True)
+    proc = mathagent(["mc-label"], json.dumps(single) + "\n")
+    assert "1 of 1 trajectories have a single action" in proc.stderr and "--steps paragraphs" in proc.stderr
+    assert json.loads(proc.stdout)["steps"] == [{"q": 1.0, "label": "+", "m": 0}]
+    quiet = mathagent(["mc-label", "--steps", "paragraphs"], json.dumps(single) + "\n")
+    assert "single action" not in quiet.stderr
 
 
 def code_then_answer(state, turn):
@@ -218,7 +273,8 @@ def test_mc_label_command_keeps_every_record_in_order_and_resumes(tiny_model, tm
         assert {k: v for k, v in t.items() if k != "steps"} == original
         assert len(t["steps"]) == len(split_steps(original["messages"]))
         assert all(s["m"] == 2 for s in t["steps"][:-1]) and t["steps"][-1] == outcome_step(original["correct"])
-    assert re.search(r"\d+ completions, \d+ tokens, \d+ engine calls in [\d.]+ s", proc.stderr)
+    assert re.search(r"\d+ completions \(\d+ cut by --max-tokens and continued, \d+ still cut and left out of Q-hat\), "
+                     r"\d+ tokens, \d+ engine calls in [\d.]+ s", proc.stderr)
     assert not tmp.exists()
 
     prm = mathagent(["mc-label", "--model", tiny_model, "--backend", "hf", "--m", "1", "--max-tokens", "4",

@@ -70,6 +70,18 @@ def test_kto_kl_baseline_is_never_negative_and_carries_no_gradient():
     assert kl.item() == 0.0 and not kl.requires_grad
 
 
+def test_kto_kl_baseline_is_clamped_once_after_the_mean_over_processes():
+    """Under DDP z0 = max(0, mean of all processes' mismatched log-ratios): here this process's mean is -1 and
+    the other's 2, so z0 = 0.5. Clamping each process's mean first would give (0 + 2) / 2 = 1."""
+    other_process = torch.tensor(2.0, dtype=torch.float64)
+    mean_over_processes = lambda mean: torch.stack([mean, other_process]).mean()  # noqa: E731
+    kl = losses.kl_baseline(torch.tensor([-4.0, -3.0], dtype=torch.float64),
+                            torch.tensor([-3.0, -2.0], dtype=torch.float64), mean_over_processes)
+    assert kl.item() == pytest.approx(0.5, abs=1e-15)
+    assert losses.kl_baseline(torch.tensor([-4.0, -3.0]), torch.tensor([-3.0, -2.0]),
+                              lambda mean: torch.stack([mean, torch.tensor(0.5)]).mean()).item() == 0.0
+
+
 def test_kto_needs_two_examples_per_micro_batch():
     with pytest.raises(UserError, match="at least 2 examples per micro-batch"):
         losses.kl_baseline(torch.tensor([-1.0]), torch.tensor([-1.0]))

@@ -13,7 +13,6 @@ from mathagent.metrics import (
     best_of_n,
     evaluate,
     grade_trajectories,
-    is_error_observation,
     maj_at_k,
     majority_answer,
     pass_at_k,
@@ -105,15 +104,51 @@ def test_turn_statistics_count_tool_calls_and_error_observations():
         {"role": "user", "content": "```output\n2\n```"},
         {"role": "assistant", "content": r"\boxed{2}"},
     ]
-    assert turn_statistics(messages) == {"actions": 3, "tool_calls": 2, "observations": 2, "error_observations": 1}
+    assert turn_statistics(messages) == {"actions": 3, "tool_calls": 2, "observations": 2, "error_observations": 1,
+                                         "cut_observations": 0}
 
 
-def test_error_observations_are_python_errors_and_timeouts():
-    assert is_error_observation("```output\nTraceback ...\nNameError: name 'x' is not defined\n```")
-    assert is_error_observation("```output\nsympy.polys.polyerrors.PolynomialError: bad\n```")
-    assert is_error_observation("```output\nTimed out after 10 s\n```")
-    assert not is_error_observation("```output\n42\n```")
-    assert not is_error_observation("```output\nthe error is small: 0.01\n```")
+def test_the_recorded_cell_outcome_decides_an_error_not_the_printed_text():
+    def observed(output, status=None, cut=False):
+        message = {"role": "user", "content": f"```output\n{output}\n```"}
+        if status is not None:
+            message["outcome"] = {"status": status, "cut": cut}
+        return [{"role": "user", "content": "q"}, {"role": "assistant", "content": "```python\n...\n```"}, message,
+                {"role": "assistant", "content": "\\boxed{1}"}]
+
+    # Ordinary printed results that a regex on "error" used to flag.
+    for printed in ("error: 0.001", "abs_error = 0.1", "Error: 3", "the error is small: 0.01"):
+        assert turn_statistics(observed(printed, "ok"))["error_observations"] == 0
+        assert turn_statistics(observed(printed))["error_observations"] == 0  # no outcome: the heuristic
+    assert turn_statistics(observed("42", "timeout"))["error_observations"] == 1
+    assert turn_statistics(observed("42", "memory", cut=True))["cut_observations"] == 1
+    assert turn_statistics(observed("ValueError: printed on purpose", "ok"))["error_observations"] == 0
+
+
+@pytest.mark.parametrize("output, error", [
+    ("Traceback (most recent call last):\n  File \"<cell 1>\", line 1\nNameError: name 'x' is not defined", True),
+    ("sympy.polys.polyerrors.PolynomialError: bad", True),
+    ("ZeroDivisionError: division by zero", True),
+    ("partial\nTimeoutError: the cell ran longer than 10 s", True),
+    ("Timed out after 10 s", True),
+    ("KeyboardInterrupt", True),
+    ("42", False),
+    ("error: 0.001", False),
+    ("abs_error = 0.1", False),
+    ("the error is small: 0.01", False),
+    ("ValueError: x\nbut then it went on", False),
+])
+def test_without_an_outcome_the_heuristic_is_anchored_on_real_tracebacks(output, error):
+    from mathagent.records import looks_like_error, observation_failed
+
+    assert looks_like_error(f"```output\n{output}\n```") is error
+    assert observation_failed({"role": "user", "content": f"```output\n{output}\n```"}) is error
+
+
+def test_the_records_cell_statuses_are_the_sandboxs():
+    from mathagent import records, sandbox
+
+    assert records.CELL_STATUSES == sandbox.STATUSES
 
 
 # ---- the report ----------------------------------------------------------------------------------------

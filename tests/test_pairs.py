@@ -25,6 +25,7 @@ from mathagent.pairs import (
     needs_grading,
     no_action,
     no_answer,
+    problem_rng,
     random_pairs,
     select_winners,
     split_prompt,
@@ -91,16 +92,27 @@ def test_random_pairs_with_k_above_the_combinations_are_all_of_them():
 def test_max_min_pairs_the_best_winner_with_the_worst_loser_then_the_next():
     score = {"w1": 0.7, "w2": 0.9, "w3": 0.8, "l1": 0.4, "l2": 0.1, "l3": 0.3}.__getitem__
     winners, losers = ["w1", "w2", "w3"], ["l1", "l2", "l3"]
-    assert max_min_pairs(winners, losers, 1, score) == [("w2", "l2")]
-    assert max_min_pairs(winners, losers, 2, score) == [("w2", "l2"), ("w3", "l3")]
-    assert max_min_pairs(winners, losers, 8, score) == [("w2", "l2"), ("w3", "l3"), ("w1", "l1")]
+    rng = random.Random(0)
+    assert max_min_pairs(winners, losers, 1, score, rng) == [("w2", "l2")]
+    assert max_min_pairs(winners, losers, 2, score, rng) == [("w2", "l2"), ("w3", "l3")]
+    assert max_min_pairs(winners, losers, 8, score, rng) == [("w2", "l2"), ("w3", "l3"), ("w1", "l1")]
     # no trajectory is in two pairs: the shorter side ends the list
-    assert max_min_pairs(["w1"], losers, 3, score) == [("w1", "l2")]
+    assert max_min_pairs(["w1"], losers, 3, score, rng) == [("w1", "l2")]
 
 
-def test_max_min_ties_go_to_the_first_in_input_order():
-    score = {"w1": 1.0, "w2": 1.0, "l1": -0.5, "l2": -0.5}.__getitem__
-    assert max_min_pairs(["w1", "w2"], ["l1", "l2"], 2, score) == [("w1", "l1"), ("w2", "l2")]
+def test_max_min_breaks_ties_at_random_with_the_problems_generator():
+    """With outcome rewards every winner ties and every loser ties: the pair must not always be the first
+    winner against the first loser."""
+    winners, losers = [f"w{i}" for i in range(6)], [f"l{i}" for i in range(6)]
+    score = {**dict.fromkeys(winners, 1.0), **dict.fromkeys(losers, -0.5)}.__getitem__
+    picks = {seed: max_min_pairs(winners, losers, 1, score, problem_rng(seed, "p1")) for seed in range(4)}
+    assert len(set(map(tuple, picks.values()))) > 1  # two seeds pick different pairs
+    assert picks[0] == max_min_pairs(winners, losers, 1, score, problem_rng(0, "p1"))  # and a seed repeats
+    assert any(pick != [("w0", "l0")] for pick in picks.values())
+    ts = [trajectory(w) for w in winners] + [trajectory(loser, correct=False) for loser in losers]
+    chosen = {seed: [(p["chosen_id"], p["rejected_id"]) for p in
+                     make_pairs(ts, PairConfig(strategy="max-min", seed=seed))[0]] for seed in range(4)}
+    assert len(set(map(tuple, chosen.values()))) > 1
 
 
 def test_sft_selection_takes_all_a_seeded_sample_or_the_best_winners():
@@ -109,7 +121,7 @@ def test_sft_selection_takes_all_a_seeded_sample_or_the_best_winners():
     assert select_winners(winners, "all", None, random.Random(0), score) == winners
     sample = select_winners(winners, "random", 2, random.Random(0), score)
     assert sample == [winners[i] for i in sorted(random.Random(0).sample(range(4), 2))]
-    assert select_winners(winners, "max-min", 2, random.Random(0), score) == ["w2", "w4"]
+    assert sorted(select_winners(winners, "max-min", 2, random.Random(0), score)) == ["w2", "w4"]
 
 
 # ---- filters ------------------------------------------------------------------------------------------
@@ -142,6 +154,20 @@ def test_an_error_in_the_last_observation_is_a_python_error_line_or_a_timeout(ou
     t = trajectory("a")
     t["messages"][-2]["content"] = f"```output\n{output}\n```"
     assert error_observation(t) is hit
+
+
+def test_the_error_filter_reads_the_recorded_outcome_before_the_text():
+    printed = trajectory("a")
+    printed["messages"][-2] = {"role": "user", "content": "```output\nerror: 0.001\n```",
+                               "outcome": {"status": "ok", "cut": False}}
+    assert not error_observation(printed)
+    quiet_timeout = trajectory("b")
+    quiet_timeout["messages"][-2] = {"role": "user", "content": "```output\n5\n```",
+                                     "outcome": {"status": "timeout", "cut": False}}
+    assert error_observation(quiet_timeout)
+    out, stats = make_pairs([printed, quiet_timeout, trajectory("c", correct=False)], PairConfig(strategy="all"))
+    assert [(p["chosen_id"], p["rejected_id"]) for p in out] == [("a", "c")]
+    assert stats.filtered["error_observation"] == 1
 
 
 def test_an_error_before_the_last_observation_is_not_a_hit():
@@ -366,7 +392,8 @@ def test_make_pairs_writes_kto_to_a_file_and_the_counts_as_json(tmp_path):
                 "--k", "2", "--stats", str(stats)])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
-    assert [(r["id"], r["label"]) for r in map(json.loads, out.read_text().splitlines())] == [("a", True), ("b", False)]
+    records = [(r["id"], r["label"]) for r in map(json.loads, out.read_text().splitlines())]
+    assert records[0] == ("a", True) and records[1] in (("b", False), ("c", False)) and len(records) == 2
     counts = json.loads(stats.read_text())
     assert counts["written"] == 2 and counts["filtered"]["no_score"] == 0 and counts["grading"] is None
 
@@ -379,6 +406,10 @@ def test_make_pairs_grades_what_has_no_grade_and_applies_max_length_with_a_token
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == ["p1:a>b"]
     assert "1 graded here" in proc.stderr and "too_long 0" in proc.stderr
+    # With a tokenizer and no --max-length, the limit is training's own (training drops longer examples).
+    default = run(["make-pairs", "--tokenizer", tiny_model, "--strategy", "all"],
+                  stdin=jsonl([trajectory("a"), trajectory("b", correct=False)]))
+    assert "too_long 0" in default.stderr
 
 
 @pytest.mark.parametrize("args, stdin, message", [

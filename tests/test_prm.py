@@ -203,3 +203,20 @@ def test_train_prm_then_score_prm_then_best_of_n(tiny_model, tmp_path):
         assert t["score"] == pytest.approx(sum(t["step_scores"]) / len(t["step_scores"]))
     report = json.loads(mathagent(["evaluate", "--score-field", "score"], "".join(json.dumps(t) + "\n" for t in scored)).stdout)
     assert report["best_of_n"]["problems"] == 1
+
+
+def test_every_aggregate_is_documented_with_the_prm_that_uses_it_and_the_default_is_the_commands():
+    import inspect
+    import re
+    from pathlib import Path
+
+    from mathagent import cli
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "prm.md").read_text()
+    table = doc[doc.index("### Aggregation") :]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)`[^|]*\|[^|]*\| (.+) \|$", table, re.MULTILINE)}
+    assert set(rows) == set(prm.AGGREGATES)
+    assert "Math-Shepherd" in rows["min"] and "RLHFlow" in rows["mean"] and "PRM800K" in rows["prod"]
+    assert f"`{prm.DEFAULT_AGGREGATE}` (default)" in table
+    assert inspect.signature(cli.score_prm).parameters["aggregate"].default == prm.DEFAULT_AGGREGATE
+    assert prm.aggregate([0.9, 0.2, 0.8]) == 0.2

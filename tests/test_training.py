@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mathagent import losses, training
-from mathagent.chat import tokenize_conversation
+from mathagent.chat import DEFAULT_MAX_LENGTH, tokenize_conversation
 from mathagent.errors import UserError
 from mathagent.records import format_observation
 
@@ -151,6 +151,36 @@ def test_a_micro_batch_runs_in_groups_of_similar_length():
     for group in groups:
         assert all(lengths[i] >= 0.8 * lengths[group[0]] for i in group)
     assert [[lengths[i] for i in g] for g in groups] == [[481, 427], [384, 367], [300, 254], [151, 138]]
+
+
+def test_an_example_longer_than_max_length_is_dropped_and_counted_never_cut(tiny_model, tiny_tokenizer):
+    lengths = [len(tokenize_conversation(tiny_tokenizer, p["prompt"] + p[side]).input_ids)
+               for p in HAND_PAIRS for side in ("chosen", "rejected")]
+    shortest_pair = min(range(len(HAND_PAIRS)), key=lambda i: max(lengths[2 * i : 2 * i + 2]))
+    limit = max(lengths[2 * shortest_pair : 2 * shortest_pair + 2])
+    assert limit < max(lengths)  # the other pair has a longer sequence
+    config = training.TrainConfig(model=tiny_model, output_dir="unused", max_length=limit)
+    examples, report = training.encode_records(tiny_tokenizer, HAND_PAIRS, config)
+    assert [e.id for e in examples] == [HAND_PAIRS[shortest_pair]["id"]] and report.too_long == 1
+    for seq, side in zip(examples[0].sequences, ("chosen", "rejected"), strict=True):  # whole, answers included
+        whole = tokenize_conversation(tiny_tokenizer, HAND_PAIRS[shortest_pair]["prompt"] + HAND_PAIRS[shortest_pair][side])
+        assert seq.input_ids == whole.input_ids
+    kto = training.TrainConfig(model=tiny_model, output_dir="unused", max_length=limit, objective="kto")
+    examples, report = training.encode_records(tiny_tokenizer, HAND_PAIRS, kto)
+    assert all(len(e.sequences[0].input_ids) <= limit for e in examples) and len(examples) + report.too_long == 4
+    assert training.TrainConfig(model="m", output_dir="o").max_length == DEFAULT_MAX_LENGTH
+
+
+def test_an_m_kto_kl_partner_never_shares_the_prompt_of_its_example():
+    prompts = ["p1", "p1", "p2", "p3", "p3", "p1"]
+    for micro in ([0, 1, 2], [1, 0], [3, 4], [5, 0, 1, 2], [2, 3]):
+        partners = training.kl_partners(micro, prompts)
+        assert [i for i, _ in partners] == micro
+        assert all(prompts[i] != prompts[j] for i, j in partners), (micro, partners)
+    assert training.kl_partners([2, 3], prompts) == [(2, 3), (3, 2)]  # the other example of the micro-batch
+    assert training.kl_partners([0, 1], prompts) == [(0, 2), (1, 2)]  # the next example with another prompt
+    with pytest.raises(UserError, match="two different prompts"):
+        training.kl_partners([0, 1], ["p", "p"])
 
 
 def test_observation_tokens_get_no_gradient(tiny_model, tiny_tokenizer):
