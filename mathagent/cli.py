@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from mathagent.errors import UserError
 from mathagent.records import (
     InvalidCounter,
     RecordWriter,
+    check_output_path,
     check_problem_or_trajectory,
     read_finished,
     read_records,
@@ -117,6 +119,52 @@ def _record_stream() -> Iterator[IO[str]]:
 def _report_invalid(invalid: InvalidCounter) -> None:
     if invalid.count:
         console.print(f"skipped {invalid.count} invalid input line(s), e.g. {invalid.examples[0]}", highlight=False)
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_model(option: str, name: str | None, *, adapter: bool = False) -> None:
+    """A model (or adapter) is 'tiny', an existing directory, or something shaped like a hub id
+    ("org/name"); a path that does not exist is refused before anything loads."""
+    if name is None or (name == "tiny" and not adapter):
+        return
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise UserError(f"{option} {name}: is a file; give the model's directory")
+        wanted = "adapter_config.json" if adapter else "config.json"
+        if not os.path.isfile(os.path.join(name, wanted)):
+            raise UserError(f"{option} {name}: no {wanted} in it: not a {'peft adapter' if adapter else 'model'} "
+                            "directory")
+        return
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise UserError(f"{option} {name}: no such directory (and not a hub id like org/name)")
+
+
+def _check_generation(*, temperature: float, top_p: float, max_tokens: int, max_turns: int, chunk_size: int,
+                      dtype: str, observation_role: str = "user", reward: str = "r1", n: int = 1) -> None:
+    """The options of the stages that generate (rollout, mc-label), checked before any work."""
+    from mathagent.grading import REWARD_KINDS
+
+    if n < 1 or max_turns < 1 or max_tokens < 1 or chunk_size < 1:
+        raise UserError("--n, --max-turns, --max-tokens and --chunk-size must be at least 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature {temperature}: must be 0 (greedy) or positive")
+    if not (0 < top_p <= 1):
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if reward not in REWARD_KINDS:
+        raise UserError(f"--reward {reward!r}: choose from {', '.join(REWARD_KINDS)}")
+    _check_observation_role(observation_role)
+
+
+def _check_observation_role(role: str) -> None:
+    if role == "assistant":
+        raise UserError("--observation-role cannot be assistant: observations are not the agent's actions")
+    if role not in ("user", "tool"):
+        raise UserError(f"--observation-role {role!r}: choose from user, tool")
 
 
 def _parse_shard(shard: str | None) -> tuple[int, int]:
@@ -216,15 +264,15 @@ def rollout(
     from mathagent.tiny import resolve_model
 
     with _user_errors():
-        if n < 1 or max_turns < 1 or max_tokens < 1:
-            raise UserError("--n, --max-turns and --max-tokens must be at least 1")
-        if observation_role == "assistant":
-            raise UserError("--observation-role cannot be assistant: observations are not the agent's actions")
+        _check_generation(temperature=temperature, top_p=top_p, max_tokens=max_tokens, max_turns=max_turns,
+                          chunk_size=chunk_size, dtype=dtype, observation_role=observation_role, reward=reward, n=n)
+        _check_model("--model", model)
+        _check_model("--adapter", adapter, adapter=True)
         template = agent.load_prompt(prompt)
         shard_index, shard_count = _parse_shard(shard)
         invalid = InvalidCounter()
         records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid,
-                                    check=check_problem_or_trajectory))
+                                    check=check_problem_or_trajectory, unique_ids=True))
         units = []  # (input record, its trajectories)
         for i, record in enumerate(records):
             if i % shard_count != shard_index:
@@ -295,8 +343,12 @@ def execute(
     from mathagent.sandbox import Sandbox
 
     with _user_errors():
+        _check_observation_role(observation_role)
+        if chunk_size < 1:
+            raise UserError("--chunk-size must be at least 1")
         invalid = InvalidCounter()
-        records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid))
+        records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid,
+                                    unique_ids=True))
         kept: list[dict[str, Any]] = []
         if resume and output != "-":
             finished = {r["id"]: r for r in read_finished(output)}
@@ -353,6 +405,11 @@ def evaluate(
             raise UserError(f"--answer-modes {answer_modes!r}: choose from {', '.join(ANSWER_MODES)}")
         if reward not in REWARD_KINDS:
             raise UserError(f"--reward {reward!r}: choose from {', '.join(REWARD_KINDS)}")
+        if not (grading_timeout > 0 and math.isfinite(grading_timeout)):
+            raise UserError(f"--grading-timeout {grading_timeout}: must be a positive number of seconds")
+        for path in (graded, json_path):
+            if path not in (None, "-"):
+                check_output_path(path)
         invalid = InvalidCounter()
         records = list(read_records(input, required=("id", "problem_id", "messages"), skip_invalid=skip_invalid,
                                     invalid=invalid))
@@ -432,6 +489,8 @@ def make_pairs(
             raise UserError("--max-length needs a positive length and --tokenizer (or --model)")
         if max_length is None and tokenizer is not None:
             max_length = DEFAULT_MAX_LENGTH  # what training would drop anyway
+        if stats_path is not None:
+            check_output_path(stats_path)
         config = pairs.PairConfig(
             strategy=strategy, k=k, seed=seed, score_field=score_field, reward_threshold=reward_threshold,
             keep_unfinished=keep_unfinished, keep_errors=keep_errors, max_length=max_length, regrade=regrade,
@@ -528,8 +587,12 @@ def mc_label(
     from mathagent.tiny import resolve_model
 
     with _user_errors():
-        if m < 1 or max_turns < 1 or max_tokens < 1 or chunk_size < 1:
-            raise UserError("--m, --max-turns, --max-tokens and --chunk-size must be at least 1")
+        if m < 1:
+            raise UserError("--m must be at least 1")
+        _check_generation(temperature=temperature, top_p=top_p, max_tokens=max_tokens, max_turns=max_turns,
+                          chunk_size=chunk_size, dtype=dtype, observation_role=observation_role)
+        _check_model("--model", model)
+        _check_model("--adapter", adapter, adapter=True)
         if steps not in labeling.STEP_MODES:
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
         if q not in labeling.Q_ESTIMATES:
@@ -538,12 +601,10 @@ def mc_label(
             raise UserError(f"--eta {eta}: must be a positive finite number")
         if format not in ("records", "prm"):
             raise UserError(f"--format {format!r}: choose from records, prm")
-        if observation_role == "assistant":
-            raise UserError("--observation-role cannot be assistant: observations are not the agent's actions")
         template = agent.load_prompt(prompt) if prompt is not None else None
         invalid = InvalidCounter()
         records = list(read_records(input, required=("id", "messages", "answer", "correct"), skip_invalid=skip_invalid,
-                                    invalid=invalid, check=labeling.check_graded_trajectory))
+                                    invalid=invalid, check=labeling.check_graded_trajectory, unique_ids=True))
         _report_invalid(invalid)
         finished: dict[str, dict[str, Any]] = {}
         if resume and output != "-":
@@ -636,6 +697,11 @@ def train_prm(
             raise UserError("--batch-size, --lora-rank and --max-steps must be at least 1, --epochs positive")
         if merge_lora and not lora:
             raise UserError("--merge-lora needs --lora")
+        if not (math.isfinite(learning_rate) and learning_rate > 0):
+            raise UserError(f"--lr {learning_rate}: must be a positive number")
+        _check_model("--model", model)
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise UserError(f"--output-dir {output_dir}: is a file, not a directory")
         check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
         invalid = InvalidCounter()
         records = list(read_records(input, required=("messages",), skip_invalid=skip_invalid, invalid=invalid,
@@ -687,6 +753,7 @@ def score_prm(
     from mathagent.tiny import resolve_model
 
     with _user_errors():
+        _check_model("--model", model)
         model = resolve_model(model)
         if steps is None:  # score steps as the PRM was taught to see them
             trained = Path(model) / prm.PRM_FILE
@@ -698,7 +765,8 @@ def score_prm(
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         invalid = InvalidCounter()
-        records = list(read_records(input, required=("id", "messages"), skip_invalid=skip_invalid, invalid=invalid))
+        records = list(read_records(input, required=("id", "messages"), skip_invalid=skip_invalid, invalid=invalid,
+                                    unique_ids=True))
         _report_invalid(invalid)
         finished: dict[str, dict[str, Any]] = {}
         if resume and output != "-":
@@ -772,6 +840,11 @@ def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name:
 
     if input == "-" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("under torchrun / accelerate launch every process reads the input: give a path, not stdin")
+    config.check()
+    _check_model("--model", config.model)
+    _check_model("--ref-model", config.ref_model)
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise UserError(f"--output-dir {config.output_dir}: is a file, not a directory")
     invalid = InvalidCounter()
     records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid, check=check))
     _report_invalid(invalid)
@@ -786,6 +859,12 @@ def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name:
         console.print(f"{name}: {summary['steps']} steps in {summary['train_seconds']:.1f} s "
                       f"({summary['tokens_per_second'] or 0:.0f} tok/s), final loss {final.get('loss', float('nan')):.4f}; "
                       f"saved the {summary['saved']} to {summary['output_dir']}", highlight=False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A bounded teardown under torchrun: the work is saved and the group destroyed; threads that libraries
+        # leave behind (gloo, tokenizers) must not keep this rank, and so torchrun, from exiting.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command("train-mdpo")

@@ -21,6 +21,7 @@ missing ids.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -166,46 +167,69 @@ def read_records(
     skip_invalid: bool = False,
     invalid: InvalidCounter | None = None,
     check: Callable[[dict[str, Any]], str | None] | None = None,
+    unique_ids: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yield the records of a JSONL file ('-' is stdin), checking that each has the `required` fields (and
-    passes `check`, which returns what is wrong or None).
+    passes `check`, which returns what is wrong or None), and with `unique_ids` that no id comes twice (a
+    stage that keys sessions or --resume on ids).
 
-    Blank lines are ignored. A bad line raises `UserError("FILE:LINE: ...")`, or is counted in `invalid`
-    and skipped when `skip_invalid`.
+    Blank lines are ignored. A bad line (bytes that are not UTF-8 included) raises
+    `UserError("FILE:LINE: ...")`, or is counted in `invalid` and skipped when `skip_invalid`.
     """
     name = "<stdin>" if path == "-" else path
     if path == "-":
-        stream: IO[str] = sys.stdin
+        stream: IO[bytes] = sys.stdin.buffer
     else:
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a directory, not a JSONL file")
         try:
-            stream = open(path, encoding="utf-8")
+            stream = open(path, "rb")
         except OSError as e:
             raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    seen: dict[str, int] = {}
     try:
-        for lineno, line in enumerate(stream, 1):
-            if not line.strip():
+        for lineno, raw in enumerate(stream, 1):
+            if not raw.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                problem = f"{name}:{lineno}: malformed JSON: {e.msg} (column {e.colno})"
-            else:
-                reason = _validate(record, required)
-                if reason is None and check is not None:
-                    reason = check(record)
-                if reason is None:
-                    if "id" in record:
-                        record["id"] = str(record["id"])
-                    yield record
-                    continue
-                problem = f"{name}:{lineno}: {reason}"
+            record, problem = _parse_line(raw)
+            if problem is None:
+                problem = _validate(record, required)
+            if problem is None and check is not None:
+                problem = check(record)
+            if problem is None and unique_ids and "id" in record:
+                first = seen.setdefault(str(record["id"]), lineno)
+                if first != lineno:
+                    problem = f"duplicate id {str(record['id'])!r} (first on line {first}): ids must be unique"
+            if problem is None:
+                if "id" in record:
+                    record["id"] = str(record["id"])
+                yield record
+                continue
+            problem = f"{name}:{lineno}: {problem}"
             if not skip_invalid:
                 raise UserError(problem)
             if invalid is not None:
                 invalid.add(problem)
     finally:
-        if stream is not sys.stdin:
+        if stream is not sys.stdin.buffer:
             stream.close()
+
+
+def _parse_line(raw: bytes) -> tuple[Any, str | None]:
+    """(record, None), or (None, what is wrong) for bytes that are not UTF-8 or not JSON, nesting too deep
+    for the parser, or a number too long to convert: never an exception."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg} (column {e.colno})"
+    except RecursionError:
+        return None, "malformed JSON: nested too deeply"
+    except ValueError as e:  # e.g. an integer longer than Python converts
+        return None, f"malformed JSON: {e}"
 
 
 def _stale_temp_files(path: str) -> list[str]:
@@ -229,15 +253,44 @@ def read_finished(path: str) -> list[dict[str, Any]]:
     sources = ([path] if os.path.exists(path) else []) + _stale_temp_files(path)
     kept: dict[str, dict[str, Any]] = {}
     for source in sources:
-        with open(source, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and "id" in record:
+        with open(source, "rb") as f:
+            for raw in f:
+                record, problem = _parse_line(raw)
+                if problem is None and isinstance(record, dict) and "id" in record:
                     kept[str(record["id"])] = record
     return list(kept.values())
+
+
+def check_output_path(path: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, a missing or read-only
+    folder."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; -o names the file to write")
+    if not os.path.isdir(directory):
+        raise UserError(f"{path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: directory {directory} is not writable")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _in_use(temp_path: str) -> bool:
+    """Whether a live run holds the lock of this temporary output file."""
+    try:
+        with open(temp_path, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+    except FileNotFoundError:
+        return False
 
 
 class RecordWriter:
@@ -246,7 +299,8 @@ class RecordWriter:
     To a path, records stream into a temporary file beside it (flushed record by record) that replaces the
     target only on a clean close: a failed or killed run never leaves half a file, and what it did finish is
     still in its temporary file, where `read_finished` finds it for --resume. A clean close removes the
-    temporary files of earlier killed runs.
+    temporary files of earlier killed runs. The temporary file is locked (flock) while its run is alive, so a
+    second run writing the same path refuses at once rather than deleting the first one's work.
     """
 
     def __init__(self, path: str | None, *, keep: Iterable[dict[str, Any]] = (), stdout: IO[str] | None = None):
@@ -256,14 +310,28 @@ class RecordWriter:
         if self.path is None:
             self._out: IO[str] = stdout or sys.stdout
         else:
+            check_output_path(self.path)
             directory = os.path.dirname(os.path.abspath(self.path))
-            if not os.path.isdir(directory):
-                raise UserError(f"{self.path}: directory {directory} does not exist")
-            self._stale = _stale_temp_files(self.path)
-            self._tmp = tempfile.NamedTemporaryFile(
-                "w", encoding="utf-8", dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
-                delete=False,
-            )
+            try:
+                self._tmp = tempfile.NamedTemporaryFile(
+                    "w", encoding="utf-8", dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
+                    delete=False,
+                )
+            except OSError as e:
+                raise UserError(f"{self.path}: cannot write in {directory}: {e.strerror}") from None
+            # The live temporary file is locked while this run writes it: another run writing the same path
+            # finds it locked and refuses at once, instead of taking it for a killed run's leftover.
+            fcntl.flock(self._tmp.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.chmod(self._tmp.name, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
+            self._stale = []
+            for other in _stale_temp_files(self.path):
+                if other != self._tmp.name:
+                    if _in_use(other):
+                        self._tmp.close()
+                        os.unlink(self._tmp.name)
+                        raise UserError(f"{self.path}: another run is writing it (its temporary file {other} is in "
+                                        "use); not starting")
+                    self._stale.append(other)
             self._out = self._tmp
         for record in keep:
             self._out.write(json.dumps(record, ensure_ascii=False) + "\n")

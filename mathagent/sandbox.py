@@ -77,6 +77,7 @@ SESSION_UID_BASE = 1_000_000_000  # per-session uids are taken from here up; non
 GRACE_SECONDS = 1.0  # after `timeout`, how long a cell may take to unwind before its process is killed
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+_CLONE_NEWIPC = 0x08000000
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP = 1, 4, 24
 _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
@@ -286,7 +287,10 @@ class Sandbox:
                     self.stats["replayed"] += len(replay)
                 return CellResult(reply["output"], reply["status"], reply["seconds"], replayed=len(replay),
                                   cut=reply.get("cut") is True)
-        raise RuntimeError("the sandbox could not start a session three times in a row")
+        # The session died three times replaying this history: an error for this trajectory alone, not for
+        # the stage (the other trajectories' cells go on).
+        return CellResult("SandboxError: the session died three times while replaying this trajectory's earlier "
+                          "cells", "killed", 0.0)
 
     def _deadline(self) -> float:
         # The supervisor enforces `timeout` itself; this is the watchdog for a supervisor that hangs.
@@ -427,7 +431,7 @@ class _Process:
             raise _SessionLost("oversized reply")
         try:
             reply = json.loads(self._read_exactly(size, deadline))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise _SessionLost("unreadable reply") from e
         if not isinstance(reply, dict) or reply.get("status") not in STATUSES:
             raise _SessionLost("malformed reply")
@@ -521,7 +525,10 @@ def _zygote_main(config: dict) -> None:
     import gc
 
     gc.freeze()  # forked sessions then do not copy pages for the collector's bookkeeping
-    control.send(json.dumps({"import_seconds": round(time.perf_counter() - started, 3)}).encode())
+    try:
+        control.send(json.dumps({"import_seconds": round(time.perf_counter() - started, 3)}).encode())
+    except (BrokenPipeError, ConnectionResetError):
+        os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
     uid_base = SESSION_UID_BASE + (os.getpid() % 10_000) * 100_000  # apart from other sandboxes' uids
     sessions = itertools.count()
 
@@ -546,7 +553,10 @@ def _zygote_main(config: dict) -> None:
     while True:
         while len(spares) < config["spares"]:
             spares.append(launch())
-        message = control.recv(1 << 16)
+        try:
+            message = control.recv(1 << 16)
+        except ConnectionResetError:  # the caller closed with our ready message unread: the same as EOF
+            message = b""
         if not message:  # the caller closed us (or died): end the spares, wait for every session to end
             for spare in spares:
                 spare.close()
@@ -588,7 +598,9 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so do we, and our session after us
     if os.getppid() == 1:
         os._exit(0)
-    wanted = [_CLONE_NEWPID, _CLONE_NEWNS] + ([] if config["network"] else [_CLONE_NEWNET])
+    # IPC: SysV shared memory, semaphores and message queues and POSIX message queues are per namespace, so
+    # no session reads another's segment by key, and all of them go when the session's last process exits.
+    wanted = [_CLONE_NEWPID, _CLONE_NEWNS, _CLONE_NEWIPC] + ([] if config["network"] else [_CLONE_NEWNET])
     if os.geteuid() != 0:
         wanted.insert(0, _CLONE_NEWUSER)  # lets an unprivileged caller still make the namespaces below
     namespaces = 0
@@ -724,6 +736,7 @@ class _Supervisor:
             "user_namespace": bool(namespaces & _CLONE_NEWUSER),
             "pid_namespace": bool(namespaces & _CLONE_NEWPID),
             "mount_namespace": bool(namespaces & _CLONE_NEWNS),
+            "ipc_namespace": bool(namespaces & _CLONE_NEWIPC),
             "network": "allowed" if self.config["network"] else "none",
             "read_only_root": False,
             "uid": None,
@@ -1010,9 +1023,9 @@ class _Supervisor:
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 sender = struct.unpack("iII", payload[:12])[0]
-        try:
+        try:  # the cell can write to this socket: whatever it sends is hostile until it parses
             message = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # garbage, or "[[[[..." nested past the parser's recursion limit
             return None, sender
         return (message if isinstance(message, dict) else None), sender
 
@@ -1120,7 +1133,10 @@ class _Holder:
                     break
             _drop_capabilities()
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries do not give a cell its privileges back
-        _prctl(_PR_SET_DUMPABLE, 1)  # setuid cleared it; cells may read their own /proc/self
+        # Not dumpable: a holder's memory is out of reach of the cells it forks (same uid), through
+        # /proc/PID/mem or ptrace; each cell's own process is made dumpable again, so that it can read its
+        # own /proc/self (see serve).
+        _prctl(_PR_SET_DUMPABLE, 0)
         for which, value in limits:
             _, hard = resource.getrlimit(which)
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -1144,8 +1160,10 @@ class _Holder:
             command = receive()
             if command["kind"] == "exit":
                 os._exit(0)  # the supervisor is gone
+            _prctl(_PR_SET_DUMPABLE, 0)  # before the fork: no moment when the checkpoint is dumpable
             pid = self._fork()
             if pid == 0:
+                _prctl(_PR_SET_DUMPABLE, 1)
                 if command["kind"] == "prefork":  # forked ahead of time: now wait for the cell
                     self._warm_up()
                     command = receive()
@@ -1210,6 +1228,7 @@ class _Holder:
         sys.stdout = sys.stderr = out
         sys.stdin = open(0, encoding="utf-8", closefd=False)
         status, error = _execute(code, f"<cell {index}>", self.namespace, self)
+        _prctl(_PR_SET_DUMPABLE, 0)  # this process may be the next holder: nothing the cell left may write it
         try:
             out.flush()
         except OSError as e:

@@ -86,6 +86,43 @@ class TrainConfig:
     precision: str = "auto"
     ref_batch_size: int | None = None  # sequences per reference forward pass (default: 2 x micro-batch)
 
+    def check(self) -> None:
+        """Refuse impossible options with a `UserError` naming the option, before any work."""
+        def finite(x: float) -> bool:
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}")
+        if self.objective == "pairs" and self.loss not in losses.PAIR_LOSSES:
+            raise UserError(f"--loss {self.loss!r}: choose from {', '.join(losses.LOSSES)}")
+        if self.objective == "kto" and self.nll_weight:
+            raise UserError("--nll-weight applies to the pair losses (sigmoid, ipo, hinge), not kto")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise UserError(f"--lr-scheduler {self.lr_scheduler!r}: choose from {', '.join(SCHEDULERS)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        if not (finite(self.beta) and self.beta > 0):
+            raise UserError(f"--beta {self.beta}: must be a positive number")
+        if not (finite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5):
+            raise UserError(f"--label-smoothing {self.label_smoothing}: must be in [0, 0.5)")
+        if not (finite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"--lr {self.learning_rate}: must be a positive number")
+        for name, value in (("--nll-weight", self.nll_weight), ("--weight-decay", self.weight_decay),
+                            ("--max-grad-norm", self.max_grad_norm), ("--desirable-weight", self.desirable_weight),
+                            ("--undesirable-weight", self.undesirable_weight)):
+            if not (finite(value) and value >= 0):
+                raise UserError(f"{name} {value}: must be a number >= 0")
+        for name, value, low in (("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
+                                 ("--epochs", self.epochs, 1), ("--lora-rank", self.lora_rank, 1),
+                                 ("--lora-alpha", self.lora_alpha, 1), ("--max-length", self.max_length, 2),
+                                 ("--warmup-steps", self.warmup_steps, 0), ("--save-every", self.save_every, 0)):
+            if value < low:
+                raise UserError(f"{name} {value}: must be at least {low}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps {self.max_steps}: must be at least 1")
+        if self.merge_lora and not self.lora:
+            raise UserError("--merge-lora needs --lora")
+
 
 @dataclass
 class Encoded:
@@ -470,20 +507,7 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
 
     from mathagent.tiny import resolve_model
 
-    if config.objective not in OBJECTIVES:
-        raise UserError(f"unknown objective {config.objective!r}")
-    if config.objective == "pairs" and config.loss not in losses.PAIR_LOSSES:
-        raise UserError(f"--loss {config.loss!r}: choose from {', '.join(losses.LOSSES)}")
-    if config.objective == "kto" and config.nll_weight:
-        raise UserError("--nll-weight applies to the pair losses (sigmoid, ipo, hinge), not kto")
-    if config.lr_scheduler not in SCHEDULERS:
-        raise UserError(f"--lr-scheduler {config.lr_scheduler!r}: choose from {', '.join(SCHEDULERS)}")
-    if config.beta <= 0 or not 0 <= config.label_smoothing < 0.5:
-        raise UserError("--beta must be positive and --label-smoothing in [0, 0.5)")
-    if config.merge_lora and not config.lora:
-        raise UserError("--merge-lora needs --lora")
-    if config.max_length < 2:
-        raise UserError("--max-length must be at least 2")
+    config.check()
 
     precision = choose_precision(config.precision)
     # CUDA when there is one, else the CPU; cpu=True is also what makes accelerate run DDP over gloo on CPUs
@@ -565,7 +589,7 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
         finished = json.loads(summary_path.read_text())
         if finished.get("run") == run_identity and finished.get("steps") == plan.total_steps:
             say(f"--resume: {output_dir} holds the finished run ({plan.total_steps} steps); nothing to do")
-            accelerator.end_training()
+            _end(accelerator)
             return finished
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
@@ -698,9 +722,19 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
         summary_path.write_text(json.dumps(summary, indent=2))
         if not summary["processes_agree"]:
             say("warning: the processes ended with different weights")
+    _end(accelerator)
+    return summary
+
+
+def _end(accelerator) -> None:
+    """Every process leaves together and the process group is torn down here, not by the interpreter's exit
+    (where a gloo group left alive kept a rank of torchrun from exiting)."""
+    import torch.distributed as dist
+
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int, examples: list[Example],

@@ -140,3 +140,46 @@ def test_shards_split_the_input_without_overlap(tmp_path, tiny_model):
                   stdin=problems).stdout
         ids.append([t["problem_id"] for t in records(out)])
     assert ids == [["q0", "q2", "q4"], ["q1", "q3"]]
+
+
+PENDING = ('{"id": "t", "problem_id": "p", "question": "q", "status": "tool_call", "messages": [{"role": "user", '
+           '"content": "q"}, {"role": "assistant", "content": "```python\\nprint(1)\\n```"}]}\n')
+PAIR = ('{"id": "x", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],'
+        ' "rejected": [{"role": "assistant", "content": "b"}]}\n')
+
+
+@pytest.mark.parametrize("args, stdin, named", [
+    (["rollout", "--model", "no/such/dir"], PROBLEM, "--model no/such/dir: no such directory"),
+    (["rollout", "--model", "./missing-model"], PROBLEM, "--model ./missing-model: no such directory"),
+    (["rollout", "--adapter", "/no/adapter"], PROBLEM, "--adapter /no/adapter: no such directory"),
+    (["rollout", "--chunk-size", "0"], PROBLEM, "--chunk-size"),
+    (["rollout", "--dtype", "bogus"], PROBLEM, "--dtype 'bogus'"),
+    (["rollout", "--temperature", "-1"], PROBLEM, "--temperature -1.0"),
+    (["rollout", "--top-p", "0"], PROBLEM, "--top-p 0.0"),
+    (["rollout", "--top-p", "2"], PROBLEM, "--top-p 2.0"),
+    (["rollout", "--reward", "bogus"], PROBLEM, "--reward 'bogus'"),
+    (["execute", "--observation-role", "assistant"], PENDING, "--observation-role cannot be assistant"),
+    (["execute", "--chunk-size", "0"], PENDING, "--chunk-size"),
+    (["evaluate", "--grading-timeout", "-1"], PENDING, "--grading-timeout -1.0"),
+    (["evaluate", "--json", "/no/such/folder/s.json"], PENDING, "does not exist"),
+    (["make-pairs", "--stats", "/no/such/folder/s.json"], PENDING, "does not exist"),
+    (["train-mdpo", "-", "--beta", "nan"], PAIR, "--beta nan"),
+    (["train-mdpo", "-", "--lr", "-1"], PAIR, "--lr -1.0"),
+    (["train-mdpo", "-", "--lora", "--lora-rank", "0"], PAIR, "--lora-rank 0"),
+    (["train-mdpo", "-", "--model", "/no/model"], PAIR, "--model /no/model"),
+])
+def test_a_bad_option_is_one_line_and_exit_2_before_any_work(args, stdin, named, tmp_path):
+    proc = run(args, stdin, check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_that_is_a_directory_or_being_written_is_refused_at_once(tmp_path):
+    proc = run(["execute", "-o", str(tmp_path)], PENDING, check=False)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr and list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    proc = run(["train-sft", "-", "--output-dir", str(tmp_path / "file")], PENDING, check=False)
+    assert proc.returncode == 2 and "is a file" in proc.stderr
+    duplicate = run(["execute"], PENDING + PENDING, check=False)
+    assert duplicate.returncode == 2 and "<stdin>:2: duplicate id 't' (first on line 1)" in duplicate.stderr

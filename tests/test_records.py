@@ -101,3 +101,73 @@ def test_observations_are_the_non_assistant_messages_after_the_first_action():
     ]
     assert [is_observation(messages, i) for i in range(4)] == [False, False, False, True]
     assert messages[3]["content"] == "```output\n5\n```"
+
+
+# ---- hostile bytes, duplicate ids, output paths (what a careless user or a hostile record does) ----------
+
+
+def test_bad_bytes_and_deep_nesting_are_a_file_line_error_not_a_traceback(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"id": 1, "question": "q"}\n{"id": 2, "question": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 27\)"):
+        list(read_records(str(path), required=("id", "question")))
+    path.write_text('{"id": 1, "question": "q"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(UserError, match=r"p\.jsonl:2: malformed JSON: nested too deeply"):
+        list(read_records(str(path)))
+    path.write_text('{"id": ' + "9" * 5000 + "}\n")
+    with pytest.raises(UserError, match=r"p\.jsonl:1: malformed JSON"):
+        list(read_records(str(path)))
+    invalid = InvalidCounter()
+    path.write_bytes(b'\xff\xfe\n' + b"[" * 100_000 + b'\n{"id": "ok"}\n')
+    assert [r["id"] for r in read_records(str(path), skip_invalid=True, invalid=invalid)] == ["ok"]
+    assert invalid.count == 2
+    # --resume reads a killed run's leftovers with the same tolerance
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "a"}\n\xff\n' + b"[" * 100_000 + b"\n")
+    assert read_finished(str(out)) == [{"id": "a"}]
+
+
+def test_duplicate_ids_are_refused_where_a_stage_keys_on_them(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", ['{"id": "a"}', '{"id": "b"}', '{"id": "a"}'])
+    with pytest.raises(UserError, match=r"t\.jsonl:3: duplicate id 'a' \(first on line 1\)"):
+        list(read_records(path, unique_ids=True))
+    assert len(list(read_records(path))) == 3
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        RecordWriter(str(tmp_path))
+    with pytest.raises(UserError, match="does not exist"):
+        RecordWriter(str(tmp_path / "missing" / "out.jsonl"))
+    with pytest.raises(UserError, match="/proc"):
+        RecordWriter("/proc/out.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_writer_of_the_same_output_refuses_at_once_and_the_first_finishes(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = RecordWriter(str(out))
+    first.write({"id": "a"})
+    with pytest.raises(UserError, match="another run is writing it"):
+        RecordWriter(str(out))
+    first.write({"id": "b"})
+    first.close()
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+    # a killed run's leftover is not in use: the next writer takes over and removes it on a clean close
+    killed = RecordWriter(str(out))
+    killed.write({"id": "c"})
+    killed._tmp.close()  # the process died: its lock went with it
+    with RecordWriter(str(out)) as writer:
+        writer.write({"id": "d"})
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_an_output_file_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with RecordWriter(str(tmp_path / "out.jsonl")) as writer:
+            writer.write({"id": "a"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o640

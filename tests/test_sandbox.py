@@ -153,6 +153,7 @@ def test_output_over_the_cap_is_cut_with_a_marker(sandbox):
     cut = int(result.output.split("[... ")[1].split(" ")[0])
     assert cut == 10_000 - result.output.count("x")
     assert result.output.endswith("ValueError: kept")
+    assert result.cut and not trajectory(sandbox)("print('short')").cut
 
 
 def test_many_sessions_in_one_call_come_back_in_order(sandbox):
@@ -468,3 +469,72 @@ def test_isolation_reports_what_was_in_force(sandbox):
     if os.geteuid() == 0:  # the mechanisms the acceptance criteria ask for, where we are root
         assert report["pid_namespace"] and report["mount_namespace"] and report["read_only_root"]
         assert report["network"] == "none" and report["uid"] >= 1_000_000_000
+
+
+def test_a_sandbox_closed_before_its_first_cell_says_nothing_on_stderr():
+    """A rollout whose trajectories run no code (--prompt cot) opens and closes a sandbox that never ran a
+    cell: its zygote and spare sessions must go quietly, whenever the close comes."""
+    import subprocess
+    import sys
+
+    script = ("import sys, time\nfrom mathagent.sandbox import Sandbox\n"
+              "for delay in (0.0, 0.2, 0.6, 1.2, 2.0):\n"
+              "    box = Sandbox(workers=2)\n    time.sleep(delay)\n    box.close()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+HOSTILE_RESULT_CHANNEL = """
+import os, socket
+sent = 0
+for fd in map(int, os.listdir('/proc/self/fd')):
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+        s.send(b'[' * 200_000)  # nested past the JSON parser's recursion limit
+        sent += 1
+    except OSError:
+        pass
+x = 41
+print('sent', sent > 0)
+"""
+
+
+def test_deeply_nested_json_on_the_result_channel_is_ignored_and_the_stage_goes_on():
+    """The cell writes thousands of '[' into every socket it holds, the one its result travels on included:
+    the supervisor reads it as garbage, not as a reason to die, now and when a new process replays it."""
+    with Sandbox(workers=2) as box:
+        hostile, good = box.run([Cell("h", (), HOSTILE_RESULT_CHANNEL), Cell("g", (), "print(6 * 7)")])
+        assert (hostile.status, hostile.output, good.output) == ("ok", "sent True", "42")
+        assert box.run([Cell("h", (HOSTILE_RESULT_CHANNEL,), "print(x + 1)")])[0].output == "42"
+    with Sandbox(workers=2) as box:
+        replayed, other = box.run([Cell("h", (HOSTILE_RESULT_CHANNEL,), "print(x + 1)"), Cell("o", (), "print(1)")])
+        assert (replayed.output, replayed.replayed, other.output) == ("42", 1, "1")
+
+
+def test_a_cell_cannot_open_its_holders_memory_so_a_timed_out_cell_leaves_no_trace():
+    """The holder (the checkpoint a timed-out cell falls back to) runs with the cell's uid; it is not dumpable,
+    so /proc/<holder>/mem is closed to the cell, while the cell still reads its own /proc/self."""
+    attack = ("import os\ntry:\n    open(f'/proc/{os.getppid()}/mem', 'r+b')\n    print('opened')\n"
+              "except OSError as e:\n    print('refused', e.errno)\nprint(len(open('/proc/self/status').read()) > 0)\n"
+              "import time\ntime.sleep(30)")
+    with Sandbox(workers=1, timeout=1.0) as box:
+        box.run([Cell("m", (), "x = 1")])
+        (result,) = box.run([Cell("m", ("x = 1",), attack)])
+        assert result.status == "timeout" and result.output.startswith("refused 13\nTrue")
+        assert box.run([Cell("m", ("x = 1", attack), "print(x)")])[0].output == "1"
+
+
+def test_sysv_shared_memory_is_private_to_a_session_and_gone_with_it():
+    """An IPC namespace per session: another trajectory cannot find a segment by its key, and nothing stays
+    in the host's `ipcs` after the sandbox closes."""
+    import subprocess
+
+    create = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+              "print(libc.shmget(0x5eed, 1 << 20, 0o1666) >= 0)")  # IPC_CREAT | 0666
+    peek = "import ctypes\nprint(ctypes.CDLL(None).shmget(0x5eed, 0, 0o666) >= 0)"
+    with Sandbox(workers=2) as box:
+        assert box.run([Cell("ipc-a", (), create)])[0].output == "True"
+        assert box.run([Cell("ipc-a", (create,), peek), Cell("ipc-b", (), peek)])[0].output == "True"
+        assert box.run([Cell("ipc-b", (), peek)])[0].output == "False"
+        assert box.isolation["ipc_namespace"]
+    assert "0x00005eed" not in subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
