@@ -733,7 +733,9 @@ def _end(accelerator) -> None:
 
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if dist.is_available() and dist.is_initialized():
+    # Only a group of several processes is ours to end: a one-process run may share its interpreter with a
+    # vLLM engine whose own group must outlive it.
+    if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
