@@ -169,6 +169,7 @@ DEMO_VARS  := SEED=$(SEED) MODEL=$(DEMO)/sft/model PROBLEMS=$(DEMO)/train.jsonl 
 N_TRAIN    ?= 128#        training problems of the demo
 N_HELDOUT  ?= 200#        held-out problems of the demo (greedy accuracy)
 N_SAMPLED  ?= 60#         the first N_SAMPLED of them for sampled pass@1 and maj@4
+SFT_STEPS  ?= 700#        train-sft steps of the SFT policy (batch 32, lr 3e-3)
 
 demo: install
 	@start=$$(date +%s.%N); \
@@ -185,7 +186,7 @@ $(DEMO)/heldout.jsonl:
 $(DEMO)/heldout-sampled.jsonl: $(DEMO)/heldout.jsonl
 	@head -n $(N_SAMPLED) $< > $@.tmp && mv $@.tmp $@
 $(DEMO)/sft/model/training_summary.json:
-	@$(LOOP) policy --seed $(SEED) --out $(DEMO)/sft/model
+	@$(LOOP) policy --seed $(SEED) --steps $(SFT_STEPS) --out $(DEMO)/sft/model
 
 # M-DPO and its single-turn baseline from the same SFT policy, side by side (one core each).
 demo-chains: export OMP_NUM_THREADS = 1

@@ -181,7 +181,7 @@ def policy(
     out: Annotated[str, typer.Option("--out", help="Where the SFT policy goes (a copy of the cached build).")],
     demos: Annotated[int, typer.Option("--demos", help="Demonstrations to train on (arith.demonstrations, train split).")] = 3000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the base model, the demonstrations and the SFT order.")] = 0,
-    steps: Annotated[int, typer.Option("--steps", help="SFT optimizer steps.")] = 500,
+    steps: Annotated[int, typer.Option("--steps", help="SFT optimizer steps.")] = 700,
     batch_size: Annotated[int, typer.Option("--batch-size", help="SFT batch size.")] = 32,
     learning_rate: Annotated[float, typer.Option("--lr", help="SFT learning rate.")] = 3e-3,
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt the policy learns to answer (as rollout's --prompt).")] = "bare",
