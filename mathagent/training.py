@@ -727,16 +727,10 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
 
 
 def _end(accelerator) -> None:
-    """Every process leaves together and the process group is torn down here, not by the interpreter's exit
-    (where a gloo group left alive kept a rank of torchrun from exiting)."""
-    import torch.distributed as dist
-
+    """Every process leaves together; end_training destroys accelerate's process group here rather than at
+    the interpreter's exit (the CLI then ends a torchrun rank with os._exit, see _run_training)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    # Only a group of several processes is ours to end: a one-process run may share its interpreter with a
-    # vLLM engine whose own group must outlive it.
-    if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _train_step(model, accelerator, optimizer, scheduler, plan: Plan, step: int, examples: list[Example],
