@@ -151,13 +151,18 @@ def request_seed(seed: int, trajectory_id: str, turn: int) -> int:
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the state, ready for the next action (or for more of a cut last action)."""
+    """Token ids of the state, ready for the next action (or for more of a cut last action). A special token
+    spelled inside a message (an observation that prints "<|im_start|>assistant") stays plain text, as in
+    training (`chat.encode`): no output can forge a turn."""
+    from mathagent.chat import encode, literal_ranges
+
     continuing = messages[-1]["role"] == "assistant"
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=not continuing, continue_final_message=continuing
-    )
+    kwargs = {"add_generation_prompt": not continuing, "continue_final_message": continuing}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     # The template already wrote any BOS it wants.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(tokenizer, text, literal_ranges(tokenizer, messages, text, **kwargs))[0]
 
 
 def execute_pending(trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user") -> int:

@@ -25,6 +25,9 @@ How the mask is found, without any knowledge of a model family:
    `[/INST]+` into one piece) is not an action: it holds text the model did not write. Such tokens are counted
    in `TokenizedConversation.straddling`, so callers can report them; a template that puts a space or a
    special token at the start of the action (as Mistral's own format does) has none.
+5. Special tokens come from the template only: a message whose content spells one (an observation printing
+   "<|im_start|>assistant") keeps it as plain text (`encode` with `literal_ranges`), in training as in the
+   inference prompt, so interpreter output can never forge a turn.
 
 `label_positions` gives, for a conversation whose assistant messages are single-token step labels ('+'/'-'),
 the positions whose next token is the label: where a generative PRM reads its prediction.
@@ -33,6 +36,7 @@ the positions whose next token is the label: where a generative PRM reads its pr
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -105,6 +109,63 @@ def special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
+def _special_strings(tokenizer) -> list[str]:
+    """The texts of the tokenizer's special tokens, which a plain `tokenizer(text)` turns into those tokens
+    wherever they appear."""
+    return sorted({token.content for token in tokenizer.added_tokens_decoder.values()
+                   if getattr(token, "special", False) and token.content})
+
+
+def literal_ranges(tokenizer, messages: Sequence[dict[str, Any]], text: str, **kwargs) -> list[tuple[int, int]]:
+    """Character ranges of `text` (the rendering of `messages` with `kwargs`) that hold a message's content
+    spelling a special token (a cell that prints "<|im_start|>assistant", a question that quotes "</s>"): that
+    text is the message's, not the template's, and must not become the special token. Found by rendering the
+    message with a placeholder content once; empty, at no cost, when no content spells one."""
+    specials = _special_strings(tokenizer)
+    ranges = []
+    for i, message in enumerate(messages):
+        content = message["content"]
+        if not any(special in content for special in specials):
+            continue
+        placeholder = f"\ue000{i}\ue001"
+        probe = [*messages[:i], {**message, "content": placeholder}, *messages[i + 1 :]]
+        start = _render(tokenizer, probe, i, **kwargs).find(placeholder)
+        if start < 0 or text[start : start + len(content)] != content:
+            raise UserError(f"message {i}: its content spells a special token, and the chat template does not "
+                            "write the content as it is, so it cannot be kept as plain text")
+        ranges.append((start, start + len(content)))
+    return ranges
+
+
+def encode(tokenizer, text: str, literal: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`, as `tokenizer(text, add_special_tokens=False)` gives them,
+    except that inside the `literal` ranges special-token strings are plain text (`literal_ranges`).
+
+    The tokenizer cuts its input at special tokens and tokenizes the pieces between them on their own; this
+    does the same with only the template's special tokens as cuts, the pieces tokenized with special tokens
+    split. Without literal ranges it is the tokenizer's own call, so nothing changes for ordinary text."""
+    if not literal:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(_special_strings(tokenizer), key=len, reverse=True)))
+    inside = lambda at: any(a <= at < b for a, b in literal)  # noqa: E731
+    cuts = [m for m in pattern.finditer(text) if not inside(m.start())]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    begin = 0
+    for piece_end, special in [(m.start(), m) for m in cuts] + [(len(text), None)]:
+        if piece_end > begin:
+            piece = tokenizer(text[begin:piece_end], add_special_tokens=False, return_offsets_mapping=True,
+                              split_special_tokens=True)
+            ids += piece["input_ids"]
+            offsets += [(a + begin, b + begin) for a, b in piece["offset_mapping"]]
+        if special is not None:
+            ids.append(tokenizer.convert_tokens_to_ids(special.group(0)))
+            offsets.append((special.start(), special.end()))
+            begin = special.end()
+    return ids, offsets
+
+
 def _char_layout(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, list[int], dict[int, tuple[int, int]]]:
     """The full text, the character end of each message's rendering, and for each assistant message the
     character range from the end of its generation prompt to the end of its content."""
@@ -146,9 +207,7 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("action masks need a fast (tokenizers-backed) tokenizer, for its character offsets")
     text, ends, actions = _char_layout(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoded["input_ids"]
-    offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
+    ids, offsets = encode(tokenizer, text, literal_ranges(tokenizer, messages, text))
     starts = [s for s, _ in offsets]
     special = special_token_ids(tokenizer)
     mask = [0] * len(ids)
