@@ -165,9 +165,13 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return encode(tokenizer, text, literal_ranges(tokenizer, messages, text, **kwargs))[0]
 
 
-def execute_pending(trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user") -> int:
+def execute_pending(
+    trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user", *, release: bool = False
+) -> int:
     """Run the pending code of every trajectory that has some, in one sandbox call, and append each output as
-    an observation, with the cell's outcome (`records.observation_message`). Returns the number of cells run."""
+    an observation, with the cell's outcome (`records.observation_message`). Returns the number of cells run.
+    With `release` (`mathagent execute`: each record gets one cell) the sessions end right after their cell,
+    so a chunk never holds more sessions (and their tmpfs) than it runs at once."""
     from mathagent.sandbox import Cell
 
     todo = [(t, code) for t in trajectories if (code := pending_code(t["messages"])) is not None]
@@ -176,6 +180,8 @@ def execute_pending(trajectories: Sequence[dict[str, Any]], sandbox, observation
     cells = [Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code) for t, code in todo]
     for (t, _), result in zip(todo, sandbox.run(cells), strict=True):
         t["messages"].append(observation_message(result.output, result.status, result.cut, observation_role))
+        if release:
+            sandbox.forget(str(t["id"]))
     return len(todo)
 
 

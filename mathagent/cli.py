@@ -361,7 +361,7 @@ def execute(
                 with Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb, max_output_chars=max_output_chars) as sandbox:
                     for chunk in _chunks(records, chunk_size):
                         trajectories = [r for r in chunk if "messages" in r]
-                        cells += agent.execute_pending(trajectories, sandbox, observation_role)
+                        cells += agent.execute_pending(trajectories, sandbox, observation_role, release=True)
                         for record in chunk:
                             writer.write(record)
             else:

@@ -156,3 +156,12 @@ def test_each_observation_records_its_cells_outcome_as_data(scripted):
     assert turn_statistics(t["messages"])["error_observations"] == 2  # "error: 0.001" is a printed result
     first = {**t, "messages": t["messages"][:3] + [{"role": "assistant", "content": "\\boxed{1}"}]}
     assert "error: 0.001" in first["messages"][2]["content"] and not error_observation(first)
+
+
+def test_execute_with_release_ends_each_session_right_after_its_cell(sandbox):
+    trajectories = [{"id": f"rel-{i}", "messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": f"```python\nprint({i})\n```"}]}
+                    for i in range(4)]
+    assert agent.execute_pending(trajectories, sandbox, release=True) == 4
+    assert [t["messages"][-1]["content"] for t in trajectories] == [f"```output\n{i}\n```" for i in range(4)]
+    assert not any(f"rel-{i}" in sandbox._sessions for i in range(4))
