@@ -154,15 +154,13 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the state, ready for the next action (or for more of a cut last action). A special token
     spelled inside a message (an observation that prints "<|im_start|>assistant") stays plain text, as in
     training (`chat.encode`): no output can forge a turn."""
-    from mathagent.chat import encode, literal_ranges
+    from mathagent.chat import token_ids
 
     continuing = messages[-1]["role"] == "assistant"
     kwargs = {"add_generation_prompt": not continuing, "continue_final_message": continuing}
     text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     # The template already wrote any BOS it wants.
-    if not getattr(tokenizer, "is_fast", False):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return encode(tokenizer, text, literal_ranges(tokenizer, messages, text, **kwargs))[0]
+    return token_ids(tokenizer, messages, text, **kwargs)
 
 
 def execute_pending(

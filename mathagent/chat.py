@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -109,11 +110,19 @@ def special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _special_strings(tokenizer) -> list[str]:
-    """The texts of the tokenizer's special tokens, which a plain `tokenizer(text)` turns into those tokens
-    wherever they appear."""
-    return sorted({token.content for token in tokenizer.added_tokens_decoder.values()
-                   if getattr(token, "special", False) and token.content})
+_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _special_pattern(tokenizer) -> re.Pattern | None:
+    """A pattern matching the texts of the tokenizer's special tokens (longest first), which a plain
+    `tokenizer(text)` turns into those tokens wherever they appear; None without any. Built once per tokenizer:
+    the inference prompt asks for it on every turn of every trajectory."""
+    if tokenizer not in _SPECIALS:
+        texts = {token.content for token in tokenizer.added_tokens_decoder.values()
+                 if getattr(token, "special", False) and token.content}
+        _SPECIALS[tokenizer] = (re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+                                if texts else None)
+    return _SPECIALS[tokenizer]
 
 
 def literal_ranges(tokenizer, messages: Sequence[dict[str, Any]], text: str, **kwargs) -> list[tuple[int, int]]:
@@ -121,11 +130,11 @@ def literal_ranges(tokenizer, messages: Sequence[dict[str, Any]], text: str, **k
     spelling a special token (a cell that prints "<|im_start|>assistant", a question that quotes "</s>"): that
     text is the message's, not the template's, and must not become the special token. Found by rendering the
     message with a placeholder content once; empty, at no cost, when no content spells one."""
-    specials = _special_strings(tokenizer)
+    pattern = _special_pattern(tokenizer)
     ranges = []
     for i, message in enumerate(messages):
         content = message["content"]
-        if not any(special in content for special in specials):
+        if pattern is None or not pattern.search(content):
             continue
         placeholder = f"\ue000{i}\ue001"
         probe = [*messages[:i], {**message, "content": placeholder}, *messages[i + 1 :]]
@@ -147,9 +156,8 @@ def encode(tokenizer, text: str, literal: Sequence[tuple[int, int]] = ()) -> tup
     if not literal:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
-    pattern = re.compile("|".join(re.escape(s) for s in sorted(_special_strings(tokenizer), key=len, reverse=True)))
     inside = lambda at: any(a <= at < b for a, b in literal)  # noqa: E731
-    cuts = [m for m in pattern.finditer(text) if not inside(m.start())]
+    cuts = [m for m in _special_pattern(tokenizer).finditer(text) if not inside(m.start())]
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     begin = 0
@@ -164,6 +172,14 @@ def encode(tokenizer, text: str, literal: Sequence[tuple[int, int]] = ()) -> tup
             offsets.append((special.start(), special.end()))
             begin = special.end()
     return ids, offsets
+
+
+def token_ids(tokenizer, messages: Sequence[dict[str, Any]], text: str, **kwargs) -> list[int]:
+    """The ids of `text`, the rendering of `messages` with `kwargs`, special tokens spelled inside a message
+    kept as plain text (`encode`); a slow tokenizer, which has no offsets, gets its own plain call."""
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(tokenizer, text, literal_ranges(tokenizer, messages, text, **kwargs))[0]
 
 
 def _char_layout(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, list[int], dict[int, tuple[int, int]]]:

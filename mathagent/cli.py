@@ -167,6 +167,11 @@ def _check_observation_role(role: str) -> None:
         raise UserError(f"--observation-role {role!r}: choose from user, tool")
 
 
+def _check_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output-dir {path}: is a file, not a directory")
+
+
 def _parse_shard(shard: str | None) -> tuple[int, int]:
     if shard is None:
         return 0, 1
@@ -595,10 +600,7 @@ def mc_label(
         _check_model("--adapter", adapter, adapter=True)
         if steps not in labeling.STEP_MODES:
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
-        if q not in labeling.Q_ESTIMATES:
-            raise UserError(f"--q {q!r}: choose from {', '.join(labeling.Q_ESTIMATES)}")
-        if not (eta > 0 and math.isfinite(eta)):
-            raise UserError(f"--eta {eta}: must be a positive finite number")
+        labeling.check_estimate(q, eta)
         if format not in ("records", "prm"):
             raise UserError(f"--format {format!r}: choose from records, prm")
         template = agent.load_prompt(prompt) if prompt is not None else None
@@ -613,8 +615,9 @@ def mc_label(
         config = agent.AgentConfig(max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                    seed=seed, observation_role=observation_role)
         todo = [r for r in records if r["id"] not in finished]
-        needs_engine = any(len(labeling.split_steps(r["messages"], steps)) > 1 for r in todo)
-        single = sum(1 for r in todo if len(labeling.split_steps(r["messages"], steps)) == 1)
+        step_counts = [len(labeling.split_steps(r["messages"], steps)) for r in todo]
+        needs_engine = any(count > 1 for count in step_counts)
+        single = step_counts.count(1)
         if single and steps == "turns":
             console.print(
                 f"mc-label: {single} of {len(todo)} trajectories have a single action: with --steps turns that is "
@@ -700,8 +703,7 @@ def train_prm(
         if not (math.isfinite(learning_rate) and learning_rate > 0):
             raise UserError(f"--lr {learning_rate}: must be a positive number")
         _check_model("--model", model)
-        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-            raise UserError(f"--output-dir {output_dir}: is a file, not a directory")
+        _check_output_dir(output_dir)
         check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
         invalid = InvalidCounter()
         records = list(read_records(input, required=("messages",), skip_invalid=skip_invalid, invalid=invalid,
@@ -838,13 +840,13 @@ def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name:
 
     from mathagent import training
 
-    if input == "-" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if input == "-" and processes > 1:
         raise UserError("under torchrun / accelerate launch every process reads the input: give a path, not stdin")
     config.check()
     _check_model("--model", config.model)
     _check_model("--ref-model", config.ref_model)
-    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
-        raise UserError(f"--output-dir {config.output_dir}: is a file, not a directory")
+    _check_output_dir(config.output_dir)
     invalid = InvalidCounter()
     records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid, check=check))
     _report_invalid(invalid)
@@ -859,7 +861,7 @@ def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name:
         console.print(f"{name}: {summary['steps']} steps in {summary['train_seconds']:.1f} s "
                       f"({summary['tokens_per_second'] or 0:.0f} tok/s), final loss {final.get('loss', float('nan')):.4f}; "
                       f"saved the {summary['saved']} to {summary['output_dir']}", highlight=False)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if processes > 1:
         # A bounded teardown under torchrun: the work is saved and the group destroyed; threads that libraries
         # leave behind (gloo, tokenizers) must not keep this rank, and so torchrun, from exiting.
         sys.stdout.flush()

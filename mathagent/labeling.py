@@ -146,6 +146,14 @@ def soft_optimal_q(outcomes: Sequence[bool], eta: float) -> float:
     return top + eta * math.log(sum(math.exp((x - top) / eta) for x in u) / len(u))
 
 
+def check_estimate(estimate: str, eta: float) -> None:
+    """Refuse an unknown soft-label estimate or an eta that is not a positive finite number."""
+    if estimate not in Q_ESTIMATES:
+        raise UserError(f"--q {estimate!r}: choose from {', '.join(Q_ESTIMATES)}")
+    if not (eta > 0 and math.isfinite(eta)):
+        raise UserError(f"--eta {eta}: must be a positive finite number")
+
+
 def hard_label(q: float) -> str:
     """'+' iff some completion from the step reached the right answer (Q-hat > 0), as in the paper."""
     return PLUS if q > 0 else MINUS
@@ -297,10 +305,7 @@ def label_trajectories(
     (Q-hat) or "soft-optimal" (Q* with `eta`)."""
     if m < 1:
         raise UserError("--m must be at least 1")
-    if estimate not in Q_ESTIMATES:
-        raise UserError(f"--q {estimate!r}: choose from {', '.join(Q_ESTIMATES)}")
-    if estimate == "soft-optimal" and not (eta > 0 and math.isfinite(eta)):
-        raise UserError(f"--eta {eta}: must be a positive finite number")
+    check_estimate(estimate, eta)
     cache = cache if cache is not None else LabelCache()
     start = time.perf_counter()
     report = LabelingReport(trajectories=len(trajectories))

@@ -239,14 +239,12 @@ def error_observation(trajectory: dict[str, Any]) -> bool:
 
 def conversation_length(tokenizer, messages: Sequence[dict[str, str]]) -> int:
     """Tokens of the whole conversation under the tokenizer's chat template (special tokens included)."""
-    from mathagent.chat import encode, literal_ranges
+    from mathagent.chat import token_ids
 
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     # The template already wrote any BOS it wants (as in agent.prompt_ids); special tokens spelled inside a
     # message are plain text, as training tokenizes them.
-    if not getattr(tokenizer, "is_fast", False):
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return len(encode(tokenizer, text, literal_ranges(tokenizer, messages, text))[0])
+    return len(token_ids(tokenizer, messages, text))
 
 
 def too_long(tokenizer, max_length: int) -> Filter:

@@ -1133,10 +1133,6 @@ class _Holder:
                     break
             _drop_capabilities()
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries do not give a cell its privileges back
-        # Not dumpable: a holder's memory is out of reach of the cells it forks (same uid), through
-        # /proc/PID/mem or ptrace; each cell's own process is made dumpable again, so that it can read its
-        # own /proc/self (see serve).
-        _prctl(_PR_SET_DUMPABLE, 0)
         for which, value in limits:
             _, hard = resource.getrlimit(which)
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -1160,7 +1156,9 @@ class _Holder:
             command = receive()
             if command["kind"] == "exit":
                 os._exit(0)  # the supervisor is gone
-            _prctl(_PR_SET_DUMPABLE, 0)  # before the fork: no moment when the checkpoint is dumpable
+            # Not dumpable, from before the fork: the checkpoint's memory is out of reach of the cell (same uid)
+            # through /proc/PID/mem or ptrace. The cell's own process is dumpable, to read its /proc/self.
+            _prctl(_PR_SET_DUMPABLE, 0)
             pid = self._fork()
             if pid == 0:
                 _prctl(_PR_SET_DUMPABLE, 1)
