@@ -61,7 +61,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; each trajecto
 PromptOpt = Annotated[str, typer.Option("--prompt", help="'tool' (python blocks, then \\boxed{}), 'cot' (plain chain of thought), or a file with a {question} placeholder.")]
 ObservationRoleOpt = Annotated[str, typer.Option("--observation-role", help="Role of observation messages: user (as in the M-DPO data) or tool.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Per-cell wall-clock and CPU limit, in seconds.")]
-MemoryOpt = Annotated[int, typer.Option("--memory-mb", help="Per-cell memory cap, in MiB.")]
+MemoryOpt = Annotated[int, typer.Option("--memory-mb", help="Memory budget of each trajectory's session (all its processes, memfds and files), in MiB.")]
 MaxOutputOpt = Annotated[int, typer.Option("--max-output-chars", help="Observation text beyond this is cut, with a marker saying how much.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Sandbox worker processes (default: the number of cores).")]
 RewardOpt = Annotated[str, typer.Option("--reward", help="Reward rule: r1 (DeepSeek-R1's rule: +1 boxed and correct, -0.5 boxed and wrong, -1 no boxed answer) or binary (1/0).")]

@@ -31,7 +31,9 @@ skipped in that replay: they left no trace, so skipping them is exact.
 Statuses of a CellResult:
     ok       the cell ran to its end
     error    it raised (SystemExit included); the traceback's last lines are in `output`
-    memory   it raised MemoryError (the address-space cap was hit)
+    memory   it raised MemoryError (its process hit the address-space cap), or the session went over its
+             memory budget and the kernel (or the supervisor) stopped the cell or some of its processes;
+             a cell stopped that way is undone like a killed one
     timeout  it ran longer than `timeout` seconds of wall or CPU time; its effects were undone
     killed   its process died (os._exit, a signal, a crash); its effects were undone
 
@@ -127,6 +129,7 @@ class Sandbox:
         max_processes: int = 64,
         max_file_mb: int = 16,
         max_sessions: int = 256,
+        cgroup: bool = True,
     ):
         from mathagent.errors import UserError
 
@@ -151,6 +154,9 @@ class Sandbox:
             "max_processes": max_processes,
             "max_file_mb": max_file_mb,
             "spares": workers,
+            # One memory cgroup per session where the machine allows it; False: the supervisor's polled
+            # budget everywhere (what a machine without a writable memory cgroup gets).
+            "cgroup": cgroup,
             # Tests find a sandbox's processes by this mark in their environment.
             "mark": f"{os.getpid()}-{os.urandom(4).hex()}",
         }
@@ -260,7 +266,7 @@ class Sandbox:
                     record.process.send(request)
                     for i in replay:
                         reply = record.process.receive(self._deadline())
-                        if reply["status"] in ("timeout", "killed"):
+                        if not reply["kept"]:
                             record.rolled_back.add(i)
                         if reply.get("lost"):
                             raise _SessionLost("state lost during replay")
@@ -278,7 +284,7 @@ class Sandbox:
                         "SandboxError: the cell's session stopped answering and was ended", "killed", 0.0
                     )
                 record.ran = history + [cell.code]
-                if reply["status"] in ("timeout", "killed"):
+                if not reply["kept"]:
                     record.rolled_back.add(len(history))
                 if reply.get("lost"):  # the cell killed its own checkpoint and then died
                     record.ran = []
@@ -433,7 +439,11 @@ class _Process:
             reply = json.loads(self._read_exactly(size, deadline))
         except (ValueError, RecursionError) as e:
             raise _SessionLost("unreadable reply") from e
-        if not isinstance(reply, dict) or reply.get("status") not in STATUSES:
+        if (
+            not isinstance(reply, dict)
+            or reply.get("status") not in STATUSES
+            or not isinstance(reply.get("kept"), bool)
+        ):
             raise _SessionLost("malformed reply")
         return reply
 
@@ -515,6 +525,137 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _libc_call("mount", encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data))
 
 
+class _MemoryCgroup:
+    """One session's memory budget as a kernel memory cgroup: every process of the holder chain, whatever
+    it forks, its memfds and the files it writes to its tmpfs are charged to one counter, and past the limit
+    the kernel's OOM killer stops a process of the session (a cell before its checkpoint, see `join`), not
+    the machine.
+
+    Made by the launcher before it enters the session's mount namespace, where every mount is read-only
+    afterwards: the files it needs later are opened now, through the host's mounts."""
+
+    OOM_SCORE_CELL, OOM_SCORE_HOLDER = 1000, -500
+
+    def __init__(self, parent: str, version: int, name: str, limit: int):
+        self.version, self.name = version, name
+        self.parent = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.mkdir(name, 0o700, dir_fd=self.parent)
+        except FileExistsError:  # left by a launcher killed before its clean-up
+            os.rmdir(name, dir_fd=self.parent)
+            os.mkdir(name, 0o700, dir_fd=self.parent)
+        path = os.path.join(parent, name)
+        try:
+            limits = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes") if version == 1 else (
+                "memory.max", "memory.swap.max")
+            with open(os.path.join(path, limits[0]), "w") as f:
+                f.write(str(limit))
+            try:
+                with open(os.path.join(path, limits[1]), "w") as f:  # no swap past the budget either
+                    f.write(str(limit) if version == 1 else "0")
+            except OSError:
+                pass  # no swap accounting on this kernel
+            self.procs = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+            self.events = os.open(os.path.join(path, "memory.oom_control" if version == 1 else "memory.events"),
+                                  os.O_RDONLY)
+            if self.oom_kills() is None:
+                raise OSError(errno.ENOTSUP, "this kernel does not count OOM kills per cgroup")
+        except OSError:
+            self.remove()
+            raise
+
+    def join(self) -> None:
+        """Move the calling process (a new holder, still root) into the cgroup; its descendants follow.
+        Its OOM score is set as root too, which makes it the lowest a process of the chain may set itself:
+        a cell raises its own (`OOM_SCORE_CELL`), so the kernel stops a cell before its checkpoint."""
+        os.write(self.procs, b"0")
+        _set_oom_score(self.OOM_SCORE_HOLDER)
+
+    def oom_kills(self) -> int | None:
+        """How many processes of the session the kernel's OOM killer has stopped so far."""
+        os.lseek(self.events, 0, os.SEEK_SET)
+        for line in os.read(self.events, 4096).decode().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return None
+
+    def close_files(self, *which: str) -> None:
+        """Close what this process does not need: the supervisor the parent directory, the launcher the
+        cgroup's files, a holder (and so every cell) all of them."""
+        for name in which or ("procs", "events", "parent"):
+            if getattr(self, name, None) is not None:
+                os.close(getattr(self, name))
+                setattr(self, name, None)
+
+    def remove(self) -> None:
+        """Delete the cgroup once its processes are gone (the session ended)."""
+        self.close_files("procs", "events")
+        for _ in range(100):  # the last processes may still be exiting
+            try:
+                os.rmdir(self.name, dir_fd=self.parent)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    break
+                time.sleep(0.01)
+        os.close(self.parent)
+        self.parent = None
+
+
+def _set_oom_score(value: int) -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:  # lowering it needs CAP_SYS_RESOURCE (a user namespace's root has none on the host)
+        pass
+
+
+def _memory_cgroup_parent() -> tuple[str, int] | None:
+    """The directory of our own memory cgroup, and the cgroup version, if we may create sessions' cgroups
+    with a memory limit under it: root (or a delegated cgroup) and the memory controller available."""
+    with open("/proc/self/cgroup") as f:
+        memberships = [line.rstrip("\n").split(":", 2) for line in f]
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for version in (2, 1):
+        for fields in mounts:
+            dash = fields.index("-")
+            fstype, options = fields[dash + 1], fields[dash + 3].split(",")
+            if (fstype, version) not in (("cgroup2", 2), ("cgroup", 1)) or (version == 1 and "memory" not in options):
+                continue
+            own = [path for _, controllers, path in memberships
+                   if (version == 2 and controllers == "") or (version == 1 and "memory" in controllers.split(","))]
+            root, mountpoint = fields[3], fields[4]
+            if not own or not (own[0] + "/").startswith(root.rstrip("/") + "/"):
+                continue
+            directory = os.path.join(mountpoint, own[0][len(root.rstrip("/")) :].lstrip("/"))
+            if version == 2:  # a child has a memory limit only where this cgroup hands the controller down
+                try:
+                    with open(os.path.join(directory, "cgroup.subtree_control")) as f:
+                        if "memory" not in f.read().split():
+                            continue
+                except OSError:
+                    continue
+            if os.access(directory, os.W_OK):
+                return directory, version
+    return None
+
+
+def _remove_stale_cgroups(parent: str) -> None:
+    """Sessions' cgroups left by sandboxes whose zygote was killed before it could remove them."""
+    for name in os.listdir(parent):
+        if name.startswith("mathagent-"):
+            zygote = name.split("-")[1]
+            if zygote.isdigit() and not os.path.exists(f"/proc/{zygote}"):
+                try:
+                    os.rmdir(os.path.join(parent, name))
+                except OSError:
+                    pass
+
+
 def _zygote_main(config: dict) -> None:
     """Import the math modules once, then fork one launcher per session the caller asks for."""
     control = socket.socket(fileno=config["control_fd"])
@@ -530,6 +671,9 @@ def _zygote_main(config: dict) -> None:
     except (BrokenPipeError, ConnectionResetError):
         os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
     uid_base = SESSION_UID_BASE + (os.getpid() % 10_000) * 100_000  # apart from other sandboxes' uids
+    config["memory_cgroup"] = _memory_cgroup_parent() if config["cgroup"] else None
+    if config["memory_cgroup"] is not None:
+        _remove_stale_cgroups(config["memory_cgroup"][0])
     sessions = itertools.count()
 
     def launch() -> socket.socket:
@@ -598,6 +742,13 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so do we, and our session after us
     if os.getppid() == 1:
         os._exit(0)
+    budget = None
+    if config["memory_cgroup"] is not None:  # before the namespaces: afterwards every mount is read-only
+        parent, version = config["memory_cgroup"]
+        try:
+            budget = _MemoryCgroup(parent, version, f"mathagent-{os.getppid()}-{uid}", config["memory_mb"] << 20)
+        except OSError as e:
+            config["memory_note"] = f"no memory cgroup: {e}"
     # IPC: SysV shared memory, semaphores and message queues and POSIX message queues are per namespace, so
     # no session reads another's segment by key, and all of them go when the session's last process exits.
     wanted = [_CLONE_NEWPID, _CLONE_NEWNS, _CLONE_NEWIPC] + ([] if config["network"] else [_CLONE_NEWNET])
@@ -631,12 +782,16 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            _Supervisor(config, session_end, uid, namespaces, workdir).serve()
+            _Supervisor(config, session_end, uid, namespaces, workdir, budget).serve()
         except BaseException:
             traceback.print_exc()
         os._exit(1)
     session_end.close()
-    os.waitpid(pid, 0)
+    if budget is not None:
+        budget.close_files("procs", "events")
+    os.waitpid(pid, 0)  # S is the init of the session's pid namespace: its processes are gone with it
+    if budget is not None:
+        budget.remove()
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
     os._exit(0)
@@ -687,9 +842,13 @@ class _Supervisor:
     """S: the trusted process of one trajectory. It runs no model code; it keeps the holder chain, hands
     cells to it, enforces the deadline, kills what cells leave behind and answers the caller."""
 
-    def __init__(self, config: dict, caller: socket.socket, uid: int, namespaces: int, workdir: str | None):
+    def __init__(self, config: dict, caller: socket.socket, uid: int, namespaces: int, workdir: str | None,
+                 cgroup: _MemoryCgroup | None):
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         self.config = config
+        self.cgroup = cgroup
+        if cgroup is not None:
+            cgroup.close_files("parent")
         self.caller = caller
         self.uid = uid
         self.timeout = config["timeout"]
@@ -697,6 +856,14 @@ class _Supervisor:
         self.output_limit = config["max_file_mb"] << 20
         os.setsid()  # our own process group and session: kill(0) from a cell reaches nobody outside
         self.isolation = self._isolate(namespaces, workdir)
+        if namespaces & _CLONE_NEWNS:
+            mounts, directories = [path for path in ("/tmp", "/dev/shm") if os.path.isdir(path)], []
+        else:
+            mounts, directories = [], [self.workdir]
+        self.polled = None if cgroup else _PolledBudget(config["memory_mb"] << 20, mounts, directories)
+        self.isolation["memory"] = f"cgroup v{cgroup.version}" if cgroup else "polled"
+        if "memory_note" in config:
+            self.isolation["memory"] += f" ({config['memory_note']})"
         os.environ.clear()
         os.environ.update(
             PATH="/usr/local/bin:/usr/bin:/bin", HOME=self.workdir, TMPDIR=self.workdir, LANG="C.UTF-8",
@@ -808,6 +975,8 @@ class _Supervisor:
         if pid == 0:
             try:
                 holder = _Holder(self, chain_commands, chain_results)
+                if self.cgroup is not None:
+                    self.cgroup.close_files()
                 for sock in (commands, results, self.caller):
                     sock.close()
                 os.close(self.printed)
@@ -921,7 +1090,10 @@ class _Supervisor:
         command = json.dumps({"kind": "run", "seq": self.seq, "code": code, "index": index}).encode()
         if len(command) > self.max_command:
             error = f"SandboxError: the cell is {len(command)} bytes long, more than {self.max_command}"
-            return {"status": "error", "output": error, "seconds": 0.0, "lost": lost}
+            return {"status": "error", "output": error, "seconds": 0.0, "lost": lost, "kept": True}
+        oom_kills = self.cgroup.oom_kills() if self.cgroup is not None else 0
+        if self.polled is not None:
+            self.polled.start(self._processes())
         started = time.perf_counter()
         try:
             self.commands.send(command)
@@ -935,9 +1107,22 @@ class _Supervisor:
             status, error = message["status"], message["error"]
         elif outcome == "died":
             status, error = "killed", _death_message(message)
+        elif outcome == "over budget":
+            status, error = "memory", ""
         else:
             status, error = "timeout", f"TimeoutError: the cell ran longer than {self.timeout:g} s"
-        if status in ("ok", "error", "memory"):
+        # The cell's process ran to its end (a timeout it caught itself is undone all the same) and holds the
+        # new state.
+        kept = outcome == "result" and status in ("ok", "error", "memory")
+        stopped = self.cgroup.oom_kills() - oom_kills if self.cgroup is not None else 0
+        if stopped or outcome == "over budget":
+            # The kernel stopped the cell or some of its processes (or we did, where it is polled): the
+            # session went over its budget, whatever the cell's own process saw of it.
+            status = "memory"
+            error = (f"MemoryError: the session went over its {self.config['memory_mb']} MB of memory (its "
+                     f"processes, memfds and files together); "
+                     + ("the cell was stopped" if not kept else f"{stopped} of the cell's processes were stopped"))
+        if kept:
             # The cell's process (or the thread-free copy it forked, see _Holder._run) holds the new state.
             successor = message.get("successor")
             if isinstance(successor, int) and self._processes().get(successor, (0, False))[0] == cell_pid:
@@ -953,7 +1138,7 @@ class _Supervisor:
                 lost = True
         self._prefork()
         output, cut = _fit(self._printed(), error, self.cap)
-        return {"status": status, "output": output, "cut": cut, "seconds": seconds, "lost": lost}
+        return {"status": status, "output": output, "cut": cut, "seconds": seconds, "lost": lost, "kept": kept}
 
     def _await(self, seq: int, deadline: float) -> tuple[str, dict | None, int]:
         """Wait for the cell's result, its process's death, or the deadline: (outcome, message, cell pid)."""
@@ -969,6 +1154,10 @@ class _Supervisor:
                 wait = min(deadline, died_at + 0.2) if died_at is not None else deadline
                 if now >= wait:
                     return "deadline", None, cell_pid
+                if self.polled is not None:
+                    if self.polled.over(self._processes()):
+                        return "over budget", None, cell_pid
+                    wait = min(wait, now + _PolledBudget.INTERVAL)
                 for fd, event in poller.poll((wait - now) * 1000):
                     if fd == cell_pidfd:
                         poller.unregister(cell_pidfd)
@@ -1032,6 +1221,61 @@ class _Supervisor:
     def _printed(self) -> str:
         size = os.fstat(self.printed).st_size
         return os.pread(self.printed, min(size, self.output_limit), 0).decode("utf-8", "replace")
+
+
+class _PolledBudget:
+    """One session's memory budget where no memory cgroup can be made (not root, a read-only cgroupfs): while
+    a cell runs, its supervisor adds up every INTERVAL what the session holds and stops the cell past the
+    limit. Counted: the private memory of every process of the chain, the memfds they hold and the files in
+    the session's tmpfs. Memory the cell takes between two looks (at most one RLIMIT_AS per process) can
+    pass the limit for that long; shared pages a process maps privately may be counted twice."""
+
+    INTERVAL = 0.02
+    NICE = 10  # added to the cells' scheduling niceness
+    SLACK = 8 << 20  # what a cell that allocates nothing still takes (copies of the pages it writes)
+
+    def __init__(self, limit: int, mounts: list[str], directories: list[str]):
+        self.limit = limit
+        self.mounts = mounts  # the session's own tmpfs mounts: their used blocks
+        self.directories = directories  # host directories of the session's: the blocks of their files
+        self.allowed = limit
+
+    def start(self, processes: dict[int, tuple[int, bool]]) -> None:
+        """Before a cell: a session already over the budget (files an earlier cell left before it was stopped)
+        may still run cells that do not grow it, one that deletes them say, as under a cgroup."""
+        self.allowed = max(self.limit, self.used(processes) + self.SLACK)
+
+    def over(self, processes: dict[int, tuple[int, bool]]) -> bool:
+        return self.used(processes) > self.allowed
+
+    def used(self, processes: dict[int, tuple[int, bool]]) -> int:
+        total, memfds = 0, {}
+        for pid, (_, alive) in processes.items():
+            if not alive:
+                continue
+            try:
+                with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                    for line in f:
+                        if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                            total += int(line.split()[1]) << 10
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                        info = os.stat(f"/proc/{pid}/fd/{fd}")
+                        memfds[info.st_dev, info.st_ino] = info.st_blocks * 512  # allocated, not the sparse size
+            except OSError:  # the process ended meanwhile
+                continue
+        total += sum(memfds.values())
+        for path in self.mounts:
+            info = os.statvfs(path)
+            total += (info.f_blocks - info.f_bfree) * info.f_frsize
+        for path in self.directories:
+            for directory, _, names in os.walk(path):
+                for name in names:
+                    try:
+                        total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+                    except OSError:
+                        pass
+        return total
 
 
 def _kill(pid: int) -> None:
@@ -1102,6 +1346,13 @@ class _Holder:
         self.in_cell = False
         # A copy of the output memfd out of the way of fds 1 and 2, to point them back at it for each cell.
         self.printed = os.dup(supervisor.printed)
+        self.oom_scores = supervisor.cgroup is not None
+        if supervisor.cgroup is not None:
+            supervisor.cgroup.join()
+        else:
+            # The polled budget is only as good as the supervisor's looks: a cell's processes must not keep it
+            # off the cores (eight of them allocating at once on two cores passed twice the budget).
+            os.nice(_PolledBudget.NICE)
         self._drop_privileges(supervisor)
         signal.signal(signal.SIGALRM, self._on_limit)
         signal.signal(signal.SIGXCPU, self._on_limit)
@@ -1162,6 +1413,8 @@ class _Holder:
             pid = self._fork()
             if pid == 0:
                 _prctl(_PR_SET_DUMPABLE, 1)
+                if self.oom_scores:
+                    _set_oom_score(_MemoryCgroup.OOM_SCORE_CELL)
                 if command["kind"] == "prefork":  # forked ahead of time: now wait for the cell
                     self._warm_up()
                     command = receive()
@@ -1226,6 +1479,8 @@ class _Holder:
         sys.stdout = sys.stderr = out
         sys.stdin = open(0, encoding="utf-8", closefd=False)
         status, error = _execute(code, f"<cell {index}>", self.namespace, self)
+        if self.oom_scores:  # this process may be the next holder (while still dumpable: /proc/self is ours)
+            _set_oom_score(_MemoryCgroup.OOM_SCORE_HOLDER)
         _prctl(_PR_SET_DUMPABLE, 0)  # this process may be the next holder: nothing the cell left may write it
         try:
             out.flush()
