@@ -1,89 +1,234 @@
-"""Rollout throughput of the two backends, side by side: vLLM against transformers' generate.
+"""Rollout throughput against the loop our users would otherwise run: the Qwen2.5-Math / ToRA toolkit's.
 
-256 trajectories (64 synthetic arithmetic problems x 4 samples), up to 3 turns each, on the embedded tiny
-model warmed up to write the agent's format (so trajectories really take several turns and run code). Both
-backends run the same agent loop with the same sandbox; reported per backend: generated tokens per second of
-engine time, trajectories per second end to end, engine calls, turns.
+The toolkit's design, written here from its description (no code of it is used): per turn, one vLLM
+`generate` over all live trajectories, stopping at "```output"; then each trajectory's whole code history is
+exec'ed with fresh globals in a warm process pool created once (imports stay warm; no isolation, no state
+kept between turns). mathagent's loop runs the same model on the same engine, problems, prompts, sampling and
+per-request seeds, with every isolation property of its sandbox on. Engine start is included in both.
 
-    python benchmarks/rollout.py [--problems 64] [--n 4] [--max-turns 3]   # table on stderr, JSON on stdout
+Workload (the issue's): 128 arithmetic problems x 4 samples = 512 trajectories, up to 3 turns, 96 tokens a
+turn, on the embedded tiny model warmed up to write the agent's format. Reported: trajectories/s of both and
+their ratio, the engine's own generation time (the limit: what is not generation is loop overhead), and
+mathagent's wall time after the engine started over that generation time.
+
+Then the two schedules of mathagent's loop on a long-tailed workload (actions of very different lengths, one
+cell in 16 slow): turn by turn against continuous batching (`AgentConfig.schedule`), same engine and seeds.
+
+    python benchmarks/rollout.py [--problems 128] [--n 4]   # table on stderr, JSON on stdout
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import io
 import json
 import os
+import signal
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("MATHAGENT_VLLM_KV_BYTES", str(256 * 2**20))
 
 from mathagent import agent  # noqa: E402
-from mathagent.engines import open_engine  # noqa: E402
+from mathagent.engines import Request, Sampling, open_engine, quiet_engines  # noqa: E402
+from mathagent.records import OBSERVATION_FENCE, observation_message  # noqa: E402
 from mathagent.sandbox import Sandbox  # noqa: E402
 from mathagent.tasks.arith import make_problems  # noqa: E402
 from mathagent.tiny import resolve_model  # noqa: E402
 
+TIMEOUT = 10
+SLOW_CELL = 1.5
 
-def run_backend(backend: str, model: str, args) -> dict:
-    problems = make_problems(args.problems, seed=123)
-    trajectories = [t for p in problems for t in agent.new_trajectories(p, args.n, agent.PROMPTS["tool"])]
-    config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=0)
-    engine = open_engine(backend, model, seed=0)
+
+# -- the toolkit's design ------------------------------------------------------------------------------------
+
+
+def _warm_worker() -> None:
+    import numpy  # noqa: F401
+    import sympy  # noqa: F401
+
+
+def _exec_history(cells: list[str]) -> str:
+    """In a pooled worker: the earlier cells with their output discarded, then the last one, all in fresh
+    globals; what the last one printed (and its trailing expression's value), or its error."""
+
+    def alarm(signum, frame):
+        raise TimeoutError(f"the cell ran longer than {TIMEOUT} s")
+
+    namespace: dict = {"__name__": "__main__"}
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(TIMEOUT)
+    out = io.StringIO()
     try:
-        with Sandbox() as sandbox:
+        with contextlib.redirect_stdout(io.StringIO()):
+            for code in cells[:-1]:
+                exec(code, namespace)
+        with contextlib.redirect_stdout(out):
+            tree = ast.parse(cells[-1])
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            exec(compile(tree, "<cell>", "exec"), namespace)
+            if last is not None:
+                value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), namespace)
+                if value is not None:
+                    print(repr(value))
+        return out.getvalue().rstrip("\n")
+    except BaseException as e:  # noqa: BLE001 - the model's code may raise anything
+        return (out.getvalue() + f"{type(e).__name__}: {e}").strip("\n")
+    finally:
+        signal.alarm(0)
+
+
+def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig) -> int:
+    """The toolkit's loop on our records; returns the number of cells run."""
+    sampling = Sampling(config.temperature, config.top_p, config.max_tokens, stop=(OBSERVATION_FENCE,))
+    cells = 0
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), initializer=_warm_worker) as pool:
+        live = list(trajectories)
+        for turn in range(config.max_turns):
+            requests = [Request(agent.prompt_ids(engine.tokenizer, t["messages"]),
+                                seed=agent.request_seed(config.seed, t["id"], turn)) for t in live]
+            completions = engine.generate(requests, sampling)
+            running = []
+            for t, completion in zip(live, completions):
+                action = agent.cut_after_code(completion.text)
+                t["messages"].append({"role": "assistant", "content": action})
+                if agent.pending_code(t["messages"]) is not None:
+                    running.append(t)
+            histories = [[*agent.executed_cells(t["messages"]), agent.pending_code(t["messages"])] for t in running]
+            for t, output in zip(running, pool.map(_exec_history, histories, chunksize=4)):
+                t["messages"].append(observation_message(output, "ok", False, config.observation_role))
+            cells += len(running)
+            live = running if turn + 1 < config.max_turns else []
+    for t in trajectories:
+        agent.grade(t, config.reward)
+    return cells
+
+
+# -- the two, side by side -----------------------------------------------------------------------------------
+
+
+def run(design: str, model: str, args) -> dict:
+    problems = make_problems(args.problems, seed=123)
+    trajectories = [t for p in problems for t in agent.new_trajectories(p, args.n, agent.PROMPTS[args.prompt])]
+    schedule = "continuous" if design.endswith("continuous") else "turns"
+    config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=0,
+                               schedule=schedule)
+    start = time.perf_counter()
+    engine = open_engine("vllm", model, seed=0)
+    started = time.perf_counter()
+    try:
+        if design == "toolkit":
+            cells = toolkit_loop(trajectories, engine, config)
+        else:
             turns = []
-            start = time.perf_counter()
-            agent.run_agent(trajectories, engine, sandbox, config, on_turn=turns.append)
-            seconds = time.perf_counter() - start
+            with Sandbox() as sandbox:
+                agent.run_agent(trajectories, engine, sandbox, config, on_turn=turns.append)
+            cells = sum(r.executed for r in turns)
+        end = time.perf_counter()
     finally:
         engine.close()
     stats = engine.stats
-    actions = sum(1 for t in trajectories for m in t["messages"] if m["role"] == "assistant")
     return {
-        "backend": backend,
+        "design": design,
         "trajectories": len(trajectories),
-        "actions": actions,
-        "cells": sum(r.executed for r in turns),
+        "actions": sum(1 for t in trajectories for m in t["messages"] if m["role"] == "assistant"),
+        "cells": cells,
         "engine_calls": stats.calls,
         "generated_tokens": stats.generated_tokens,
-        "engine_seconds": round(stats.seconds, 3),
-        "total_seconds": round(seconds, 3),
-        "tokens_per_second": round(stats.generated_tokens / stats.seconds, 1),
-        "trajectories_per_second": round(len(trajectories) / seconds, 2),
+        "engine_start_seconds": round(started - start, 3),
+        "generation_seconds": round(stats.seconds, 3),
+        "total_seconds": round(end - start, 3),
+        "after_start_over_generation": round((end - started) / stats.seconds, 3),
+        "trajectories_per_second": round(len(trajectories) / (end - start), 2),
         "accuracy": round(sum(bool(t.get("correct")) for t in trajectories) / len(trajectories), 4),
+    }
+
+
+def long_tailed(engine, args, schedule: str) -> dict:
+    """Trajectories whose first action is given, its code pending: one in 16 computes for SLOW_CELL seconds; then up
+    to 3 more actions sampled at temperature 1, whose lengths spread from a few tokens to the 160-token cap."""
+    problems = make_problems(args.tail_problems, seed=321)
+    trajectories = []
+    for i, p in enumerate(problems):
+        (t,) = agent.new_trajectories(p, 1, agent.PROMPTS[args.prompt])
+        code = (f"import time\nend = time.process_time() + {SLOW_CELL}\nwhile time.process_time() < end:\n"
+                f"    pass\nprint({i})") if i % 16 == 0 else f"print({i} * 3)"
+        t["messages"].append({"role": "assistant", "content": f"Let me compute.\n```python\n{code}\n```"})
+        trajectories.append(t)
+    config = agent.AgentConfig(max_turns=4, max_tokens=160, temperature=1.0, seed=1, schedule=schedule)
+    with Sandbox() as sandbox:
+        start = time.perf_counter()
+        agent.run_agent(trajectories, engine, sandbox, config)
+        seconds = time.perf_counter() - start
+    lengths = sorted(len(m["content"]) for t in trajectories for m in t["messages"][3:] if m["role"] == "assistant")
+    return {
+        "schedule": schedule,
+        "trajectories": len(trajectories),
+        "actions": sum(1 for t in trajectories for m in t["messages"] if m["role"] == "assistant"),
+        "action_chars_p50_p99": [lengths[len(lengths) // 2], lengths[int(len(lengths) * 0.99)]] if lengths else [],
+        "seconds": round(seconds, 3),
+        "trajectories_per_second": round(len(trajectories) / seconds, 2),
+        "statuses": dict(sorted(Counter(t["status"] for t in trajectories).items())),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--problems", type=int, default=128)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-turns", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--prompt", default="tool")
+    parser.add_argument("--tail-problems", type=int, default=128)
+    parser.add_argument("--designs", default="toolkit,mathagent,mathagent-continuous")
     parser.add_argument("--model", default="tiny")
     args = parser.parse_args()
     model = resolve_model(args.model)
-    rows = [run_backend(backend, model, args) for backend in ("vllm", "hf")]
+    with quiet_engines():
+        open_engine("vllm", model, seed=0).close()  # warm the disk cache and compiled kernels for both
+        rows = [run(design, model, args) for design in args.designs.split(",")]
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"rollout: {rows[0]['trajectories']} trajectories x up to {args.max_turns} turns")
-    columns = ("backend", "actions", "cells", "engine_calls", "tokens_per_second", "trajectories_per_second", "total_seconds")
+    table = Table(title=f"rollout: {rows[0]['trajectories']} trajectories x up to {args.max_turns} turns, vLLM")
+    columns = ("design", "actions", "cells", "engine_calls", "engine_start_seconds", "generation_seconds",
+               "total_seconds", "after_start_over_generation", "trajectories_per_second")
     for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
     Console(stderr=True).print(table)
-    vllm, hf = rows
+    by_design = {row["design"]: row for row in rows}
+    toolkit, ours = by_design["toolkit"], by_design["mathagent"]
+    with quiet_engines():
+        engine = open_engine("vllm", model, seed=0)
+        try:
+            tail = [long_tailed(engine, args, schedule) for schedule in ("turns", "continuous")]
+        finally:
+            engine.close()
+    table = Table(title=f"long-tailed workload: {tail[0]['trajectories']} trajectories, 1 in 16 cells computes for {SLOW_CELL} s")
+    for column in tail[0]:
+        table.add_column(column)
+    for row in tail:
+        table.add_row(*(str(v) for v in row.values()))
+    Console(stderr=True).print(table)
     summary = {
         "benchmark": "rollout",
         "rows": rows,
-        "vllm_over_hf_tokens_per_second": round(vllm["tokens_per_second"] / hf["tokens_per_second"], 2),
-        "vllm_over_hf_trajectories_per_second": round(vllm["trajectories_per_second"] / hf["trajectories_per_second"], 2),
+        "mathagent_over_toolkit_trajectories_per_second": round(
+            ours["trajectories_per_second"] / toolkit["trajectories_per_second"], 2),
+        "mathagent_after_start_over_generation": ours["after_start_over_generation"],
+        **({"mathagent_continuous_over_toolkit_trajectories_per_second": round(
+            by_design["mathagent-continuous"]["trajectories_per_second"] / toolkit["trajectories_per_second"], 2)}
+           if "mathagent-continuous" in by_design else {}),
+        "long_tailed": tail,
+        "continuous_over_turns": round(tail[1]["trajectories_per_second"] / tail[0]["trajectories_per_second"], 2),
     }
     print(json.dumps(summary, indent=2))
 

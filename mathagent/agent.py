@@ -5,9 +5,15 @@ writes an action a_h (text, at most one ```python block); the code runs in the s
 back as the observation o_h ("```output ... ```"); the loop goes on until a `\\boxed{}` answer, a turn without
 code, or H = max_turns actions.
 
-All live trajectories advance together: one engine call per turn, one sandbox call per turn. A turn stops at
-EOS or at the end of its first python block (generation stops at "```output", which models trained on this
-format write next, and the text after the block is cut).
+An action stops at EOS or at the end of its first python block (generation stops at "```output", which
+models trained on this format write next, and the text after the block is cut).
+
+Two schedules, same records (`AgentConfig.schedule`). "turns": all live trajectories advance together, one
+engine call, then one sandbox call per turn. "continuous", with an engine that batches continuously (vLLM):
+each trajectory goes on as soon as its own observation is back, its next request joining the running batch
+while others still generate or run code, so no one waits for the slowest action or cell of a turn. Samples
+are seeded per request (`request_seed`), so a trajectory's actions do not depend on the schedule, up to the
+engine's batch-dependent numerics.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ PROMPTS = {
     # a long instruction costs a 0.5M-parameter model more than it tells it).
     "bare": "{question}",
 }
+
+STEP_WAIT = 0.05  # seconds the continuous loop waits for running cells before stepping a small batch
 
 _CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -131,6 +139,11 @@ class AgentConfig:
     observation_role: str = "user"
     execute: bool = True  # False: stop at a tool call (status tool_call) and leave the code to `execute`
     reward: str = "r1"
+    # "turns": all live trajectories advance together, one engine call and one sandbox call per turn.
+    # "continuous": each goes on as soon as its own observation is back, on an engine that batches continuously
+    # (vLLM; others fall back to turns). On a 2-core CPU the engine and the cells then fight for the cores and it
+    # was slower (benchmarks/rollout.py), so turns are the default.
+    schedule: str = "turns"
 
 
 @dataclass
@@ -202,6 +215,8 @@ def run_agent(
     for t in live:  # a cut action is continued once per run; other statuses are re-derived from messages
         if t.get("status") != LENGTH:
             t.pop("status", None)
+    if config.schedule == "continuous" and hasattr(engine, "submit"):
+        return _run_continuously(trajectories, engine, sandbox, config, sampling, on_turn)
     turn = 0
     while live:
         turn += 1
@@ -211,57 +226,136 @@ def run_agent(
         if config.execute:
             report.executed = execute_pending(live, sandbox, config.observation_role)
         # 2. which trajectories act now
-        acting, prompts = [], []
+        acting = []
         for t in live:
-            msgs = t["messages"]
-            last = msgs[-1]
-            n_actions = len(actions(msgs))
-            if last["role"] != "assistant":
-                if n_actions >= H:
-                    t["status"] = MAX_TURNS
-                    ended.append(t)
-                    continue
-            elif grading.extract_answer(last["content"]) is not None:
-                t["status"] = ANSWERED
+            if _ends(t, H):
                 ended.append(t)
-                continue
-            elif extract_code(last["content"]) is not None:  # only without config.execute
-                t["status"] = TOOL_CALL
-                ended.append(t)
-                continue
-            elif t.get("status") != LENGTH:
-                t["status"] = STOPPED
-                ended.append(t)
-                continue
-            t.pop("status", None)
-            acting.append(t)
-            prompts.append(Request(prompt_ids(engine.tokenizer, msgs), seed=request_seed(config.seed, t["id"], n_actions)))
+            else:
+                acting.append(t)
         # 3. one engine call for all of them
         if acting:
             tokens_before, seconds_before = engine.stats.generated_tokens, engine.stats.seconds
-            completions = engine.generate(prompts, sampling)
+            completions = engine.generate([_request(t, engine, config) for t in acting], sampling)
             report.tokens = engine.stats.generated_tokens - tokens_before
             report.seconds = engine.stats.seconds - seconds_before
             report.generated = len(acting)
             for t, completion in zip(acting, completions, strict=True):
-                msgs = t["messages"]
-                if msgs[-1]["role"] == "assistant":  # continuing a cut action
-                    msgs[-1]["content"] = cut_after_code(msgs[-1]["content"] + completion.text)
-                else:
-                    msgs.append({"role": "assistant", "content": cut_after_code(completion.text)})
-                content = msgs[-1]["content"]
-                has_code = extract_code(content) is not None
-                if grading.extract_answer(content) is None and not has_code and completion.finish_reason == "length":
-                    t["status"] = LENGTH  # ends this run; the next rollout continues the action
+                if _take_action(t, completion):
                     ended.append(t)
         for t in ended:
-            grade(t, config.reward)
-            if sandbox is not None:
-                sandbox.forget(str(t["id"]))
+            _finish(t, sandbox, config)
         report.finished = len(ended)
         report.ended = tuple(str(t["id"]) for t in ended)
         done = {id(t) for t in ended}
         live = [t for t in live if id(t) not in done]
         if on_turn is not None:
+            on_turn(report)
+    return trajectories
+
+
+def _ends(t: dict[str, Any], H: int) -> bool:
+    """Whether the trajectory ends before acting again (its status set), from its messages alone."""
+    msgs = t["messages"]
+    last = msgs[-1]
+    if last["role"] != "assistant":
+        if len(actions(msgs)) >= H:
+            t["status"] = MAX_TURNS
+            return True
+    elif grading.extract_answer(last["content"]) is not None:
+        t["status"] = ANSWERED
+        return True
+    elif extract_code(last["content"]) is not None:  # pending code, left for `execute`
+        t["status"] = TOOL_CALL
+        return True
+    elif t.get("status") != LENGTH:
+        t["status"] = STOPPED
+        return True
+    t.pop("status", None)
+    return False
+
+
+def _request(t: dict[str, Any], engine: Engine, config: AgentConfig) -> Request:
+    msgs = t["messages"]
+    return Request(prompt_ids(engine.tokenizer, msgs), seed=request_seed(config.seed, t["id"], len(actions(msgs))))
+
+
+def _take_action(t: dict[str, Any], completion) -> bool:
+    """Append the completion as the next action (or the rest of a cut one); True if that ends the trajectory
+    for this run (cut by max_tokens with neither code nor answer: status `length`)."""
+    msgs = t["messages"]
+    if msgs[-1]["role"] == "assistant":  # continuing a cut action
+        msgs[-1]["content"] = cut_after_code(msgs[-1]["content"] + completion.text)
+    else:
+        msgs.append({"role": "assistant", "content": cut_after_code(completion.text)})
+    content = msgs[-1]["content"]
+    if grading.extract_answer(content) is None and extract_code(content) is None and completion.finish_reason == "length":
+        t["status"] = LENGTH  # ends this run; the next rollout continues the action
+        return True
+    return False
+
+
+def _finish(t: dict[str, Any], sandbox, config: AgentConfig) -> None:
+    grade(t, config.reward)
+    if sandbox is not None:
+        sandbox.forget(str(t["id"]))
+
+
+def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampling: Sampling, on_turn) -> list:
+    """`run_agent` on an engine that batches continuously: a trajectory whose observation is back is submitted
+    again at once, and a finished action's cell runs while the engine goes on with the others."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from mathagent.sandbox import Cell
+
+    keyed = {str(i): t for i, t in enumerate(trajectories)}
+    ready = list(keyed)  # trajectories to look at: end, run their pending code, or act
+    cells: dict = {}  # future of a CellResult -> key
+    generating = 0
+    while ready or generating or cells:
+        report = TurnReport(0, 0, 0, 0, 0, 0.0)
+        ended = []
+        for key in ready:
+            t = keyed[key]
+            code = pending_code(t["messages"]) if config.execute and sandbox is not None else None
+            if code is not None:
+                cell = Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code)
+                cells[sandbox.submit(cell)] = key
+            elif _ends(t, config.max_turns):
+                ended.append(t)
+            else:
+                engine.submit(key, _request(t, engine, config), sampling)
+                generating += 1
+        ready = []
+        # Step the engine when its batch is at least as large as the cells still running; otherwise give those
+        # cells a moment (STEP_WAIT) first, so that their trajectories join one larger batch instead of the
+        # engine stepping a handful of requests at a time while the cells fight it for the cores.
+        step = bool(generating)
+        if cells and generating < len(cells):
+            done, _ = wait(cells, timeout=STEP_WAIT if generating else None, return_when=FIRST_COMPLETED)
+            step = step and not done
+        if step:
+            tokens_before, seconds_before = engine.stats.generated_tokens, engine.stats.seconds
+            for key, completion in engine.step():
+                generating -= 1
+                report.generated += 1
+                if _take_action(keyed[key], completion):
+                    ended.append(keyed[key])
+                else:
+                    ready.append(key)
+            report.tokens = engine.stats.generated_tokens - tokens_before
+            report.seconds = engine.stats.seconds - seconds_before
+        for future in [f for f in cells if f.done()]:
+            key = cells.pop(future)
+            result = future.result()
+            keyed[key]["messages"].append(
+                observation_message(result.output, result.status, result.cut, config.observation_role))
+            report.executed += 1
+            ready.append(key)
+        for t in ended:
+            _finish(t, sandbox, config)
+        if on_turn is not None and (report.generated or report.executed or ended):
+            report.turn = max(len(actions(t["messages"])) for t in trajectories)
+            report.finished = len(ended)
+            report.ended = tuple(str(t["id"]) for t in ended)
             on_turn(report)
     return trajectories

@@ -64,6 +64,8 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Per-cell wall-cloc
 MemoryOpt = Annotated[int, typer.Option("--memory-mb", help="Memory budget of each trajectory's session (all its processes, memfds and files), in MiB.")]
 MaxOutputOpt = Annotated[int, typer.Option("--max-output-chars", help="Observation text beyond this is cut, with a marker saying how much.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Sandbox worker processes (default: the number of cores).")]
+SCHEDULES = ("turns", "continuous")
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="turns: all live trajectories advance together, one engine call per turn; continuous (vLLM): each goes on as soon as its own observation is back.")]
 RewardOpt = Annotated[str, typer.Option("--reward", help="Reward rule: r1 (DeepSeek-R1's rule: +1 boxed and correct, -0.5 boxed and wrong, -1 no boxed answer) or binary (1/0).")]
 
 
@@ -76,8 +78,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show the engines' own logs and warnings (vLLM, torch, transformers); also MATHAGENT_VERBOSE=1.")] = False,
 ) -> None:
-    pass
+    if verbose:
+        from mathagent.engines import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
 
 
 def _fail(message: str) -> None:
@@ -143,7 +149,8 @@ def _check_model(option: str, name: str | None, *, adapter: bool = False) -> Non
 
 
 def _check_generation(*, temperature: float, top_p: float, max_tokens: int, max_turns: int, chunk_size: int,
-                      dtype: str, observation_role: str = "user", reward: str = "r1", n: int = 1) -> None:
+                      dtype: str, observation_role: str = "user", reward: str = "r1", n: int = 1,
+                      schedule: str = "turns") -> None:
     """The options of the stages that generate (rollout, mc-label), checked before any work."""
     from mathagent.grading import REWARD_KINDS
 
@@ -157,6 +164,8 @@ def _check_generation(*, temperature: float, top_p: float, max_tokens: int, max_
         raise UserError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if reward not in REWARD_KINDS:
         raise UserError(f"--reward {reward!r}: choose from {', '.join(REWARD_KINDS)}")
+    if schedule not in SCHEDULES:
+        raise UserError(f"--schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
     _check_observation_role(observation_role)
 
 
@@ -249,6 +258,7 @@ def rollout(
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: take only every N-th input record starting at I (split the input across machines).")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories advanced together; output is written (and resumable) chunk by chunk.")] = 1024,
     reward: RewardOpt = "r1",
+    schedule: ScheduleOpt = "turns",
     timeout: TimeoutOpt = 10.0,
     memory_mb: MemoryOpt = 2048,
     max_output_chars: MaxOutputOpt = 2000,
@@ -270,7 +280,8 @@ def rollout(
 
     with _user_errors():
         _check_generation(temperature=temperature, top_p=top_p, max_tokens=max_tokens, max_turns=max_turns,
-                          chunk_size=chunk_size, dtype=dtype, observation_role=observation_role, reward=reward, n=n)
+                          chunk_size=chunk_size, dtype=dtype, observation_role=observation_role, reward=reward, n=n,
+                          schedule=schedule)
         _check_model("--model", model)
         _check_model("--adapter", adapter, adapter=True)
         template = agent.load_prompt(prompt)
@@ -300,7 +311,7 @@ def rollout(
         _report_invalid(invalid)
         config = agent.AgentConfig(
             max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-            observation_role=observation_role, execute=execute, reward=reward,
+            observation_role=observation_role, execute=execute, reward=reward, schedule=schedule,
         )
         trajectories = [t for unit in units for t in unit]
         with _record_stream() as stdout, RecordWriter(output, keep=kept, stdout=stdout) as writer:
@@ -562,6 +573,7 @@ def mc_label(
     seed: SeedOpt = 0,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Continue under this prompt instead of each trajectory's own first user message: 'tool', 'cot', or a file with a {question} placeholder (needs the field 'question'). Default: the trajectory's own.")] = None,
     steps: StepsOpt = "turns",
+    schedule: ScheduleOpt = "turns",
     q: Annotated[str, typer.Option("--q", help="The soft label 'q': mean (Q-hat, the fraction of correct completions) or soft-optimal (Q* = eta log mean exp(u/eta), the talk's KL-regularised value; eta -> infinity gives the mean, eta -> 0 the hard label).")] = "mean",
     eta: Annotated[float, typer.Option("--eta", help="eta of --q soft-optimal (the KL coefficient).")] = 1.0,
     format: Annotated[str, typer.Option("--format", help="records: every input trajectory with 'steps' added; prm: PRM training chats (user = step, assistant = '+'/'-') with 'labels' and soft labels 'q'.")] = "records",
@@ -595,7 +607,7 @@ def mc_label(
         if m < 1:
             raise UserError("--m must be at least 1")
         _check_generation(temperature=temperature, top_p=top_p, max_tokens=max_tokens, max_turns=max_turns,
-                          chunk_size=chunk_size, dtype=dtype, observation_role=observation_role)
+                          chunk_size=chunk_size, dtype=dtype, observation_role=observation_role, schedule=schedule)
         _check_model("--model", model)
         _check_model("--adapter", adapter, adapter=True)
         if steps not in labeling.STEP_MODES:
@@ -613,7 +625,7 @@ def mc_label(
             finished = {r["id"]: r for r in read_finished(output)}
             console.print(f"resume: {sum(r['id'] in finished for r in records)} of {len(records)} trajectories already done", highlight=False)
         config = agent.AgentConfig(max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                   seed=seed, observation_role=observation_role)
+                                   seed=seed, observation_role=observation_role, schedule=schedule)
         todo = [r for r in records if r["id"] not in finished]
         step_counts = [len(labeling.split_steps(r["messages"], steps)) for r in todo]
         needs_engine = any(count > 1 for count in step_counts)

@@ -64,7 +64,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 STATUSES = ("ok", "error", "memory", "timeout", "killed")
@@ -189,6 +189,13 @@ class Sandbox:
             for i, result in zip(indices, futures[session].result()):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+    def submit(self, cell: Cell) -> Future:
+        """Run one cell in the background; a future of its CellResult. One cell of a session at a time: the
+        caller submits a session's next cell once its previous result is back."""
+        if self._closed:
+            raise RuntimeError("submit() on a closed Sandbox")
+        return self._pool.submit(self._run_cell, cell)
 
     def forget(self, session: str) -> None:
         """The trajectory is finished: end its session process and free its state."""

@@ -136,6 +136,40 @@ def test_the_tiny_model_runs_the_loop_on_both_backends(backend, request, sandbox
         assert "reward" in t and "correct" in t
 
 
+def test_with_continuous_batching_no_trajectory_waits_for_a_slow_cell_and_the_records_stay_the_same(vllm_engine):
+    """On vLLM, scheduled continuously, each trajectory goes on as soon as its own observation is back: the fast
+    ones finish while one cell still sleeps, where turn by turn every one of them waits for it. Same seeds,
+    same trajectories."""
+    import time
+
+    from mathagent.sandbox import Sandbox
+
+    def given(schedule: str) -> tuple[list[dict], dict[str, float]]:
+        trajectories = []
+        for i in range(4):
+            (t,) = agent.new_trajectories({"id": f"p{i}", "question": f"What is {i}+3?", "answer": str(i + 3)}, 1,
+                                          agent.PROMPTS["tool"])
+            code = "import time\ntime.sleep(3)\nprint(1)" if i == 0 else f"print({i} + 3)"
+            t["messages"].append({"role": "assistant", "content": f"```python\n{code}\n```"})
+            trajectories.append(t)
+        ended_at, start = {}, time.perf_counter()
+
+        def on_turn(report):
+            ended_at.update({tid: time.perf_counter() - start for tid in report.ended})
+
+        with Sandbox(timeout=10) as box:
+            run_agent(trajectories, vllm_engine, box,
+                      AgentConfig(max_turns=3, max_tokens=12, temperature=1.0, schedule=schedule), on_turn=on_turn)
+        return trajectories, ended_at
+
+    continuous, continuous_ends = given("continuous")
+    turned, turned_ends = given("turns")
+    assert max(continuous_ends[f"p{i}-0"] for i in (1, 2, 3)) < continuous_ends["p0-0"] - 1.5
+    assert min(turned_ends[f"p{i}-0"] for i in (1, 2, 3)) >= 3.0
+    assert [t["messages"] for t in continuous] == [t["messages"] for t in turned]
+    assert [t["status"] for t in continuous] == [t["status"] for t in turned]
+
+
 def test_each_observation_records_its_cells_outcome_as_data(scripted):
     from mathagent.pairs import error_observation
     from mathagent.metrics import turn_statistics

@@ -52,6 +52,16 @@ def test_rollout_prints_n_trajectories_with_distinct_ids(backend, tiny_model):
         assert t["status"] in ("answered", "stopped", "max_turns", "length")
         assert "reward" in t and "correct" in t
     assert "engine calls" in proc.stderr
+    # stderr is the progress bar and the summary: none of the engine's logs, warnings or load bars
+    assert [line.split()[0] for line in proc.stderr.splitlines() if line.strip()] == ["problems", "rollout:"]
+
+
+@pytest.mark.slow
+def test_the_engines_own_logs_show_with_verbose_and_continuous_scheduling_runs_from_the_command_line(tiny_model):
+    proc = run(["-v", "rollout", "--model", tiny_model, "--n", "4", "--max-turns", "3", "--max-tokens", "32",
+                "--schedule", "continuous"], stdin=PROBLEM)
+    assert len(records(proc.stdout)) == 4
+    assert "WARNING" in proc.stderr or "INFO" in proc.stderr  # vLLM's own lines, kept off stderr without -v
 
 
 @pytest.mark.slow

@@ -29,6 +29,23 @@ def test_vllm_samples_are_reproducible_per_request_seed(vllm_engine):
     assert first[0].text != first[1].text
 
 
+def test_vllm_continuous_batching_samples_what_one_generate_call_samples(vllm_engine):
+    """Requests that join the running batch at different steps get the same samples, per seed, as a batch
+    sent in one call: the agent loop's schedule does not change its trajectories."""
+    ids = [prompt_ids(vllm_engine.tokenizer, [{"role": "user", "content": q}]) for q in ("What is 2+3?", "Find 7*8.")]
+    sampling = Sampling(temperature=1.0, max_tokens=24, stop=("```output",))
+    requests = [Request(ids[0], seed=7), Request(ids[1], seed=8), Request(ids[0], seed=9)]
+    batch = [c.text for c in vllm_engine.generate(requests, sampling)]
+    vllm_engine.submit("0", requests[0], sampling)
+    finished = dict(vllm_engine.step())
+    vllm_engine.submit("1", requests[1], sampling)
+    vllm_engine.submit("2", requests[2], sampling)
+    while len(finished) < 3:
+        finished.update(vllm_engine.step())
+    assert [finished[key].text for key in "012"] == batch
+    assert len(set(batch)) == 3
+
+
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
 def test_greedy_decoding_is_deterministic(backend, request):
     engine = request.getfixturevalue(f"{backend}_engine")
@@ -87,3 +104,24 @@ def test_rollout_with_an_adapter_on_vllm_generates_like_transformers_with_it(tin
         texts[backend] = json.loads(proc.stdout)["messages"][-1]["content"]
     # the backends may compute in different precisions (vLLM uses bf16 on CPUs that have it): compare the start
     assert texts["vllm"][:3] == texts["hf"][:3]
+
+
+def test_what_an_engine_prints_while_starting_is_shown_only_if_the_start_fails(capfd, monkeypatch):
+    """Load bars and C++ warnings written straight to file descriptor 2 while an engine starts are held back;
+    a start that fails shows them, then its error."""
+    import os
+
+    from mathagent.engines import VERBOSE_ENV, _captured_stderr
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    with _captured_stderr():
+        os.write(2, b"Loading checkpoint shards: 100%\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="no weights"), _captured_stderr():
+        os.write(2, b"config.json read\n")
+        raise RuntimeError("no weights")
+    assert capfd.readouterr().err == "config.json read\n"
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    with _captured_stderr():
+        os.write(2, b"shown at once\n")
+    assert capfd.readouterr().err == "shown at once\n"

