@@ -128,12 +128,13 @@ class Sandbox:
         network: bool = False,
         max_processes: int = 64,
         max_file_mb: int = 16,
-        max_sessions: int = 256,
+        max_sessions: int | None = None,
         cgroup: bool = True,
     ):
         from mathagent.errors import UserError
 
         workers = workers or os.cpu_count() or 1
+        max_sessions = max_sessions or _default_max_sessions()
         for name, value, low in (
             ("workers", workers, 1), ("timeout", timeout, 0.01), ("memory_mb", memory_mb, 64),
             ("max_output_chars", max_output_chars, 80), ("max_processes", max_processes, 4),
@@ -387,6 +388,21 @@ class Sandbox:
             self._zygote.kill()
         self._stop_zygote()
         self._start_zygote()
+
+
+SESSION_MEMORY_MB = 16  # what a live idle session holds (four processes, mostly shared pages): ~14 MB measured
+
+
+def _default_max_sessions() -> int:
+    """As many live sessions as half of the memory available now holds, between 64 and 1024. A rollout keeps
+    one per live trajectory; past the limit the least recently used is ended and replayed when it returns,
+    which cost a 512-trajectory rollout twice its session start-ups at the old fixed 256."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) >> 10 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 256
+    return max(64, min(1024, available // 2 // SESSION_MEMORY_MB))
 
 
 class _Session:
