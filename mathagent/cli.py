@@ -80,10 +80,13 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show the engines' own logs and warnings (vLLM, torch, transformers); also MATHAGENT_VERBOSE=1.")] = False,
 ) -> None:
-    if verbose:
-        from mathagent.engines import VERBOSE_ENV
+    from mathagent.engines import VERBOSE_ENV, quiet_libraries
+    from mathagent.engines import verbose as verbose_env
 
+    if verbose:
         os.environ[VERBOSE_ENV] = "1"
+    elif not verbose_env():
+        quiet_libraries()
 
 
 def _fail(message: str) -> None:

@@ -87,10 +87,7 @@ def quiet_engines() -> Iterator[None]:
     if verbose():
         yield
         return
-    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
-                        ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
-        os.environ.setdefault(name, value)
-    _silence_loggers()
+    quiet_libraries()
     try:
         with warnings.catch_warnings():
             for module in ("vllm", "torch", "transformers", "accelerate", "peft"):
@@ -99,6 +96,16 @@ def quiet_engines() -> Iterator[None]:
             yield
     finally:
         _silence_loggers()  # again: importing vLLM configures its loggers anew
+
+
+def quiet_libraries() -> None:
+    """The environment and log levels that keep the libraries' chatter off stderr (see `quiet_engines`); the
+    command line sets them first thing, before torch or transformers is imported, unless `verbose()`."""
+    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):  # transformers' weight loading and saving bars
+        os.environ.setdefault(name, value)
+    _silence_loggers()
 
 
 def _silence_loggers() -> None:
@@ -160,4 +167,4 @@ def open_engine(
 
 
 __all__ = ["BACKENDS", "Completion", "Engine", "EngineStats", "Request", "Sampling", "open_engine", "quiet_engines",
-           "verbose"]
+           "quiet_libraries", "verbose"]
