@@ -311,6 +311,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
     ready = list(keyed)  # trajectories to look at: end, run their pending code, or act
     cells: dict = {}  # future of a CellResult -> key
     generating = 0
+    turn = max((len(actions(t["messages"])) for t in trajectories), default=0)  # the most actions any has
     while ready or generating or cells:
         report = TurnReport(0, 0, 0, 0, 0, 0.0)
         ended = []
@@ -338,7 +339,9 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             for key, completion in engine.step():
                 generating -= 1
                 report.generated += 1
-                if _take_action(keyed[key], completion):
+                ends = _take_action(keyed[key], completion)
+                turn = max(turn, len(actions(keyed[key]["messages"])))
+                if ends:
                     ended.append(keyed[key])
                 else:
                     ready.append(key)
@@ -354,7 +357,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
         for t in ended:
             _finish(t, sandbox, config)
         if on_turn is not None and (report.generated or report.executed or ended):
-            report.turn = max(len(actions(t["messages"])) for t in trajectories)
+            report.turn = turn
             report.finished = len(ended)
             report.ended = tuple(str(t["id"]) for t in ended)
             on_turn(report)
