@@ -694,19 +694,22 @@ def train_prm(
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")] = "auto",
     eval_path: Annotated[str | None, typer.Option("--eval", help="Held-out examples (same formats as the input): report their label accuracy, scored as score-prm scores.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --output-dir (same data and options).")] = False,
+    report_to: ReportToOpt = "none",
     skip_invalid: SkipInvalidOpt = False,
 ) -> None:
     """Fine-tune a causal LM as a process reward model on step labels, with the loss on the label tokens only.
 
     Input: mc-label output, either trajectories with "steps" or --format prm chats (user = step, assistant =
     '+'/'-', soft labels in "q"). Saves a model that loads with transformers (or a peft adapter with
-    --lora and no --merge-lora). A JSON summary (steps, final loss, held-out accuracy) goes to stdout.
+    --lora and no --merge-lora). One row per optimizer step (loss, grad_norm, learning_rate, epoch) goes to
+    OUTPUT_DIR/metrics.jsonl; a JSON summary (steps, final loss, held-out accuracy) to stdout.
     """
 
-    from mathagent import labeling, prm
+    from mathagent import labeling, prm, training
     from mathagent.tiny import resolve_model
 
     with _user_errors():
+        training.report_targets(report_to)
         if steps not in labeling.STEP_MODES:
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
         if labels not in prm.LABEL_KINDS:
@@ -729,7 +732,7 @@ def train_prm(
             labels=labels, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora,
             learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             warmup_steps=warmup_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-            max_length=max_length, save_every=save_every, seed=seed, precision=precision,
+            max_length=max_length, save_every=save_every, seed=seed, precision=precision, report_to=report_to,
         )
         with _record_stream() as stdout:
             report = prm.train_prm(records, resolve_model(model), output_dir, config, mode=steps, resume=resume,
@@ -830,6 +833,7 @@ TrainCheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing",
 TrainSaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Checkpoint every N optimizer steps (0: only the final model).")]
 TrainPrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")]
 TrainBatchOpt = Annotated[int, typer.Option("--batch-size", help="Examples per optimizer step over all processes and micro-batches (pairs for M-DPO).")]
+ReportToOpt = Annotated[str, typer.Option("--report-to", help="Also send each step's metrics (the names and steps of OUTPUT_DIR/metrics.jsonl, which is always written) to: none; tensorboard (offline event files in OUTPUT_DIR/tensorboard: tensorboard --logdir OUTPUT_DIR/tensorboard); wandb (project $WANDB_PROJECT, default mathagent; its files in OUTPUT_DIR/wandb); a comma list of these; or all (those installed). From the main process only.")]
 
 
 def _train_line(row: dict[str, Any]) -> str:
@@ -916,6 +920,7 @@ def train_mdpo(
     gradient_checkpointing: TrainCheckpointingOpt = False,
     save_every: TrainSaveEveryOpt = 0,
     precision: TrainPrecisionOpt = "auto",
+    report_to: ReportToOpt = "none",
     skip_invalid: SkipInvalidOpt = False,
 ) -> None:
     """Multi-turn preference learning (M-DPO / M-KTO): the log-ratio log pi/pi_ref is summed over the agent's
@@ -941,7 +946,7 @@ def train_mdpo(
             batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, lora=lora,
             lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora, mask_observations=mask_observations,
             resume=resume, seed=seed, max_length=max_length, gradient_checkpointing=gradient_checkpointing,
-            save_every=save_every, precision=precision,
+            save_every=save_every, precision=precision, report_to=report_to,
         )
         check = training.check_kto if objective == "kto" else training.check_pair
         _run_training(input, config, check, skip_invalid, "train-mdpo")
@@ -972,6 +977,7 @@ def train_sft(
     gradient_checkpointing: TrainCheckpointingOpt = False,
     save_every: TrainSaveEveryOpt = 0,
     precision: TrainPrecisionOpt = "auto",
+    report_to: ReportToOpt = "none",
     skip_invalid: SkipInvalidOpt = False,
 ) -> None:
     """Supervised fine-tuning on trajectories (make-pairs --format sft, or any records with "messages"): the
@@ -989,6 +995,7 @@ def train_sft(
             epochs=epochs, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora,
             mask_observations=mask_observations, resume=resume, seed=seed, max_length=max_length,
             gradient_checkpointing=gradient_checkpointing, save_every=save_every, precision=precision,
+            report_to=report_to,
         )
         _run_training(input, config, training.check_trajectory, skip_invalid, "train-sft")
 

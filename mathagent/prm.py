@@ -349,6 +349,7 @@ class TrainConfig:
     save_every: int = 0  # a checkpoint every this many steps (0: only the final model)
     seed: int = 0
     precision: str = "auto"  # see training.choose_precision: bf16 autocast on a GPU that has it, else fp32
+    report_to: str = "none"  # trackers beside OUTPUT_DIR/metrics.jsonl (see training.report_targets)
 
 
 @dataclass
@@ -416,16 +417,18 @@ def train_prm(
 ) -> TrainReport:
     """Fine-tune `model_path` as a PRM on `records` (PRM examples or labeled trajectories) and save it to
     `out_dir` (a model transformers loads, its tokenizer, and prm.json); checkpoints go to
-    `out_dir/checkpoints/step-N`, and `resume` continues from the latest one."""
+    `out_dir/checkpoints/step-N`, and `resume` continues from the latest one. One row per step (step, loss,
+    grad_norm, learning_rate, epoch) goes to `out_dir/metrics.jsonl` and the trackers of `config.report_to`."""
     import contextlib
 
     import torch
     from transformers import AutoTokenizer
 
-    from mathagent.training import checkpoints, choose_precision
+    from mathagent.training import MetricsLog, checkpoints, choose_precision, report_targets
 
     if config.labels not in LABEL_KINDS:
         raise UserError(f"--labels {config.labels!r}: choose from {', '.join(LABEL_KINDS)}")
+    report_targets(config.report_to)
     start = time.perf_counter()
     log = log or (lambda message: None)
     out = Path(out_dir)
@@ -474,33 +477,41 @@ def train_prm(
     if checkpoint is not None:
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device))
     model.train()
-    order: list[int] = []
-    for step in range(first_step, total):
-        epoch, index = divmod(step, batches_per_epoch)
-        if index == 0 or not order:  # the epoch's order depends on (seed, epoch) alone: resuming replays it
-            order = list(range(len(data)))
-            random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
-        batch = [data[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                    else contextlib.nullcontext())
-        with autocast:
-            logits = torch.cat(_label_logits(model, [b[0] for b in batch], device))
-        is_plus = torch.tensor([x for b in batch for x in b[1]], device=device)
-        q = torch.tensor([x for b in batch for x in b[2]], device=device)
-        loss = prm_loss(logits, is_plus, q, *label_ids, kind=config.labels)
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        report.losses.append(loss.item())
-        done = step + 1
-        if done % max(1, total // 10) == 0 or done == total:
-            log(f"train-prm: step {done}/{total} loss {loss.item():.4f}")
-        if config.save_every and done % config.save_every == 0 and done < total:
-            _save_checkpoint(model, optimizer, out, done, config)
+    metrics_log = MetricsLog(out, config.report_to, start_step=first_step, config=asdict(config))
+    try:
+        order: list[int] = []
+        for step in range(first_step, total):
+            epoch, index = divmod(step, batches_per_epoch)
+            if index == 0 or not order:  # the epoch's order depends on (seed, epoch) alone: resuming replays it
+                order = list(range(len(data)))
+                random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+            batch = [data[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                        else contextlib.nullcontext())
+            with autocast:
+                logits = torch.cat(_label_logits(model, [b[0] for b in batch], device))
+            is_plus = torch.tensor([x for b in batch for x in b[1]], device=device)
+            q = torch.tensor([x for b in batch for x in b[2]], device=device)
+            loss = prm_loss(logits, is_plus, q, *label_ids, kind=config.labels)
+            loss.backward()
+            grad_norm = None
+            if config.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            report.losses.append(loss.item())
+            done = step + 1
+            metrics_log.write({"step": done, "loss": loss.item(), "grad_norm": grad_norm, "learning_rate": lr,
+                               "epoch": done / batches_per_epoch})
+            if done % max(1, total // 10) == 0 or done == total:
+                log(f"train-prm: step {done}/{total} loss {loss.item():.4f}")
+            if config.save_every and done % config.save_every == 0 and done < total:
+                _save_checkpoint(model, optimizer, out, done, config)
+    finally:
+        metrics_log.close()
     report.steps = total - first_step
     tail = report.losses[-max(1, len(report.losses) // 10):]
     report.loss = sum(tail) / len(tail) if tail else float("nan")

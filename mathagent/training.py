@@ -13,15 +13,17 @@ One function, `train`, runs a whole training:
 4. Train: per micro-batch, forward passes over its chosen and rejected sequences in groups of similar
    length (less padding), summed action log-probs, the loss, one backward pass; per step gradient clipping, AdamW and the LR schedule. Each step's metrics
    (TRL's names: rewards/chosen = mean of beta * (log pi - log pi_ref) over the step's chosen trajectories,
-   computed in that step's forward pass before its update, and so on) go to OUTPUT_DIR/metrics.jsonl.
+   computed in that step's forward pass before its update, and so on) go to OUTPUT_DIR/metrics.jsonl, and to
+   TensorBoard or wandb with --report-to (`MetricsLog`).
 5. Every `save_every` steps a checkpoint (model or adapter, optimizer, scheduler, RNG states of every process,
    the step; the data order follows from the step) in OUTPUT_DIR/checkpoints/step-N, written beside and
    renamed, so a killed run leaves only complete ones. `resume=True` continues from the last.
 6. Save what vLLM loads: the full model, or the LoRA adapter (vLLM's --adapter), or the merged model.
 
-Multi-process (DDP) under `torchrun` / `accelerate launch` via accelerate; FSDP and DeepSpeed configs for GPUs
-are in docs/training.md. Reductions are exact across micro-batches and processes: the loss of a step is the
-mean over its `batch_size` examples however they are split.
+Multi-process under `torchrun` / `accelerate launch` via accelerate: DDP, and FSDP2 with
+configs/accelerate/fsdp.yaml (on CPUs too, see `make_accelerator`); the DeepSpeed config is for CUDA GPUs and
+untested (docs/training.md). Reductions are exact across micro-batches and processes: the loss of a step is
+the mean over its `batch_size` examples however they are split.
 
 Device and precision are chosen in `choose_precision`: bf16 mixed precision on a GPU that has it (fp32 master
 weights; LoRA's frozen base weights in bf16), fp32 everywhere else.
@@ -37,6 +39,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +88,7 @@ class TrainConfig:
     save_every: int = 0  # 0: no intermediate checkpoints
     precision: str = "auto"
     ref_batch_size: int | None = None  # sequences per reference forward pass (default: 2 x micro-batch)
+    report_to: str = "none"  # trackers beside metrics.jsonl: none, all, or a comma list (see report_targets)
 
     def check(self) -> None:
         """Refuse impossible options with a `UserError` naming the option, before any work."""
@@ -122,6 +126,7 @@ class TrainConfig:
             raise UserError(f"--max-steps {self.max_steps}: must be at least 1")
         if self.merge_lora and not self.lora:
             raise UserError("--merge-lora needs --lora")
+        report_targets(self.report_to)
 
 
 @dataclass
@@ -425,17 +430,61 @@ def reference_logps(model, sequences: Sequence[Encoded], *, batch_size: int, pad
 
 
 def weights_digest(model) -> str:
-    """sha256 of the trainable parameters (sorted by name): equal on every DDP process after each step."""
+    """sha256 of the trainable parameters (sorted by name): equal on every DDP process after each step.
+
+    Under FSDP2 a parameter is a DTensor, this process's shard of it: the digest is of the whole parameter,
+    gathered (a collective, so every process must call this), and so of the same bytes a one-process run with
+    these weights would hash."""
+    from torch.distributed.tensor import DTensor
+
     digest = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
+            whole = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
             digest.update(name.encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+            digest.update(whole.float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def make_accelerator(precision: str, grad_accum: int):
+    """accelerate's Accelerator for this process: on CUDA when there is one, else on the CPU (cpu=True is also
+    what makes accelerate run DDP over gloo on CPUs under torchrun); FSDP where `accelerate launch` asked for it.
+
+    A workaround for accelerate 1.15, whose AcceleratorState.__init__ turns an FSDP launch into FSDP only on
+    GPU-like devices (MULTI_GPU, MULTI_XPU, ...): on CPUs the same launch silently became DDP over gloo
+    (MULTI_CPU), every process holding every weight. torch's FSDP2 (`fully_shard`) runs on CPUs over gloo, and
+    so does accelerate's FSDP2 code (prepare, clipping, sharded save_state/load_state, the gathered state dict)
+    once its state says FSDP; so on CPUs an FSDP2 launch gets that state here, as AcceleratorState sets it on a
+    GPU. A DeepSpeed launch has no such way out and is refused on CPUs (accelerate would run it as DDP)."""
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    mixed_precision = "bf16" if precision == "bf16" else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                              cpu=not torch.cuda.is_available())
+    # `accelerate launch` may set ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which would win over ours.
+    accelerator.gradient_accumulation_steps = grad_accum
+    fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_launch and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment, as accelerate reads it
+        if plugin.fsdp_version != 2:
+            raise UserError("FSDP on CPUs runs here as FSDP2 only: set fsdp_version: 2 (as "
+                            "configs/accelerate/fsdp.yaml does)")
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed_launch and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise UserError("the DeepSpeed config needs CUDA GPUs (on CPUs accelerate would run plain DDP instead): "
+                        "use configs/accelerate/fsdp.yaml or torchrun there")
+    return accelerator
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -485,6 +534,90 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     return rows
 
 
+# ---- metrics: OUTPUT_DIR/metrics.jsonl, and the trackers of --report-to --------------------------------------
+
+TRACKERS = ("tensorboard", "wandb")
+TENSORBOARD_DIR = "tensorboard"  # under OUTPUT_DIR
+WANDB_RUN_ID = "wandb_run_id"  # under OUTPUT_DIR: the wandb run that a --resume continues
+TRACKER_PACKAGES = {"tensorboard": "tensorboard (or: pip install 'mathagent[tensorboard]')", "wandb": "wandb"}
+
+
+def report_targets(report_to: str) -> tuple[str, ...]:
+    """The trackers named by --report-to, as transformers reads its report_to: 'none' (the default), 'all'
+    (every installed one), or a comma list of tensorboard and wandb. A named tracker whose package is not
+    installed is a UserError, before any work."""
+    import importlib.util
+
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    if names == ["all"]:
+        return tuple(t for t in TRACKERS if importlib.util.find_spec(t) is not None)
+    unknown = [n for n in names if n not in TRACKERS]
+    if not names or unknown:
+        raise UserError(f"--report-to {report_to!r}: choose none, all, or from {', '.join(TRACKERS)} "
+                        "(a comma list)")
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"--report-to {name}: the {name} package is not installed: pip install "
+                            f"{TRACKER_PACKAGES[name]}")
+    return tuple(dict.fromkeys(names))
+
+
+class MetricsLog:
+    """Where each optimizer step's metrics row goes: OUTPUT_DIR/metrics.jsonl, always, and the trackers of
+    --report-to with the same names and step numbers: TensorBoard event files in OUTPUT_DIR/tensorboard (offline,
+    torch's SummaryWriter), a wandb run (WANDB_PROJECT, default 'mathagent'; files under OUTPUT_DIR/wandb).
+    Only the main process opens one.
+
+    A run that starts at `start_step` (a resumed one) keeps the rows of steps up to it and writes the rest
+    again: metrics.jsonl is cut back to them, TensorBoard hides the events of later steps (purge_step), and
+    wandb continues the same run (its id is kept in OUTPUT_DIR/wandb_run_id), where it ignores a step it
+    already holds (wandb's steps only go up)."""
+
+    def __init__(self, output_dir: Path, report_to: str, *, start_step: int, config: dict[str, Any]):
+        targets = report_targets(report_to)
+        self.path = output_dir / "metrics.jsonl"
+        self.kept = _read_metrics(self.path, start_step)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in targets:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+        if "wandb" in targets:
+            import wandb
+
+            id_path = output_dir / WANDB_RUN_ID
+            run_id = id_path.read_text().strip() if id_path.exists() else uuid.uuid4().hex[:12]
+            id_path.write_text(run_id + "\n")
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mathagent"), dir=str(output_dir),
+                                    name=output_dir.name, id=run_id, resume="allow", config=config)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        step = row["step"]
+        # The trackers take numbers; a metric a step has no value for (None) is left out of that step.
+        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, global_step=step)
+            self.tensorboard.flush()  # a killed run's board holds what its metrics.jsonl holds
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 # ---- training ----------------------------------------------------------------------------------------------
 
 
@@ -501,7 +634,6 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     `log` each progress message, on the main process only.
     """
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
     from transformers import AutoTokenizer, get_scheduler
 
@@ -510,12 +642,7 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     config.check()
 
     precision = choose_precision(config.precision)
-    # CUDA when there is one, else the CPU; cpu=True is also what makes accelerate run DDP over gloo on CPUs
-    # under torchrun.
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                              gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
-    # `accelerate launch` may set ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which would win over ours.
-    accelerator.gradient_accumulation_steps = config.grad_accum
+    accelerator = make_accelerator(precision, config.grad_accum)
     main = accelerator.is_main_process
     say = log if main else (lambda _message: None)
     sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
@@ -539,7 +666,8 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
 
     model_path = resolve(config.model)
     ref_path = resolve(config.ref_model) if config.ref_model else None
-    say(f"device {device}, {world} process(es), precision {precision}")
+    parallelism = accelerator.distributed_type.name  # NO, MULTI_CPU / MULTI_GPU (DDP), FSDP or DEEPSPEED
+    say(f"device {device}, {world} process(es) ({parallelism}), precision {precision}")
 
     # 1. data
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -672,17 +800,13 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
     accelerator.register_for_checkpointing(scheduler)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-    rows = _read_metrics(metrics_path, start_step) if main else []
-    if main:
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, metrics_path)
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if main else None
+    metrics_log = MetricsLog(output_dir, config.report_to, start_step=start_step, config=asdict(config)) \
+        if main else None
 
     # 5. the steps
     started = time.perf_counter()
     tokens_total = 0
-    last_row: dict[str, Any] = rows[-1] if rows else {}
+    last_row: dict[str, Any] = metrics_log.kept[-1] if metrics_log is not None and metrics_log.kept else {}
     try:
         for step in range(start_step, plan.total_steps):
             t0 = time.perf_counter()
@@ -690,9 +814,8 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
                               kl_index, prompt_keys, ref_logps, config, pad_id)
             tokens_total += row["tokens"]
             row["tokens_per_second"] = row["tokens"] / (time.perf_counter() - t0)
-            if main:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+            if metrics_log is not None:
+                metrics_log.write(row)
                 if on_step is not None:
                     on_step(row)
             last_row = row
@@ -701,19 +824,21 @@ def train(config: TrainConfig, records: Sequence[dict[str, Any]], *,
                 _save_checkpoint(accelerator, output_dir, done, {"step": done, "run": run_identity,
                                                                   "config": asdict(config)})
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
+        if metrics_log is not None:
+            metrics_log.close()
     seconds = time.perf_counter() - started
 
     # 6. the model vLLM loads
-    # Under DDP every process holds all weights, which must agree; FSDP and DeepSpeed hold shards.
-    digests = [] if sharded else gather_object([weights_digest(model)]) if world > 1 else [weights_digest(model)]
+    # Under DDP every process holds all weights, which must agree. Under FSDP each holds a shard: each hashes the
+    # whole weights it gathers from the shards. DeepSpeed ZeRO-3's partitions are not hashed (untested here).
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    digests = [] if deepspeed else gather_object([weights_digest(model)]) if world > 1 else [weights_digest(model)]
     accelerator.wait_for_everyone()
     saved = save_model(accelerator, model, tokenizer, output_dir, merge_lora=config.merge_lora)
     summary = {
         "output_dir": str(output_dir), "saved": saved, "steps": plan.total_steps, "resumed_from_step": start_step,
-        "examples": len(examples), "world_size": world, "precision": precision, "device": str(device),
-        "train_seconds": seconds, "train_tokens": tokens_total,
+        "examples": len(examples), "world_size": world, "distributed_type": parallelism, "precision": precision,
+        "device": str(device), "train_seconds": seconds, "train_tokens": tokens_total,
         "tokens_per_second": tokens_total / seconds if seconds else None,
         "final": last_row, "weights_sha256": digests, "processes_agree": len(set(digests)) <= 1,
         "encoding": asdict(report), "run": run_identity,

@@ -177,6 +177,9 @@ PAIR = ('{"id": "x", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"
     (["train-mdpo", "-", "--lr", "-1"], PAIR, "--lr -1.0"),
     (["train-mdpo", "-", "--lora", "--lora-rank", "0"], PAIR, "--lora-rank 0"),
     (["train-mdpo", "-", "--model", "/no/model"], PAIR, "--model /no/model"),
+    (["train-mdpo", "-", "--report-to", "bogus"], PAIR, "--report-to 'bogus': choose none, all, or from tensorboard"),
+    (["train-sft", "-", "--report-to", "tensorboard,bogus"], PENDING, "--report-to 'tensorboard,bogus': choose"),
+    (["train-prm", "-", "--report-to", "bogus"], PENDING, "--report-to 'bogus': choose"),
 ])
 def test_a_bad_option_is_one_line_and_exit_2_before_any_work(args, stdin, named, tmp_path):
     proc = run(args, stdin, check=False, cwd=tmp_path)

@@ -163,6 +163,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-00000001", "step-00000002"]
     report = prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, resume=True)
     assert report.resumed_from == 2 and report.steps == 2
+    # The killed run's row of step 3 was written again, not twice.
+    assert [r["step"] for r in metrics_rows(tmp_path / "cut")] == [1, 2, 3, 4]
+    for a, b in zip(metrics_rows(tmp_path / "whole"), metrics_rows(tmp_path / "cut"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     assert not checkpoints(tmp_path / "cut")
     again = prm.train_prm(data, tiny_model, str(tmp_path / "cut"), config, resume=True)
     assert again.steps == 0 and again.resumed_from == 4  # a finished PRM is not trained again
@@ -170,6 +174,29 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path
     cut, _ = prm.load_prm(str(tmp_path / "cut"))
     for (name, a), (_, b) in zip(whole.named_parameters(), cut.named_parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def metrics_rows(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_prm_writes_a_metrics_row_per_step_and_reports_the_same_to_tensorboard(tiny_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mathagent.training import TENSORBOARD_DIR
+
+    config = prm.TrainConfig(learning_rate=1e-3, batch_size=4, max_steps=3, warmup_steps=2, report_to="tensorboard")
+    report = prm.train_prm(synthetic(8, seed=3), tiny_model, str(tmp_path / "prm"), config)
+    rows = metrics_rows(tmp_path / "prm")
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["loss"] for r in rows] == report.losses
+    assert [r["learning_rate"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])  # the warm-up
+    assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5]
+    events = EventAccumulator(str(tmp_path / "prm" / TENSORBOARD_DIR))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "grad_norm", "learning_rate", "epoch"}
+    for tag in events.Tags()["scalars"]:
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([r[tag] for r in rows], rel=1e-6)
 
 
 def mathagent(args, stdin=""):

@@ -1,10 +1,12 @@
-"""M-DPO / M-KTO / SFT training on the tiny model: exact losses, masked observations, learning, resume, DDP."""
+"""M-DPO / M-KTO / SFT training on the tiny model: exact losses, masked observations, learning, resume, DDP and
+FSDP, --report-to."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,6 +299,57 @@ def test_train_sft_command_trains_on_trajectories_and_a_finished_run_resumes_to_
     assert metrics(tmp_path / "sft") == rows
 
 
+def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files in `log_dir`, read back as TensorBoard reads them: tag -> (step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_writes_the_rows_of_metrics_jsonl_and_a_resume_writes_no_step_twice(tmp_path,
+                                                                                                   tiny_model):
+    from typer.testing import CliRunner
+
+    from mathagent.cli import app
+
+    out = tmp_path / "run"
+    path = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(8))
+    args = ["train-mdpo", str(path), "--model", tiny_model, "--output-dir", str(out), "--batch-size", "2",
+            "--max-steps", "4", "--save-every", "2", "--learning-rate", "1e-3", "--report-to", "tensorboard"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    # As if killed after step 4's rows were written: --resume goes back to the checkpoint of step 2.
+    (out / "training_summary.json").unlink()
+    result = CliRunner().invoke(app, args + ["--resume"])
+    assert result.exit_code == 0 and "(step 2)" in result.output, result.output
+    assert len(list((out / training.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    scalars = tensorboard_scalars(out / training.TENSORBOARD_DIR)
+    assert set(scalars) == {name for r in rows for name, v in r.items() if name != "step" and v is not None}
+    assert {"loss", "rewards/chosen", "rewards/margins", "grad_norm", "learning_rate"} <= set(scalars)
+    for name, events in scalars.items():
+        assert [step for step, _ in events] == [1, 2, 3, 4], name
+        for (step, value), row in zip(events, rows, strict=True):
+            assert value == pytest.approx(row[name], rel=1e-6, abs=1e-12), (name, step)  # stored as float32
+
+
+def test_report_to_reads_like_transformers_report_to_and_refuses_what_it_cannot_do(monkeypatch):
+    assert training.report_targets("none") == ()
+    assert training.report_targets("tensorboard") == ("tensorboard",)
+    assert training.report_targets(" tensorboard,tensorboard ") == ("tensorboard",)
+    assert "tensorboard" in training.report_targets("all")  # every installed tracker
+    for bogus in ("bogus", "tensorboard,bogus", "", "none,all"):
+        with pytest.raises(UserError, match="choose none, all, or from tensorboard, wandb"):
+            training.report_targets(bogus)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as where wandb is not installed
+    with pytest.raises(UserError, match="the wandb package is not installed: pip install wandb"):
+        training.report_targets("tensorboard,wandb")
+    assert training.report_targets("all") == ("tensorboard",)
+
+
 def test_lora_saves_an_adapter_or_the_merged_model(tmp_path, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -398,6 +451,60 @@ def test_two_ddp_processes_under_torchrun_end_with_identical_weights(tiny_model,
     for a, b in zip(metrics(uninterrupted), metrics(out), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["rewards/accuracies"] == a["rewards/accuracies"]
+
+
+# configs/accelerate/fsdp.yaml as shipped (FSDP2, sharded checkpoints), on 2 CPU processes instead of 8 GPUs in
+# bf16. Not `--cpu`: that sends accelerate launch to its one-process launcher.
+FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "fsdp.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0", "-m", "mathagent.cli"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_model, toy_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "fsdp"
+    proc = subprocess.run([*FSDP_LAUNCH, "train-mdpo", str(toy_file), "--model", tiny_model, "--output-dir", str(out),
+                           *RUN_ARGS], capture_output=True, text=True, env=ENV, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_under_accelerate_follow_the_single_process_loss_curve(fsdp_run, uninterrupted):
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((fsdp_run / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distributed_type"] == "FSDP"
+    # Sharded for real: each process wrote its own part of the weights and of the AdamW state.
+    checkpoint = training.checkpoints(fsdp_run)[-1]
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (checkpoint / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # Each process hashed the whole weights gathered from the shards; they agree, and are the saved model.
+    assert len(summary["weights_sha256"]) == 2 and summary["processes_agree"]
+    saved = AutoModelForCausalLM.from_pretrained(fsdp_run)
+    assert summary["weights_sha256"][0] == training.weights_digest(saved)
+    for a, b in zip(metrics(uninterrupted), metrics(fsdp_run), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["rewards/accuracies"] == a["rewards/accuracies"]
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_resumed_from_its_sharded_checkpoint_ends_with_the_same_weights(fsdp_run, tmp_path, tiny_model,
+                                                                                    toy_file):
+    out = tmp_path / "resumed"
+    shutil.copytree(fsdp_run, out)
+    finished = json.loads((out / "training_summary.json").read_text())
+    # As if killed after the last step: the latest checkpoint is step 12, and the model is not saved yet.
+    for name in ("training_summary.json", "model.safetensors"):
+        (out / name).unlink()
+    proc = subprocess.run([*FSDP_LAUNCH, "train-mdpo", str(toy_file), "--model", tiny_model, "--output-dir", str(out),
+                           *RUN_ARGS, "--resume"], capture_output=True, text=True, env=ENV, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["resumed_from_step"] == 12 and summary["distributed_type"] == "FSDP"
+    for a, b in zip(metrics(fsdp_run), metrics(out), strict=True):
+        assert b["step"] == a["step"] and b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    assert summary["weights_sha256"] == finished["weights_sha256"]  # same processes, same kernels: equal
 
 
 @pytest.mark.slow
