@@ -11,6 +11,9 @@ turn, on the embedded tiny model warmed up to write the agent's format. Reported
 their ratio, the engine's own generation time (the limit: what is not generation is loop overhead), and
 mathagent's wall time after the engine started over that generation time.
 
+Then mathagent's loop through one local vLLM server (`--backend openai`, the server started with the in-process
+engine's settings and not timed) against the in-process engine, trajectories/s after start.
+
 Then the two schedules of mathagent's loop on a long-tailed workload (actions of very different lengths, one
 cell in 16 slow): turn by turn against continuous batching (`AgentConfig.schedule`), same engine and seeds.
 
@@ -37,6 +40,7 @@ os.environ.setdefault("MATHAGENT_VLLM_KV_BYTES", str(256 * 2**20))
 
 from mathagent import agent  # noqa: E402
 from mathagent.engines import Request, Sampling, open_engine, quiet_engines  # noqa: E402
+from mathagent.engines.vllm import local_server  # noqa: E402
 from mathagent.records import OBSERVATION_FENCE, observation_message  # noqa: E402
 from mathagent.sandbox import Sandbox  # noqa: E402
 from mathagent.tasks.arith import make_problems  # noqa: E402
@@ -113,14 +117,17 @@ def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig) ->
 # -- the two, side by side -----------------------------------------------------------------------------------
 
 
-def run(design: str, model: str, args) -> dict:
+def run(design: str, model: str, args, base_url: str | None = None) -> dict:
     problems = make_problems(args.problems, seed=123)
     trajectories = [t for p in problems for t in agent.new_trajectories(p, args.n, agent.PROMPTS[args.prompt])]
     schedule = "continuous" if design.endswith("continuous") else "turns"
     config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=0,
                                schedule=schedule)
     start = time.perf_counter()
-    engine = open_engine("vllm", model, seed=0)
+    if design == "mathagent-server":  # the server already runs: "start" is the client's
+        engine = open_engine("openai", model, base_urls=[base_url], concurrency=args.concurrency)
+    else:
+        engine = open_engine("vllm", model, seed=0)
     started = time.perf_counter()
     try:
         if design == "toolkit":
@@ -146,6 +153,7 @@ def run(design: str, model: str, args) -> dict:
         "total_seconds": round(end - start, 3),
         "after_start_over_generation": round((end - started) / stats.seconds, 3),
         "trajectories_per_second": round(len(trajectories) / (end - start), 2),
+        "trajectories_per_second_after_start": round(len(trajectories) / (end - started), 2),
         "accuracy": round(sum(bool(t.get("correct")) for t in trajectories) / len(trajectories), 4),
     }
 
@@ -188,17 +196,30 @@ def main() -> None:
     parser.add_argument("--tail-problems", type=int, default=128)
     parser.add_argument("--designs", default="toolkit,mathagent,mathagent-continuous")
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--server", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run mathagent through one local vLLM server (--backend openai)")
+    parser.add_argument("--concurrency", type=int, default=256, help="requests in flight to the server")
     args = parser.parse_args()
     model = resolve_model(args.model)
     with quiet_engines():
         open_engine("vllm", model, seed=0).close()  # warm the disk cache and compiled kernels for both
         rows = [run(design, model, args) for design in args.designs.split(",")]
+    if args.server:
+        # One server with the in-process engine's settings; its start (~20-40 s on a CPU) is not counted, as
+        # a user's servers already run. Compared after start with the in-process rows.
+        kv = int(os.environ["MATHAGENT_VLLM_KV_BYTES"])
+        begun = time.perf_counter()
+        with local_server(model, kv_cache_memory_bytes=kv) as url:
+            server_start = time.perf_counter() - begun
+            rows.append({**run("mathagent-server", model, args, base_url=url),
+                         "server_start_seconds": round(server_start, 3)})
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"rollout: {rows[0]['trajectories']} trajectories x up to {args.max_turns} turns, vLLM")
     columns = ("design", "actions", "cells", "engine_calls", "engine_start_seconds", "generation_seconds",
-               "total_seconds", "after_start_over_generation", "trajectories_per_second")
+               "total_seconds", "after_start_over_generation", "trajectories_per_second",
+               "trajectories_per_second_after_start")
     for column in columns:
         table.add_column(column)
     for row in rows:
@@ -227,6 +248,9 @@ def main() -> None:
         **({"mathagent_continuous_over_toolkit_trajectories_per_second": round(
             by_design["mathagent-continuous"]["trajectories_per_second"] / toolkit["trajectories_per_second"], 2)}
            if "mathagent-continuous" in by_design else {}),
+        **({"server_over_inprocess_trajectories_per_second_after_start": round(
+            by_design["mathagent-server"]["trajectories_per_second_after_start"]
+            / ours["trajectories_per_second_after_start"], 2)} if "mathagent-server" in by_design else {}),
         "long_tailed": tail,
         "continuous_over_turns": round(tail[1]["trajectories_per_second"] / tail[0]["trajectories_per_second"], 2),
     }

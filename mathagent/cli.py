@@ -51,7 +51,9 @@ OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output JSONL pat
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep the records already in --output (or left by a killed run) and do only the missing ids.")]
 SkipInvalidOpt = Annotated[bool, typer.Option("--skip-invalid", help="Count and skip malformed input lines instead of stopping with exit code 2.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Model: a local path, a hub id, or 'tiny' (the embedded tiny model, built once into the cache).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="Generation backend: vllm or hf (transformers).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="Generation backend: vllm, hf (transformers), or openai (OpenAI-compatible servers that already run, e.g. `vllm serve`: see --base-url).")]
+BaseUrlOpt = Annotated[list[str] | None, typer.Option("--base-url", help="With --backend openai: a server's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat it for several servers (requests go to the least busy). --model gives the tokenizer and chat template and names the served model; --adapter names a LoRA module the servers serve.")]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", help="With --backend openai: the most requests in flight per server.")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="A peft LoRA adapter directory to generate with.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")]
@@ -151,6 +153,22 @@ def _check_model(option: str, name: str | None, *, adapter: bool = False) -> Non
         raise UserError(f"{option} {name}: no such directory (and not a hub id like org/name)")
 
 
+def _check_backend(backend: str, base_urls: list[str] | None, concurrency: int, adapter: str | None) -> None:
+    from mathagent.engines import BACKENDS
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    if backend == "openai":
+        if not base_urls:
+            raise UserError("--backend openai needs --base-url (a server's endpoint, e.g. http://127.0.0.1:8000/v1)")
+        if concurrency < 1:
+            raise UserError("--concurrency must be at least 1")
+        return  # --adapter names a LoRA module of the servers, not a directory here
+    if base_urls:
+        raise UserError(f"--base-url is for --backend openai, not --backend {backend}")
+    _check_model("--adapter", adapter, adapter=True)
+
+
 def _check_generation(*, temperature: float, top_p: float, max_tokens: int, max_turns: int, chunk_size: int,
                       dtype: str, observation_role: str = "user", reward: str = "r1", n: int = 1,
                       schedule: str = "turns") -> None:
@@ -248,6 +266,8 @@ def rollout(
     model: ModelOpt = "tiny",
     backend: BackendOpt = "vllm",
     adapter: AdapterOpt = None,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcurrencyOpt = 64,
     n: Annotated[int, typer.Option("--n", help="Samples per problem (or continuations per input trajectory).")] = 1,
     temperature: TemperatureOpt = 0.7,
     top_p: TopPOpt = 1.0,
@@ -286,7 +306,7 @@ def rollout(
                           chunk_size=chunk_size, dtype=dtype, observation_role=observation_role, reward=reward, n=n,
                           schedule=schedule)
         _check_model("--model", model)
-        _check_model("--adapter", adapter, adapter=True)
+        _check_backend(backend, base_url, concurrency, adapter)
         template = agent.load_prompt(prompt)
         shard_index, shard_count = _parse_shard(shard)
         invalid = InvalidCounter()
@@ -320,7 +340,7 @@ def rollout(
         with _record_stream() as stdout, RecordWriter(output, keep=kept, stdout=stdout) as writer:
             if trajectories:
                 engine = open_engine(backend, resolve_model(model), adapter=adapter, seed=seed, dtype=dtype,
-                                     max_model_len=max_model_len)
+                                     max_model_len=max_model_len, base_urls=base_url, concurrency=concurrency)
                 sandbox = Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb, max_output_chars=max_output_chars) if execute else None
                 start = time.perf_counter()
                 try:
@@ -568,6 +588,8 @@ def mc_label(
     model: ModelOpt = "tiny",
     backend: BackendOpt = "vllm",
     adapter: AdapterOpt = None,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcurrencyOpt = 64,
     m: Annotated[int, typer.Option("--m", help="M: completions sampled from each step's prefix.")] = 8,
     temperature: TemperatureOpt = 0.7,
     top_p: TopPOpt = 1.0,
@@ -612,7 +634,7 @@ def mc_label(
         _check_generation(temperature=temperature, top_p=top_p, max_tokens=max_tokens, max_turns=max_turns,
                           chunk_size=chunk_size, dtype=dtype, observation_role=observation_role, schedule=schedule)
         _check_model("--model", model)
-        _check_model("--adapter", adapter, adapter=True)
+        _check_backend(backend, base_url, concurrency, adapter)
         if steps not in labeling.STEP_MODES:
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
         labeling.check_estimate(q, eta)
@@ -646,7 +668,8 @@ def mc_label(
 
         with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer:
             engine = open_engine(backend, resolve_model(model), adapter=adapter, seed=seed, dtype=dtype,
-                                 max_model_len=max_model_len) if needs_engine else None
+                                 max_model_len=max_model_len, base_urls=base_url,
+                                 concurrency=concurrency) if needs_engine else None
             sandbox = Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb,
                               max_output_chars=max_output_chars) if needs_engine else None
             cache = labeling.LabelCache()

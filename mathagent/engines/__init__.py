@@ -4,7 +4,7 @@ An engine takes a batch of token-id prompts and returns one completion each, in 
 sends every live trajectory of a turn in a single `generate` (never one request per trajectory), which is what
 lets vLLM batch them and share their common prefixes.
 
-    engine = open_engine("vllm", model, adapter=None, seed=0)
+    engine = open_engine("vllm", model, adapter=None, seed=0)   # or "hf", or "openai" with base_urls=[...]
     completions = engine.generate([Request(ids, seed=1), ...], Sampling(temperature=0.7, max_tokens=512))
     engine.close()
 """
@@ -68,7 +68,7 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("vllm", "hf")
+BACKENDS = ("vllm", "hf", "openai")
 VERBOSE_ENV = "MATHAGENT_VERBOSE"  # set (or `mathagent -v`): the engines' own logs and warnings are shown
 
 
@@ -151,11 +151,26 @@ def open_engine(
     max_model_len: int | None = None,
     **options,
 ) -> Engine:
-    """Create the engine of `backend` for `model` (a local path or a hub id) and an optional peft LoRA."""
+    """Create the engine of `backend` for `model` (a local path or a hub id) and an optional peft LoRA.
+
+    "openai" talks to servers that already run (`base_urls=[...]`, see `engines.openai`): `model` is where the
+    tokenizer and chat template come from and the name the servers serve, `adapter` the name of a LoRA module
+    they serve; dtype and context length are the servers' own settings."""
     from mathagent.errors import UserError
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "openai":
+        if dtype != "auto" or max_model_len is not None:
+            raise UserError("--dtype and --max-model-len are the servers' settings with --backend openai")
+        from mathagent.engines.openai import OpenAIEngine
+
+        with quiet_engines():
+            return OpenAIEngine(model, adapter=adapter, **options)
+    if options.get("base_urls"):
+        raise UserError(f"--base-url is for --backend openai, not {backend}")
+    options.pop("base_urls", None)
+    options.pop("concurrency", None)
     with quiet_engines(), _captured_stderr():
         if backend == "vllm":
             from mathagent.engines.vllm import VLLMEngine

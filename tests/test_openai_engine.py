@@ -1,0 +1,211 @@
+"""The OpenAI-compatible backend: against a real `vllm serve` on the tiny model (same records as the in-process
+engine), and against a scripted HTTP server where the logic under test is the client's (retries, back-off,
+errors), which a real server cannot be made to fail on cue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mathagent.agent import prompt_ids
+from mathagent.engines import Request, Sampling, open_engine
+from mathagent.errors import UserError
+
+
+class ScriptedServer:
+    """An OpenAI-style endpoint serving the model `name`: each completion request gets the next status of
+    `statuses` (then 200 for good); a 200 echoes how many prompt tokens came, and costs 3 tokens."""
+
+    def __init__(self, statuses=(), name="served-tiny"):
+        self.statuses = list(statuses)
+        self.bodies: list[dict] = []
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self.reply(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with owner.lock:
+                    owner.bodies.append(body)
+                    status = owner.statuses.pop(0) if owner.statuses else 200
+                if status != 200:
+                    self.reply(status, {"error": {"message": f"scripted {status}"}})
+                    return
+                self.reply(200, {"choices": [{"index": 0, "text": f"saw {len(body['prompt'])} tokens",
+                                              "finish_reason": "length"}],
+                                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(*args, **kwargs) -> ScriptedServer:
+        started.append(ScriptedServer(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_requests_go_as_token_ids_with_their_seeds_and_token_counts_come_from_the_server(servers, tiny_model):
+    server = servers()
+    engine = open_engine("openai", tiny_model, base_urls=[server.url.removesuffix("/v1")])  # host:port is enough
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "What is 2+3?"}])
+    sampling = Sampling(temperature=0.5, top_p=0.9, max_tokens=7, stop=("```output",))
+    out = engine.generate([Request(ids, seed=11), Request(ids[:5], seed=12), Request(ids)], sampling)
+    engine.close()
+    assert [c.text for c in out] == [f"saw {len(ids)} tokens", "saw 5 tokens", f"saw {len(ids)} tokens"]
+    assert all(c.num_tokens == 3 and c.finish_reason == "length" for c in out)
+    bodies = sorted(server.bodies, key=lambda b: (len(b["prompt"]), b.get("seed", -1)))
+    assert [b["prompt"] for b in bodies] == [ids[:5], ids, ids]
+    assert [b.get("seed") for b in bodies] == [12, None, 11]  # no seed: the server's own randomness
+    assert {(b["model"], b["max_tokens"], b["temperature"], b["top_p"], tuple(b["stop"])) for b in bodies} == {
+        ("served-tiny", 7, 0.5, 0.9, ("```output",))}
+    assert (engine.stats.calls, engine.stats.requests, engine.stats.generated_tokens) == (1, 3, 9)
+    assert engine.stats.prompt_tokens == 2 * len(ids) + 5
+
+
+def test_transient_errors_are_retried_and_a_server_that_went_down_is_passed_over(servers, tiny_model):
+    flaky = servers(statuses=[503, 429])
+    engine = open_engine("openai", tiny_model, base_urls=[flaky.url])
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Find x."}])
+    first = engine.generate([Request(ids, seed=s) for s in range(2)], Sampling(max_tokens=4))
+    engine.close()
+    assert [c.text for c in first] == [f"saw {len(ids)} tokens"] * 2
+    assert len(flaky.bodies) == 2 + 2  # the two refusals were tried again
+
+    failing, steady = servers(), servers()
+    engine = open_engine("openai", tiny_model, base_urls=[failing.url, steady.url], concurrency=2)
+    failing.stop()  # nothing listens there any more: connections are refused
+    again = engine.generate([Request(ids, seed=s) for s in range(8)], Sampling(max_tokens=4))
+    engine.close()
+    assert [c.text for c in again] == [f"saw {len(ids)} tokens"] * 8
+    assert len(steady.bodies) == 8 and not failing.bodies
+
+
+def test_a_server_that_keeps_failing_is_named_after_the_last_try(servers, tiny_model):
+    broken = servers(statuses=[503] * 10)
+    engine = open_engine("openai", tiny_model, base_urls=[broken.url], retries=3)
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Find x."}])
+    with pytest.raises(UserError, match=r"after 3 tries.*" + broken.url + r".*HTTP 503.*scripted 503"):
+        engine.generate([Request(ids, seed=1)], Sampling(max_tokens=4))
+    engine.close()
+    assert len(broken.bodies) == 3
+
+
+def test_a_request_the_server_refuses_fails_at_once_with_the_servers_message(servers, tiny_model):
+    server = servers(statuses=[400])
+    engine = open_engine("openai", tiny_model, base_urls=[server.url])
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Find x."}])
+    with pytest.raises(UserError, match=r"/completions: HTTP 400: .*scripted 400"):
+        engine.generate([Request(ids, seed=1)], Sampling(max_tokens=4))
+    engine.close()
+    assert len(server.bodies) == 1
+
+
+def test_opening_names_a_server_that_is_down_and_a_model_that_is_not_served(servers, tiny_model):
+    server = servers()
+    gone = servers()
+    gone.stop()
+    with pytest.raises(UserError, match=rf"--base-url {gone.url}: no server answers"):
+        open_engine("openai", tiny_model, base_urls=[server.url, gone.url])
+    with pytest.raises(UserError, match=r"serves served-tiny, not the LoRA module 'sft'"):
+        open_engine("openai", tiny_model, base_urls=[server.url], adapter="sft")
+    other = servers(name="another-model")
+    with pytest.raises(UserError, match=rf"different models: {server.url}: served-tiny; {other.url}: another-model"):
+        open_engine("openai", tiny_model, base_urls=[server.url, other.url])
+
+
+def test_the_openai_options_are_checked_before_anything_loads(tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "p", "question": "1+1?", "answer": "2"}) + "\n")
+    for args, message in ((["--backend", "openai"], "--backend openai needs --base-url"),
+                          (["--backend", "vllm", "--base-url", "http://127.0.0.1:9/v1"], "--base-url is for --backend openai"),
+                          (["--backend", "openai", "--base-url", "ftp://x"], "expected an http(s) URL"),
+                          (["--backend", "openai", "--base-url", "http://127.0.0.1:9", "--dtype", "float16"],
+                           "the servers' settings")):
+        proc = subprocess.run([sys.executable, "-m", "mathagent.cli", "rollout", str(problems), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def agent_model(tmp_path_factory) -> str:
+    """The tiny model warmed up to write the agent's format (python cells, then answers)."""
+    from mathagent.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "agent", seed=1, warmup_steps=60))
+
+
+@pytest.mark.slow
+def test_rollout_and_mc_label_through_a_vllm_server_give_the_in_process_engines_records(agent_model, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the in-process engine's settings
+    (`server_command`): sampled rollouts (per-request seeds), the continuous schedule, --resume and mc-label
+    give the records of `--backend vllm`. They could differ only where batch-dependent float rounding tips a
+    sampled token, which these float32 runs do not hit."""
+    from mathagent.engines.vllm import local_server
+    from mathagent.tasks.arith import make_problems
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in make_problems(8, seed=5)))
+    common = ["--n", "2", "--max-tokens", "64", "--max-turns", "3", "--prompt", "bare", "--seed", "1"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+    def mathagent(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "mathagent.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    inprocess = mathagent("rollout", str(problems), "--model", agent_model, "--backend", "vllm", *common)
+    records = inprocess.split("\n")[:-1]
+    assert len(records) == 16 and sum("```output" in line for line in records) >= 2  # multi-turn
+    trajectories = tmp_path / "trajectories.jsonl"
+    trajectories.write_text("\n".join(records[:4]) + "\n")
+    labeled_inprocess = mathagent("mc-label", str(trajectories), "--model", agent_model, "--m", "2", "--max-tokens",
+                                  "48", "--seed", "3", "--backend", "vllm")
+    kv = int(os.environ.get("MATHAGENT_VLLM_KV_BYTES", 64 * 2**20))
+    with local_server(agent_model, log=tmp_path / "server.log", kv_cache_memory_bytes=kv) as url:
+        served = ["--model", agent_model, "--backend", "openai", "--base-url", url]
+        assert mathagent("rollout", str(problems), *served, *common, "--schedule", "continuous") == inprocess
+        partial = tmp_path / "partial.jsonl"
+        partial.write_text("\n".join(records[:6]) + "\n")  # a killed run's output: 3 problems done, 5 to do
+        mathagent("rollout", str(problems), *served, *common, "--resume", "-o", str(partial))
+        assert partial.read_text() == inprocess
+        assert mathagent("mc-label", str(trajectories), *served, "--m", "2", "--max-tokens", "48",
+                         "--seed", "3") == labeled_inprocess
+    assert "Application startup complete" in (tmp_path / "server.log").read_text()
