@@ -19,13 +19,15 @@ engine's batch-dependent numerics.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mathagent import grading
+from mathagent import correction, grading
+from mathagent.correction import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, Request, Sampling
 from mathagent.errors import UserError
 from mathagent.records import (
@@ -144,6 +146,17 @@ class AgentConfig:
     # (vLLM; others fall back to turns). On a 2-core CPU the engine and the cells then fight for the cores and it
     # was slower (benchmarks/rollout.py), so turns are the default.
     schedule: str = "turns"
+    # Self-rewarding correction (`mathagent.correction`): after an answer the model's own verdict is asked for,
+    # and a "wrong" one leads to a revision, up to `max_revisions`. "prompted": the verdict and the revision are
+    # asked for in user turns (markers.verify_prompt / revise_prompt); "inline": the model's message goes on
+    # (after the verdict's common prefix, "[VERIFY] ", or the revision cue), as a trained model writes them.
+    # None: off. Verdict and revision requests are not counted against max_turns; max_revisions bounds them.
+    self_reward: str | None = None
+    max_revisions: int = 1
+    markers: Markers = DEFAULT_MARKERS
+
+
+SELF_REWARD_MODES = ("prompted", "inline")
 
 
 @dataclass
@@ -228,7 +241,7 @@ def run_agent(
         # 2. which trajectories act now
         acting = []
         for t in live:
-            if _ends(t, H):
+            if _ends(t, H, config):
                 ended.append(t)
             else:
                 acting.append(t)
@@ -253,10 +266,19 @@ def run_agent(
     return trajectories
 
 
-def _ends(t: dict[str, Any], H: int) -> bool:
-    """Whether the trajectory ends before acting again (its status set), from its messages alone."""
+def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:
+    """Whether the trajectory ends before acting again (its status set), from its messages alone. In
+    self-rewarding mode an answer is first judged by the model and a "wrong" one revised (`_self_reward`)."""
     msgs = t["messages"]
     last = msgs[-1]
+    if config is not None and config.self_reward is not None and last["role"] == "assistant":
+        move = _self_reward(t, config)
+        if move == correction.END:
+            t["status"] = ANSWERED
+            return True
+        if move is not None:
+            t.pop("status", None)
+            return False
     if last["role"] != "assistant":
         if len(actions(msgs)) >= H:
             t["status"] = MAX_TURNS
@@ -272,6 +294,26 @@ def _ends(t: dict[str, Any], H: int) -> bool:
         return True
     t.pop("status", None)
     return False
+
+
+def _self_reward(t: dict[str, Any], config: AgentConfig) -> str | None:
+    """The self-rewarding move after the last action (`correction.next_move`), with the verdict or revision
+    request it needs appended to the messages; the trajectory records the verdict strings it was asked for."""
+    markers = config.markers
+    t["verdicts"] = {"correct": markers.correct, "wrong": markers.wrong}
+    move = correction.next_move(t["messages"], config.max_revisions, markers)
+    if move not in (correction.VERIFY, correction.REVISE):
+        return move
+    msgs = t["messages"]
+    if config.self_reward == "prompted":
+        prompt = markers.verify_prompt if move == correction.VERIFY else markers.revise_prompt
+        msgs.append({"role": "user", "content": prompt})
+    elif move == correction.VERIFY:  # the model completes the verdict after its common prefix
+        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + "\n\n" + os.path.commonprefix(
+            [markers.correct, markers.wrong])
+    else:
+        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + " " + markers.cue + "\n"
+    return move
 
 
 def _request(t: dict[str, Any], engine: Engine, config: AgentConfig) -> Request:
@@ -321,7 +363,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             if code is not None:
                 cell = Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code)
                 cells[sandbox.submit(cell)] = key
-            elif _ends(t, config.max_turns):
+            elif _ends(t, config.max_turns, config):
                 ended.append(t)
             else:
                 engine.submit(key, _request(t, engine, config), sampling)

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mathagent import __version__
 from mathagent.chat import DEFAULT_MAX_LENGTH
+from mathagent.correction import DEFAULT_MARKERS
 from mathagent.errors import UserError
 from mathagent.records import (
     InvalidCounter,
@@ -169,6 +170,34 @@ def _check_backend(backend: str, base_urls: list[str] | None, concurrency: int, 
     _check_model("--adapter", adapter, adapter=True)
 
 
+def _markers(mode: str | None, max_revisions: int, verdicts: str, cue: str, verify_prompt: str | None,
+             revise_prompt: str | None):
+    """The self-rewarding format from the options of `rollout --self-reward`."""
+    from mathagent.agent import SELF_REWARD_MODES
+    from mathagent.correction import DEFAULT_MARKERS, Markers
+
+    if mode is not None and mode not in SELF_REWARD_MODES:
+        raise UserError(f"--self-reward {mode!r}: choose from {', '.join(SELF_REWARD_MODES)}")
+    if max_revisions < 0:
+        raise UserError("--max-revisions must be 0 or more")
+    parts = verdicts.split("|")
+    if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
+        raise UserError(f"--verdicts {verdicts!r}: expected two different strings, CORRECT|WRONG")
+
+    def text(option: str, value: str | None, default: str) -> str:
+        if value is None:
+            return default
+        if os.path.isfile(value):
+            return Path(value).read_text(encoding="utf-8").strip()
+        if not value.strip():
+            raise UserError(f"{option}: empty")
+        return value
+
+    return Markers(correct=parts[0].strip(), wrong=parts[1].strip(), cue=cue,
+                   verify_prompt=text("--verify-prompt", verify_prompt, DEFAULT_MARKERS.verify_prompt),
+                   revise_prompt=text("--revise-prompt", revise_prompt, DEFAULT_MARKERS.revise_prompt))
+
+
 def _check_generation(*, temperature: float, top_p: float, max_tokens: int, max_turns: int, chunk_size: int,
                       dtype: str, observation_role: str = "user", reward: str = "r1", n: int = 1,
                       schedule: str = "turns") -> None:
@@ -282,6 +311,12 @@ def rollout(
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories advanced together; output is written (and resumable) chunk by chunk.")] = 1024,
     reward: RewardOpt = "r1",
     schedule: ScheduleOpt = "turns",
+    self_reward: Annotated[str | None, typer.Option("--self-reward", help="Self-rewarding correction (docs/self-rewarding.md): after an answer the model's own verdict ('[VERIFY] correct' ends, '[VERIFY] wrong' leads to a revision). prompted: asked for in user turns; inline: the model's message goes on, as a trained model writes it. Off by default.")] = None,
+    max_revisions: Annotated[int, typer.Option("--max-revisions", help="R: the most revisions after 'wrong' verdicts (with --self-reward).")] = 1,
+    verdicts: Annotated[str, typer.Option("--verdicts", help="The two verdict strings, CORRECT|WRONG (with --self-reward).")] = f"{DEFAULT_MARKERS.correct}|{DEFAULT_MARKERS.wrong}",
+    revision_cue: Annotated[str, typer.Option("--revision-cue", help="What an inline revision starts with (with --self-reward inline).")] = DEFAULT_MARKERS.cue,
+    verify_prompt: Annotated[str | None, typer.Option("--verify-prompt", help="The user turn asking for a verdict (--self-reward prompted): text, or a file holding it. Default: the paper's.")] = None,
+    revise_prompt: Annotated[str | None, typer.Option("--revise-prompt", help="The user turn asking for a revision (--self-reward prompted): text, or a file holding it. Default: the paper's.")] = None,
     timeout: TimeoutOpt = 10.0,
     memory_mb: MemoryOpt = 2048,
     max_output_chars: MaxOutputOpt = 2000,
@@ -335,6 +370,8 @@ def rollout(
         config = agent.AgentConfig(
             max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
             observation_role=observation_role, execute=execute, reward=reward, schedule=schedule,
+            self_reward=self_reward, max_revisions=max_revisions,
+            markers=_markers(self_reward, max_revisions, verdicts, revision_cue, verify_prompt, revise_prompt),
         )
         trajectories = [t for unit in units for t in unit]
         with _record_stream() as stdout, RecordWriter(output, keep=kept, stdout=stdout) as writer:

@@ -1136,21 +1136,37 @@ def grade_trajectory(
 ) -> dict[str, Any]:
     """A copy of the trajectory with `pred`, `correct`, `reward` set from its messages (never from its stored
     fields): pred is the answer of the last action. Without a reference `answer`, `correct` and `reward` are
-    None."""
+    None.
+
+    A trajectory of self-rewarding correction (one that holds the model's own verdicts, or the `verdicts` a
+    self-rewarding rollout asked for; `correction`) is graded on its final attempt's answer instead, and gets
+    `attempts`: each attempt's answer, verdict and correctness."""
+    from mathagent import correction
     from mathagent.records import last_action
 
     grader = grader or default_grader()
     content = last_action(trajectory["messages"])
     pred = extract_answer(content, answer_modes) if content is not None else None
+    boxed = content is not None and extract_boxed(content) is not None
     graded = dict(trajectory)
-    graded["pred"] = pred
     gold = trajectory.get("answer")
+    verdicts = trajectory.get("verdicts")  # the verdict strings a self-rewarding rollout asked for
+    markers = correction.DEFAULT_MARKERS
+    if isinstance(verdicts, dict) and all(isinstance(verdicts.get(k), str) and verdicts[k].strip()
+                                          for k in ("correct", "wrong")):
+        markers = correction.Markers(correct=verdicts["correct"], wrong=verdicts["wrong"])
+    attempts = correction.parse_attempts(trajectory["messages"], markers)
+    if attempts and (verdicts is not None or any(a.verdict is not None for a in attempts)):
+        pred = attempts[-1].answer
+        boxed = pred is not None
+        graded["attempts"] = correction.graded_attempts(attempts, None if gold is None else str(gold),
+                                                        grader.is_equivalent)
+    graded["pred"] = pred
     if gold is None:
         graded["correct"] = None
         graded["reward"] = None
     else:
         graded["correct"] = grader.is_equivalent(pred, str(gold))
-        boxed = content is not None and extract_boxed(content) is not None
         graded["reward"] = outcome_reward(boxed, graded["correct"], reward_kind)
     return graded
 

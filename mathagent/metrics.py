@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from mathagent.correction import correction_metrics
 from mathagent.grading import Grader, grade_trajectory
 from mathagent.records import observation_failed
 
@@ -164,6 +165,8 @@ def _group_metrics(groups: dict[str, list[dict[str, Any]]], ks: Sequence[int], e
         "pass@k": {},
         "maj@k": {},
     }
+    if any(t.get("attempts") for t in samples):  # self-rewarding correction: the paper's table
+        report["correction"] = correction_metrics(samples)
     for k in ks:
         eligible = [ts for ts in groups.values() if len(ts) >= k]
         report["pass@k"][str(k)] = _mean([pass_at_k(len(ts), sum(bool(t["correct"]) for t in ts), k) for ts in eligible])
@@ -274,6 +277,16 @@ def format_report(report: dict[str, Any]):
         for value, r in report.get(field_name, {}).items():
             row(f"{field_name[3:]} {value}", r)
     lines = [table]
+    for name, r in (("all", report), *((f"{f[3:]} {v}", r) for f in ("by_subject", "by_level")
+                                        for v, r in report.get(f, {}).items())):
+        if "correction" in r:
+            c, v = r["correction"], r["correction"]["verification"]
+            lines.append(
+                f"self-correction ({name}, {c['trajectories']} trajectories): turn 1 {pct(c['turn1_accuracy'])} %, "
+                f"final {pct(c['final_accuracy'])} %, improvement {pct(c['improvement'])}, wrong->correct "
+                f"{pct(c['wrong_to_correct'])} %, correct->wrong {pct(c['correct_to_wrong'])} %; verdicts right "
+                f"{pct(v['accuracy'])} % ({pct(v['correct_given_correct'])} % 'correct' of correct answers, "
+                f"{pct(v['wrong_given_wrong'])} % 'wrong' of wrong ones)")
     if "best_of_n" in report:
         b = report["best_of_n"]
         lines.append(f"best-of-n by {b['score_field']}: {pct(b['accuracy'])} % over {b['problems']} problems")

@@ -199,3 +199,67 @@ def test_execute_with_release_ends_each_session_right_after_its_cell(sandbox):
     assert agent.execute_pending(trajectories, sandbox, release=True) == 4
     assert [t["messages"][-1]["content"] for t in trajectories] == [f"```output\n{i}\n```" for i in range(4)]
     assert not any(f"rel-{i}" in sandbox._sessions for i in range(4))
+
+
+# ---- self-rewarding correction: the loop's stop and continue decisions on hand-written outputs -------------
+
+def self_correcting(state, outputs):
+    """A prompted model: answers 48 with code's help, judges it wrong, revises to 42, judges that correct."""
+    asked = state.rsplit("<|im_start|>user\n", 1)[-1]
+    if asked.startswith("Perform a self-evaluation"):
+        return "[VERIFY] correct." if "\\boxed{42}" in state.rsplit("Perform", 1)[0][-40:] else "[VERIFY] wrong."
+    if asked.startswith("Since your most recent answer"):
+        return "6 * 7 = 42, so \\boxed{42}."
+    return "```python\nprint(6 * 8)\n```" if outputs == 0 else "So \\boxed{48}."
+
+
+@pytest.mark.parametrize("max_revisions", [0, 1, 2])
+def test_a_prompted_model_is_asked_for_its_verdict_and_revises_a_wrong_answer_while_revisions_last(
+        scripted, sandbox, max_revisions):
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["tool"])
+    config = AgentConfig(max_turns=2, self_reward="prompted", max_revisions=max_revisions)
+    run_agent(trajectories, scripted(self_correcting), sandbox, config)
+    t = trajectories[0]
+    roles = [m["role"] for m in t["messages"]]
+    # question, code, output, answer 48, verify?, "wrong", (revise?, answer 42, verify?, "correct")
+    assert roles[:6] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert t["messages"][5]["content"] == "[VERIFY] wrong."
+    assert t["verdicts"] == {"correct": "[VERIFY] correct", "wrong": "[VERIFY] wrong"}
+    if max_revisions == 0:  # no revision allowed: the wrong verdict ends it, with its answer
+        assert len(roles) == 6
+        assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("answered", "48", False, -0.5)
+        assert [(a["answer"], a["verdict"], a["correct"]) for a in t["attempts"]] == [("48", "wrong", False)]
+    else:  # one revision, judged correct: the trajectory ends whatever revisions are left
+        assert len(roles) == 10 and t["messages"][-1]["content"] == "[VERIFY] correct."
+        assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("answered", "42", True, 1.0)
+        assert [(a["answer"], a["verdict"], a["correct"]) for a in t["attempts"]] == [
+            ("48", "wrong", False), ("42", "correct", True)]
+
+
+def test_an_inline_model_completes_the_verdict_and_the_revision_within_its_own_message(scripted, sandbox):
+    def trained(state, outputs):
+        tail = state.rsplit("<|im_start|>assistant\n", 1)[-1]
+        if tail.endswith("[VERIFY] "):
+            return "correct." if tail.count("\\boxed") == 2 else "wrong."
+        if tail.endswith("Let's correct it step by step.\n"):
+            return "6 * 7 = 42, \\boxed{42}"
+        return "It is \\boxed{48}"
+
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    run_agent(trajectories, scripted(trained), None, AgentConfig(self_reward="inline", max_revisions=2, execute=False))
+    t = trajectories[0]
+    assert [m["role"] for m in t["messages"]] == ["user", "assistant"]
+    assert t["messages"][1]["content"] == (
+        "It is \\boxed{48}\n\n[VERIFY] wrong. Let's correct it step by step.\n6 * 7 = 42, \\boxed{42}\n\n"
+        "[VERIFY] correct.")
+    assert (t["status"], t["pred"], t["correct"]) == ("answered", "42", True)
+    assert [(a["answer"], a["verdict"]) for a in t["attempts"]] == [("48", "wrong"), ("42", "correct")]
+
+
+def test_a_model_that_never_judges_keeps_its_answer_and_is_stopped(scripted, sandbox):
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    engine = scripted(lambda state, outputs: "Looks fine to me." if "self-evaluation" in state else "\\boxed{42}")
+    run_agent(trajectories, engine, None, AgentConfig(self_reward="prompted", execute=False))
+    t = trajectories[0]
+    assert (t["status"], t["pred"], t["correct"]) == ("stopped", "42", True)
+    assert t["attempts"] == [{"index": 0, "answer": "42", "verdict": None, "correct": True}]

@@ -1,0 +1,120 @@
+"""Self-rewarding correction: attempts and verdicts read from hand-written model outputs, the loop's decisions,
+and the paper's metrics against hand-computed values."""
+
+import pytest
+
+from mathagent import correction
+from mathagent.correction import END, REVISE, VERIFY, Attempt, Markers, next_move, parse_attempts
+from mathagent.grading import Grader, grade_trajectory
+from mathagent.metrics import evaluate
+
+Q = {"role": "user", "content": "What is 6 * 7?"}
+VERIFY_TURN = {"role": "user", "content": correction.DEFAULT_MARKERS.verify_prompt}
+REVISE_TURN = {"role": "user", "content": correction.DEFAULT_MARKERS.revise_prompt}
+
+
+def said(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def test_attempts_are_read_across_turns_as_a_prompted_model_writes_them():
+    messages = [Q, said("6 * 7 = 48, so \\boxed{48}."), VERIFY_TURN, said("7 * 6 is 42, not 48. [VERIFY] wrong."),
+                REVISE_TURN, said("Let's correct it step by step. 6 * 7 = 42. \\boxed{42}"), VERIFY_TURN,
+                said("[VERIFY] correct.")]
+    assert parse_attempts(messages) == [Attempt(0, "48", "wrong", 3), Attempt(1, "42", "correct", 7)]
+
+
+def test_attempts_are_read_out_of_one_long_message_as_a_trained_model_writes_them():
+    text = ("6 * 7 = 48. The answer is \\boxed{48}. [VERIFY] wrong. Let's correct it step by step. "
+            "6 * 7 = 42, so \\boxed{42}.\n[VERIFY]   correct.")
+    assert parse_attempts([Q, said(text)]) == [Attempt(0, "48", "wrong", 1), Attempt(1, "42", "correct", 1)]
+    # With the tool: the revision's code and its output sit between the verdict and the new answer.
+    messages = [Q, said("\\boxed{48} [VERIFY] wrong. Let's correct it step by step.\n```python\nprint(6*7)\n```"),
+                {"role": "user", "content": "```output\n[VERIFY] correct \\boxed{1}\n```"},  # not the model's
+                said("So \\boxed{42}.")]
+    assert parse_attempts(messages) == [Attempt(0, "48", "wrong", 1), Attempt(1, "42", None, 3)]
+
+
+def test_a_verdict_without_an_answer_is_an_attempt_without_one_and_custom_markers_are_read():
+    assert parse_attempts([Q, said("I am not sure. [VERIFY] wrong.")]) == [Attempt(0, None, "wrong", 1)]
+    markers = Markers(correct="VERDICT: yes", wrong="VERDICT: no")
+    messages = [Q, said("\\boxed{42} VERDICT: yes")]
+    assert parse_attempts(messages, markers) == [Attempt(0, "42", "correct", 1)]
+    assert parse_attempts(messages) == [Attempt(0, "42", None, 1)]
+
+
+@pytest.mark.parametrize("messages, max_revisions, move", [
+    ([Q, said("```python\nprint(6*7)\n```")], 2, None),  # code to run: the agent's rules
+    ([Q, said("Hmm.")], 2, None),  # neither an answer nor a verdict
+    ([Q, said("\\boxed{48}")], 2, VERIFY),
+    ([Q, said("\\boxed{48}"), VERIFY_TURN, said("[VERIFY] wrong.")], 2, REVISE),
+    ([Q, said("\\boxed{48}"), VERIFY_TURN, said("[VERIFY] wrong.")], 0, END),  # no revision allowed
+    ([Q, said("\\boxed{48} [VERIFY] wrong. \\boxed{41} [VERIFY] wrong. \\boxed{40} [VERIFY] wrong.")], 2, END),
+    ([Q, said("\\boxed{48} [VERIFY] wrong. \\boxed{41} [VERIFY] wrong.")], 2, REVISE),
+    ([Q, said("\\boxed{42} [VERIFY] correct.")], 2, END),
+    ([Q, said("\\boxed{48} [VERIFY] wrong. Let's correct it step by step.\n```python\nprint(6*7)\n```")], 2, None),
+    ([Q, said("\\boxed{48} [VERIFY] wrong."), REVISE_TURN, said("```python\nprint(6*7)\n```")], 2, None),
+    ([Q, said("\\boxed{48} [VERIFY] wrong."), REVISE_TURN, said("\\boxed{42}")], 2, VERIFY),
+])
+def test_the_loop_verifies_an_answer_revises_a_wrong_one_while_rounds_last_and_stops_at_correct(
+        messages, max_revisions, move):
+    assert next_move(messages, max_revisions) == move
+
+
+def trajectory(pid, subject, text, answer="42"):
+    return {"id": pid, "problem_id": pid, "subject": subject, "answer": answer, "messages": [Q, said(text)]}
+
+
+def test_grading_takes_the_final_attempts_answer_and_keeps_every_attempt_as_data():
+    with Grader() as grader:
+        t = grade_trajectory(trajectory("a", "x", "\\boxed{48} [VERIFY] wrong. \\boxed{42} [VERIFY] correct."), grader)
+        plain = grade_trajectory(trajectory("b", "x", "\\boxed{42}"), grader)
+    assert (t["pred"], t["correct"], t["reward"]) == ("42", True, 1.0)
+    assert t["attempts"] == [{"index": 0, "answer": "48", "verdict": "wrong", "correct": False},
+                             {"index": 1, "answer": "42", "verdict": "correct", "correct": True}]
+    assert "attempts" not in plain and plain["pred"] == "42"
+
+
+def test_the_papers_metrics_match_hand_computed_values_overall_and_per_subject():
+    # c_1 -> c_J per trajectory, with the verdicts given:
+    #   p1 algebra: right, "correct"                      -> right        (no revision)
+    #   p2 algebra: wrong, "wrong"; right, "correct"      -> wrong->correct
+    #   p3 algebra: right, "wrong"; wrong, "wrong"        -> correct->wrong (two revisions allowed, one used)
+    #   p4 geometry: wrong, "correct"                     -> wrong         (a false "correct")
+    #   p5 geometry: wrong, "wrong"; wrong, (no verdict)  -> wrong
+    texts = {
+        ("p1", "algebra"): "\\boxed{42} [VERIFY] correct.",
+        ("p2", "algebra"): "\\boxed{41} [VERIFY] wrong. \\boxed{42} [VERIFY] correct.",
+        ("p3", "algebra"): "\\boxed{42} [VERIFY] wrong. \\boxed{43} [VERIFY] wrong.",
+        ("p4", "geometry"): "\\boxed{40} [VERIFY] correct.",
+        ("p5", "geometry"): "\\boxed{40} [VERIFY] wrong. \\boxed{39}",
+    }
+    with Grader() as grader:
+        graded = [grade_trajectory(trajectory(p, s, text), grader) for (p, s), text in texts.items()]
+        report = evaluate(graded, equal=grader.is_equivalent)
+    c = report["correction"]
+    assert c["trajectories"] == 5
+    assert c["turn1_accuracy"] == pytest.approx(2 / 5)  # p1, p3
+    assert c["final_accuracy"] == pytest.approx(2 / 5)  # p1, p2
+    assert c["improvement"] == pytest.approx(0.0)
+    assert c["wrong_to_correct"] == pytest.approx(1 / 5) and c["correct_to_wrong"] == pytest.approx(1 / 5)
+    assert c["revisions_mean"] == pytest.approx(3 / 5)
+    v = c["verification"]
+    # judged attempts: p1 (R, c) p2 (W, w) (R, c) p3 (R, w) (W, w) p4 (W, c) p5 (W, w); p5's second is not judged
+    assert v["attempts"] == 7
+    assert v["accuracy"] == pytest.approx(5 / 7)
+    assert v["correct_given_correct"] == pytest.approx(2 / 3)  # right answers: p1 c, p2b c, p3a w
+    assert v["wrong_given_wrong"] == pytest.approx(3 / 4)  # wrong answers: p2a w, p3b w, p4 c, p5a w
+    assert v["turn1_accuracy"] == pytest.approx(3 / 5)  # p1 yes, p2 yes, p3 no, p4 no, p5 yes
+    algebra, geometry = (report["by_subject"][s]["correction"] for s in ("algebra", "geometry"))
+    assert (algebra["turn1_accuracy"], algebra["final_accuracy"]) == pytest.approx((2 / 3, 2 / 3))
+    assert (algebra["wrong_to_correct"], algebra["correct_to_wrong"]) == pytest.approx((1 / 3, 1 / 3))
+    assert (geometry["turn1_accuracy"], geometry["final_accuracy"]) == (0.0, 0.0)
+    assert geometry["verification"]["wrong_given_wrong"] == pytest.approx(1 / 2)
+    assert report["accuracy"] == pytest.approx(2 / 5)  # the final answers
+
+
+def test_a_report_without_verdicts_has_no_correction_section():
+    with Grader() as grader:
+        graded = [grade_trajectory(trajectory("p", "x", "\\boxed{42}"), grader)]
+        assert "correction" not in evaluate(graded, equal=grader.is_equivalent)
