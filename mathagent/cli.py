@@ -615,6 +615,50 @@ def make_pairs(
 # Process reward model: mc-label -> train-prm -> score-prm (mathagent/labeling.py, mathagent/prm.py)
 # --------------------------------------------------------------------------------------------------------
 
+@app.command("make-corrections")
+def make_corrections(
+    input: InputArg = "-",
+    output: OutputOpt = "-",
+    format: Annotated[str, typer.Option("--format", help="sft: the demonstrations, trajectories for train-sft; pairs: preference pairs for train-mdpo (the faithful verdict over the false one, the successful correction over the failed one).")] = "sft",
+    failed_share: Annotated[float, typer.Option("--failed-share", help="Share of each problem's wrong first attempts made into failed corrections (wrong -> '[VERIFY] wrong' -> a wrong revision -> '[VERIFY] wrong'); the others are corrected with a right attempt.")] = 0.2,
+    seed: SeedOpt = 0,
+    verdicts: Annotated[str, typer.Option("--verdicts", help="The two verdict strings, CORRECT|WRONG.")] = f"{DEFAULT_MARKERS.correct}|{DEFAULT_MARKERS.wrong}",
+    revision_cue: Annotated[str, typer.Option("--revision-cue", help="What a revision starts with.")] = DEFAULT_MARKERS.cue,
+    skip_invalid: SkipInvalidOpt = False,
+) -> None:
+    """Self-rewarding correction data by sequential rejection sampling (docs/self-rewarding.md).
+
+    Input: trajectories of a rollout, several per problem (graded here from their messages). Each problem's
+    right first attempts become (answer -> '[VERIFY] correct'), its wrong ones (answer -> '[VERIFY] wrong' ->
+    the cue -> a right attempt -> '[VERIFY] correct'), or, for --failed-share of them, the same with a wrong
+    revision; the verdicts are the grader's. Output: those trajectories (--format sft) or pairs (--format pairs).
+    """
+    from mathagent import correction, metrics
+    from mathagent.grading import Grader
+
+    with _user_errors():
+        if format not in ("sft", "pairs"):
+            raise UserError(f"--format {format!r}: choose from sft, pairs")
+        if not 0 <= failed_share <= 1:
+            raise UserError(f"--failed-share {failed_share}: must be between 0 and 1")
+        markers = _markers(None, 0, verdicts, revision_cue, None, None)
+        invalid = InvalidCounter()
+        records = list(read_records(input, required=("id", "problem_id", "messages", "answer"),
+                                    skip_invalid=skip_invalid, invalid=invalid))
+        _report_invalid(invalid)
+        with Grader() as grader:
+            graded = metrics.grade_trajectories(records, grader)
+        demonstrations, stats = correction.build_demonstrations(graded, failed_share=failed_share, seed=seed,
+                                                                markers=markers)
+        out = demonstrations if format == "sft" else correction.build_pairs(demonstrations, markers=markers)
+        with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer:
+            for record in out:
+                writer.write(record)
+        shapes = ", ".join(f"{n} {shape}" for shape, n in stats.shapes.items())
+        console.print(f"make-corrections: {stats.problems} problems ({stats.skipped} with nothing to make): "
+                      f"{shapes}" + (f"; {len(out)} pairs" if format == "pairs" else ""), highlight=False)
+
+
 StepsOpt = Annotated[str, typer.Option("--steps", help="What a step is: turns (an action with its observations) or paragraphs (the text of actions split at blank lines, never inside a ``` fence; an action's observations go with its last paragraph).")]
 
 

@@ -93,18 +93,18 @@ def split_prompt(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str
     return list(messages[:start]), list(messages[start:])
 
 
-def _messages_key(messages: Sequence[dict[str, str]]) -> str:
+def messages_key(messages: Sequence[dict[str, str]]) -> str:
     # Roles and contents only: two responses are the same text whatever extra keys a message carries.
     return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
 
 
 def response_key(trajectory: dict[str, Any]) -> str:
     """What makes two responses identical: the roles and contents of the messages after the prompt."""
-    return _messages_key(split_prompt(trajectory["messages"])[1])
+    return messages_key(split_prompt(trajectory["messages"])[1])
 
 
 def prompt_key(trajectory: dict[str, Any]) -> str:
-    return _messages_key(split_prompt(trajectory["messages"])[0])
+    return messages_key(split_prompt(trajectory["messages"])[0])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ def pair_record(chosen: dict[str, Any], rejected: dict[str, Any], score_field: s
     answer, subject, ...) are kept; their own fields become chosen_* and rejected_*."""
     prompt, chosen_response = split_prompt(chosen["messages"])
     rejected_prompt, rejected_response = split_prompt(rejected["messages"])
-    if _messages_key(prompt) != _messages_key(rejected_prompt):
+    if messages_key(prompt) != messages_key(rejected_prompt):
         raise ValueError(f"pair of {chosen['id']} and {rejected['id']}: the prompts differ")
     own = set(_TRAJECTORY_FIELDS) | ({score_field} if score_field else set())
     record = {

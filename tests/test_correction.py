@@ -118,3 +118,74 @@ def test_a_report_without_verdicts_has_no_correction_section():
     with Grader() as grader:
         graded = [grade_trajectory(trajectory("p", "x", "\\boxed{42}"), grader)]
         assert "correction" not in evaluate(graded, equal=grader.is_equivalent)
+
+
+def graded(pid, k, answer, gold="42"):
+    """A graded tool trajectory: code, its output, then the boxed answer."""
+    return {"id": f"{pid}-{k}", "problem_id": pid, "question": "6 * 7?", "answer": gold, "pred": answer,
+            "correct": answer == gold, "status": "answered", "messages": [
+                Q, said("```python\nprint(6 * 7)\n```"), {"role": "user", "content": "```output\n42\n```"},
+                said(f"So \\boxed{{{answer}}}.")]}
+
+
+def test_demonstrations_have_the_papers_shapes_in_the_set_proportions_and_parse_back():
+    rollout = [graded("p", 0, "42"), graded("p", 1, "42"), *(graded("p", k, str(40 + k)) for k in range(3, 8)),
+               graded("q", 0, "41"), graded("r", 0, "42"), {**graded("s", 0, "42"), "pred": None, "correct": False}]
+    demos, stats = correction.build_demonstrations(rollout, failed_share=0.4, seed=1)
+    shapes = [d["shape"] for d in demos if d["problem_id"] == "p"]
+    # p: 2 right -> 2 correct; 5 wrong -> round(0.4 * 5) = 2 failed, 3 corrected
+    assert sorted(shapes) == ["correct"] * 2 + ["corrected"] * 3 + ["failed"] * 2
+    # q has one wrong attempt and nothing to revise it with; r one right one; s no answer at all
+    assert [d["shape"] for d in demos if d["problem_id"] in ("q", "r", "s")] == ["correct"]
+    assert (stats.problems, stats.skipped, stats.shapes) == (4, 2, {"correct": 3, "corrected": 3, "failed": 2})
+    again, _ = correction.build_demonstrations(rollout, failed_share=0.4, seed=1)
+    assert again == demos  # seeded per problem
+    with Grader() as grader:
+        for d in demos:
+            t = grade_trajectory(d, grader)
+            verdicts = [(a["verdict"], a["correct"]) for a in t["attempts"]]
+            want = {"correct": [("correct", True)], "corrected": [("wrong", False), ("correct", True)],
+                    "failed": [("wrong", False), ("wrong", False)]}[d["shape"]]
+            assert verdicts == want  # the grader's verdicts: every one faithful
+            assert t["correct"] is (d["shape"] != "failed")
+    corrected = next(d for d in demos if d["shape"] == "corrected")
+    assert [m["role"] for m in corrected["messages"]] == ["user", "assistant", "user", "assistant", "user",
+                                                          "assistant"]
+    assert "\n\n[VERIFY] wrong. Let's correct it step by step.\n```python" in corrected["messages"][3]["content"]
+
+
+def test_pairs_prefer_the_faithful_verdict_and_the_successful_correction():
+    rollout = [graded("p", 0, "42"), graded("p", 1, "40"), graded("p", 2, "41"), graded("p", 3, "43"),
+               graded("p", 4, "44")]
+    demos, _ = correction.build_demonstrations(rollout, failed_share=0.5, seed=0)  # 1 correct, 2 corrected, 2 failed
+    pairs = correction.build_pairs(demos)
+    verdict = [p for p in pairs if p["kind"] == "verdict"]
+    assert len(verdict) == 5 and len([p for p in pairs if p["kind"] == "correction"]) == 2 * 2
+    for p in verdict:
+        assert p["chosen"][:-1] == p["rejected"][:-1]  # the same attempt ...
+        right = p["chosen_id"].endswith("-correct")
+        assert p["chosen"][-1]["content"].endswith("[VERIFY] correct." if right else "[VERIFY] wrong.")
+        assert p["rejected"][-1]["content"].endswith("[VERIFY] wrong." if right else "[VERIFY] correct.")
+    for p in (p for p in pairs if p["kind"] == "correction"):
+        assert p["chosen_id"].endswith("-corrected") and p["rejected_id"].endswith("-failed")
+        assert p["prompt"] == [Q]
+
+
+def test_make_corrections_chains_with_evaluate_and_refuses_a_bad_share(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    rollout = tmp_path / "rollout.jsonl"
+    rollout.write_text("".join(json.dumps(graded("p", k, a)) + "\n" for k, a in enumerate(["42", "40", "41"])))
+    cli = [sys.executable, "-m", "mathagent.cli"]
+    made = subprocess.run([*cli, "make-corrections", str(rollout), "--failed-share", "0.5"], capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "1 correct, 1 corrected, 1 failed" in made.stderr
+    report = subprocess.run([*cli, "evaluate"], input=made.stdout, capture_output=True, text=True, timeout=120)
+    summary = json.loads(report.stdout)["correction"]
+    assert (summary["turn1_accuracy"], summary["final_accuracy"]) == pytest.approx((1 / 3, 2 / 3))
+    bad = subprocess.run([*cli, "make-corrections", str(rollout), "--failed-share", "2"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--failed-share 2.0: must be between 0 and 1" in bad.stderr
