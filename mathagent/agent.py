@@ -125,10 +125,10 @@ def branch(trajectory: dict[str, Any], n: int) -> list[dict[str, Any]]:
             for k in range(n)]
 
 
-def grade(trajectory: dict[str, Any], reward_kind: str = "r1") -> None:
+def grade(trajectory: dict[str, Any], reward_kind: str = "r1", verdict_reward: float = 0.0) -> None:
     """Set `pred` (the last boxed answer of the last action) and `correct` and `reward` (None without a gold
     answer), in place."""
-    trajectory.update(grading.grade_trajectory(trajectory, reward_kind=reward_kind))
+    trajectory.update(grading.grade_trajectory(trajectory, reward_kind=reward_kind, verdict_reward=verdict_reward))
 
 
 @dataclass
@@ -153,6 +153,7 @@ class AgentConfig:
     # None: off. Verdict and revision requests are not counted against max_turns; max_revisions bounds them.
     self_reward: str | None = None
     max_revisions: int = 1
+    verdict_reward: float = 0.0  # w: adds w x the faithfulness of the verdicts to the reward (grading)
     markers: Markers = DEFAULT_MARKERS
 
 
@@ -337,7 +338,7 @@ def _take_action(t: dict[str, Any], completion) -> bool:
 
 
 def _finish(t: dict[str, Any], sandbox, config: AgentConfig) -> None:
-    grade(t, config.reward)
+    grade(t, config.reward, config.verdict_reward)
     if sandbox is not None:
         sandbox.forget(str(t["id"]))
 

@@ -69,6 +69,7 @@ MaxOutputOpt = Annotated[int, typer.Option("--max-output-chars", help="Observati
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Sandbox worker processes (default: the number of cores).")]
 SCHEDULES = ("turns", "continuous")
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="turns: all live trajectories advance together, one engine call per turn; continuous (vLLM): each goes on as soon as its own observation is back.")]
+VerdictRewardOpt = Annotated[float, typer.Option("--verdict-reward", help="w: a self-rewarding trajectory's reward also gets w x the mean of +1 per faithful verdict and -1 per false one (docs/self-rewarding.md). 0: the final answer's reward only.")]
 RewardOpt = Annotated[str, typer.Option("--reward", help="Reward rule: r1 (DeepSeek-R1's rule: +1 boxed and correct, -0.5 boxed and wrong, -1 no boxed answer) or binary (1/0).")]
 
 
@@ -168,6 +169,12 @@ def _check_backend(backend: str, base_urls: list[str] | None, concurrency: int, 
     if base_urls:
         raise UserError(f"--base-url is for --backend openai, not --backend {backend}")
     _check_model("--adapter", adapter, adapter=True)
+
+
+def _check_verdict_reward(weight: float) -> float:
+    if not (math.isfinite(weight) and weight >= 0):
+        raise UserError(f"--verdict-reward {weight}: must be 0 or positive")
+    return weight
 
 
 def _markers(mode: str | None, max_revisions: int, verdicts: str, cue: str, verify_prompt: str | None,
@@ -313,6 +320,7 @@ def rollout(
     schedule: ScheduleOpt = "turns",
     self_reward: Annotated[str | None, typer.Option("--self-reward", help="Self-rewarding correction (docs/self-rewarding.md): after an answer the model's own verdict ('[VERIFY] correct' ends, '[VERIFY] wrong' leads to a revision). prompted: asked for in user turns; inline: the model's message goes on, as a trained model writes it. Off by default.")] = None,
     max_revisions: Annotated[int, typer.Option("--max-revisions", help="R: the most revisions after 'wrong' verdicts (with --self-reward).")] = 1,
+    verdict_reward: VerdictRewardOpt = 0.0,
     verdicts: Annotated[str, typer.Option("--verdicts", help="The two verdict strings, CORRECT|WRONG (with --self-reward).")] = f"{DEFAULT_MARKERS.correct}|{DEFAULT_MARKERS.wrong}",
     revision_cue: Annotated[str, typer.Option("--revision-cue", help="What an inline revision starts with (with --self-reward inline).")] = DEFAULT_MARKERS.cue,
     verify_prompt: Annotated[str | None, typer.Option("--verify-prompt", help="The user turn asking for a verdict (--self-reward prompted): text, or a file holding it. Default: the paper's.")] = None,
@@ -370,7 +378,7 @@ def rollout(
         config = agent.AgentConfig(
             max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
             observation_role=observation_role, execute=execute, reward=reward, schedule=schedule,
-            self_reward=self_reward, max_revisions=max_revisions,
+            self_reward=self_reward, max_revisions=max_revisions, verdict_reward=_check_verdict_reward(verdict_reward),
             markers=_markers(self_reward, max_revisions, verdicts, revision_cue, verify_prompt, revise_prompt),
         )
         trajectories = [t for unit in units for t in unit]
@@ -453,6 +461,7 @@ def evaluate(
     score_field: Annotated[str | None, typer.Option("--score-field", help="Report best-of-n: pick each problem's trajectory with the highest value of this field (e.g. a PRM's score).")] = None,
     answer_modes: Annotated[str, typer.Option("--answer-modes", help="Comma-separated answer forms to extract from the last action, tried in order: boxed, answer_is, gsm8k.")] = "boxed",
     reward: RewardOpt = "r1",
+    verdict_reward: VerdictRewardOpt = 0.0,
     percent_scaling: Annotated[bool, typer.Option("--percent-scaling", help="Also accept answers off by a factor of 100 (0.5 for 50); off by default, since it grades wrong answers right.")] = False,
     grading_timeout: Annotated[float, typer.Option("--grading-timeout", help="Seconds allowed for one symbolic comparison; past it the answer grades wrong and is counted.")] = 5.0,
     json_path: Annotated[str | None, typer.Option("--json", help="Write the JSON summary to this path instead of stdout.")] = None,
@@ -491,7 +500,8 @@ def evaluate(
                                     invalid=invalid))
         _report_invalid(invalid)
         with Grader(percent_scaling=percent_scaling, timeout=grading_timeout) as grader:
-            graded_records = metrics.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward)
+            graded_records = metrics.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward,
+                                                        verdict_reward=_check_verdict_reward(verdict_reward))
             summary = metrics.evaluate(graded_records, ks=ks, score_field=score_field, equal=grader.is_equivalent)
             summary["grading"] = grader.stats.as_dict()
         if graded is not None:

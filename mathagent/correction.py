@@ -127,6 +127,14 @@ def graded_attempts(attempts: Sequence[Attempt], gold: str | None, is_equivalent
              "correct": None if gold is None else bool(is_equivalent(a.answer, gold))} for a in attempts]
 
 
+def verdict_term(attempts: Sequence[dict[str, Any]]) -> float:
+    """The faithfulness of a trajectory's verdicts: the mean over its judged, graded attempts of +1 (the
+    verdict matches the grade) or -1 (it does not); 0 when none is judged."""
+    signs = [1.0 if (a["verdict"] == CORRECT) == a["correct"] else -1.0
+             for a in attempts if a["verdict"] is not None and a["correct"] is not None]
+    return sum(signs) / len(signs) if signs else 0.0
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 

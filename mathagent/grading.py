@@ -1133,6 +1133,7 @@ def grade_trajectory(
     *,
     answer_modes: Sequence[str] = ("boxed",),
     reward_kind: str = "r1",
+    verdict_reward: float = 0.0,
 ) -> dict[str, Any]:
     """A copy of the trajectory with `pred`, `correct`, `reward` set from its messages (never from its stored
     fields): pred is the answer of the last action. Without a reference `answer`, `correct` and `reward` are
@@ -1140,7 +1141,9 @@ def grade_trajectory(
 
     A trajectory of self-rewarding correction (one that holds the model's own verdicts, or the `verdicts` a
     self-rewarding rollout asked for; `correction`) is graded on its final attempt's answer instead, and gets
-    `attempts`: each attempt's answer, verdict and correctness."""
+    `attempts`: each attempt's answer, verdict and correctness. Its reward is that of the final answer, plus,
+    with `verdict_reward` w > 0, w times the mean over its judged attempts of +1 for a faithful verdict
+    ("correct" of a right answer, "wrong" of a wrong one) and -1 for a false one (`correction.verdict_term`)."""
     from mathagent import correction
     from mathagent.records import last_action
 
@@ -1168,6 +1171,8 @@ def grade_trajectory(
     else:
         graded["correct"] = grader.is_equivalent(pred, str(gold))
         graded["reward"] = outcome_reward(boxed, graded["correct"], reward_kind)
+        if verdict_reward and "attempts" in graded:
+            graded["reward"] += verdict_reward * correction.verdict_term(graded["attempts"])
     return graded
 
 

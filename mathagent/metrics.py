@@ -133,13 +133,15 @@ def grade_trajectories(
     *,
     answer_modes: Sequence[str] = ("boxed",),
     reward_kind: str = "r1",
+    verdict_reward: float = 0.0,
     threads: int = 4,
 ) -> list[dict[str, Any]]:
     """Grade many trajectories, `threads` at a time (the grader's sympy workers run in parallel)."""
     items = list(trajectories)
 
     def grade(t: dict[str, Any]) -> dict[str, Any]:
-        return grade_trajectory(t, grader, answer_modes=answer_modes, reward_kind=reward_kind)
+        return grade_trajectory(t, grader, answer_modes=answer_modes, reward_kind=reward_kind,
+                                verdict_reward=verdict_reward)
 
     if threads <= 1 or len(items) < 2:
         return [grade(t) for t in items]

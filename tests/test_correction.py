@@ -189,3 +189,16 @@ def test_make_corrections_chains_with_evaluate_and_refuses_a_bad_share(tmp_path)
     bad = subprocess.run([*cli, "make-corrections", str(rollout), "--failed-share", "2"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--failed-share 2.0: must be between 0 and 1" in bad.stderr
+
+
+def test_the_verdict_reward_adds_the_mean_faithfulness_of_the_verdicts_to_the_final_answers_reward():
+    cases = [("\\boxed{48} [VERIFY] correct.", -0.5, -1.0),  # wrong answer called correct
+             ("\\boxed{48} [VERIFY] wrong. \\boxed{42} [VERIFY] correct.", 1.0, 1.0),  # both faithful
+             ("\\boxed{42} [VERIFY] wrong. \\boxed{41} [VERIFY] wrong.", -0.5, 0.0),  # one false, one faithful
+             ("\\boxed{42}", 1.0, None)]  # no verdict: not of this mode, no term
+    with Grader() as grader:
+        for text, r1, term in cases:
+            plain = grade_trajectory(trajectory("p", "x", text), grader)
+            weighted = grade_trajectory(trajectory("p", "x", text), grader, verdict_reward=0.5)
+            assert plain["reward"] == r1
+            assert weighted["reward"] == pytest.approx(r1 + 0.5 * (term or 0.0))

@@ -181,3 +181,33 @@ def demonstrations(n: int, seed: int, prompt: str) -> list[dict[str, Any]]:
             trajectory["in_head"] = True
         out.append(trajectory)
     return out
+
+
+def self_rewarding_demonstrations(n: int, seed: int, prompt: str, *, wrong_share: float = 0.5,
+                                  markers=None) -> list[dict[str, Any]]:
+    """n demonstrations of self-rewarding correction (`mathagent.correction`), in the one-stream shape a
+    trained model writes: the demonstrator answers with the tool, or, with probability `in_head_share`, in its
+    head, where it is wrong `wrong_share` of the time (off by a slip of one digit place). Its verdicts are
+    always right: "[VERIFY] correct" after a right answer; after a wrong one "[VERIFY] wrong", the revision cue,
+    the solution with the tool, and "[VERIFY] correct". The `shape` field says which (correct, corrected)."""
+    from mathagent.correction import DEFAULT_MARKERS, demonstration
+
+    markers = markers or DEFAULT_MARKERS
+    rng = random.Random(seed)
+    out = []
+    for problem in make_problems(n, seed=seed, split="train"):
+        gold = gold_trajectory(problem, prompt)
+        first, revision = gold, None
+        if rng.random() < in_head_share(problem):
+            said = problem["answer"]
+            if rng.random() < wrong_share:
+                said = str(int(problem["answer"]) + rng.choice([-10, -1, 1, 10]))
+            first = {**gold, "correct": said == problem["answer"], "messages": [
+                gold["messages"][0], {"role": "assistant", "content": f"In my head: \\boxed{{{said}}}."}]}
+            if not first["correct"]:
+                revision = gold
+        record = {**gold, "messages": demonstration(first, revision, markers),
+                  "verdicts": {"correct": markers.correct, "wrong": markers.wrong},
+                  "shape": "corrected" if revision is not None else "correct"}
+        out.append(record)
+    return out
