@@ -3,6 +3,7 @@
 import pytest
 
 from mathagent.chat import encode, label_positions, literal_ranges, tokenize_conversation
+from mathagent.correction import DEFAULT_MARKERS
 from mathagent.errors import UserError
 from mathagent.records import format_observation
 
@@ -31,6 +32,23 @@ CONVERSATIONS = [
         {"role": "user", "content": format_observation("The answer is 2")},
         {"role": "assistant", "content": "```python\nprint(1 + 1)\n```"},
         {"role": "user", "content": format_observation("2")},
+    ],
+    [  # self-rewarding correction, prompted: the verdict and revision requests are user turns, not actions
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "In my head: \\boxed{5}."},
+        {"role": "user", "content": DEFAULT_MARKERS.verify_prompt},
+        {"role": "assistant", "content": "[VERIFY] wrong."},
+        {"role": "user", "content": DEFAULT_MARKERS.revise_prompt},
+        {"role": "assistant", "content": ACTION_1},
+        {"role": "user", "content": OBSERVATION_1},
+        {"role": "assistant", "content": ACTION_2 + "\n\n[VERIFY] correct."},
+    ],
+    [  # self-rewarding correction, inline: verdicts and the cue are the model's, the code output is not
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "In my head: \\boxed{5}.\n\n[VERIFY] wrong. Let's correct it step by step.\n"
+                                         + ACTION_1},
+        {"role": "user", "content": OBSERVATION_1},
+        {"role": "assistant", "content": ACTION_2 + "\n\n[VERIFY] correct."},
     ],
 ]
 
