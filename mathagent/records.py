@@ -46,8 +46,8 @@ STATUSES = (ANSWERED, STOPPED, MAX_TURNS, LENGTH, TOOL_CALL)
 
 OBSERVATION_FENCE = "```output"
 
-# How a cell ended (`outcome.status` of an observation): sandbox.STATUSES, written again because the sandbox
-# runs as a standalone file that imports nothing of mathagent (a test keeps the two equal).
+# How a cell ended (`outcome.status` of an observation): sandbox.STATUSES, written again because the sandbox's
+# zygote imports nothing of mathagent but the sandbox package (a test keeps the two equal).
 CELL_OK = "ok"  # it ran to its end
 CELL_STATUSES = (CELL_OK, "error", "memory", "timeout", "killed")
 

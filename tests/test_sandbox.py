@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mathagent.sandbox import Cell, CellResult, Sandbox, _memory_cgroup_parent
+from mathagent.sandbox import Cell, CellResult, Sandbox
+from mathagent.sandbox.jail import memory_cgroup_parent
 
 TIMEOUT = 1.5
 SECRET = "MATHAGENT_TEST_SECRET"
@@ -132,7 +133,7 @@ def test_errors_show_the_exception_and_the_last_frames_only(sandbox):
     assert result.status == "error"
     assert result.output.startswith("before\nTraceback (most recent call last):\n")
     assert result.output.endswith("ZeroDivisionError: division by zero")
-    assert "sandbox.py" not in result.output and "exec" not in result.output
+    assert "mathagent/sandbox" not in result.output and "exec" not in result.output
 
     t("def f(n):\n    return g(n)\ndef g(n):\n    return h(n)\ndef h(n):\n    return [][n]")
     deep = t("f(3)").output.splitlines()
@@ -595,20 +596,20 @@ def test_a_session_over_its_memory_budget_is_stopped_with_a_memory_error(hog, cg
         assert baseline - min(lowest) < 2 * BUDGET_MB * MB, (baseline - min(lowest)) / MB
         (after,) = box.run([Cell("hog", ("x = 41", MEMORY_HOGS[hog]), "print(x + 1)")])
         assert (after.status, after.output) == ("ok", "42")
-        assert box.isolation["memory"].startswith("cgroup" if cgroup and _memory_cgroup_parent() else "polled")
+        assert box.isolation["memory"].startswith("cgroup" if cgroup and memory_cgroup_parent() else "polled")
         ours = f"mathagent-{box._zygote.pid}-"
-    if cgroup and _memory_cgroup_parent():  # every session's cgroup went with it
-        assert not [name for name in os.listdir(_memory_cgroup_parent()[0]) if name.startswith(ours)]
+    if cgroup and memory_cgroup_parent():  # every session's cgroup went with it
+        assert not [name for name in os.listdir(memory_cgroup_parent()[0]) if name.startswith(ours)]
 
 
 def test_the_memory_budget_is_a_cgroup_where_the_machine_allows_it():
     """Root with a writable memory cgroup (these machines, and CI): the kernel's controller, not the poll."""
     if os.geteuid() != 0:
         pytest.skip("not root: the memory cgroup needs a delegated one")
-    assert _memory_cgroup_parent() is not None, "root, yet no memory cgroup to create sessions under"
+    assert memory_cgroup_parent() is not None, "root, yet no memory cgroup to create sessions under"
     with Sandbox(workers=1) as box:
         box.run([Cell("c", (), "1")])
-        assert box.isolation["memory"] == f"cgroup v{_memory_cgroup_parent()[1]}"
+        assert box.isolation["memory"] == f"cgroup v{memory_cgroup_parent()[1]}"
 
 
 SOAK_HOSTILE = [
@@ -631,7 +632,7 @@ def _host_state() -> tuple:
 
     ipcs = subprocess.run(["ipcs", "-a"], capture_output=True, text=True).stdout
     keys = sorted(line.split()[0] for line in ipcs.splitlines() if line.startswith("0x"))
-    parent = _memory_cgroup_parent()
+    parent = memory_cgroup_parent()
     cgroups = sorted(name for name in os.listdir(parent[0]) if name.startswith("mathagent-")) if parent else []
     return keys, sorted(os.listdir("/tmp")), sorted(os.listdir("/dev/shm")), cgroups
 
@@ -650,7 +651,8 @@ def test_a_soak_of_mixed_hostile_and_benign_cells_leaves_nothing_behind(scripted
     before = _host_state()
 
     def sandbox_pids() -> set[str]:
-        return set(subprocess.run(["pgrep", "-f", "mathagent/sandbox.py"], capture_output=True, text=True).stdout.split())
+        pgrep = subprocess.run(["pgrep", "-f", "mathagent/sandbox/__main__.py"], capture_output=True, text=True)
+        return set(pgrep.stdout.split())
 
     pids_before = sandbox_pids()  # the other tests' sandboxes, still open
 
