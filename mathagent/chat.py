@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 from mathagent.errors import UserError
 
 # The longest conversation, in tokens under the chat template, that training takes. Longer examples are
-# dropped, never cut (train-mdpo, train-sft), and make-pairs --max-length drops the same ones earlier.
+# dropped, never cut (train-mdpo, train-sft, train-prm), and make-pairs --max-length drops the same ones earlier.
 DEFAULT_MAX_LENGTH = 4096
 
 # Mistral's [INST] format (Mistral-7B v0.1 / v0.2): system text is put in front of the first user turn, and

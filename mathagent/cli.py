@@ -15,9 +15,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
@@ -784,87 +783,6 @@ def mc_label(
         console.print(f"mc-label: {report.summary()}", highlight=False)
 
 
-@app.command("train-prm")
-def train_prm(
-    input: InputArg = "-",
-    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Directory the PRM is saved to (a transformers model or LoRA adapter, its tokenizer and prm.json); checkpoints go to OUTPUT_DIR/checkpoints/.")] = "prm",
-    model: ModelOpt = "tiny",
-    labels: Annotated[str, typer.Option("--labels", help="hard: cross-entropy on the '+'/'-' label token; soft: binary cross-entropy of P('+') among {'+','-'} against Q-hat.")] = "hard",
-    steps: StepsOpt = "turns",
-    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter on every linear layer (peft) instead of all weights.")] = False,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")] = 16,
-    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha / r).")] = 32,
-    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Save the LoRA merged into the base model (loads with transformers alone) instead of as an adapter.")] = False,
-    learning_rate: Annotated[float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")] = 1e-5,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm to this (0: no clipping).")] = 1.0,
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warm-up steps.")] = 0,
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data (may be fractional).")] = 1.0,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps in all (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per optimizer step.")] = 8,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Drop (and count) conversations longer than this many tokens.")] = None,
-    save_every: Annotated[int, typer.Option("--save-every", help="Save a checkpoint every this many steps (0: only the final model).")] = 0,
-    seed: SeedOpt = 0,
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")] = "auto",
-    eval_path: Annotated[str | None, typer.Option("--eval", help="Held-out examples (same formats as the input): report their label accuracy, scored as score-prm scores.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --output-dir (same data and options).")] = False,
-    report_to: ReportToOpt = "none",
-    skip_invalid: SkipInvalidOpt = False,
-) -> None:
-    """Fine-tune a causal LM as a process reward model on step labels, with the loss on the label tokens only.
-
-    Input: mc-label output, either trajectories with "steps" or --format prm chats (user = step, assistant =
-    '+'/'-', soft labels in "q"). Saves a model that loads with transformers (or a peft adapter with
-    --lora and no --merge-lora). One row per optimizer step (loss, grad_norm, learning_rate, epoch) goes to
-    OUTPUT_DIR/metrics.jsonl; a JSON summary (steps, final loss, held-out accuracy) to stdout.
-    """
-
-    from mathagent import labeling, prm, training
-    from mathagent.tiny import resolve_model
-
-    with _user_errors():
-        training.report_targets(report_to)
-        if steps not in labeling.STEP_MODES:
-            raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
-        if labels not in prm.LABEL_KINDS:
-            raise UserError(f"--labels {labels!r}: choose from {', '.join(prm.LABEL_KINDS)}")
-        if batch_size < 1 or lora_rank < 1 or epochs <= 0 or (max_steps is not None and max_steps < 1):
-            raise UserError("--batch-size, --lora-rank and --max-steps must be at least 1, --epochs positive")
-        if merge_lora and not lora:
-            raise UserError("--merge-lora needs --lora")
-        if not (math.isfinite(learning_rate) and learning_rate > 0):
-            raise UserError(f"--lr {learning_rate}: must be a positive number")
-        _check_model("--model", model)
-        _check_output_dir(output_dir)
-        check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
-        invalid = InvalidCounter()
-        records = list(read_records(input, required=("messages",), skip_invalid=skip_invalid, invalid=invalid,
-                                    check=check))
-        held_out = list(read_records(eval_path, required=("messages",), check=check)) if eval_path else []
-        _report_invalid(invalid)
-        config = prm.TrainConfig(
-            labels=labels, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora,
-            learning_rate=learning_rate, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            warmup_steps=warmup_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-            max_length=max_length, save_every=save_every, seed=seed, precision=precision, report_to=report_to,
-        )
-        with _record_stream() as stdout:
-            report = prm.train_prm(records, resolve_model(model), output_dir, config, mode=steps, resume=resume,
-                                   log=lambda line: console.print(line, highlight=False))
-            summary = {"output_dir": output_dir, "examples": report.examples, "labels": report.labels,
-                       "too_long": report.too_long, "steps": report.steps, "resumed_from": report.resumed_from,
-                       "loss": report.loss, "seconds": round(report.seconds, 2)}
-            if held_out:
-                model_, tokenizer = prm.load_prm(output_dir)
-                examples = [prm.training_chat(r, steps)[:2] for r in held_out]
-                summary["eval_accuracy"] = prm.label_accuracy(model_, tokenizer, examples)
-                summary["eval_labels"] = sum(len(e[1]) for e in examples)
-            stdout.write(json.dumps(summary) + "\n")
-        console.print(f"train-prm: {report.steps} steps on {report.examples} conversations ({report.labels} labels, "
-                      f"{report.too_long} too long) in {report.seconds:.1f} s, final loss {report.loss:.4f}"
-                      + (f", held-out accuracy {summary['eval_accuracy']:.3f}" if held_out else ""), highlight=False)
-
-
 @app.command("score-prm")
 def score_prm(
     input: InputArg = "-",
@@ -890,8 +808,7 @@ def score_prm(
         _check_model("--model", model)
         model = resolve_model(model)
         if steps is None:  # score steps as the PRM was taught to see them
-            trained = Path(model) / prm.PRM_FILE
-            steps = json.loads(trained.read_text()).get("steps_mode", "turns") if trained.is_file() else "turns"
+            steps = prm.trained_steps_mode(model)
         if steps not in labeling.STEP_MODES:
             raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
         if aggregate not in prm.AGGREGATES:
@@ -922,32 +839,62 @@ def score_prm(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Policy training: train-mdpo, train-sft (mathagent/losses.py, mathagent/training.py)
+# Training: train-mdpo, train-sft, train-prm, one recipe (mathagent/training.py; losses.py, prm.py)
 # --------------------------------------------------------------------------------------------------------
 
-TrainInputArg = Annotated[str, typer.Argument(help="Input JSONL path, or '-' for stdin (a path under torchrun / accelerate launch).")]
-TrainOutputDirOpt = Annotated[str, typer.Option("--output-dir", help="Directory for the trained model (or LoRA adapter), metrics.jsonl, checkpoints/ and the reference log-probs.")]
-TrainRefModelOpt = Annotated[str | None, typer.Option("--ref-model", help="Reference policy pi_ref (default: the starting policy --model); its log-probs are computed once, before training.")]
-TrainLrOpt = Annotated[float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")]
-TrainSchedulerOpt = Annotated[str, typer.Option("--lr-scheduler", help="linear, cosine, constant or constant_with_warmup (after --warmup-steps).")]
-TrainWarmupOpt = Annotated[int, typer.Option("--warmup-steps", help="Learning-rate warm-up steps.")]
-TrainWeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
-TrainGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm to this (0: no clipping).")]
-TrainGradAccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step (per process); --batch-size is split across them.")]
-TrainMaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps in all (overrides --epochs).")]
-TrainEpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the data, each in its own seeded order.")]
-TrainLoraOpt = Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter on every linear layer (peft) instead of all weights.")]
-TrainLoraRankOpt = Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")]
-TrainLoraAlphaOpt = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha / r).")]
-TrainMergeLoraOpt = Annotated[bool, typer.Option("--merge-lora", help="Save the LoRA merged into the base model (vLLM --model) instead of the adapter (vLLM --adapter with the base --model).")]
-TrainMaskOpt = Annotated[bool, typer.Option("--mask-observations/--no-mask-observations", help="Loss on the agent's action tokens only (default), or on every token after the prompt, observations and template scaffolding included (the single-turn baseline).")]
-TrainResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output-dir (same data and options).")]
-TrainMaxLengthOpt = Annotated[int, typer.Option("--max-length", help="Drop examples longer than this many tokens, never cut them (counted and reported; make-pairs --max-length has the same default).")]
-TrainCheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, more time.")]
-TrainSaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Checkpoint every N optimizer steps (0: only the final model).")]
-TrainPrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")]
-TrainBatchOpt = Annotated[int, typer.Option("--batch-size", help="Examples per optimizer step over all processes and micro-batches (pairs for M-DPO).")]
-ReportToOpt = Annotated[str, typer.Option("--report-to", help="Also send each step's metrics (the names and steps of OUTPUT_DIR/metrics.jsonl, which is always written) to: none; tensorboard (offline event files in OUTPUT_DIR/tensorboard: tensorboard --logdir OUTPUT_DIR/tensorboard); wandb (project $WANDB_PROJECT, default mathagent; its files in OUTPUT_DIR/wandb); a comma list of these; or all (those installed). From the main process only.")]
+# The options every training command takes, declared here once, with their defaults (a command may set its
+# own default: `training_command`). They are fields of training.TrainConfig, but for input and skip_invalid.
+TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "input": (Annotated[str, typer.Argument(help="Input JSONL path, or '-' for stdin (a path under torchrun / accelerate launch).")], "-"),
+    "output_dir": (Annotated[str, typer.Option("--output-dir", "-o", help="Directory for the trained model (or LoRA adapter), metrics.jsonl, training_summary.json and checkpoints/.")], None),
+    "model": (ModelOpt, "tiny"),
+    "learning_rate": (Annotated[float, typer.Option("--learning-rate", "--lr", help="AdamW learning rate.")], None),
+    "lr_scheduler": (Annotated[str, typer.Option("--lr-scheduler", help="linear, cosine, constant or constant_with_warmup (after --warmup-steps).")], "linear"),
+    "warmup_steps": (Annotated[int, typer.Option("--warmup-steps", help="Learning-rate warm-up steps (transformers' schedules: the first step's rate is 0).")], 0),
+    "weight_decay": (Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")], 0.0),
+    "max_grad_norm": (Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm to this (0: no clipping).")], 1.0),
+    "batch_size": (Annotated[int, typer.Option("--batch-size", help="Examples per optimizer step over all processes and micro-batches (train-mdpo: pairs; train-sft: trajectories; train-prm: PRM chats).")], 8),
+    "grad_accum": (Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step (per process); --batch-size is split across them.")], 1),
+    "max_steps": (Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps in all (overrides --epochs).")], None),
+    "epochs": (Annotated[float, typer.Option("--epochs", help="Passes over the data, each in its own seeded order; may be fractional (ceil(epochs x steps per epoch) steps).")], 1.0),
+    "lora": (Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter on every linear layer (peft) instead of all weights.")], False),
+    "lora_rank": (Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.")], 16),
+    "lora_alpha": (Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha / r).")], 32),
+    "merge_lora": (Annotated[bool, typer.Option("--merge-lora", help="Save the LoRA merged into the base model (vLLM --model, transformers alone) instead of the adapter (vLLM --adapter with the base --model).")], False),
+    "resume": (Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output-dir (same data and options); nothing to do on a finished run.")], False),
+    "seed": (Annotated[int, typer.Option("--seed", help="Random seed: the data order of every epoch and the LoRA initialization.")], 0),
+    "max_length": (Annotated[int, typer.Option("--max-length", help="Drop examples longer than this many tokens, never cut them (counted and reported; make-pairs --max-length has the same default).")], DEFAULT_MAX_LENGTH),
+    "gradient_checkpointing": (Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, more time.")], False),
+    "save_every": (Annotated[int, typer.Option("--save-every", help="Checkpoint every N optimizer steps (0: only the final model).")], 0),
+    "precision": (Annotated[str, typer.Option("--precision", help="auto (bf16 mixed precision on a GPU that has it, else fp32), bf16 or fp32.")], "auto"),
+    "report_to": (Annotated[str, typer.Option("--report-to", help="Also send each step's metrics (the names and steps of OUTPUT_DIR/metrics.jsonl, which is always written) to: none; tensorboard (offline event files in OUTPUT_DIR/tensorboard: tensorboard --logdir OUTPUT_DIR/tensorboard); wandb (project $WANDB_PROJECT, default mathagent; its files in OUTPUT_DIR/wandb); a comma list of these; or all (those installed). From the main process only.")], "none"),
+    "skip_invalid": (SkipInvalidOpt, False),
+}
+MaskObservationsOpt = Annotated[bool, typer.Option("--mask-observations/--no-mask-observations", help="Loss on the agent's action tokens only (default), or on every token after the prompt, observations and template scaffolding included (the single-turn baseline).")]
+
+
+def training_command(name: str, **defaults: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a training command. Its options: INPUT, --output-dir and --model, then the function's own, then
+    the rest of TRAINING_OPTIONS (with `defaults` for some). The function is called with its own options by name
+    and the shared ones as `options`, a dict."""
+    import inspect
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(function, eval_str=True).parameters.values() if p.name != "options"]
+        shared = [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                    default=defaults.get(option, default))
+                  for option, (annotation, default) in TRAINING_OPTIONS.items()]
+
+        def command(**values: Any) -> None:
+            function(options={option: values.pop(option) for option in TRAINING_OPTIONS}, **values)
+
+        command.__signature__ = inspect.Signature(shared[:3] + own + shared[3:])  # type: ignore[attr-defined]
+        command.__doc__ = function.__doc__
+        app.command(name)(command)
+        return function
+
+    return register
 
 
 def _train_line(row: dict[str, Any]) -> str:
@@ -969,31 +916,49 @@ def _train_line(row: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name: str) -> None:
-
+def _training_config(options: dict[str, Any], **objective: Any) -> tuple[Any, str, bool]:
+    """The checked `training.TrainConfig` of the shared options and a command's own, with INPUT and
+    --skip-invalid; an impossible option is a UserError here, before any work."""
     from mathagent import training
 
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if input == "-" and processes > 1:
+    options = dict(options)
+    input, skip_invalid = options.pop("input"), options.pop("skip_invalid")
+    config = training.TrainConfig(**options, **objective)
+    if input == "-" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("under torchrun / accelerate launch every process reads the input: give a path, not stdin")
     config.check()
     _check_model("--model", config.model)
     _check_model("--ref-model", config.ref_model)
     _check_output_dir(config.output_dir)
+    return config, input, skip_invalid
+
+
+def _run_training(name: str, config: Any, input: str, skip_invalid: bool, check: Callable[[dict[str, Any]], str | None],
+                  *, required: tuple[str, ...] = ("id",),
+                  evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """Read the records, train (`training.train`), print the summary: every training command's body.
+    `evaluate` adds to the summary, on the main process, once the model is saved."""
+    from mathagent import training
+
     invalid = InvalidCounter()
-    records = list(read_records(input, required=("id",), skip_invalid=skip_invalid, invalid=invalid, check=check))
+    records = list(read_records(input, required=required, skip_invalid=skip_invalid, invalid=invalid, check=check))
     _report_invalid(invalid)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = os.environ.get("RANK", "0") == "0"
     with _record_stream() as stdout:
         summary = training.train(config, records, on_step=lambda row: console.print(_train_line(row), highlight=False),
                                  log=lambda line: console.print(line, highlight=False))
         if main_process:
+            if evaluate is not None:
+                summary.update(evaluate(summary))
             stdout.write(json.dumps(summary) + "\n")
     if main_process:
         final = summary["final"]
         console.print(f"{name}: {summary['steps']} steps in {summary['train_seconds']:.1f} s "
                       f"({summary['tokens_per_second'] or 0:.0f} tok/s), final loss {final.get('loss', float('nan')):.4f}; "
-                      f"saved the {summary['saved']} to {summary['output_dir']}", highlight=False)
+                      f"saved the {summary['saved']} to {summary['output_dir']}"
+                      + (f"; held-out label accuracy {summary['eval_accuracy']:.3f}" if "eval_accuracy" in summary
+                         else ""), highlight=False)
     if processes > 1:
         # A bounded teardown under torchrun: the work is saved and the group destroyed; threads that libraries
         # leave behind (gloo, tokenizers) must not keep this rank, and so torchrun, from exiting.
@@ -1002,40 +967,17 @@ def _run_training(input: str, config: Any, check: Any, skip_invalid: bool, name:
         os._exit(0)
 
 
-@app.command("train-mdpo")
+@training_command("train-mdpo", output_dir="mdpo", learning_rate=5e-7)
 def train_mdpo(
-    input: TrainInputArg = "-",
-    output_dir: TrainOutputDirOpt = "mdpo",
-    model: ModelOpt = "tiny",
-    ref_model: TrainRefModelOpt = None,
+    options: dict[str, Any],
+    ref_model: Annotated[str | None, typer.Option("--ref-model", help="Reference policy pi_ref (default: the starting policy --model); its log-probs are computed once, before training, and cached in OUTPUT_DIR/reference_logps.json.")] = None,
     loss: Annotated[str, typer.Option("--loss", help="sigmoid (M-DPO), ipo, hinge, or kto (M-KTO: reads make-pairs --format kto records, or pairs as two examples each).")] = "sigmoid",
     beta: Annotated[float, typer.Option("--beta", help="The paper's eta: the KL coefficient; a trajectory's reward is beta x its summed action log-ratio.")] = 0.1,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Conservative DPO: the assumed probability that a pair's preference is flipped (sigmoid loss).")] = 0.0,
     nll_weight: Annotated[float, typer.Option("--nll-weight", help="Add this times the mean NLL of the chosen action tokens (pair losses).")] = 0.0,
     desirable_weight: Annotated[float, typer.Option("--desirable-weight", help="M-KTO: weight of the desirable examples' loss.")] = 1.0,
     undesirable_weight: Annotated[float, typer.Option("--undesirable-weight", help="M-KTO: weight of the undesirable examples' loss.")] = 1.0,
-    learning_rate: TrainLrOpt = 5e-7,
-    lr_scheduler: TrainSchedulerOpt = "linear",
-    warmup_steps: TrainWarmupOpt = 0,
-    weight_decay: TrainWeightDecayOpt = 0.0,
-    max_grad_norm: TrainGradNormOpt = 1.0,
-    batch_size: TrainBatchOpt = 8,
-    grad_accum: TrainGradAccumOpt = 1,
-    max_steps: TrainMaxStepsOpt = None,
-    epochs: TrainEpochsOpt = 1,
-    lora: TrainLoraOpt = False,
-    lora_rank: TrainLoraRankOpt = 16,
-    lora_alpha: TrainLoraAlphaOpt = 32,
-    merge_lora: TrainMergeLoraOpt = False,
-    mask_observations: TrainMaskOpt = True,
-    resume: TrainResumeOpt = False,
-    seed: SeedOpt = 0,
-    max_length: TrainMaxLengthOpt = DEFAULT_MAX_LENGTH,
-    gradient_checkpointing: TrainCheckpointingOpt = False,
-    save_every: TrainSaveEveryOpt = 0,
-    precision: TrainPrecisionOpt = "auto",
-    report_to: ReportToOpt = "none",
-    skip_invalid: SkipInvalidOpt = False,
+    mask_observations: MaskObservationsOpt = True,
 ) -> None:
     """Multi-turn preference learning (M-DPO / M-KTO): the log-ratio log pi/pi_ref is summed over the agent's
     action tokens only; observations (the interpreter's output) are masked.
@@ -1045,55 +987,21 @@ def train_mdpo(
     rewards/rejected, rewards/accuracies, rewards/margins as in TRL) and a line to stderr; a JSON summary to
     stdout. Runs under `torchrun` / `accelerate launch` for several devices (docs/training.md).
     """
-    from mathagent import losses as loss_functions
-    from mathagent import training
+    from mathagent import losses, training
 
     with _user_errors():
-        if loss not in loss_functions.LOSSES:
-            raise UserError(f"--loss {loss!r}: choose from {', '.join(loss_functions.LOSSES)}")
+        if loss not in losses.LOSSES:
+            raise UserError(f"--loss {loss!r}: choose from {', '.join(losses.LOSSES)}")
         objective = "kto" if loss == "kto" else "pairs"
-        config = training.TrainConfig(
-            model=model, output_dir=output_dir, objective=objective, ref_model=ref_model, loss=loss, beta=beta,
-            label_smoothing=label_smoothing, nll_weight=nll_weight, desirable_weight=desirable_weight,
-            undesirable_weight=undesirable_weight, learning_rate=learning_rate, lr_scheduler=lr_scheduler,
-            warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, lora=lora,
-            lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora, mask_observations=mask_observations,
-            resume=resume, seed=seed, max_length=max_length, gradient_checkpointing=gradient_checkpointing,
-            save_every=save_every, precision=precision, report_to=report_to,
-        )
-        check = training.check_kto if objective == "kto" else training.check_pair
-        _run_training(input, config, check, skip_invalid, "train-mdpo")
+        config = _training_config(options, objective=objective, ref_model=ref_model, loss=loss, beta=beta,
+                                  label_smoothing=label_smoothing, nll_weight=nll_weight,
+                                  desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                                  mask_observations=mask_observations)
+        _run_training("train-mdpo", *config, training.check_kto if objective == "kto" else training.check_pair)
 
 
-@app.command("train-sft")
-def train_sft(
-    input: TrainInputArg = "-",
-    output_dir: TrainOutputDirOpt = "sft",
-    model: ModelOpt = "tiny",
-    learning_rate: TrainLrOpt = 1e-5,
-    lr_scheduler: TrainSchedulerOpt = "linear",
-    warmup_steps: TrainWarmupOpt = 0,
-    weight_decay: TrainWeightDecayOpt = 0.0,
-    max_grad_norm: TrainGradNormOpt = 1.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Trajectories per optimizer step over all processes and micro-batches.")] = 8,
-    grad_accum: TrainGradAccumOpt = 1,
-    max_steps: TrainMaxStepsOpt = None,
-    epochs: TrainEpochsOpt = 1,
-    lora: TrainLoraOpt = False,
-    lora_rank: TrainLoraRankOpt = 16,
-    lora_alpha: TrainLoraAlphaOpt = 32,
-    merge_lora: TrainMergeLoraOpt = False,
-    mask_observations: TrainMaskOpt = True,
-    resume: TrainResumeOpt = False,
-    seed: SeedOpt = 0,
-    max_length: TrainMaxLengthOpt = DEFAULT_MAX_LENGTH,
-    gradient_checkpointing: TrainCheckpointingOpt = False,
-    save_every: TrainSaveEveryOpt = 0,
-    precision: TrainPrecisionOpt = "auto",
-    report_to: ReportToOpt = "none",
-    skip_invalid: SkipInvalidOpt = False,
-) -> None:
+@training_command("train-sft", output_dir="sft", learning_rate=1e-5)
+def train_sft(options: dict[str, Any], mask_observations: MaskObservationsOpt = True) -> None:
     """Supervised fine-tuning on trajectories (make-pairs --format sft, or any records with "messages"): the
     negative log-likelihood of the action tokens only, averaged over the step's action tokens.
 
@@ -1102,16 +1010,39 @@ def train_sft(
     from mathagent import training
 
     with _user_errors():
-        config = training.TrainConfig(
-            model=model, output_dir=output_dir, objective="sft", learning_rate=learning_rate,
-            lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-            epochs=epochs, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora,
-            mask_observations=mask_observations, resume=resume, seed=seed, max_length=max_length,
-            gradient_checkpointing=gradient_checkpointing, save_every=save_every, precision=precision,
-            report_to=report_to,
-        )
-        _run_training(input, config, training.check_trajectory, skip_invalid, "train-sft")
+        config = _training_config(options, objective="sft", mask_observations=mask_observations)
+        _run_training("train-sft", *config, training.check_trajectory)
+
+
+@training_command("train-prm", output_dir="prm", learning_rate=1e-5, lr_scheduler="constant_with_warmup")
+def train_prm(
+    options: dict[str, Any],
+    labels: Annotated[str, typer.Option("--labels", help="hard: cross-entropy on the '+'/'-' label token; soft: binary cross-entropy of P('+') among {'+','-'} against Q-hat.")] = "hard",
+    steps: StepsOpt = "turns",
+    eval_path: Annotated[str | None, typer.Option("--eval", help="Held-out examples (same formats as the input): report their label accuracy, scored as score-prm scores.")] = None,
+) -> None:
+    """Fine-tune a causal LM as a process reward model on step labels, with the loss on the label tokens only.
+
+    Input: mc-label output, either trajectories with "steps" or --format prm chats (user = step, assistant =
+    '+'/'-', soft labels in "q"). Saves a model that loads with transformers (or a peft adapter with --lora and
+    no --merge-lora), and prm.json. One row per optimizer step (loss, grad_norm, learning_rate, epoch) goes to
+    OUTPUT_DIR/metrics.jsonl and a line to stderr; a JSON summary (with the held-out accuracy of --eval) to
+    stdout. Same recipe as train-mdpo: checkpoints, --resume, LoRA, torchrun / accelerate launch.
+    """
+    from mathagent import prm
+
+    def held_out_accuracy(summary: dict[str, Any]) -> dict[str, Any]:
+        model, tokenizer = prm.load_prm(summary["output_dir"])
+        examples = [prm.training_chat(r, steps)[:2] for r in held_out]
+        return {"eval_accuracy": prm.label_accuracy(model, tokenizer, examples),
+                "eval_labels": sum(len(step_labels) for _, step_labels in examples)}
+
+    with _user_errors():
+        config = _training_config(options, objective="prm", labels=labels, steps_mode=steps)
+        check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
+        held_out = list(read_records(eval_path, required=("messages",), check=check)) if eval_path else []
+        _run_training("train-prm", *config, check, required=("id", "messages"),
+                      evaluate=held_out_accuracy if held_out else None)
 
 
 def main() -> None:

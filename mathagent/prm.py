@@ -6,12 +6,15 @@ step h is read at the position just before that label:
 
     p_h = P_theta('+' | s_h, a_h) = exp(z_+) / (exp(z_+) + exp(z_-)) = sigmoid(z_+ - z_-)
 
-where z is the logit vector at that position. Training puts the loss on the label tokens only:
+where z is the logit vector at that position. Training puts the loss on the label tokens only, over the N
+labels of an optimizer step:
 
     hard:  L = -(1/N) sum_h log softmax(z^h)[y_h]                    (standard SFT cross-entropy, y_h in {'+','-'})
     soft:  L = -(1/N) sum_h [q_h log p_h + (1 - q_h) log(1 - p_h)]   (binary cross-entropy against Q-hat)
 
-with q_h the Monte-Carlo estimate of `mathagent.labeling`. Scoring a trajectory renders its chat with '+' in
+with q_h the Monte-Carlo estimate of `mathagent.labeling`. `PRMObjective` is this objective for
+`training.train`, the recipe of every training command (DDP, accumulation, checkpoints: train-prm is one of
+them); this module owns the PRM's data, its loss, prm.json beside a trained PRM, and scoring. Scoring a trajectory renders its chat with '+' in
 every assistant turn (each step is judged given that the steps before it were accepted, as a per-prefix
 scorer does) and reads every p_h from ONE forward pass: causal attention makes the logits at position t a
 function of tokens 0..t only, so each label position sees exactly the prompt a per-prefix scorer would send.
@@ -28,16 +31,23 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mathagent.errors import UserError
 from mathagent.labeling import MINUS, PLUS, split_steps
+from mathagent.training import (
+    Encoded,
+    EncodeReport,
+    Example,
+    MicroBatch,
+    Objective,
+    fingerprint,
+    forward_groups,
+)
 
 LABEL_KINDS = ("hard", "soft")
 AGGREGATES = ("min", "mean", "last", "prod")
@@ -193,21 +203,21 @@ def plus_probability(label_logits, plus_id: int, minus_id: int):
 
 
 def prm_loss(label_logits, is_plus, q, plus_id: int, minus_id: int, kind: str = "hard"):
-    """The PRM loss over N labels, averaged: `label_logits` [N, V], `is_plus` [N] bool (hard labels), `q` [N]
-    in [0, 1] (soft labels).
+    """The PRM loss of each of N labels: `label_logits` [N, V], `is_plus` [N] bool (hard labels), `q` [N] in
+    [0, 1] (soft labels); the caller averages them (over the labels of an optimizer step).
 
-    hard: -(1/N) sum log softmax(z)[y]                            (cross-entropy over the whole vocabulary)
-    soft: -(1/N) sum q log sigmoid(d) + (1 - q) log(1 - sigmoid(d)),   d = z_+ - z_-
+    hard: -log softmax(z)[y]                            (cross-entropy over the whole vocabulary)
+    soft: -q log sigmoid(d) - (1 - q) log(1 - sigmoid(d)),   d = z_+ - z_-
     """
     import torch
     import torch.nn.functional as F
 
     if kind == "hard":
         targets = torch.where(is_plus, torch.tensor(plus_id), torch.tensor(minus_id)).to(label_logits.device)
-        return F.cross_entropy(label_logits.float(), targets)
+        return F.cross_entropy(label_logits.float(), targets, reduction="none")
     if kind == "soft":
         margin = (label_logits[:, plus_id] - label_logits[:, minus_id]).float()
-        return F.binary_cross_entropy_with_logits(margin, q.to(margin))
+        return F.binary_cross_entropy_with_logits(margin, q.to(margin), reduction="none")
     raise UserError(f"--labels {kind!r}: choose from {', '.join(LABEL_KINDS)}")
 
 
@@ -327,208 +337,75 @@ def label_accuracy(model, tokenizer, examples: Sequence[tuple[list[dict[str, str
 
 
 # --------------------------------------------------------------------------------------------------------
-# Training
+# Training: the PRM's objective, trained by `training.train` (train-prm)
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainConfig:
-    labels: str = "hard"  # hard: cross-entropy on the label token; soft: BCE of P('+') against Q-hat
-    lora: bool = False  # a peft LoRA on every linear layer instead of all weights
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    merge_lora: bool = False  # save the LoRA merged into the base model (loads without peft)
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    warmup_steps: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8
-    max_length: int | None = None  # longer examples are dropped (counted)
-    save_every: int = 0  # a checkpoint every this many steps (0: only the final model)
-    seed: int = 0
-    precision: str = "auto"  # see training.choose_precision: bf16 autocast on a GPU that has it, else fp32
-    report_to: str = "none"  # trackers beside OUTPUT_DIR/metrics.jsonl (see training.report_targets)
+class PRMObjective(Objective):
+    """The generative PRM's objective for `training.train`: the loss on the '+'/'-' label tokens of PRM chats
+    (`prm_loss`), read from the logits at the positions before them, averaged over the step's labels.
+
+    Departures from Math-Shepherd (Wang et al. 2024), whose PRM learns its '+'/'-' label tokens by cross-entropy
+    (our `--labels hard`): `--labels soft` instead fits P('+') among {'+', '-'} to Q-hat by binary
+    cross-entropy, the rest of the vocabulary left out; each step is judged with the true labels of the steps
+    before it in context (teacher forcing, as in the published PRM data), while a scorer puts '+' there; a
+    trajectory weighs in the mean by its number of steps (the mean is over a step's labels, not its chats).
+    """
+
+    def __init__(self, config, tokenizer):
+        super().__init__(config, tokenizer)
+        self.label_ids = label_token_ids(tokenizer)
+
+    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
+        chat, labels, q = training_chat(record, self.config.steps_mode)
+        if not labels:  # nothing to learn: counted with the sequences without actions
+            report.no_actions += 1
+            return []
+        encoded = encode_chat(self.tokenizer, chat, self.label_ids)
+        label_mask = [0] * len(encoded.input_ids)
+        for position in encoded.positions:
+            label_mask[position + 1] = 1
+        return [Example(record["id"], [Encoded(encoded.input_ids, label_mask)], targets=len(labels),
+                        plus=[label == PLUS for label in labels], q=list(q))]
+
+    def identity(self, examples: list[Example]) -> dict[str, Any]:
+        return {"labels": self.config.labels, "steps_mode": self.config.steps_mode,
+                "q": fingerprint([e.q for e in examples])}
+
+    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        rows = []
+        for e in batch.examples:
+            chat = e.sequences[0]
+            rows.append(EncodedChat(chat.input_ids, [t - 1 for t, label in enumerate(chat.action_mask) if label]))
+        logits: list[Any] = [None] * len(rows)
+        for group in forward_groups([len(r.input_ids) for r in rows], batch.same_passes):
+            for i, z in zip(group, _label_logits(model, [rows[i] for i in group], batch.device), strict=True):
+                logits[i] = z
+        is_plus = torch.tensor([x for e in batch.examples for x in e.plus], device=batch.device)
+        q = torch.tensor([x for e in batch.examples for x in e.q], device=batch.device)
+        ell = prm_loss(torch.cat(logits), is_plus, q, *self.label_ids, kind=self.config.labels)
+        return ell.sum() / batch.totals.targets, {"tokens": sum(len(r.input_ids) for r in rows)}
+
+    def save(self, output_dir: Path, model_path: str, steps: int) -> None:
+        write_prm_file(output_dir, label_ids=self.label_ids, base_model=model_path, steps_mode=self.config.steps_mode,
+                       labels=self.config.labels, trained_steps=steps)
 
 
-@dataclass
-class TrainReport:
-    examples: int = 0
-    labels: int = 0
-    too_long: int = 0
-    steps: int = 0
-    resumed_from: int = 0
-    loss: float = float("nan")  # mean loss over the last tenth of the steps
-    seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)
-
-
-def _load_model(model_path: str, config: TrainConfig, checkpoint: Path | None):
-    """The model to train, fp32 weights (as `training.load_model` gives them), from a checkpoint if any."""
-    import torch
-
-    from mathagent.training import load_model
-
-    model = load_model(str(checkpoint) if checkpoint is not None and not config.lora else model_path)
-    if config.lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if checkpoint is not None:
-            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
-        else:
-            model = get_peft_model(model, LoraConfig(
-                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                task_type="CAUSAL_LM"))
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _save_checkpoint(model, optimizer, out_dir: Path, step: int, config: TrainConfig) -> None:
-    """OUT/checkpoints/step-N (as mathagent.training lays them out): weights or adapter, optimizer, step.
-    Written beside and renamed, so a killed save never leaves a checkpoint that looks complete."""
-    import torch
-
-    from mathagent.training import CHECKPOINTS_KEPT, checkpoints
-
-    root = out_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
-    path, staging = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(config)}))
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
-    for old in checkpoints(out_dir)[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old)
-
-
-def train_prm(
-    records: Sequence[dict[str, Any]],
-    model_path: str,
-    out_dir: str,
-    config: TrainConfig,
-    *,
-    mode: str = "turns",
-    resume: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> TrainReport:
-    """Fine-tune `model_path` as a PRM on `records` (PRM examples or labeled trajectories) and save it to
-    `out_dir` (a model transformers loads, its tokenizer, and prm.json); checkpoints go to
-    `out_dir/checkpoints/step-N`, and `resume` continues from the latest one. One row per step (step, loss,
-    grad_norm, learning_rate, epoch) goes to `out_dir/metrics.jsonl` and the trackers of `config.report_to`."""
-    import contextlib
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from mathagent.training import MetricsLog, checkpoints, choose_precision, report_targets
-
-    if config.labels not in LABEL_KINDS:
-        raise UserError(f"--labels {config.labels!r}: choose from {', '.join(LABEL_KINDS)}")
-    report_targets(config.report_to)
-    start = time.perf_counter()
-    log = log or (lambda message: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    label_ids = label_token_ids(tokenizer)
-    report = TrainReport()
-    data = []  # (encoded chat, is_plus, q)
-    for record in records:
-        chat, labels, q = training_chat(record, mode)
-        if not labels:
-            continue
-        encoded = encode_chat(tokenizer, chat, label_ids)
-        if config.max_length is not None and len(encoded.input_ids) > config.max_length:
-            report.too_long += 1
-            continue
-        data.append((encoded, [label == PLUS for label in labels], q))
-    if not data:
-        raise UserError("no training example with a label (after the --max-length filter)")
-    report.examples = len(data)
-    report.labels = sum(len(d[1]) for d in data)
-
-    batches_per_epoch = math.ceil(len(data) / config.batch_size)
-    total = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch))
-    precision = choose_precision(config.precision)
-    checkpoint, first_step = None, 0
-    if resume and not checkpoints(out) and (out / PRM_FILE).exists():
-        log(f"train-prm: {out} already holds a finished PRM; nothing to resume")
-        report.resumed_from = json.loads((out / PRM_FILE).read_text()).get("trained_steps", 0)
-        report.seconds = time.perf_counter() - start
-        return report
-    if resume and checkpoints(out):
-        checkpoint = checkpoints(out)[-1]
-        first_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
-        for name in ("labels", "lora", "lora_rank", "batch_size", "seed"):
-            if saved[name] != getattr(config, name):
-                raise UserError(f"--resume: {checkpoint} was trained with {name}={saved[name]!r}, not {getattr(config, name)!r}")
-        report.resumed_from = first_step
-        log(f"train-prm: resuming from {checkpoint}")
-    torch.manual_seed(config.seed)
-    model = _load_model(model_path, config, checkpoint)
-    device = _device(model)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
-    if checkpoint is not None:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device))
-    model.train()
-    metrics_log = MetricsLog(out, config.report_to, start_step=first_step, config=asdict(config))
-    try:
-        order: list[int] = []
-        for step in range(first_step, total):
-            epoch, index = divmod(step, batches_per_epoch)
-            if index == 0 or not order:  # the epoch's order depends on (seed, epoch) alone: resuming replays it
-                order = list(range(len(data)))
-                random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
-            batch = [data[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
-            for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
-            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                        else contextlib.nullcontext())
-            with autocast:
-                logits = torch.cat(_label_logits(model, [b[0] for b in batch], device))
-            is_plus = torch.tensor([x for b in batch for x in b[1]], device=device)
-            q = torch.tensor([x for b in batch for x in b[2]], device=device)
-            loss = prm_loss(logits, is_plus, q, *label_ids, kind=config.labels)
-            loss.backward()
-            grad_norm = None
-            if config.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            report.losses.append(loss.item())
-            done = step + 1
-            metrics_log.write({"step": done, "loss": loss.item(), "grad_norm": grad_norm, "learning_rate": lr,
-                               "epoch": done / batches_per_epoch})
-            if done % max(1, total // 10) == 0 or done == total:
-                log(f"train-prm: step {done}/{total} loss {loss.item():.4f}")
-            if config.save_every and done % config.save_every == 0 and done < total:
-                _save_checkpoint(model, optimizer, out, done, config)
-    finally:
-        metrics_log.close()
-    report.steps = total - first_step
-    tail = report.losses[-max(1, len(report.losses) // 10):]
-    report.loss = sum(tail) / len(tail) if tail else float("nan")
-
-    model.eval()
-    if config.lora and config.merge_lora:
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / PRM_FILE).write_text(json.dumps({
-        "plus": PLUS, "minus": MINUS, "label_token_ids": list(label_ids), "base_model": model_path,
-        "steps_mode": mode, "trained_steps": total, "config": asdict(config),
+def write_prm_file(output_dir: Path, *, label_ids: tuple[int, int], base_model: str, steps_mode: str, labels: str,
+                   trained_steps: int) -> None:
+    """OUTPUT_DIR/prm.json beside a trained PRM: its label strings and token ids, and how it was trained."""
+    (Path(output_dir) / PRM_FILE).write_text(json.dumps({
+        "plus": PLUS, "minus": MINUS, "label_token_ids": list(label_ids), "base_model": base_model,
+        "steps_mode": steps_mode, "labels": labels, "trained_steps": trained_steps,
     }, indent=2))
-    for old in checkpoints(out):  # the final model supersedes them
-        shutil.rmtree(old)
-    report.seconds = time.perf_counter() - start
-    return report
+
+
+def trained_steps_mode(model: str) -> str:
+    """What a step was for the PRM in directory `model` (its prm.json's `steps_mode`); 'turns' without one."""
+    path = Path(model) / PRM_FILE
+    return json.loads(path.read_text()).get("steps_mode", "turns") if path.is_file() else "turns"
 
 
 def load_prm(path: str, dtype: str = "auto"):
@@ -536,16 +413,16 @@ def load_prm(path: str, dtype: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mathagent.engines.hf import _pick_dtype
+    from mathagent.engines.hf import pick_dtype
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (Path(path) / "adapter_config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=_pick_dtype(dtype))
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_pick_dtype(dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
     except (OSError, ValueError) as e:
         raise UserError(f"--model {path!r}: cannot load: {e}") from None
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -38,6 +38,27 @@ def test_version_and_help_list_every_stage_option_with_its_default():
         assert option in run(["execute", "--help"]).stdout
 
 
+def test_the_training_commands_take_one_set_of_options_declared_once():
+    import dataclasses
+    import inspect
+
+    from mathagent import training
+    from mathagent.cli import TRAINING_OPTIONS, app
+
+    commands = {c.name: inspect.signature(c.callback).parameters for c in app.registered_commands
+                if c.name in ("train-mdpo", "train-sft", "train-prm")}
+    assert len(commands) == 3
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    assert set(TRAINING_OPTIONS) - {"input", "skip_invalid"} <= fields
+    for name, parameters in commands.items():
+        for option, (annotation, _) in TRAINING_OPTIONS.items():
+            assert parameters[option].annotation is annotation, (name, option)  # the one declaration
+        assert set(parameters) - set(TRAINING_OPTIONS) <= fields | {"steps", "eval_path"}, name
+    assert commands["train-prm"]["epochs"].default == commands["train-mdpo"]["epochs"].default == 1.0
+    assert commands["train-prm"]["max_length"].default == commands["train-sft"]["max_length"].default
+    assert commands["train-prm"]["lr_scheduler"].default == "constant_with_warmup"  # its constant rate, as before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
 def test_rollout_prints_n_trajectories_with_distinct_ids(backend, tiny_model):

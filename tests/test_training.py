@@ -155,6 +155,18 @@ def test_a_micro_batch_runs_in_groups_of_similar_length():
     assert [[lengths[i] for i in g] for g in groups] == [[481, 427], [384, 367], [300, 254], [151, 138]]
 
 
+def test_every_process_runs_as_many_forward_passes_as_the_one_with_the_most():
+    """Under DDP and FSDP a forward pass is a collective: a process whose micro-batch groups into fewer lengths
+    splits its largest group until it runs as many passes as the others (or the run hangs)."""
+    lengths = [481, 138, 254, 427, 151, 367, 300, 384]
+    assert training.forward_groups(lengths) == training.length_groups(lengths)
+    alone = training.forward_groups([200, 190, 180, 170, 100])
+    assert [len(g) for g in alone] == [4, 1]
+    groups = training.forward_groups([200, 190, 180, 170, 100], same_passes=lambda n: max(n, 4))
+    assert len(groups) == 4 and sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    assert [len(g) for g in groups] == [1, 1, 2, 1]
+
+
 def test_an_example_longer_than_max_length_is_dropped_and_counted_never_cut(tiny_model, tiny_tokenizer):
     lengths = [len(tokenize_conversation(tiny_tokenizer, p["prompt"] + p[side]).input_ids)
                for p in HAND_PAIRS for side in ("chosen", "rejected")]
@@ -171,6 +183,23 @@ def test_an_example_longer_than_max_length_is_dropped_and_counted_never_cut(tiny
     examples, report = training.encode_records(tiny_tokenizer, HAND_PAIRS, kto)
     assert all(len(e.sequences[0].input_ids) <= limit for e in examples) and len(examples) + report.too_long == 4
     assert training.TrainConfig(model="m", output_dir="o").max_length == DEFAULT_MAX_LENGTH
+
+
+def test_epochs_may_be_fractional_and_each_takes_whole_batches_in_its_own_seeded_order():
+    def plan(epochs, n=10, batch_size=3, max_steps=None):
+        config = training.TrainConfig(model="m", output_dir="o", epochs=epochs, batch_size=batch_size,
+                                      max_steps=max_steps)
+        return training.make_plan(n, config, world=1)
+
+    assert plan(1).steps_per_epoch == 3 and plan(1).total_steps == 3  # the 10th example waits for another epoch
+    assert plan(2).total_steps == 6 and plan(0.5).total_steps == 2 and plan(0.1).total_steps == 1
+    assert plan(0.3, n=10, batch_size=1).total_steps == 3  # not 4: 0.3 x 10 is 3.0000000000000004
+    assert plan(2, max_steps=5).total_steps == 5
+    first, second = plan(2).step(0)[0][0] + plan(2).step(1)[0][0] + plan(2).step(2)[0][0], plan(2).step(3)[0][0]
+    assert len(set(first)) == 9 and first[:3] != second
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(UserError, match="--epochs"):
+            training.TrainConfig(model="m", output_dir="o", epochs=bad).check()
 
 
 def test_an_m_kto_kl_partner_never_shares_the_prompt_of_its_example():

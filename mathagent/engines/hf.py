@@ -13,7 +13,7 @@ import time
 from mathagent.engines import Completion, EngineStats, Request, Sampling
 
 
-def _pick_dtype(dtype: str):
+def pick_dtype(dtype: str):
     import torch
 
     if dtype != "auto":
@@ -39,7 +39,7 @@ class HFEngine:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_pick_dtype(dtype)).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=pick_dtype(dtype)).to(self.device)
         if adapter is not None:
             from peft import PeftModel
 
