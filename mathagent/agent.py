@@ -87,12 +87,16 @@ def cut_after_code(text: str) -> str:
     return text[: match.end()] if match else text
 
 
-def pending_code(messages: Sequence[dict[str, str]]) -> str | None:
-    """The code of the last action if it still waits for its observation (and is not a final answer)."""
+def pending_code(messages: Sequence[dict[str, str]], markers: Markers = DEFAULT_MARKERS) -> str | None:
+    """The code of the last action if it still waits for its observation (and is not a final answer). In an
+    action that holds a self-evaluation, only the text after its last verdict counts (the revision under way)."""
     last = messages[-1]
-    if last["role"] != "assistant" or grading.extract_answer(last["content"]) is not None:
+    if last["role"] != "assistant":
         return None
-    return extract_code(last["content"])
+    content = correction.after_last_verdict(last["content"], markers)
+    if grading.extract_answer(content) is not None:
+        return None
+    return extract_code(content)
 
 
 def executed_cells(messages: Sequence[dict[str, str]]) -> tuple[str, ...]:
@@ -191,7 +195,8 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def execute_pending(
-    trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user", *, release: bool = False
+    trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user", *, release: bool = False,
+    markers: Markers = DEFAULT_MARKERS,
 ) -> int:
     """Run the pending code of every trajectory that has some, in one sandbox call, and append each output as
     an observation, with the cell's outcome (`records.observation_message`). Returns the number of cells run.
@@ -199,7 +204,7 @@ def execute_pending(
     so a chunk never holds more sessions (and their tmpfs) than it runs at once."""
     from mathagent.sandbox import Cell
 
-    todo = [(t, code) for t in trajectories if (code := pending_code(t["messages"])) is not None]
+    todo = [(t, code) for t in trajectories if (code := pending_code(t["messages"], markers)) is not None]
     if not todo:
         return 0
     cells = [Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code) for t, code in todo]
@@ -238,7 +243,7 @@ def run_agent(
         ended: list[dict[str, Any]] = []
         # 1. observations for the code of the last turn (or of the input)
         if config.execute:
-            report.executed = execute_pending(live, sandbox, config.observation_role)
+            report.executed = execute_pending(live, sandbox, config.observation_role, markers=config.markers)
         # 2. which trajectories act now
         acting = []
         for t in live:
@@ -254,7 +259,7 @@ def run_agent(
             report.seconds = engine.stats.seconds - seconds_before
             report.generated = len(acting)
             for t, completion in zip(acting, completions, strict=True):
-                if _take_action(t, completion):
+                if _take_action(t, completion, config.markers):
                     ended.append(t)
         for t in ended:
             _finish(t, sandbox, config)
@@ -272,6 +277,7 @@ def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:
     self-rewarding mode an answer is first judged by the model and a "wrong" one revised (`_self_reward`)."""
     msgs = t["messages"]
     last = msgs[-1]
+    content = last["content"]
     if config is not None and config.self_reward is not None and last["role"] == "assistant":
         move = _self_reward(t, config)
         if move == correction.END:
@@ -280,14 +286,15 @@ def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:
         if move is not None:
             t.pop("status", None)
             return False
+        content = correction.after_last_verdict(content, config.markers)  # a revision under way
     if last["role"] != "assistant":
         if len(actions(msgs)) >= H:
             t["status"] = MAX_TURNS
             return True
-    elif grading.extract_answer(last["content"]) is not None:
+    elif grading.extract_answer(content) is not None:
         t["status"] = ANSWERED
         return True
-    elif extract_code(last["content"]) is not None:  # pending code, left for `execute`
+    elif extract_code(content) is not None:  # pending code, left for `execute`
         t["status"] = TOOL_CALL
         return True
     elif t.get("status") != LENGTH:
@@ -306,12 +313,22 @@ def _self_reward(t: dict[str, Any], config: AgentConfig) -> str | None:
     if move not in (correction.VERIFY, correction.REVISE):
         return move
     msgs = t["messages"]
+    prefix = os.path.commonprefix([markers.correct, markers.wrong])
+    if move == correction.VERIFY:
+        # A verdict is asked for once per attempt: more requests than verdicts means the model was asked and
+        # wrote none (or wrote another answer instead), and the attempt stays unjudged.
+        if config.self_reward == "prompted":
+            asked = sum(m["role"] != "assistant" and m["content"] == markers.verify_prompt for m in msgs)
+        else:
+            asked = sum(m["content"].count(prefix.strip()) for m in msgs if m["role"] == "assistant")
+        judged = sum(a.verdict is not None for a in correction.parse_attempts(msgs, markers))
+        if asked > judged or (config.self_reward == "inline" and not prefix.strip()):
+            return correction.END
     if config.self_reward == "prompted":
         prompt = markers.verify_prompt if move == correction.VERIFY else markers.revise_prompt
         msgs.append({"role": "user", "content": prompt})
     elif move == correction.VERIFY:  # the model completes the verdict after its common prefix
-        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + "\n\n" + os.path.commonprefix(
-            [markers.correct, markers.wrong])
+        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + "\n\n" + prefix
     else:
         msgs[-1]["content"] = msgs[-1]["content"].rstrip() + " " + markers.cue + "\n"
     return move
@@ -322,15 +339,19 @@ def _request(t: dict[str, Any], engine: Engine, config: AgentConfig) -> Request:
     return Request(prompt_ids(engine.tokenizer, msgs), seed=request_seed(config.seed, t["id"], len(actions(msgs))))
 
 
-def _take_action(t: dict[str, Any], completion) -> bool:
+def _take_action(t: dict[str, Any], completion, markers: Markers = DEFAULT_MARKERS) -> bool:
     """Append the completion as the next action (or the rest of a cut one); True if that ends the trajectory
     for this run (cut by max_tokens with neither code nor answer: status `length`)."""
     msgs = t["messages"]
-    if msgs[-1]["role"] == "assistant":  # continuing a cut action
-        msgs[-1]["content"] = cut_after_code(msgs[-1]["content"] + completion.text)
+    if msgs[-1]["role"] == "assistant":  # continuing a cut action, or a self-evaluation within the action
+        old = msgs[-1]["content"]
+        # Only the new text is cut after its code: a block the action already holds (before an answer that
+        # is now being judged) must not cut off what comes after it.
+        msgs[-1]["content"] = old + cut_after_code(completion.text) if extract_code(old) else cut_after_code(
+            old + completion.text)
     else:
         msgs.append({"role": "assistant", "content": cut_after_code(completion.text)})
-    content = msgs[-1]["content"]
+    content = correction.after_last_verdict(msgs[-1]["content"], markers)
     if grading.extract_answer(content) is None and extract_code(content) is None and completion.finish_reason == "length":
         t["status"] = LENGTH  # ends this run; the next rollout continues the action
         return True
@@ -360,7 +381,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
         ended = []
         for key in ready:
             t = keyed[key]
-            code = pending_code(t["messages"]) if config.execute and sandbox is not None else None
+            code = pending_code(t["messages"], config.markers) if config.execute and sandbox is not None else None
             if code is not None:
                 cell = Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code)
                 cells[sandbox.submit(cell)] = key
@@ -382,7 +403,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             for key, completion in engine.step():
                 generating -= 1
                 report.generated += 1
-                ends = _take_action(keyed[key], completion)
+                ends = _take_action(keyed[key], completion, config.markers)
                 turn = max(turn, len(actions(keyed[key]["messages"])))
                 if ends:
                     ended.append(keyed[key])

@@ -96,6 +96,12 @@ def parse_attempts(messages: Sequence[dict[str, Any]], markers: Markers = DEFAUL
     return attempts
 
 
+def after_last_verdict(content: str, markers: Markers = DEFAULT_MARKERS) -> str:
+    """The part of an action after its last verdict (all of it when it has none): in a trained model's one
+    long message, the revision under way, whose code runs and whose answer counts, unlike the earlier ones."""
+    return markers.pattern().split(content)[-1]
+
+
 def judged(messages: Sequence[dict[str, Any]], markers: Markers = DEFAULT_MARKERS) -> bool:
     """Whether the trajectory holds a verdict of the model's, i.e. is one of this mode."""
     return any(a.verdict is not None for a in parse_attempts(messages, markers))

@@ -64,20 +64,26 @@ def _corpus(rng: random.Random) -> list[str]:
     return texts
 
 
-def _warm_up(model, tokenizer, steps: int, seed: int) -> None:
+WARMUPS = ("tool", "self-rewarding")
+
+
+def _warm_up(model, tokenizer, steps: int, seed: int, kind: str = "tool") -> None:
     """A few steps of next-token training on gold tool-integrated solutions of the synthetic arithmetic task,
-    so the model writes the agent's format (text, a python block, then \\boxed{}) instead of noise."""
+    so the model writes the agent's format (text, a python block, then \\boxed{}) instead of noise; with
+    `kind` "self-rewarding", on its self-rewarding demonstrations (answer, verdict, revision with the tool:
+    `arith.self_rewarding_demonstrations`) under the bare prompt."""
     import torch
 
     from mathagent.agent import PROMPTS
-    from mathagent.tasks.arith import gold_messages, make_problems
+    from mathagent.tasks.arith import gold_messages, make_problems, self_rewarding_demonstrations
 
     rng = random.Random(seed)
-    examples = [
-        tokenizer(tokenizer.apply_chat_template(gold_messages(p, PROMPTS["tool"]), tokenize=False),
-                  add_special_tokens=False)["input_ids"]
-        for p in make_problems(512, seed=seed + 1)
-    ]
+    if kind == "tool":
+        conversations = [gold_messages(p, PROMPTS["tool"]) for p in make_problems(512, seed=seed + 1)]
+    else:
+        conversations = [d["messages"] for d in self_rewarding_demonstrations(1024, seed + 1, PROMPTS["bare"])]
+    examples = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)["input_ids"]
+                for c in conversations]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     for _ in range(steps):
@@ -95,12 +101,13 @@ def _warm_up(model, tokenizer, steps: int, seed: int) -> None:
 
 
 def build_tiny_model(
-    out_dir: str | os.PathLike, *, seed: int = 0, vocab_size: int = 1024, warmup_steps: int = 0
+    out_dir: str | os.PathLike, *, seed: int = 0, vocab_size: int = 1024, warmup_steps: int = 0, warmup: str = "tool"
 ) -> Path:
     """Build the tiny model into `out_dir` (created; replaced atomically if it exists) and return its path.
 
     With `warmup_steps`, it is first trained that many steps on the synthetic task's gold solutions
     (`mathagent.tasks.arith`): it then writes multi-turn tool-integrated actions, though rarely right ones.
+    `warmup="self-rewarding"` trains on the task's self-rewarding demonstrations instead (`_warm_up`).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -150,7 +157,7 @@ def build_tiny_model(
     )
     model = LlamaForCausalLM(config)
     if warmup_steps:
-        _warm_up(model, tokenizer, warmup_steps, seed)
+        _warm_up(model, tokenizer, warmup_steps, seed, warmup)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -161,7 +168,8 @@ def build_tiny_model(
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "mathagent_tiny.json").write_text(
-        json.dumps({"version": TINY_VERSION, "seed": seed, "warmup_steps": warmup_steps})
+        json.dumps({"version": TINY_VERSION, "seed": seed, "warmup_steps": warmup_steps,
+                    **({"warmup": warmup} if warmup != "tool" else {})})
     )
     if out.exists():
         shutil.rmtree(out)

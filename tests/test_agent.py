@@ -263,3 +263,36 @@ def test_a_model_that_never_judges_keeps_its_answer_and_is_stopped(scripted, san
     t = trajectories[0]
     assert (t["status"], t["pred"], t["correct"]) == ("stopped", "42", True)
     assert t["attempts"] == [{"index": 0, "answer": "42", "verdict": None, "correct": True}]
+
+
+def test_an_inline_model_asked_once_for_a_verdict_that_writes_none_ends_unjudged(scripted):
+    engine = scripted(lambda state, outputs: "not sure" if state.endswith("[VERIFY] ") else "It is \\boxed{42}")
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    run_agent(trajectories, engine, None, AgentConfig(self_reward="inline", execute=False))
+    t = trajectories[0]
+    assert t["messages"][-1]["content"] == "It is \\boxed{42}\n\n[VERIFY] not sure"
+    assert engine.stats.calls == 2
+    assert (t["status"], t["pred"], t["correct"]) == ("answered", "42", True)
+    assert t["attempts"] == [{"index": 0, "answer": "42", "verdict": None, "correct": True}]
+
+
+def test_an_inline_verdict_after_an_action_that_holds_code_and_an_answer_is_kept_and_ends_the_trajectory(scripted):
+    # A stray block after the answer: the verdict request and its completion go after it, not cut away.
+    engine = scripted(lambda state, outputs: "correct." if state.endswith("[VERIFY] ")
+                      else "\\boxed{42}\n```python\nprint(1)\n```")
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    run_agent(trajectories, engine, None, AgentConfig(self_reward="inline", execute=False))
+    t = trajectories[0]
+    assert t["messages"][-1]["content"] == "\\boxed{42}\n```python\nprint(1)\n```\n\n[VERIFY] correct."
+    assert engine.stats.calls == 2 and t["status"] == "answered"
+    assert t["attempts"] == [{"index": 0, "answer": "42", "verdict": "correct", "correct": True}]
+
+
+@pytest.mark.parametrize("mode", ["prompted", "inline"])
+def test_a_model_that_answers_again_instead_of_judging_is_asked_for_a_verdict_only_once(scripted, mode):
+    engine = scripted(lambda state, outputs: "\\boxed{7}")  # never a verdict, always another answer
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    run_agent(trajectories, engine, None, AgentConfig(self_reward=mode, execute=False, max_revisions=3))
+    t = trajectories[0]
+    assert engine.stats.calls == 2 and t["status"] == "answered"
+    assert [a["verdict"] for a in t["attempts"]] == [None] * len(t["attempts"])

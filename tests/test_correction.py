@@ -202,3 +202,44 @@ def test_the_verdict_reward_adds_the_mean_faithfulness_of_the_verdicts_to_the_fi
             weighted = grade_trajectory(trajectory("p", "x", text), grader, verdict_reward=0.5)
             assert plain["reward"] == r1
             assert weighted["reward"] == pytest.approx(r1 + 0.5 * (term or 0.0))
+
+
+@pytest.mark.slow
+def test_a_tiny_model_warm_started_on_self_rewarding_demonstrations_judges_and_revises_in_rollout(tmp_path):
+    """The embedded task's demonstrations (in-head slips judged wrong and corrected with the tool) teach the
+    tiny model the format; a sampled inline rollout then writes verdicts, runs revisions with the tool, and
+    every stage parses them: attempts, grading, evaluate's correction table, make-pairs."""
+    import json
+    import subprocess
+    import sys
+
+    from mathagent.tasks.arith import make_problems
+    from mathagent.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", seed=0, warmup_steps=300, warmup="self-rewarding")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in make_problems(16, seed=7, split="heldout")))
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        proc = subprocess.run([sys.executable, "-m", "mathagent.cli", *args], input=stdin, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    rollout = run("rollout", str(problems), "--model", str(model), "--backend", "hf", "--prompt", "bare",
+                  "--self-reward", "inline", "--max-revisions", "2", "--temperature", "1", "--n", "2", "--seed", "0",
+                  "--max-tokens", "96")
+    records = [json.loads(line) for line in rollout.splitlines()]
+    judged_records = [r for r in records if r.get("attempts") and r["attempts"][0]["verdict"] is not None]
+    revised = [r for r in records if len(r.get("attempts", [])) > 1]
+    assert len(judged_records) >= len(records) // 2  # the format is learned: most trajectories hold a verdict
+    assert revised, "no trajectory revised an answer it judged wrong"
+    for r in revised:
+        assert r["attempts"][0]["verdict"] == "wrong"
+        assert any("```output" in m["content"] for m in r["messages"])  # the revision used the tool
+        assert r["pred"] == r["attempts"][-1]["answer"]
+    summary = json.loads(run("evaluate", stdin=rollout))
+    assert summary["correction"]["trajectories"] == len([r for r in records if r.get("attempts")])
+    assert summary["correction"]["revisions_mean"] > 0
+    pairs = run("make-pairs", "--reward-threshold", "-0.75", "--keep-unfinished", stdin=rollout)
+    assert all(json.loads(line)["prompt"][0]["role"] == "user" for line in pairs.splitlines())
