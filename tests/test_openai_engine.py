@@ -22,7 +22,7 @@ class ScriptedServer:
     """An OpenAI-style endpoint serving the model `name`: each completion request gets the next status of
     `statuses` (then 200 for good); a 200 echoes how many prompt tokens came, and costs 3 tokens."""
 
-    def __init__(self, statuses=(), name="served-tiny"):
+    def __init__(self, statuses=(), name="served-tiny", idle_timeout=None):
         self.statuses = list(statuses)
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
@@ -30,6 +30,7 @@ class ScriptedServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = idle_timeout  # a kept-alive connection idle this long is closed, as uvicorn does after 5 s
 
             def log_message(self, *args):
                 pass
@@ -114,6 +115,21 @@ def test_transient_errors_are_retried_and_a_server_that_went_down_is_passed_over
     engine.close()
     assert [c.text for c in again] == [f"saw {len(ids)} tokens"] * 8
     assert len(steady.bodies) == 8 and not failing.bodies
+
+
+def test_a_kept_alive_connection_the_server_closed_while_idle_is_reopened_without_a_back_off(servers, tiny_model):
+    import time
+
+    server = servers(idle_timeout=0.2)
+    engine = open_engine("openai", tiny_model, base_urls=[server.url], concurrency=1)
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Find x."}])
+    engine.generate([Request(ids, seed=1)], Sampling(max_tokens=4))
+    time.sleep(0.5)  # the server has closed the connection by now
+    start = time.monotonic()
+    again = engine.generate([Request(ids, seed=2)], Sampling(max_tokens=4))
+    engine.close()
+    assert again[0].text == f"saw {len(ids)} tokens"
+    assert time.monotonic() - start < 0.2 and engine.servers[0].failures == 0 and len(server.bodies) == 2
 
 
 def test_a_server_that_keeps_failing_is_named_after_the_last_try(servers, tiny_model):

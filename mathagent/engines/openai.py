@@ -125,26 +125,26 @@ class OpenAIEngine:
                             + "; ".join(f"{url}: {name}" for url, name in picked.items()))
         return next(iter(picked.values()))
 
-    def _connection(self, server: _Server, timeout: float) -> http.client.HTTPConnection:
-        connections = self._local.__dict__.setdefault("connections", {})
-        if server.url not in connections:
-            connections[server.url] = server.connect(timeout)
-        connection = connections[server.url]
-        connection.timeout = timeout
-        return connection
-
     def _call(self, server: _Server, method: str, path: str, body: dict | None, *, timeout: float) -> dict:
         """One HTTP exchange; `_Transient` for what may pass, `UserError` for what will not."""
-        connection = self._connection(server, timeout)
-        try:
-            connection.request(method, server.parts.path + path, body=None if body is None else json.dumps(body),
-                               headers=self.headers)
-            response = connection.getresponse()
-            payload = response.read()
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut off
-            connection.close()
-            self._local.connections.pop(server.url, None)
-            raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+        connections = self._local.__dict__.setdefault("connections", {})
+        data = None if body is None else json.dumps(body)
+        while True:
+            reused = server.url in connections
+            if not reused:
+                connections[server.url] = server.connect(timeout)
+            connection = connections[server.url]
+            try:
+                connection.request(method, server.parts.path + path, body=data, headers=self.headers)
+                response = connection.getresponse()
+                payload = response.read()
+                break
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut off
+                connection.close()
+                del connections[server.url]
+                if reused and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                    continue  # a kept-alive connection the server closed while idle: again on a new one, at once
+                raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
         if response.status in TRANSIENT_STATUS:
             raise _Transient(f"HTTP {response.status}: {payload[:300].decode('utf-8', 'replace')}")
         if response.status != 200:
