@@ -690,6 +690,9 @@ def mc_label(
     prompt: Annotated[str | None, typer.Option("--prompt", help="Continue under this prompt instead of each trajectory's own first user message: 'tool', 'cot', or a file with a {question} placeholder (needs the field 'question'). Default: the trajectory's own.")] = None,
     steps: StepsOpt = "turns",
     schedule: ScheduleOpt = "turns",
+    self_reward: Annotated[str | None, typer.Option("--self-reward", help="Continue self-rewarding trajectories in their mode (prompted or inline, as rollout --self-reward): completions are judged and revised, and graded on their final answer.")] = None,
+    max_revisions: Annotated[int, typer.Option("--max-revisions", help="R of the completions (with --self-reward).")] = 1,
+    verdicts: Annotated[str, typer.Option("--verdicts", help="The two verdict strings, CORRECT|WRONG (with --self-reward).")] = f"{DEFAULT_MARKERS.correct}|{DEFAULT_MARKERS.wrong}",
     q: Annotated[str, typer.Option("--q", help="The soft label 'q': mean (Q-hat, the fraction of correct completions) or soft-optimal (Q* = eta log mean exp(u/eta), the talk's KL-regularised value; eta -> infinity gives the mean, eta -> 0 the hard label).")] = "mean",
     eta: Annotated[float, typer.Option("--eta", help="eta of --q soft-optimal (the KL coefficient).")] = 1.0,
     format: Annotated[str, typer.Option("--format", help="records: every input trajectory with 'steps' added; prm: PRM training chats (user = step, assistant = '+'/'-') with 'labels' and soft labels 'q'.")] = "records",
@@ -741,7 +744,9 @@ def mc_label(
             finished = {r["id"]: r for r in read_finished(output)}
             console.print(f"resume: {sum(r['id'] in finished for r in records)} of {len(records)} trajectories already done", highlight=False)
         config = agent.AgentConfig(max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                   seed=seed, observation_role=observation_role, schedule=schedule)
+                                   seed=seed, observation_role=observation_role, schedule=schedule,
+                                   self_reward=self_reward, max_revisions=max_revisions,
+                                   markers=_markers(self_reward, max_revisions, verdicts, DEFAULT_MARKERS.cue, None, None))
         todo = [r for r in records if r["id"] not in finished]
         step_counts = [len(labeling.split_steps(r["messages"], steps)) for r in todo]
         needs_engine = any(count > 1 for count in step_counts)

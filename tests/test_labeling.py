@@ -291,3 +291,34 @@ def test_mc_label_refuses_an_ungraded_trajectory_with_its_line():
     proc = mathagent(["mc-label"], json.dumps(ungraded) + "\n", check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: <stdin>:1: missing required field 'correct'")
+
+
+def test_self_rewarding_completions_are_judged_revised_and_graded_on_their_final_answer(scripted, sandbox):
+    """A prompted self-rewarding trajectory's steps: with --self-reward the completions of a step go on through
+    verdicts and revisions as the rollout did, so Q-hat is the chance that the final answer is right."""
+    from mathagent.correction import DEFAULT_MARKERS
+
+    verify, revise = DEFAULT_MARKERS.verify_prompt, DEFAULT_MARKERS.revise_prompt
+
+    def judges_then_revises(state, outputs):
+        asked = state.rsplit("<|im_start|>user\n", 1)[-1]
+        if asked.startswith(verify[:20]):
+            return "[VERIFY] correct." if state.count("\\boxed") >= 2 else "[VERIFY] wrong."
+        if asked.startswith(revise[:20]):
+            return "\\boxed{42}"
+        return "\\boxed{48}"
+
+    messages = [{"role": "user", "content": "6 * 7?"}, {"role": "assistant", "content": "\\boxed{48}"},
+                {"role": "user", "content": verify}, {"role": "assistant", "content": "[VERIFY] wrong."},
+                {"role": "user", "content": revise}, {"role": "assistant", "content": "\\boxed{42}"},
+                {"role": "user", "content": verify}, {"role": "assistant", "content": "[VERIFY] correct."}]
+    labels = {}
+    for mode in (None, "prompted"):
+        t = {"id": "t", "problem_id": "p", "question": "6 * 7?", "answer": "42", "messages": [dict(m) for m in messages],
+             "correct": True}
+        label_trajectories([t], scripted(judges_then_revises), sandbox, AgentConfig(self_reward=mode), m=2)
+        labels[mode] = [s["q"] for s in t["steps"]]
+    # From the first step's prefix (48, then asked for a verdict): the completion says "wrong"; only in the
+    # self-rewarding mode is it then asked to revise, and its final answer, 42, is right.
+    assert labels["prompted"][:3] == [1.0, 1.0, 1.0]
+    assert labels[None][:3] == [0.0, 1.0, 1.0]  # without it the first step's completions stop at "wrong"
