@@ -17,6 +17,7 @@ The paper's metrics, over trajectories with a reference answer, c_j = 1[y_j is c
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +52,10 @@ class Markers:
         "Let's correct it step by step: rewrite the solution and put your final answer within \\boxed{}."
     )
 
+    @functools.cached_property
     def pattern(self) -> re.Pattern:
+        """The two verdicts as one regex (groups `correct`, `wrong`), built once per Markers: every action of
+        every rollout is read with it (`agent.pending_code`)."""
         def flexible(text: str) -> str:  # any run of whitespace where the marker has a space
             return r"\s+".join(re.escape(part) for part in text.split())
 
@@ -73,7 +77,7 @@ def parse_attempts(messages: Sequence[dict[str, Any]], markers: Markers = DEFAUL
     """The attempts of a trajectory, in order, from its assistant messages read as one stream: each verdict
     closes an attempt; an answer after the last verdict opens one not yet judged. Observations (code output)
     and user turns in between are not the model's and are not read."""
-    pattern = markers.pattern()
+    pattern = markers.pattern
     attempts: list[Attempt] = []
     answer: str | None = None
     last = -1
@@ -99,7 +103,7 @@ def parse_attempts(messages: Sequence[dict[str, Any]], markers: Markers = DEFAUL
 def after_last_verdict(content: str, markers: Markers = DEFAULT_MARKERS) -> str:
     """The part of an action after its last verdict (all of it when it has none): in a trained model's one
     long message, the revision under way, whose code runs and whose answer counts, unlike the earlier ones."""
-    return markers.pattern().split(content)[-1]
+    return markers.pattern.split(content)[-1]
 
 
 def judged(messages: Sequence[dict[str, Any]], markers: Markers = DEFAULT_MARKERS) -> bool:
@@ -122,7 +126,7 @@ def next_move(messages: Sequence[dict[str, Any]], max_revisions: int,
         return VERIFY
     if last.verdict == WRONG and last.index < max_revisions:
         # A trained model goes on with its revision in the same message: then the agent's rules apply.
-        tail = markers.pattern().split(messages[-1]["content"])[-1]
+        tail = markers.pattern.split(messages[-1]["content"])[-1]
         return None if re.search(r"\w", tail) else REVISE
     return END
 
@@ -281,7 +285,7 @@ def build_pairs(demonstrations: Sequence[dict[str, Any]], *, markers: Markers = 
         prompt, response = split_prompt(d["messages"])
         by_prompt.setdefault((str(d["problem_id"]), messages_key(prompt)), []).append(d)
         for k, m in enumerate(response):  # the first attempt ends where its verdict starts
-            found = markers.pattern().search(m["content"]) if m["role"] == "assistant" else None
+            found = markers.pattern.search(m["content"]) if m["role"] == "assistant" else None
             if found:
                 head = response[:k] + [{**m, "content": m["content"][: found.start()].rstrip()}]
                 break

@@ -43,7 +43,7 @@ class _Transient(Exception):
 class _Server:
     """One endpoint: its address, requests in flight, and until when it is passed over after a failure."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, concurrency: int):
         url = base_url.rstrip("/")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -53,7 +53,7 @@ class _Server:
         self.in_flight = 0
         self.failures = 0  # in a row
         self.down_until = 0.0
-        self.slots = threading.Semaphore(1)  # replaced by the engine with its concurrency limit
+        self.slots = threading.Semaphore(concurrency)  # requests in flight to this server at most
 
     def connect(self, timeout: float) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
@@ -78,9 +78,7 @@ class OpenAIEngine:
             raise UserError("--backend openai needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
         if concurrency < 1 or retries < 1:
             raise UserError("--concurrency and the number of tries must be at least 1")
-        self.servers = [_Server(url) for url in base_urls]
-        for server in self.servers:
-            server.slots = threading.Semaphore(concurrency)
+        self.servers = [_Server(url, concurrency) for url in base_urls]
         self.retries = retries
         self.request_timeout = request_timeout
         self.headers = {"Content-Type": "application/json"}
