@@ -260,19 +260,21 @@ def test_killing_the_parent_process_does_not_take_the_session_down(sandbox):
     t("survivor = 'still here'")
     result = t(f"""
         import os, signal
-        os.kill(os.getppid(), signal.SIGKILL)
-        for pid in (1, {os.getpid()}, {sandbox._zygote.pid}):
+        for pid in (os.getppid(), 1, {os.getpid()}, {sandbox._zygote.pid}):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError as e:
                 print(type(e).__name__)
-        os.kill(-1, signal.SIGKILL)
+        try:
+            os.kill(-1, signal.SIGKILL)  # every process the cell may signal; ESRCH where there is none
+        except OSError as e:
+            print(type(e).__name__)
         print('alive')
     """)
     assert result.status == "ok" and result.output.endswith("alive")
     assert t("survivor").output == "'still here'"
-    # Killing the parent, then dying, loses the checkpoint: the session starts again from its history.
-    t("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos._exit(1)")
+    # Trying to kill the parent, then dying, loses the state: the session starts again from its history.
+    t("import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError:\n    pass\nos._exit(1)")
     assert_still_works(sandbox, t)
 
 

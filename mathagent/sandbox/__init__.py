@@ -14,15 +14,15 @@ Model-written code is hostile, so it never runs in the caller's process. The pro
     zygote Z (imports sympy, numpy once) --fork--> launcher --fork--> supervisor S, one per trajectory
     caller threads <------------- socket ---------------------------> S: root, pid 1 of its own pid,
                                                                       network and mount namespaces
-                                          holder: the namespace, a uid of its own <--fork-- S
-                      the next cell's process, forked ahead of time <--fork-- holder
+                                 holder: the namespace, a uid of its own, runs the cells <--fork-- S
 
-Every cell runs in a fresh fork of the process that holds the trajectory's state (the "holder"). When the cell
-finishes, its process becomes the new holder and S kills everything else in the trajectory's pid namespace:
-the old holder, and whatever the cell started, daemons that double-forked and called setsid included. When
-the cell times out or its process dies, S kills the cell's process instead and the old holder stays: the
-cell leaves no trace in the state (files it wrote stay). Cells that merely raise keep their partial effects,
-as in a notebook. A session that is lost is rebuilt by replaying the trajectory's earlier cells (`client`).
+Cells run in the process that holds the trajectory's state (the "holder"), one after another, with no fork
+per cell. When a cell finishes, S kills everything else in the trajectory's pid namespace: whatever the cell
+started, daemons that double-forked and called setsid included. When the cell times out, its process dies or
+it goes over its memory budget, S kills the holder with everything in the namespace, starts a new holder,
+and the caller rebuilds the state by replaying the trajectory's earlier cells without the failed one
+(`client`): the cell leaves no trace in the state (files it wrote stay). Cells that merely raise keep their
+partial effects, as in a notebook. A session that is lost is rebuilt the same way.
 
 Statuses of a CellResult:
     ok       the cell ran to its end
@@ -46,9 +46,9 @@ What it does not cover:
 - a weaker fallback where the OS refuses a mechanism (a container without CAP_SYS_ADMIN, not root): without a
   network namespace an audit hook refuses Python's own sockets only (ctypes or a subprocess get past it),
   without a mount namespace the host's files are protected by their permissions alone (docs/sandbox.md);
-- memory, at its edges: the polled budget (no writable memory cgroup) can be passed between two looks, and a
-  cell that lowers its OOM score may get its checkpoint stopped instead of itself (the session is replayed);
-- replay: a rebuilt session equals the lost one only if the cells are deterministic (a random draw is not).
+- memory, at its edges: the polled budget (no writable memory cgroup) can be passed between two looks;
+- replay: a state rebuilt after a failed cell or a lost session equals the one before only if its cells are
+  deterministic (a random draw is not).
 
 The modules, by process: `client` (the caller's: `Sandbox`, its sessions and their sockets), `supervisor`
 (the zygote, the launchers, S), `jail` (namespaces, mounts, uid and rlimits, memory budgets), `cell` (the

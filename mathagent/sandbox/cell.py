@@ -1,16 +1,17 @@
-"""The cell runner: the holder of a trajectory's state, and a cell run in a fork of it like a notebook cell.
+"""The cell runner: the holder of a trajectory's state, which runs each cell in its namespace like a
+notebook cell.
 
-A holder keeps the trajectory's Python namespace; for each cell it forks a process (ahead of time, while the
-model writes the cell) that runs the code in a copy of that namespace. A trailing bare expression is echoed
-(`x = 2\\nx+1` prints `3`, a trailing `;` hides it, as in Jupyter); an error shows the exception line after
-the last TRACEBACK_FRAMES frames of the cells, none of the harness. SIGALRM (wall clock) and SIGXCPU (the
-RLIMIT_CPU) raise inside the cell. If the supervisor keeps the result, the cell's process is the next
-holder; otherwise the holder, waiting, reports how the cell's process died.
+A holder keeps the trajectory's Python namespace and runs the cells in it, in its own process: no fork per
+cell (a fork of a process with sympy loaded, and its exit, cost ~5 ms of CPU each, more than the cells of a
+math agent take). A trailing bare expression is echoed (`x = 2\\nx+1` prints `3`, a trailing `;` hides it, as
+in Jupyter); an error shows the exception line after the last TRACEBACK_FRAMES frames of the cells, none of
+the harness. SIGALRM (wall clock) and SIGPROF (CPU time) raise inside the cell. A cell whose result the
+supervisor does not keep (a timeout, a death) ends the holder: the supervisor starts a new one and the caller
+replays the kept cells.
 
-The chain talks to its supervisor in JSON messages on two SEQPACKET sockets: commands in ("prefork", "run"),
-and out "started", "result" (a status of STATUSES and the error text) and "died" (`died`). A cell can write
-to the results socket too, so the supervisor goes by the sender's pid as the kernel reports it and drops what
-does not parse.
+The holder talks to its supervisor in JSON messages on two SEQPACKET sockets: commands in ("run"), and out
+"started" and "result" (a status of STATUSES and the error text). A cell can write to the results socket
+too, so the supervisor goes by the sender's pid as the kernel reports it and drops what does not parse.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import builtins
 import errno
 import json
 import linecache
+import math
 import os
 import resource
 import signal
 import socket
 import sys
-import time
 import traceback
 from typing import TYPE_CHECKING
 
@@ -58,16 +59,17 @@ def died(pid: int, status: int | None) -> dict:
 
 
 class _CellTimeout(BaseException):
-    """Raised into a cell by SIGALRM (wall clock) or SIGXCPU (CPU time); a BaseException so that a cell's
+    """Raised into a cell by SIGALRM (wall clock) or SIGPROF (CPU time); a BaseException so that a cell's
     `except Exception` does not swallow it."""
 
 
 class Holder:
-    """A process of the chain: it holds a trajectory's namespace and forks a child for each cell."""
+    """The process that holds a trajectory's namespace and runs its cells."""
 
     def __init__(self, supervisor: Supervisor, commands: socket.socket, results: socket.socket):
         self.commands, self.results = commands, results
         self.timeout = supervisor.timeout
+        self.cpu_limit = math.ceil(self.timeout) + 1  # seconds of CPU a cell's threads may use together
         self.cap = supervisor.cap
         self.namespace = {"__name__": "__main__", "__builtins__": builtins}
         self.in_cell = False
@@ -82,7 +84,7 @@ class Holder:
             os.nice(PolledBudget.NICE)
         drop_privileges(supervisor.config, supervisor.uid, supervisor.isolation)
         signal.signal(signal.SIGALRM, self._on_limit)
-        signal.signal(signal.SIGXCPU, self._on_limit)
+        signal.signal(signal.SIGPROF, self._on_limit)
 
     def _on_limit(self, signum, frame):
         if self.in_cell:
@@ -100,52 +102,11 @@ class Holder:
             command = receive()
             if command["kind"] == "exit":
                 os._exit(0)  # the supervisor is gone
-            # Not dumpable, from before the fork: the checkpoint's memory is out of reach of the cell (same uid)
-            # through /proc/PID/mem or ptrace. The cell's own process is dumpable, to read its /proc/self.
-            prctl(PR_SET_DUMPABLE, 0)
-            pid = self._fork()
-            if pid == 0:
-                prctl(PR_SET_DUMPABLE, 1)
-                if self.oom_scores:
-                    set_oom_score(MemoryCgroup.OOM_SCORE_CELL)
-                if command["kind"] == "prefork":  # forked ahead of time: now wait for the cell
-                    self._warm_up()
-                    command = receive()
-                    if command["kind"] != "run":
-                        os._exit(0)
-                self._run(command)  # this process is the new holder, if the supervisor keeps it
-                continue
-            # A checkpoint until the cell's process dies; killed instead if the cell's process takes over.
-            status = None
-            try:
-                _, status = os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-            self._send(died(pid, status))
-
-    def _fork(self) -> int:
-        # The processes a cell left were killed, but until reaped they count against RLIMIT_NPROC.
-        for attempt in range(100):
-            reap()
-            try:
-                return os.fork()
-            except BlockingIOError:
-                time.sleep(0.01)
-        return os.fork()
-
-    def _warm_up(self) -> None:
-        """After the fork every page is shared copy-on-write with the holder, and the first write to each
-        costs a page copy (a few microseconds in a VM, hundreds of them per cell). Take those copies now,
-        while nobody waits: freeze what the collector tracks (or its first pass writes to every object)
-        and go once through the path a cell takes."""
-        import gc
-
-        gc.freeze()
-        json.loads(json.dumps({"seq": 0, "kind": "result", "status": "ok", "error": "", "code": "None"}))
-        out = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-        _execute("None", "<warm-up>", {"__builtins__": builtins}, self)
-        out.close()
-        linecache.cache.pop("<warm-up>", None)
+            if command["kind"] == "run":
+                # What an earlier cell started was killed by the supervisor; until reaped it counts against
+                # RLIMIT_NPROC.
+                reap()
+                self._run(command)
 
     def _send(self, message: dict) -> None:
         try:
@@ -156,6 +117,11 @@ class Holder:
     def _run(self, command: dict) -> None:
         seq, code, index = command["seq"], command["code"], command["index"]
         self._send({"seq": seq, "kind": "started"})
+        # Dumpable while the cell runs, so that it reads its own /proc/self; an OOM kill in the session takes
+        # the cell's processes first (their state is rebuilt by replay either way, see `supervisor`).
+        prctl(PR_SET_DUMPABLE, 1)
+        if self.oom_scores:
+            set_oom_score(MemoryCgroup.OOM_SCORE_CELL)
         os.dup2(self.printed, 1)  # an earlier cell may have closed or redirected them
         os.dup2(self.printed, 2)
         # Line-buffered, so that print()s and what subprocesses write straight to fd 1 keep their order.
@@ -163,9 +129,9 @@ class Holder:
         sys.stdout = sys.stderr = out
         sys.stdin = open(0, encoding="utf-8", closefd=False)
         status, error = _execute(code, f"<cell {index}>", self.namespace, self)
-        if self.oom_scores:  # this process may be the next holder (while still dumpable: /proc/self is ours)
+        if self.oom_scores:  # while still dumpable: /proc/self is ours
             set_oom_score(MemoryCgroup.OOM_SCORE_HOLDER)
-        prctl(PR_SET_DUMPABLE, 0)  # this process may be the next holder: nothing the cell left may write it
+        prctl(PR_SET_DUMPABLE, 0)  # until the supervisor has killed them, nothing the cell left may write us
         try:
             out.flush()
         except OSError as e:
@@ -209,6 +175,7 @@ def _execute(code: str, filename: str, namespace: dict, holder: Holder) -> tuple
     try:
         try:
             signal.setitimer(signal.ITIMER_REAL, holder.timeout)
+            signal.setitimer(signal.ITIMER_PROF, holder.cpu_limit)
             holder.in_cell = True
             linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
             tree = ast.parse(code, filename, "exec")
@@ -222,12 +189,12 @@ def _execute(code: str, filename: str, namespace: dict, holder: Holder) -> tuple
         finally:
             holder.in_cell = False
             signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_PROF, 0)
             if os.getpid() != me:  # a process the cell forked ran off its end: it must not act as us
                 os._exit(0)
     except _CellTimeout as e:
-        if e.args[0] == signal.SIGXCPU:
-            limit = resource.getrlimit(resource.RLIMIT_CPU)[0]
-            return "timeout", f"TimeoutError: the cell used more than {limit} s of CPU time"
+        if e.args[0] == signal.SIGPROF:
+            return "timeout", f"TimeoutError: the cell used more than {holder.cpu_limit} s of CPU time"
         return "timeout", f"TimeoutError: the cell ran longer than {holder.timeout:g} s"
     except MemoryError as e:
         return "memory", _format_error(e) if str(e) else (

@@ -230,7 +230,7 @@ class Sandbox:
                 record.ran = history + [cell.code]
                 if not reply["kept"]:
                     record.rolled_back.add(len(history))
-                if reply.get("lost"):  # the cell killed its own checkpoint and then died
+                if reply.get("lost"):  # the cell failed and took the holder's state with it: replay next time
                     record.ran = []
                 with self._lock:
                     self.stats["cells"] += 1

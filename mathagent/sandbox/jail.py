@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import math
 import os
 import resource
 import signal
@@ -237,9 +236,7 @@ def drop_privileges(config: dict, uid: int, isolation: dict) -> None:
         (resource.RLIMIT_NPROC, config["max_processes"]),
         (resource.RLIMIT_NOFILE, 256),
         (resource.RLIMIT_CORE, 0),
-        # Each process of the chain runs one cell, so a per-process CPU limit is a per-cell one.
-        (resource.RLIMIT_CPU, math.ceil(config["timeout"]) + 1),
-    )
+    )  # CPU: a timer per cell in the holder (cell.Holder), whose process runs every cell of the session
     if isolation["uid"] is not None:
         # A uid of its own per session: it cannot write what it does not own, cannot signal or trace
         # the caller, and RLIMIT_NPROC (not enforced for root) counts this trajectory's processes only.
@@ -259,7 +256,7 @@ def drop_privileges(config: dict, uid: int, isolation: dict) -> None:
     for which, value in limits:
         _, hard = resource.getrlimit(which)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value if which != resource.RLIMIT_CPU else value + 1))
+        resource.setrlimit(which, (value, value))
     if isolation["network"].startswith("blocked by an audit hook"):
         sys.addaudithook(_no_network)
 
@@ -277,8 +274,7 @@ def _no_network(event: str, args: tuple) -> None:
 class MemoryCgroup:
     """One session's memory budget as a kernel memory cgroup: every process of the holder chain, whatever
     it forks, its memfds and the files it writes to its tmpfs are charged to one counter, and past the limit
-    the kernel's OOM killer stops a process of the session (a cell before its checkpoint, see `join`), not
-    the machine.
+    the kernel's OOM killer stops a process of the session, not the machine.
 
     Made by the launcher before it enters the session's mount namespace, where every mount is read-only
     afterwards: the files it needs later are opened now, through the host's mounts."""
@@ -315,8 +311,8 @@ class MemoryCgroup:
 
     def join(self) -> None:
         """Move the calling process (a new holder, still root) into the cgroup; its descendants follow.
-        Its OOM score is set as root too, which makes it the lowest a process of the chain may set itself:
-        a cell raises its own (`OOM_SCORE_CELL`), so the kernel stops a cell before its checkpoint."""
+        Its OOM score is set as root too, which makes it the lowest a process of the session may set itself;
+        while a cell runs the holder raises it (`OOM_SCORE_CELL`), and what the cell starts inherits that."""
         os.write(self.procs, b"0")
         set_oom_score(self.OOM_SCORE_HOLDER)
 

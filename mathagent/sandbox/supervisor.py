@@ -255,14 +255,6 @@ class Supervisor:
         chain_results.close()
         self.commands, self.results, self.holder = commands, results, pid
 
-    def _prefork(self) -> None:
-        """Have the holder fork the process of the next cell now, while the model writes it, so that the
-        fork (~5 ms for a process with sympy loaded) is not paid while the caller waits."""
-        try:
-            self.commands.send(b'{"kind": "prefork"}')
-        except OSError:
-            pass  # the chain is gone; the next cell finds out and starts a new one
-
     def _processes(self) -> dict[int, tuple[int, bool]]:
         """pid -> (parent pid, alive) for every process under us (in a pid namespace: all of /proc). A
         zombie, or a process already in exit() (it may have closed its files but not yet be a zombie), is
@@ -309,7 +301,6 @@ class Supervisor:
     # -- serving the caller --------------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self._prefork()
         while True:
             header = self._read(FRAME.size)
             if header is None:
@@ -317,7 +308,6 @@ class Supervisor:
             request = json.loads(self._read(FRAME.unpack(header)[0]))
             if request["reset"]:
                 self._start_chain()
-                self._prefork()
             for cell in request["cells"]:
                 reply = self._run(cell["code"], cell["index"])
                 if not cell["output"]:
@@ -340,7 +330,7 @@ class Supervisor:
         return data
 
     def _run(self, code: str, index: int) -> dict:
-        """Run one cell in a fork of the holder; the reply the caller gets."""
+        """Run one cell in the holder; the reply the caller gets."""
         lost = False
         self.seq += 1
         os.ftruncate(self.printed, 0)
@@ -368,7 +358,7 @@ class Supervisor:
             status, error = "memory", ""
         else:
             status, error = "timeout", f"TimeoutError: the cell ran longer than {self.timeout:g} s"
-        # The cell's process ran to its end (a timeout it caught itself is undone all the same) and holds the
+        # The holder ran the cell to its end (a timeout it caught itself is undone all the same) and holds the
         # new state.
         kept = outcome == "result" and status in ("ok", "error", "memory")
         stopped = self.cgroup.oom_kills() - oom_kills if self.cgroup is not None else 0
@@ -380,20 +370,20 @@ class Supervisor:
                      f"processes, memfds and files together); "
                      + ("the cell was stopped" if not kept else f"{stopped} of the cell's processes were stopped"))
         if kept:
-            # The cell's process (or the thread-free copy it forked, see cell.Holder) holds the new state.
+            # The holder ran the cell to its end and holds the new state (or the thread-free copy it forked
+            # does, see cell.Holder): whatever else the cell left running goes.
             successor = message.get("successor")
             if isinstance(successor, int) and self._processes().get(successor, (0, False))[0] == cell_pid:
-                cell_pid = successor
-            old = self.holder
-            kill(old)  # not waited for: it is no process of the cell's, and its exit takes milliseconds
-            self._kill_all_but({cell_pid, old})  # whatever the cell left running
-            self.holder = cell_pid
+                kill(cell_pid)  # not waited for: it runs no more code, and its exit takes milliseconds
+                self._kill_all_but({successor, cell_pid})
+                self.holder = successor
+            else:
+                self._kill_all_but({self.holder})
         else:
-            self._kill_all_but({self.holder})  # the cell's effects go; the old holder keeps the state
-            if not self._alive(self.holder):  # the cell killed its checkpoint before it died
-                self._start_chain()
-                lost = True
-        self._prefork()
+            # The state the cell left cannot be trusted (or is gone with the holder): a new holder with an empty
+            # namespace, and the caller replays the cells that were kept (client).
+            self._start_chain()
+            lost = True
         output, cut = _fit(self._printed(), error, self.cap)
         return {"status": status, "output": output, "cut": cut, "seconds": seconds, "lost": lost, "kept": kept}
 
@@ -439,8 +429,6 @@ class Supervisor:
                     elif kind == "result" and message.get("seq") == seq and sender == cell_pid:
                         if _valid_result(message):
                             return "result", message, cell_pid
-                    elif kind == "died" and cell_pid and message.get("pid") == cell_pid:
-                        return "died", message, cell_pid
         finally:
             if cell_pidfd is not None:
                 os.close(cell_pidfd)
