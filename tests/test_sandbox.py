@@ -465,6 +465,17 @@ def test_a_forgotten_session_frees_its_processes(sandbox):
     assert t("x + 1").replayed == 1
 
 
+def test_each_session_sees_only_its_own_processes(sandbox):
+    """Sessions started together (from the zygote's spares, then new ones) each get a pid namespace of their
+    own: a cell sees its supervisor and itself, never another trajectory's processes."""
+    code = ("import os\nprint(os.readlink('/proc/self/ns/pid'), "
+            "sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    results = sandbox.run([Cell(f"pidns-{i}", (), code) for i in range(6)])
+    namespaces = [r.output.split(" ", 1) for r in results]
+    assert len({ns for ns, _ in namespaces}) == 6, namespaces
+    assert all(pids == "[1, 2]" for _, pids in namespaces), namespaces
+
+
 def test_isolation_reports_what_was_in_force(sandbox):
     sandbox.run([Cell("isolation", (), "1")])
     report = sandbox.isolation

@@ -38,6 +38,7 @@ from mathagent.sandbox.jail import (
     prctl,
     reap,
     set_oom_score,
+    set_process_name,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class Holder:
 
     def __init__(self, supervisor: Supervisor, commands: socket.socket, results: socket.socket):
         self.commands, self.results = commands, results
+        set_process_name(b"sandbox-holder")
         self.timeout = supervisor.timeout
         self.cpu_limit = math.ceil(self.timeout) + 1  # seconds of CPU a cell's threads may use together
         self.cap = supervisor.cap
@@ -92,11 +94,11 @@ class Holder:
             raise _CellTimeout(signum)
 
     def serve(self) -> None:
-        buffer = bytearray(MAX_CODE_BYTES + (1 << 16))
-
         def receive() -> dict:
-            size = self.commands.recv_into(buffer)
-            return json.loads(buffer[:size]) if size else {"kind": "exit"}
+            # recv(n) maps n bytes and touches only what arrives; a bytearray of n (zeroed) costs every
+            # session a thousand page faults.
+            data = self.commands.recv(MAX_CODE_BYTES + (1 << 16))
+            return json.loads(data) if data else {"kind": "exit"}
 
         while True:
             command = receive()

@@ -24,9 +24,9 @@ import socket
 import sys
 import time
 
-_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+_CLONE_NEWNS, _CLONE_NEWUSER, CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 _CLONE_NEWIPC = 0x08000000
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, _PR_CAPBSET_DROP = 1, 4, 24
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, _PR_CAPBSET_DROP = 1, 4, 15, 24
 _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
@@ -55,6 +55,19 @@ def _unshare(flags: int) -> None:
         _libc_call("unshare", ctypes.c_int(flags))
 
 
+def setns(fd: int, nstype: int) -> None:
+    if hasattr(os, "setns"):  # Python 3.12+
+        os.setns(fd, nstype)
+    else:
+        _libc_call("setns", ctypes.c_int(fd), ctypes.c_int(nstype))
+
+
+def set_process_name(name: bytes) -> None:
+    """The name `ps` and `top` show (15 bytes at most): what each process of the sandbox is."""
+    _libc_call("prctl", ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name[:15]), ctypes.c_ulong(0),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
 def prctl(option: int, value: int) -> None:
     _libc_call("prctl", ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
                ctypes.c_ulong(0))  # fmt: skip
@@ -81,20 +94,24 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 # -- namespaces: the launcher ---------------------------------------------------------------------------------
 
 
-def enter_namespaces(network: bool) -> int:
+def enter_namespaces(network: bool, *, only: int | None = None, exclude: int = 0, strict: bool = False) -> int:
     """Move the calling process into new namespaces (its next child is the first process of the pid one);
-    the CLONE_NEW* flags of those the OS allowed."""
+    the CLONE_NEW* flags of those the OS allowed. `only`/`exclude`: of the namespaces a session wants, just
+    these / all but these; `strict`: raise OSError unless the OS allows them all."""
     # IPC: SysV shared memory, semaphores and message queues and POSIX message queues are per namespace, so
     # no session reads another's segment by key, and all of them go when the session's last process exits.
-    wanted = [_CLONE_NEWPID, _CLONE_NEWNS, _CLONE_NEWIPC] + ([] if network else [_CLONE_NEWNET])
+    wanted = [CLONE_NEWPID, _CLONE_NEWNS, _CLONE_NEWIPC] + ([] if network else [_CLONE_NEWNET])
     if os.geteuid() != 0:
         wanted.insert(0, _CLONE_NEWUSER)  # lets an unprivileged caller still make the namespaces below
+    wanted = [flag for flag in wanted if (only is None or flag & only) and not flag & exclude]
     namespaces = 0
     real_uid, real_gid = os.getuid(), os.getgid()  # inside a new user namespace they read as 65534
     try:
         _unshare(sum(wanted))
         namespaces = sum(wanted)
     except OSError:
+        if strict:
+            raise
         for flag in wanted:  # take what the OS allows, one by one
             try:
                 _unshare(flag)
@@ -131,7 +148,7 @@ def isolate(config: dict, uid: int, namespaces: int, workdir: str | None) -> tup
     directory of the cells)."""
     report = {
         "user_namespace": bool(namespaces & _CLONE_NEWUSER),
-        "pid_namespace": bool(namespaces & _CLONE_NEWPID),
+        "pid_namespace": bool(namespaces & CLONE_NEWPID),
         "mount_namespace": bool(namespaces & _CLONE_NEWNS),
         "ipc_namespace": bool(namespaces & _CLONE_NEWIPC),
         "network": "allowed" if config["network"] else "none",
@@ -152,14 +169,14 @@ def isolate(config: dict, uid: int, namespaces: int, workdir: str | None) -> tup
         _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size}m,mode=0700{owner}")
         if os.path.isdir("/dev/shm"):  # POSIX semaphores and shared memory live there
             _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size}m,mode=0700{owner}")
-        if namespaces & _CLONE_NEWPID:
+        if namespaces & CLONE_NEWPID:
             # A /proc of our pid namespace: cells see only their own processes, not the caller's.
             _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
     elif drop_uid and any(_closed_ancestor(path) for path in _python_paths()):
         report["imports"] = "only what the zygote imported: the Python installation is closed to others"
     if drop_uid:
         report["uid"] = uid
-    if not namespaces & _CLONE_NEWPID:
+    if not namespaces & CLONE_NEWPID:
         prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of cells come to us, so we can find and kill them
     return report, workdir
 
@@ -466,12 +483,14 @@ def kill(pid: int) -> None:
         pass
 
 
-def reap() -> None:
-    """Collect every child that has exited so far, without waiting for those still running."""
+def reap() -> list[int]:
+    """Collect every child that has exited so far, without waiting for those still running; their pids."""
+    collected = []
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return collected
         if pid == 0:
-            return
+            return collected
+        collected.append(pid)

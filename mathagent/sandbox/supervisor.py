@@ -27,6 +27,7 @@ import traceback
 
 from mathagent.sandbox.cell import MAX_CODE_BYTES, STATUSES, Holder, died
 from mathagent.sandbox.jail import (
+    CLONE_NEWPID,
     PR_SET_PDEATHSIG,
     MemoryCgroup,
     PolledBudget,
@@ -38,6 +39,8 @@ from mathagent.sandbox.jail import (
     prctl,
     reap,
     remove_stale_cgroups,
+    set_process_name,
+    setns,
 )
 
 # Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
@@ -55,6 +58,7 @@ _PF_EXITING = 0x4  # in /proc/PID/stat's flags: the process is in exit()
 def zygote_main(config: dict) -> None:
     """Import the math modules once, then fork one launcher per session the caller asks for."""
     control = socket.socket(fileno=config["control_fd"])
+    set_process_name(b"sandbox-zygote")
     started = time.perf_counter()
     for name in PRELOADED_MODULES:
         __import__(name)
@@ -66,27 +70,63 @@ def zygote_main(config: dict) -> None:
         control.send(json.dumps({"import_seconds": round(time.perf_counter() - started, 3)}).encode())
     except (BrokenPipeError, ConnectionResetError):
         os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
+    config["zygote"] = os.getpid()
     uid_base = SESSION_UID_BASE + (os.getpid() % 10_000) * 100_000  # apart from other sandboxes' uids
     config["memory_cgroup"] = memory_cgroup_parent() if config["cgroup"] else None
     if config["memory_cgroup"] is not None:
         remove_stale_cgroups(config["memory_cgroup"][0])
     sessions = itertools.count()
+    # As root with every namespace granted, S is forked straight into them (one fork of this large process
+    # per session instead of two); elsewhere a launcher enters them, a user namespace first where needed.
+    direct = _namespaces_granted(config["network"])
+    # unshare(CLONE_NEWPID) works once per pid namespace we are in: after each fork we go back to our own
+    # (setns), or the next unshare fails and every later session would share the first one's namespace.
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if direct else None
+    cgroups: dict[int, MemoryCgroup] = {}  # S's pid -> its session's cgroup, removed when S is collected
 
     def launch() -> socket.socket:
         caller_end, session_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         uid = uid_base + next(sessions) % 100_000
-        if os.fork() == 0:
+        budget, note = None, None
+        if direct:
+            budget, note = _session_cgroup(config, uid)
+            enter_namespaces(config["network"], only=CLONE_NEWPID, strict=True)  # our next child is its init
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = None
+            raise
+        finally:
+            if direct and pid != 0:  # in the parent only: the child may not leave its new namespace
+                setns(own_pid_namespace, CLONE_NEWPID)
+        if pid == 0:
             try:
                 control.close()
+                if own_pid_namespace is not None:
+                    os.close(own_pid_namespace)
                 for spare in spares:
                     spare.close()
                 caller_end.close()
-                _launcher_main(config, session_end, uid)
+                if not direct:
+                    _launcher_main(config, session_end, uid)
+                if note is not None:
+                    config["memory_note"] = note
+                namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID)
+                Supervisor(config, session_end, uid, namespaces, None, budget).serve()
             except BaseException:
                 traceback.print_exc()
             os._exit(1)
         session_end.close()
+        if budget is not None:
+            budget.close_files("procs", "events")
+            cgroups[pid] = budget
         return caller_end
+
+    def collect() -> None:
+        """Collect the sessions (or launchers) that ended; remove the cgroups of the direct ones."""
+        for pid in reap():
+            if pid in cgroups:
+                cgroups.pop(pid).remove()
 
     # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks.
     spares: collections.deque[socket.socket] = collections.deque()
@@ -100,13 +140,15 @@ def zygote_main(config: dict) -> None:
         if not message:  # the caller closed us (or died): end the spares, wait for every session to end
             for spare in spares:
                 spare.close()
-            signal.alarm(10)  # a launcher that does not exit by then is killed with us (parent-death signal)
+            signal.alarm(10)  # a session that does not exit by then is killed with us (parent-death signal)
             while True:
                 try:
-                    os.waitpid(-1, 0)
+                    pid, _ = os.waitpid(-1, 0)
                 except ChildProcessError:
                     os._exit(0)
-        reap()  # launchers whose session has ended
+                if pid in cgroups:
+                    cgroups.pop(pid).remove()
+        collect()
         caller_end = spares.popleft() if spares else launch()
         socket.send_fds(control, [b"session"], [caller_end.fileno()])
         caller_end.close()
@@ -127,18 +169,43 @@ def _warm_up() -> None:
     numpy.linalg.solve(numpy.eye(2), numpy.ones(2)), numpy.arange(10).sum()
 
 
+def _namespaces_granted(network: bool) -> bool:
+    """Whether we are root and a child of ours may enter every namespace a session wants, together."""
+    if os.geteuid() != 0:
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            enter_namespaces(network, only=None, strict=True)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _session_cgroup(config: dict, uid: int) -> tuple[MemoryCgroup | None, str | None]:
+    """The session's memory cgroup (made before the namespaces: afterwards every mount is read-only), or why
+    there is none."""
+    if config["memory_cgroup"] is None:
+        return None, None
+    parent, version = config["memory_cgroup"]
+    try:
+        name = f"mathagent-{config['zygote']}-{uid}"  # remove_stale_cgroups goes by the zygote's pid
+        return MemoryCgroup(parent, version, name, config["memory_mb"] << 20), None
+    except OSError as e:
+        return None, f"no memory cgroup: {e}"
+
+
 def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
     """Between the zygote and the session: enter new namespaces, fork the session into them, wait for it."""
+    set_process_name(b"sandbox-launch")
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so do we, and our session after us
     if os.getppid() == 1:
         os._exit(0)
-    budget = None
-    if config["memory_cgroup"] is not None:  # before the namespaces: afterwards every mount is read-only
-        parent, version = config["memory_cgroup"]
-        try:
-            budget = MemoryCgroup(parent, version, f"mathagent-{os.getppid()}-{uid}", config["memory_mb"] << 20)
-        except OSError as e:
-            config["memory_note"] = f"no memory cgroup: {e}"
+    budget, note = _session_cgroup(config, uid)
+    if note is not None:
+        config["memory_note"] = note
     namespaces = enter_namespaces(config["network"])
     workdir = host_workdir(namespaces, uid)  # None where the session gets a private tmpfs
     pid = os.fork()
@@ -166,6 +233,7 @@ class Supervisor:
     def __init__(self, config: dict, caller: socket.socket, uid: int, namespaces: int, workdir: str | None,
                  cgroup: MemoryCgroup | None):
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        set_process_name(b"sandbox-S")
         self.config = config
         self.cgroup = cgroup
         if cgroup is not None:
