@@ -22,6 +22,7 @@ import errno
 import json
 import linecache
 import math
+import mmap
 import os
 import resource
 import signal
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 STATUSES = ("ok", "error", "memory", "timeout", "killed")
 TRACEBACK_FRAMES = 2  # frames of a traceback the model sees, innermost last, besides the exception line
 MAX_CODE_BYTES = 4 << 20  # the largest cell the supervisor hands to a holder (one SEQPACKET message)
+# Address space held back from each cell and handed to the harness after it: a cell that ends at the RLIMIT_AS
+# (its namespace keeping what it allocated) must not leave the holder unable to format and send its result.
+HARNESS_RESERVE_BYTES = 32 << 20
 
 
 def died(pid: int, status: int | None) -> dict:
@@ -75,6 +79,7 @@ class Holder:
         self.cap = supervisor.cap
         self.namespace = {"__name__": "__main__", "__builtins__": builtins}
         self.in_cell = False
+        self.reserve: mmap.mmap | None = None
         # A copy of the output memfd out of the way of fds 1 and 2, to point them back at it for each cell.
         self.printed = os.dup(supervisor.printed)
         self.oom_scores = supervisor.cgroup is not None
@@ -87,6 +92,18 @@ class Holder:
         drop_privileges(supervisor.config, supervisor.uid, supervisor.isolation)
         signal.signal(signal.SIGALRM, self._on_limit)
         signal.signal(signal.SIGPROF, self._on_limit)
+
+    def hold_reserve(self) -> None:
+        """Map (without touching: no page is charged) the address space the harness gets after the cell."""
+        try:
+            self.reserve = mmap.mmap(-1, HARNESS_RESERVE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OSError, ValueError):  # the namespace already holds nearly the whole RLIMIT_AS
+            self.reserve = None
+
+    def release_reserve(self) -> None:
+        if self.reserve is not None:
+            self.reserve.close()
+            self.reserve = None
 
     def _on_limit(self, signum, frame):
         if self.in_cell:
@@ -130,6 +147,7 @@ class Holder:
         out = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
         sys.stdout = sys.stderr = out
         sys.stdin = open(0, encoding="utf-8", closefd=False)
+        self.hold_reserve()
         status, error = _execute(code, f"<cell {index}>", self.namespace, self)
         if self.oom_scores:  # while still dumpable: /proc/self is ours
             set_oom_score(MemoryCgroup.OOM_SCORE_HOLDER)
@@ -190,6 +208,7 @@ def _execute(code: str, filename: str, namespace: dict, holder: Holder) -> tuple
                     print(repr(value), file=sys.stdout)
         finally:
             holder.in_cell = False
+            holder.release_reserve()
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.setitimer(signal.ITIMER_PROF, 0)
             if os.getpid() != me:  # a process the cell forked ran off its end: it must not act as us
