@@ -234,6 +234,7 @@ def run_agent(
     for t in live:  # a cut action is continued once per run; other statuses are re-derived from messages
         if t.get("status") != LENGTH:
             t.pop("status", None)
+    _reserve_sessions(live, sandbox, config)
     if config.schedule == "continuous" and hasattr(engine, "submit"):
         return _run_continuously(trajectories, engine, sandbox, config, sampling, on_turn)
     turn = 0
@@ -244,6 +245,8 @@ def run_agent(
         # 1. observations for the code of the last turn (or of the input)
         if config.execute:
             report.executed = execute_pending(live, sandbox, config.observation_role, markers=config.markers)
+            if turn == 2 and hasattr(sandbox, "reserve"):
+                sandbox.reserve(0)  # the first actions' cells have their sessions: start no more ahead
         # 2. which trajectories act now
         acting = []
         for t in live:
@@ -270,6 +273,13 @@ def run_agent(
         if on_turn is not None:
             on_turn(report)
     return trajectories
+
+
+def _reserve_sessions(trajectories: Sequence[dict[str, Any]], sandbox, config: AgentConfig) -> None:
+    """Have the sandbox start the sessions of the trajectories that have run no cell yet while the engine
+    writes their first actions (a session's start costs more than a math cell), not as each first cell comes."""
+    if config.execute and sandbox is not None and hasattr(sandbox, "reserve"):
+        sandbox.reserve(sum(1 for t in trajectories if not executed_cells(t["messages"])))
 
 
 def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:

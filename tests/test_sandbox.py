@@ -476,6 +476,24 @@ def test_each_session_sees_only_its_own_processes(sandbox):
     assert all(pids == "[1, 2]" for _, pids in namespaces), namespaces
 
 
+def test_reserved_sessions_are_started_before_their_first_cells():
+    """`reserve(n)` has the zygote start n sessions in the background (while an engine would generate); the
+    first cells of n new trajectories then find them ready, and `reserve(0)` starts no more."""
+    with Sandbox(workers=1) as box:
+        box.run([Cell("warm", (), "1")])  # the zygote is up
+        box.reserve(6)
+        deadline = time.monotonic() + 30
+        while len(_processes_of(box, "sandbox-holder")) < 1 + 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_processes_of(box, "sandbox-holder")) >= 1 + 6  # warm's, and the reserved ones
+        results = box.run([Cell(f"r{i}", (), f"print({i} * 2)") for i in range(6)])
+        assert [r.output for r in results] == [str(2 * i) for i in range(6)]
+        box.reserve(0)
+        time.sleep(0.3)
+        # the six took their sessions; what stays ahead is the usual spare per worker
+        assert len(_processes_of(box, "sandbox-holder")) <= 1 + 6 + 1
+
+
 def test_isolation_reports_what_was_in_force(sandbox):
     sandbox.run([Cell("isolation", (), "1")])
     report = sandbox.isolation

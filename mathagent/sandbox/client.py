@@ -91,6 +91,7 @@ class Sandbox:
             "max_processes": max_processes,
             "max_file_mb": max_file_mb,
             "spares": workers,
+            "max_sessions": max_sessions,
             # One memory cgroup per session where the machine allows it; False: the supervisor's polled
             # budget everywhere (what a machine without a writable memory cgroup gets).
             "cgroup": cgroup,
@@ -133,6 +134,20 @@ class Sandbox:
         if self._closed:
             raise RuntimeError("submit() on a closed Sandbox")
         return self._pool.submit(self._run_cell, cell)
+
+    def reserve(self, sessions: int) -> None:
+        """`sessions` new trajectories will soon run their first cells: have their sessions started now, in
+        the background (while the caller's engine generates their actions), instead of one by one as each
+        first cell arrives. Counts down as sessions are handed out; a later call replaces it."""
+        if self._closed:
+            return
+        with self._lock:
+            room = self.max_sessions - len(self._sessions)
+        with self._zygote_lock:
+            try:
+                self._control.send(f"reserve {max(0, min(sessions, room))}".encode())
+            except OSError:
+                pass  # a dead zygote is replaced at the next spawn
 
     def forget(self, session: str) -> None:
         """The trajectory is finished: end its session process and free its state."""

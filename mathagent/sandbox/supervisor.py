@@ -128,15 +128,24 @@ def zygote_main(config: dict) -> None:
             if pid in cgroups:
                 cgroups.pop(pid).remove()
 
-    # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks.
+    # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks: always
+    # `spares` of them, and as many as the caller said it will soon ask for (b"reserve N"), built one at a
+    # time between the caller's requests, while the caller does something else (its engine generates).
     spares: collections.deque[socket.socket] = collections.deque()
+    reserved = 0
     while True:
         while len(spares) < config["spares"]:
             spares.append(launch())
+        if len(spares) < reserved and not select.select([control], [], [], 0)[0]:
+            spares.append(launch())
+            continue
         try:
             message = control.recv(1 << 16)
         except ConnectionResetError:  # the caller closed with our ready message unread: the same as EOF
             message = b""
+        if message.startswith(b"reserve "):
+            reserved = min(int(message.split()[1]), config["max_sessions"])
+            continue
         if not message:  # the caller closed us (or died): end the spares, wait for every session to end
             for spare in spares:
                 spare.close()
@@ -149,6 +158,7 @@ def zygote_main(config: dict) -> None:
                 if pid in cgroups:
                     cgroups.pop(pid).remove()
         collect()
+        reserved = max(reserved - 1, 0)
         caller_end = spares.popleft() if spares else launch()
         socket.send_fds(control, [b"session"], [caller_end.fileno()])
         caller_end.close()
