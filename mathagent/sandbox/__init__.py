@@ -11,10 +11,10 @@ defined in turn 1 are visible in turn 3, and a trailing bare expression is echoe
 
 Model-written code is hostile, so it never runs in the caller's process. The processes:
 
-    zygote Z (imports sympy, numpy once) --fork--> launcher --fork--> supervisor S, one per trajectory
-    caller threads <------------- socket ---------------------------> S: root, pid 1 of its own pid,
-                                                                      network and mount namespaces
-                                 holder: the namespace, a uid of its own, runs the cells <--fork-- S
+    zygote Z (imports sympy, numpy once) --fork--> supervisor S, one per trajectory (through a launcher
+    caller threads <------------- socket --------> S: root, pid 1 of its own pid,   where not root)
+                                                   network and mount namespaces
+              holder: the namespace, a uid of its own, runs the cells <--fork-- S
 
 Cells run in the process that holds the trajectory's state (the "holder"), one after another, with no fork
 per cell. When a cell finishes, S kills everything else in the trajectory's pid namespace: whatever the cell

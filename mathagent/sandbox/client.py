@@ -341,7 +341,7 @@ class Sandbox:
         self._start_zygote()
 
 
-SESSION_MEMORY_MB = 16  # what a live idle session holds (four processes, mostly shared pages): ~14 MB measured
+SESSION_MEMORY_MB = 16  # what a live idle session holds, at most (S and the holder, mostly pages shared with the zygote)
 
 
 def _default_max_sessions() -> int:

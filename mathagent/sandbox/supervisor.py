@@ -1,11 +1,13 @@
 """The trusted processes between the caller and the cells, none of which runs model code: the zygote, and
-per session a launcher and the supervisor S (the diagram is in the package's docstring).
+per session the supervisor S (the diagram is in the package's docstring), with a launcher between them where
+we are not root.
 
 The zygote is started by the caller (`client.Sandbox`) with `python -I` and an empty environment, imports
-the math modules once and keeps `workers` sessions started ahead of need. A launcher makes the session's
-memory cgroup, enters new namespaces (`jail`) and waits for S, the init of the session's pid namespace: when
-S exits, every process of the trajectory is gone. S mounts the session's file system, keeps the chain of
-holders (`cell.Holder`), hands each cell to it, enforces the deadline and the memory budget, kills what a cell
+the math modules once and keeps `workers` sessions started ahead of need, more when the caller reserves
+them. It makes each session's memory cgroup and forks S as the init of a new pid namespace (a launcher does
+both where a user namespace has to come first): when S exits, every process of the trajectory is gone. S
+enters its other namespaces (`jail`), mounts the session's file system, keeps the holder (`cell.Holder`,
+replaced after a failed cell), hands each cell to it, enforces the deadline and the memory budget, kills what a cell
 leaves behind, and answers the caller: one JSON reply per cell, after its length (FRAME), with a status of
 `cell.STATUSES`.
 """
