@@ -129,10 +129,11 @@ def branch(trajectory: dict[str, Any], n: int) -> list[dict[str, Any]]:
             for k in range(n)]
 
 
-def grade(trajectory: dict[str, Any], reward_kind: str = "r1", verdict_reward: float = 0.0) -> None:
+def grade(trajectory: dict[str, Any], grader: grading.Grader, reward_kind: str = "r1", verdict_reward: float = 0.0) -> None:
     """Set `pred` (the last boxed answer of the last action) and `correct` and `reward` (None without a gold
-    answer), in place."""
-    trajectory.update(grading.grade_trajectory(trajectory, reward_kind=reward_kind, verdict_reward=verdict_reward))
+    answer), in place, with the command's grader."""
+    trajectory.update(grading.grade_trajectory(trajectory, grader, reward_kind=reward_kind,
+                                               verdict_reward=verdict_reward))
 
 
 @dataclass
@@ -219,11 +220,12 @@ def run_agent(
     trajectories: list[dict[str, Any]],
     engine: Engine,
     sandbox,
+    grader: grading.Grader,
     config: AgentConfig,
     on_turn: Callable[[TurnReport], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Advance every trajectory until it ends; set `status`, `pred`, `correct`, `reward`. Mutates and returns
-    the list, in order.
+    """Advance every trajectory until it ends; set `status`, then `pred`, `correct`, `reward` (by `grader`, once
+    all have ended). Mutates and returns the list, in order.
 
     A trajectory that comes in ending in an observation is continued; one whose last action was cut by the
     token limit (status `length`) gets that action continued; pending code is executed first.
@@ -235,7 +237,7 @@ def run_agent(
         if t.get("status") != LENGTH:
             t.pop("status", None)
     if config.schedule == "continuous" and hasattr(engine, "submit"):
-        return _run_continuously(trajectories, engine, sandbox, config, sampling, on_turn)
+        return _graded(_run_continuously(trajectories, engine, sandbox, config, sampling, on_turn), grader, config)
     turn = 0
     while live:
         turn += 1
@@ -269,6 +271,12 @@ def run_agent(
         live = [t for t in live if id(t) not in done]
         if on_turn is not None:
             on_turn(report)
+    return _graded(trajectories, grader, config)
+
+
+def _graded(trajectories: list[dict[str, Any]], grader: grading.Grader, config: AgentConfig) -> list[dict[str, Any]]:
+    for t in trajectories:
+        grade(t, grader, config.reward, config.verdict_reward)
     return trajectories
 
 
@@ -359,7 +367,6 @@ def _take_action(t: dict[str, Any], completion, markers: Markers = DEFAULT_MARKE
 
 
 def _finish(t: dict[str, Any], sandbox, config: AgentConfig) -> None:
-    grade(t, config.reward, config.verdict_reward)
     if sandbox is not None:
         sandbox.forget(str(t["id"]))
 

@@ -341,6 +341,7 @@ def rollout(
     """
     from mathagent import agent
     from mathagent.engines import open_engine
+    from mathagent.grading import Grader
     from mathagent.sandbox import Sandbox
     from mathagent.tiny import resolve_model
 
@@ -382,7 +383,7 @@ def rollout(
             markers=_markers(self_reward, max_revisions, verdicts, revision_cue, verify_prompt, revise_prompt),
         )
         trajectories = [t for unit in units for t in unit]
-        with _record_stream() as stdout, RecordWriter(output, keep=kept, stdout=stdout) as writer:
+        with _record_stream() as stdout, RecordWriter(output, keep=kept, stdout=stdout) as writer, Grader() as grader:
             if trajectories:
                 engine = open_engine(backend, resolve_model(model), adapter=adapter, seed=seed, dtype=dtype,
                                      max_model_len=max_model_len, base_urls=base_url, concurrency=concurrency)
@@ -391,7 +392,7 @@ def rollout(
                 try:
                     with _AgentProgress(units) as progress:
                         for chunk in _chunks(trajectories, chunk_size):
-                            for t in agent.run_agent(chunk, engine, sandbox, config, on_turn=progress.on_turn):
+                            for t in agent.run_agent(chunk, engine, sandbox, grader, config, on_turn=progress.on_turn):
                                 writer.write(t)
                 finally:
                     if sandbox is not None:
@@ -400,7 +401,7 @@ def rollout(
                 stats = engine.stats
                 console.print(
                     f"rollout: {len(trajectories)} trajectories, {stats.calls} engine calls, "
-                    f"{stats.generated_tokens} tokens in {time.perf_counter() - start:.1f} s",
+                    f"{stats.generated_tokens} tokens in {time.perf_counter() - start:.1f} s; {grader.stats.summary()}",
                     highlight=False,
                 )
 
@@ -719,6 +720,7 @@ def mc_label(
     """
     from mathagent import agent, labeling, prm
     from mathagent.engines import open_engine
+    from mathagent.grading import Grader
     from mathagent.sandbox import Sandbox
     from mathagent.tiny import resolve_model
 
@@ -762,7 +764,7 @@ def mc_label(
             console.print(f"mc-label: turn {turn.turn}: {turn.generated} actions, {turn.executed} cells, "
                           f"{turn.tokens} tokens, {turn.finished} completions ended", highlight=False)
 
-        with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer:
+        with _record_stream() as stdout, RecordWriter(output, stdout=stdout) as writer, Grader() as grader:
             engine = open_engine(backend, resolve_model(model), adapter=adapter, seed=seed, dtype=dtype,
                                  max_model_len=max_model_len, base_urls=base_url,
                                  concurrency=concurrency) if needs_engine else None
@@ -773,7 +775,7 @@ def mc_label(
                 for chunk in _chunks(records, chunk_size):
                     new = [r for r in chunk if r["id"] not in finished]
                     if new:
-                        report.add(labeling.label_trajectories(new, engine, sandbox, config, m=m, mode=steps,
+                        report.add(labeling.label_trajectories(new, engine, sandbox, grader, config, m=m, mode=steps,
                                                                cache=cache, prompt=template, estimate=q, eta=eta,
                                                                on_turn=on_turn))
                     for r in chunk:
@@ -786,7 +788,7 @@ def mc_label(
                     sandbox.close()
                 if engine is not None:
                     engine.close()
-        console.print(f"mc-label: {report.summary()}", highlight=False)
+        console.print(f"mc-label: {report.summary()}; {grader.stats.summary()}", highlight=False)
 
 
 @app.command("score-prm")

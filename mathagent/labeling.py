@@ -48,6 +48,7 @@ from typing import Any
 
 from mathagent import agent
 from mathagent.errors import UserError
+from mathagent.grading import Grader
 from mathagent.records import LENGTH
 
 PLUS, MINUS = "+", "-"
@@ -260,20 +261,20 @@ def continuation_root(step: Step, trajectory: dict[str, Any], key: str) -> dict[
 
 
 def complete(
-    completions: list[dict[str, Any]], engine, sandbox, config: agent.AgentConfig,
+    completions: list[dict[str, Any]], engine, sandbox, grader: Grader, config: agent.AgentConfig,
     on_turn: Callable[[agent.TurnReport], None] | None = None,
 ) -> int:
     """Run continuations to their end through the agent loop; an action cut by the token limit has no answer
     yet, so it is continued, up to H = max_turns rounds in all, rather than graded wrong. Returns how many
     were cut and continued at least once."""
-    agent.run_agent(completions, engine, sandbox, config, on_turn=on_turn)
+    agent.run_agent(completions, engine, sandbox, grader, config, on_turn=on_turn)
     continued: set[str] = set()
     for _ in range(config.max_turns - 1):
         cut = [c for c in completions if c.get("status") == LENGTH]
         if not cut:
             break
         continued.update(c["id"] for c in cut)
-        agent.run_agent(cut, engine, sandbox, config, on_turn=on_turn)
+        agent.run_agent(cut, engine, sandbox, grader, config, on_turn=on_turn)
     return len(continued)
 
 
@@ -286,6 +287,7 @@ def label_trajectories(
     trajectories: list[dict[str, Any]],
     engine,
     sandbox,
+    grader: Grader,
     config: agent.AgentConfig,
     *,
     m: int = 8,
@@ -328,7 +330,7 @@ def label_trajectories(
     batch = [c for group in continuations.values() for c in group]
     if batch:
         calls, tokens = engine.stats.calls, engine.stats.generated_tokens
-        report.continued = complete(batch, engine, sandbox, config, on_turn)
+        report.continued = complete(batch, engine, sandbox, grader, config, on_turn)
         report.engine_calls = engine.stats.calls - calls
         report.tokens = engine.stats.generated_tokens - tokens
     for key, group in continuations.items():

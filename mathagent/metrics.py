@@ -183,52 +183,44 @@ def evaluate(
     *,
     ks: Sequence[int] = (1,),
     score_field: str | None = None,
-    equal: Equal | None = None,
+    equal: Equal,
 ) -> dict[str, Any]:
     """The evaluation report of graded trajectories (records with `pred` and `correct`, see
     `grade_trajectories`), grouped into problems by `problem_id`.
 
-    `equal(pred, gold)` groups answers for maj@k (default: a fresh `Grader`'s is_equivalent). Trajectories
+    `equal(pred, gold)` groups answers for maj@k (the command's `Grader.is_equivalent`). Trajectories
     without a reference answer count in the turn statistics only.
     """
     if any(k < 1 for k in ks):
         raise ValueError(f"k must be positive, got {list(ks)}")
-    own_grader = None
-    if equal is None:
-        own_grader = Grader()
-        equal = own_grader.is_equivalent
-    try:
-        with_answer = [t for t in graded if t.get("correct") is not None]
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for t in with_answer:
-            groups[str(t["problem_id"])].append(t)
-        report: dict[str, Any] = {"ungraded": len(graded) - len(with_answer)}
-        report.update(_group_metrics(groups, ks, equal))
+    with_answer = [t for t in graded if t.get("correct") is not None]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for t in with_answer:
+        groups[str(t["problem_id"])].append(t)
+    report: dict[str, Any] = {"ungraded": len(graded) - len(with_answer)}
+    report.update(_group_metrics(groups, ks, equal))
 
-        if score_field is not None:
-            outcomes = [best_of_n(ts, score_field) for ts in groups.values()]
-            scored = [o for o in outcomes if o is not None]
-            report["best_of_n"] = {
-                "score_field": score_field,
-                "problems": len(scored),
-                "accuracy": _mean([1.0 if o else 0.0 for o in scored]),
+    if score_field is not None:
+        outcomes = [best_of_n(ts, score_field) for ts in groups.values()]
+        scored = [o for o in outcomes if o is not None]
+        report["best_of_n"] = {
+            "score_field": score_field,
+            "problems": len(scored),
+            "accuracy": _mean([1.0 if o else 0.0 for o in scored]),
+        }
+
+    for field_name in ("subject", "level"):
+        values = {str(ts[0][field_name]) for ts in groups.values() if ts[0].get(field_name) is not None}
+        if values:
+            report[f"by_{field_name}"] = {
+                value: _group_metrics(
+                    {p: ts for p, ts in groups.items() if str(ts[0].get(field_name)) == value}, ks, equal
+                )
+                for value in sorted(values, key=_natural_key)
             }
 
-        for field_name in ("subject", "level"):
-            values = {str(ts[0][field_name]) for ts in groups.values() if ts[0].get(field_name) is not None}
-            if values:
-                report[f"by_{field_name}"] = {
-                    value: _group_metrics(
-                        {p: ts for p, ts in groups.items() if str(ts[0].get(field_name)) == value}, ks, equal
-                    )
-                    for value in sorted(values, key=_natural_key)
-                }
-
-        report["turns"] = _turn_report(graded)
-        return report
-    finally:
-        if own_grader is not None:
-            own_grader.close()
+    report["turns"] = _turn_report(graded)
+    return report
 
 
 def _natural_key(value: str) -> tuple[int, Any]:
