@@ -18,11 +18,14 @@ The paper's metrics, over trajectories with a reference answer, c_j = 1[y_j is c
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from mathagent.errors import UserError
 from mathagent.grading import extract_boxed
 
 CORRECT = "correct"
@@ -32,6 +35,8 @@ WRONG = "wrong"
 VERIFY = "verify"  # an answer without a verdict: ask for the model's self-evaluation
 REVISE = "revise"  # a "wrong" verdict with revisions left: ask for a revision
 END = "end"  # a "correct" verdict, or "wrong" with no revision left
+
+FORMATS = ("sft", "pairs")  # what make-corrections writes: the demonstrations, or pairs of them
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,28 @@ class Markers:
 
 
 DEFAULT_MARKERS = Markers()
+
+
+def markers_from_options(verdicts: str, cue: str = DEFAULT_MARKERS.cue, verify_prompt: str | None = None,
+                         revise_prompt: str | None = None) -> Markers:
+    """The format from a command's options: --verdicts CORRECT|WRONG, the revision cue, and the prompted turns
+    (text, or a file holding it; None: the paper's)."""
+    parts = verdicts.split("|")
+    if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
+        raise UserError(f"--verdicts {verdicts!r}: expected two different strings, CORRECT|WRONG")
+
+    def text(option: str, value: str | None, default: str) -> str:
+        if value is None:
+            return default
+        if os.path.isfile(value):
+            return Path(value).read_text(encoding="utf-8").strip()
+        if not value.strip():
+            raise UserError(f"{option}: empty")
+        return value
+
+    return Markers(correct=parts[0].strip(), wrong=parts[1].strip(), cue=cue,
+                   verify_prompt=text("--verify-prompt", verify_prompt, DEFAULT_MARKERS.verify_prompt),
+                   revise_prompt=text("--revise-prompt", revise_prompt, DEFAULT_MARKERS.revise_prompt))
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any
 
+from mathagent.errors import UserError
 ANSWER_MODES = ("boxed", "answer_is", "gsm8k")
 REWARD_KINDS = ("r1", "binary")
 
@@ -649,6 +650,8 @@ class Grader:
         workers: int | None = None,
         cache_size: int = 65536,
     ) -> None:
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise UserError(f"--grading-timeout {timeout}: must be a positive number of seconds")
         self.rel_tol = rel_tol
         self.abs_tol = abs_tol
         self.percent_scaling = percent_scaling
@@ -1101,6 +1104,21 @@ def worker_main() -> None:
             answer = {"equal": False, "error": f"{type(e).__name__}"}
         out.write(json.dumps(answer) + "\n")
         out.flush()
+
+
+def check_verdict_reward(weight: float) -> float:
+    """w of `grade_trajectory`: 0 or positive."""
+    if not (math.isfinite(weight) and weight >= 0):
+        raise UserError(f"--verdict-reward {weight}: must be 0 or positive")
+    return weight
+
+
+def parse_answer_modes(text: str) -> tuple[str, ...]:
+    """--answer-modes: a comma list of ANSWER_MODES, tried in order."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in ANSWER_MODES for m in modes):
+        raise UserError(f"--answer-modes {text!r}: choose from {', '.join(ANSWER_MODES)}")
+    return modes
 
 
 def outcome_reward(boxed: bool, correct: bool, kind: str = "r1") -> float:

@@ -54,6 +54,7 @@ from mathagent.records import LENGTH
 PLUS, MINUS = "+", "-"
 STEP_MODES = ("turns", "paragraphs")
 Q_ESTIMATES = ("mean", "soft-optimal")
+FORMATS = ("records", "prm")  # what mc-label writes: the trajectories with "steps", or PRM chats (`prm.prm_example`)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -147,8 +148,10 @@ def soft_optimal_q(outcomes: Sequence[bool], eta: float) -> float:
     return top + eta * math.log(sum(math.exp((x - top) / eta) for x in u) / len(u))
 
 
-def check_estimate(estimate: str, eta: float) -> None:
-    """Refuse an unknown soft-label estimate or an eta that is not a positive finite number."""
+def check_estimate(estimate: str, eta: float, m: int = 1) -> None:
+    """Refuse an M below 1, an unknown soft-label estimate or an eta that is not a positive finite number."""
+    if m < 1:
+        raise UserError("--m must be at least 1")
     if estimate not in Q_ESTIMATES:
         raise UserError(f"--q {estimate!r}: choose from {', '.join(Q_ESTIMATES)}")
     if not (eta > 0 and math.isfinite(eta)):
@@ -305,9 +308,7 @@ def label_trajectories(
     template with a {question} placeholder), the continuations see the first user message rendered from the
     trajectory's `question` with it instead of the trajectory's own. `estimate` is the soft label: "mean"
     (Q-hat) or "soft-optimal" (Q* with `eta`)."""
-    if m < 1:
-        raise UserError("--m must be at least 1")
-    check_estimate(estimate, eta)
+    check_estimate(estimate, eta, m)
     cache = cache if cache is not None else LabelCache()
     start = time.perf_counter()
     report = LabelingReport(trajectories=len(trajectories))

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mathagent.correction import correction_metrics
+from mathagent.errors import UserError
 from mathagent.grading import Grader, grade_trajectory
 from mathagent.records import observation_failed
 
@@ -152,6 +153,17 @@ def grade_trajectories(
 # --------------------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------------------
+
+
+def parse_ks(text: str) -> list[int]:
+    """--k: comma-separated positive integers, sorted, each once."""
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise UserError(f"--k {text!r}: expected comma-separated positive integers, e.g. 1,4,8")
+    return ks
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from mathagent.grading import extract_answer
+from mathagent.grading import REWARD_KINDS, extract_answer
 from mathagent.errors import UserError
 from mathagent.metrics import grade_trajectories
 from mathagent.records import ANSWERED, last_action, observation_failed
@@ -127,12 +127,21 @@ class PairConfig:
     format: str = "pairs"
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        """Refuse impossible options with a `UserError` naming the make-pairs option, before any work."""
         if self.format not in FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; choose from {FORMATS}")
-        if self.k is not None and (self.k < 1 or self.strategy == "all"):
-            raise ValueError("k must be at least 1, and applies to the random and max-min strategies only")
+            raise UserError(f"--format {self.format!r}: choose from {', '.join(FORMATS)}")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"--strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
+        if self.k is not None and self.k < 1:
+            raise UserError("--k must be at least 1")
+        if self.k is not None and self.strategy == "all":
+            raise UserError("--k does not apply to --strategy all (every winner with every loser)")
+        if self.reward_kind not in REWARD_KINDS:
+            raise UserError(f"--reward {self.reward_kind!r}: choose from {', '.join(REWARD_KINDS)}")
+        if self.score_field is not None and self.strategy != "max-min":
+            raise UserError("--score-field applies to --strategy max-min only")
+        if self.max_length is not None and self.max_length < 1:
+            raise UserError("--max-length needs a positive length and --tokenizer (or --model)")
 
     @property
     def pairs_per_problem(self) -> int | None:

@@ -21,6 +21,7 @@ missing ids.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -45,6 +46,7 @@ TOOL_CALL = "tool_call"  # the last action's code waits for its observation (`ma
 STATUSES = (ANSWERED, STOPPED, MAX_TURNS, LENGTH, TOOL_CALL)
 
 OBSERVATION_FENCE = "```output"
+OBSERVATION_ROLES = ("user", "tool")  # an observation is never the agent's own (assistant) message
 
 # How a cell ended (`outcome.status` of an observation): sandbox.STATUSES, written again because the sandbox's
 # zygote imports nothing of mathagent but the sandbox package (a test keeps the two equal).
@@ -259,6 +261,50 @@ def read_finished(path: str) -> list[dict[str, Any]]:
                 if problem is None and isinstance(record, dict) and "id" in record:
                     kept[str(record["id"])] = record
     return list(kept.values())
+
+
+def finished_records(output: str, resume: bool) -> dict[str, dict[str, Any]]:
+    """What --resume keeps: the finished records of an earlier run writing `output`, by id; none without
+    --resume or when the output is stdout (there is nothing to read back)."""
+    if not resume or output == "-":
+        return {}
+    return {r["id"]: r for r in read_finished(output)}
+
+
+def split_finished(
+    groups: Sequence[Sequence[dict[str, Any]]], finished: dict[str, dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[Sequence[dict[str, Any]]]]:
+    """(the finished records to keep, the groups still to do): a group - the trajectories of one input - is
+    kept only when every one of its ids is finished, so an input is never half redone."""
+    kept: list[dict[str, Any]] = []
+    todo: list[Sequence[dict[str, Any]]] = []
+    for group in groups:
+        if all(r["id"] in finished for r in group):
+            kept.extend(finished[r["id"]] for r in group)
+        else:
+            todo.append(group)
+    return kept, todo
+
+
+@contextlib.contextmanager
+def record_stream() -> Iterator[IO[str]]:
+    """A private stream to the real stdout for records, while fd 1 points at stderr.
+
+    stdout must carry only JSONL, but libraries print there: vLLM's logger, C extensions, tqdm. For the
+    duration of a stage, whatever anything writes to stdout lands on stderr, and only records reach the pipe.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    try:
+        yield stream
+    finally:
+        stream.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        stream.close()
 
 
 def check_output_path(path: str) -> None:

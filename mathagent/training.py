@@ -150,6 +150,12 @@ class TrainConfig:
         if self.merge_lora and not self.lora:
             raise UserError("--merge-lora needs --lora")
         report_targets(self.report_to)
+        from mathagent.engines import check_model
+
+        check_model("--model", self.model)
+        check_model("--ref-model", self.ref_model)
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise UserError(f"--output-dir {self.output_dir}: is a file, not a directory")
 
 
 @dataclass
