@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mathagent import correction, grading
+from mathagent.chat import prompt_ids
 from mathagent.correction import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, Request, Sampling
 from mathagent.errors import UserError
@@ -180,19 +181,6 @@ def request_seed(seed: int, trajectory_id: str, turn: int) -> int:
     """A per-request sampling seed: a trajectory's sample does not depend on what it was batched with."""
     digest = hashlib.blake2b(f"{seed}/{trajectory_id}/{turn}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the state, ready for the next action (or for more of a cut last action). A special token
-    spelled inside a message (an observation that prints "<|im_start|>assistant") stays plain text, as in
-    training (`chat.encode`): no output can forge a turn."""
-    from mathagent.chat import token_ids
-
-    continuing = messages[-1]["role"] == "assistant"
-    kwargs = {"add_generation_prompt": not continuing, "continue_final_message": continuing}
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    # The template already wrote any BOS it wants.
-    return token_ids(tokenizer, messages, text, **kwargs)
 
 
 def execute_pending(

@@ -535,17 +535,11 @@ def train_prm(
     """
     from mathagent import prm
 
-    def held_out_accuracy(summary: dict[str, Any]) -> dict[str, Any]:
-        model, tokenizer = prm.load_prm(summary["output_dir"])
-        examples = [prm.training_chat(r, steps)[:2] for r in held_out]
-        return {"eval_accuracy": prm.label_accuracy(model, tokenizer, examples),
-                "eval_labels": sum(len(step_labels) for _, step_labels in examples)}
-
     check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
     with _user_errors():
-        held_out = list(stages.RecordIO(eval_path).read(("messages",), check=check)) if eval_path else []
-    _train("train-prm", options, check, required=("id", "messages"),
-           evaluate=held_out_accuracy if held_out else None, objective="prm", labels=labels, steps_mode=steps)
+        held_out = RecordIO(eval_path).read(("messages",), check=check) if eval_path else []
+    _train("train-prm", options, check, required=("id", "messages"), objective="prm", labels=labels, steps_mode=steps,
+           evaluate=(lambda summary: prm.held_out_accuracy(summary["output_dir"], held_out, steps)) if held_out else None)
 
 
 def main() -> None:

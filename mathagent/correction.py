@@ -27,6 +27,7 @@ from typing import Any
 
 from mathagent.errors import UserError
 from mathagent.grading import extract_boxed
+from mathagent.records import split_prompt
 
 CORRECT = "correct"
 WRONG = "wrong"
@@ -236,7 +237,6 @@ def _verdict(markers: Markers, correct: bool) -> str:
 def demonstration(first: dict[str, Any], revision: dict[str, Any] | None, markers: Markers) -> list[dict[str, Any]]:
     """The messages of one demonstration: `first`'s prompt and attempt with its grader's verdict, and, after
     a wrong one, the cue, `revision`'s attempt and its verdict."""
-    from mathagent.pairs import split_prompt
 
     prompt, response = split_prompt(first["messages"])
     if revision is None:
@@ -263,7 +263,7 @@ def build_demonstrations(trajectories: Sequence[dict[str, Any]], *, failed_share
     """
     import random
 
-    from mathagent.pairs import group_by_problem, messages_key, problem_rng, split_prompt
+    from mathagent.pairs import group_by_problem, messages_key, problem_rng
 
     if not 0 <= failed_share <= 1:
         raise ValueError(f"failed_share {failed_share}: must be in [0, 1]")
@@ -304,7 +304,7 @@ def build_pairs(demonstrations: Sequence[dict[str, Any]], *, markers: Markers = 
     """Preference pairs for train-mdpo from `build_demonstrations`' records: each demonstration's first attempt
     with its faithful verdict over the same attempt with the false one (kind "verdict"); and each `corrected`
     demonstration over each `failed` one of the same problem and prompt (kind "correction")."""
-    from mathagent.pairs import messages_key, pair_record, split_prompt
+    from mathagent.pairs import messages_key, pair_record
 
     pairs = []
     by_prompt: dict[tuple[str, str], list[dict[str, Any]]] = {}

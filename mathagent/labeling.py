@@ -49,7 +49,7 @@ from typing import Any
 from mathagent import agent
 from mathagent.errors import UserError
 from mathagent.grading import Grader
-from mathagent.records import LENGTH
+from mathagent.records import LENGTH, actions
 
 PLUS, MINUS = "+", "-"
 STEP_MODES = ("turns", "paragraphs")
@@ -101,7 +101,7 @@ def split_steps(messages: Sequence[dict[str, str]], mode: str = "turns") -> list
     step; a trajectory without an action has none."""
     if mode not in STEP_MODES:
         raise UserError(f"unknown step mode {mode!r}: expected one of {', '.join(STEP_MODES)}")
-    action_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    action_indices = actions(messages)
     steps: list[Step] = []
     for n, i in enumerate(action_indices):
         stop = action_indices[n + 1] if n + 1 < len(action_indices) else len(messages)

@@ -34,7 +34,7 @@ from typing import Any
 from mathagent.correction import correction_metrics
 from mathagent.errors import UserError
 from mathagent.grading import Grader, grade_trajectory
-from mathagent.records import observation_failed
+from mathagent.records import is_observation, observation_failed
 
 Equal = Callable[[str, str], bool]  # equal(pred, gold)
 
@@ -107,15 +107,13 @@ def best_of_n(samples: Sequence[dict[str, Any]], score_field: str) -> bool | Non
 def turn_statistics(messages: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Actions, tool calls (actions answered by an observation), observations, error observations (a failed
     cell: `records.observation_failed`) and cut observations (output cut to the sandbox's cap)."""
-    seen_action = False
     stats = {"actions": 0, "tool_calls": 0, "observations": 0, "error_observations": 0, "cut_observations": 0}
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            seen_action = True
             stats["actions"] += 1
-            if i + 1 < len(messages) and messages[i + 1]["role"] != "assistant":
+            if i + 1 < len(messages) and is_observation(messages, i + 1):
                 stats["tool_calls"] += 1
-        elif seen_action:
+        elif is_observation(messages, i):
             stats["observations"] += 1
             stats["error_observations"] += observation_failed(message)
             outcome = message.get("outcome")

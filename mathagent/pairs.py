@@ -64,7 +64,7 @@ from typing import Any, NamedTuple, TypeVar
 from mathagent.grading import REWARD_KINDS, extract_answer
 from mathagent.errors import UserError
 from mathagent.metrics import grade_trajectories
-from mathagent.records import ANSWERED, last_action, observation_failed
+from mathagent.records import ANSWERED, first_action, is_observation, last_action, observation_failed, split_prompt
 
 STRATEGIES = ("random", "max-min", "all")
 FORMATS = ("pairs", "kto", "sft")
@@ -79,18 +79,6 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------------------
 # Prompt and response
 # --------------------------------------------------------------------------------------------------------
-
-
-def first_action(messages: Sequence[dict[str, str]]) -> int | None:
-    return next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
-
-
-def split_prompt(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(prompt, response): the messages before the first action, and the rest (actions and observations)."""
-    start = first_action(messages)
-    if start is None:
-        return list(messages), []
-    return list(messages[:start]), list(messages[start:])
 
 
 def messages_key(messages: Sequence[dict[str, str]]) -> str:
@@ -233,10 +221,7 @@ def no_answer(trajectory: dict[str, Any]) -> bool:
 
 def last_observation(messages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The last observation (a non-assistant message after the first action), or None."""
-    start = first_action(messages)
-    if start is None:
-        return None
-    return next((m for m in reversed(messages[start:]) if m["role"] != "assistant"), None)
+    return next((messages[i] for i in reversed(range(len(messages))) if is_observation(messages, i)), None)
 
 
 def error_observation(trajectory: dict[str, Any]) -> bool:
@@ -251,7 +236,7 @@ def conversation_length(tokenizer, messages: Sequence[dict[str, str]]) -> int:
     from mathagent.chat import token_ids
 
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    # The template already wrote any BOS it wants (as in agent.prompt_ids); special tokens spelled inside a
+    # The template already wrote any BOS it wants (as in prompt_ids); special tokens spelled inside a
     # message are plain text, as training tokenizes them.
     return len(token_ids(tokenizer, messages, text))
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mathagent.agent import prompt_ids
+from mathagent.chat import prompt_ids
 from mathagent.engines import Request, Sampling
 
 
