@@ -1197,7 +1197,7 @@ class Recipe:
 
 def _end(accelerator) -> None:
     """Every process leaves together; end_training destroys accelerate's process group here rather than at
-    the interpreter's exit (the CLI then ends a torchrun rank with os._exit, see _run_training)."""
+    the interpreter's exit (the CLI then ends a torchrun rank with os._exit, see stages.train)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -162,7 +162,7 @@ def test_a_second_writer_of_the_same_output_refuses_at_once_and_the_first_finish
     # a killed run's leftover is not in use: the next writer takes over and removes it on a clean close
     killed = RecordWriter(str(out))
     killed.write({"id": "c"})
-    killed._tmp.close()  # the process died: its lock went with it
+    killed.close(ok=False)  # the process died: its temporary file stays, its lock went with it
     with RecordWriter(str(out)) as writer:
         writer.write({"id": "d"})
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]

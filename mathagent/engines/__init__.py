@@ -121,7 +121,7 @@ def _silence_loggers() -> None:
 
 
 @contextlib.contextmanager
-def _captured_stderr() -> Iterator[None]:
+def captured_stderr() -> Iterator[None]:
     """While an engine starts, whatever reaches file descriptor 2 (C++ warnings, load progress bars, prints)
     goes to a temporary file, which is replayed to stderr if the start fails."""
     if verbose():
@@ -173,7 +173,7 @@ def open_engine(
         raise UserError(f"--base-url is for --backend openai, not {backend}")
     options.pop("base_urls", None)
     options.pop("concurrency", None)
-    with quiet_engines(), _captured_stderr():
+    with quiet_engines(), captured_stderr():
         if backend == "vllm":
             from mathagent.engines.vllm import VLLMEngine
 
@@ -243,4 +243,4 @@ class EngineOptions:
 
 
 __all__ = ["BACKENDS", "DTYPES", "Completion", "Engine", "EngineOptions", "EngineStats", "Request", "Sampling",
-           "check_model", "open_engine", "quiet_engines", "quiet_libraries", "verbose"]
+           "captured_stderr", "check_model", "open_engine", "quiet_engines", "quiet_libraries", "verbose"]
