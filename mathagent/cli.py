@@ -1,8 +1,9 @@
 """The `mathagent` command line: one command per stage of the method, JSONL in and out.
 
-Each command parses its options, opens what it needs (engine, sandbox), calls one function of the package, and
-writes records. Records go to stdout or `-o PATH` (atomically); logs and progress go to stderr, so stages
-chain through pipes:
+Each command declares its options and makes one call, to the stage of the same name in mathagent/stages.py
+(which opens the engine, sandbox and grader, and reads and writes the records); a choice option is an enum of
+the values its module declares. Records go to stdout or `-o PATH` (atomically); logs and progress go to
+stderr, so stages chain through pipes:
 
     mathagent rollout problems.jsonl --model tiny --n 4 | mathagent evaluate
 """
