@@ -34,12 +34,13 @@ os.environ.setdefault("MATHAGENT_VLLM_KV_BYTES", str(256 * 2**20))
 
 from mathagent import agent, labeling  # noqa: E402
 from mathagent.engines import open_engine  # noqa: E402
+from mathagent.grading import Grader  # noqa: E402
 from mathagent.sandbox import Sandbox  # noqa: E402
 from mathagent.tasks.arith import gold_messages, make_problems  # noqa: E402
 from mathagent.tiny import resolve_model  # noqa: E402
 
 
-def inputs(engine, sandbox, args) -> list[dict]:
+def inputs(engine, sandbox, grader, args) -> list[dict]:
     """Graded trajectories: gold, its wrong-answer twin, and n samples of the tiny model, per problem."""
     problems = make_problems(args.problems, seed=7)
     out = []
@@ -51,9 +52,9 @@ def inputs(engine, sandbox, args) -> list[dict]:
         out.append({**p, "problem_id": p["id"], "id": f"{p['id']}-twin", "messages": twin, "status": "answered"})
     sampled = [t for p in problems for t in agent.new_trajectories(p, args.n, agent.PROMPTS["tool"])]
     config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=1)
-    agent.run_agent(sampled, engine, sandbox, config)
+    agent.run_agent(sampled, engine, sandbox, grader, config)
     for t in out:
-        agent.grade(t)
+        agent.grade(t, grader)
     return out + sampled
 
 
@@ -61,10 +62,10 @@ def copies(trajectories: list[dict]) -> list[dict]:
     return [{**t, "messages": [dict(m) for m in t["messages"]]} for t in trajectories]
 
 
-def built(trajectories, engine, sandbox, config, m) -> dict:
+def built(trajectories, engine, sandbox, grader, config, m) -> dict:
     calls, tokens, requests = engine.stats.calls, engine.stats.generated_tokens, engine.stats.requests
     engine_seconds = engine.stats.seconds
-    report = labeling.label_trajectories(trajectories, engine, sandbox, config, m=m)
+    report = labeling.label_trajectories(trajectories, engine, sandbox, grader, config, m=m)
     return {
         "seconds": report.seconds, "engine_seconds": engine.stats.seconds - engine_seconds,
         "engine_calls": engine.stats.calls - calls,
@@ -74,7 +75,7 @@ def built(trajectories, engine, sandbox, config, m) -> dict:
     }
 
 
-def per_prefix(trajectories, engine, sandbox, config, m) -> dict:
+def per_prefix(trajectories, engine, sandbox, grader, config, m) -> dict:
     calls, tokens, requests = engine.stats.calls, engine.stats.generated_tokens, engine.stats.requests
     engine_seconds = engine.stats.seconds
     start = time.perf_counter()
@@ -85,7 +86,7 @@ def per_prefix(trajectories, engine, sandbox, config, m) -> dict:
         for step in steps[:-1]:
             root = labeling.continuation_root(step, t, labeling.prefix_key(step, t.get("answer")))
             group = agent.branch(root, m)
-            labeling.complete(group, engine, sandbox, config)
+            labeling.complete(group, engine, sandbox, grader, config)
             labels.append(labeling.sampled_step(labeling.outcomes(group)))
             completions += len(group)
             prefixes += 1
@@ -114,8 +115,8 @@ def main() -> None:
     engine = open_engine("vllm", resolve_model(args.model), seed=0)
     config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=0)
     try:
-        with Sandbox() as sandbox:
-            trajectories = inputs(engine, sandbox, args)
+        with Sandbox() as sandbox, Grader() as grader:
+            trajectories = inputs(engine, sandbox, grader, args)
             steps = sum(len(labeling.split_steps(t["messages"])) for t in trajectories)
             sampled_steps = steps - sum(1 for t in trajectories if labeling.split_steps(t["messages"]))
             runs = {"built": [], "per_prefix": []}
@@ -124,7 +125,7 @@ def main() -> None:
                 for name, run in (("built", built), ("per_prefix", per_prefix)):
                     engine.llm.reset_prefix_cache()  # neither run inherits the other's cache
                     outputs[name] = copies(trajectories)
-                    row = run(outputs[name], engine, sandbox, config, args.m)
+                    row = run(outputs[name], engine, sandbox, grader, config, args.m)
                     row["labeled_steps_per_s"] = steps / row["seconds"]
                     row["sampled_steps_per_s"] = sampled_steps / row["seconds"]
                     runs[name].append(row)

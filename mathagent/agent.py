@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mathagent import correction, grading
+from mathagent.chat import prompt_ids
 from mathagent.correction import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, Request, Sampling
 from mathagent.errors import UserError
@@ -129,10 +130,11 @@ def branch(trajectory: dict[str, Any], n: int) -> list[dict[str, Any]]:
             for k in range(n)]
 
 
-def grade(trajectory: dict[str, Any], reward_kind: str = "r1", verdict_reward: float = 0.0) -> None:
+def grade(trajectory: dict[str, Any], grader: grading.Grader, reward_kind: str = "r1", verdict_reward: float = 0.0) -> None:
     """Set `pred` (the last boxed answer of the last action) and `correct` and `reward` (None without a gold
-    answer), in place."""
-    trajectory.update(grading.grade_trajectory(trajectory, reward_kind=reward_kind, verdict_reward=verdict_reward))
+    answer), in place, with the command's grader."""
+    trajectory.update(grading.grade_trajectory(trajectory, grader, reward_kind=reward_kind,
+                                               verdict_reward=verdict_reward))
 
 
 @dataclass
@@ -181,19 +183,6 @@ def request_seed(seed: int, trajectory_id: str, turn: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the state, ready for the next action (or for more of a cut last action). A special token
-    spelled inside a message (an observation that prints "<|im_start|>assistant") stays plain text, as in
-    training (`chat.encode`): no output can forge a turn."""
-    from mathagent.chat import token_ids
-
-    continuing = messages[-1]["role"] == "assistant"
-    kwargs = {"add_generation_prompt": not continuing, "continue_final_message": continuing}
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    # The template already wrote any BOS it wants.
-    return token_ids(tokenizer, messages, text, **kwargs)
-
-
 def execute_pending(
     trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user", *, release: bool = False,
     markers: Markers = DEFAULT_MARKERS,
@@ -219,11 +208,12 @@ def run_agent(
     trajectories: list[dict[str, Any]],
     engine: Engine,
     sandbox,
+    grader: grading.Grader,
     config: AgentConfig,
     on_turn: Callable[[TurnReport], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Advance every trajectory until it ends; set `status`, `pred`, `correct`, `reward`. Mutates and returns
-    the list, in order.
+    """Advance every trajectory until it ends; set `status`, then `pred`, `correct`, `reward` (by `grader`, once
+    all have ended). Mutates and returns the list, in order.
 
     A trajectory that comes in ending in an observation is continued; one whose last action was cut by the
     token limit (status `length`) gets that action continued; pending code is executed first.
@@ -236,7 +226,7 @@ def run_agent(
             t.pop("status", None)
     _reserve_sessions(live, sandbox, config)
     if config.schedule == "continuous" and hasattr(engine, "submit"):
-        return _run_continuously(trajectories, engine, sandbox, config, sampling, on_turn)
+        return _graded(_run_continuously(trajectories, engine, sandbox, config, sampling, on_turn), grader, config)
     turn = 0
     while live:
         turn += 1
@@ -272,6 +262,12 @@ def run_agent(
         live = [t for t in live if id(t) not in done]
         if on_turn is not None:
             on_turn(report)
+    return _graded(trajectories, grader, config)
+
+
+def _graded(trajectories: list[dict[str, Any]], grader: grading.Grader, config: AgentConfig) -> list[dict[str, Any]]:
+    for t in trajectories:
+        grade(t, grader, config.reward, config.verdict_reward)
     return trajectories
 
 
@@ -369,7 +365,6 @@ def _take_action(t: dict[str, Any], completion, markers: Markers = DEFAULT_MARKE
 
 
 def _finish(t: dict[str, Any], sandbox, config: AgentConfig) -> None:
-    grade(t, config.reward, config.verdict_reward)
     if sandbox is not None:
         sandbox.forget(str(t["id"]))
 

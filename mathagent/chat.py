@@ -20,7 +20,7 @@ How the mask is found, without any knowledge of a model family:
    exactly there. What follows that token (ChatML's "\\n") is scaffolding. A template that puts no special
    token after an assistant message gets actions of content alone.
 4. The whole text is tokenized once (with the template's own BOS, no added special tokens, as inference does:
-   see `agent.prompt_ids`), and each token is placed by its character offsets. A token whose characters lie
+   see `prompt_ids`), and each token is placed by its character offsets. A token whose characters lie
    partly inside an action and partly outside (a *straddling* token: sentencepiece merges `]` and `+` of
    `[/INST]+` into one piece) is not an action: it holds text the model did not write. Such tokens are counted
    in `TokenizedConversation.straddling`, so callers can report them; a template that puts a space or a
@@ -172,6 +172,17 @@ def encode(tokenizer, text: str, literal: Sequence[tuple[int, int]] = ()) -> tup
             offsets.append((special.start(), special.end()))
             begin = special.end()
     return ids, offsets
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the state, ready for the next action (or for more of a cut last action). A special token
+    spelled inside a message (an observation that prints "<|im_start|>assistant") stays plain text, as in
+    training (`encode`): no output can forge a turn."""
+    continuing = messages[-1]["role"] == "assistant"
+    kwargs = {"add_generation_prompt": not continuing, "continue_final_message": continuing}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    # The template already wrote any BOS it wants.
+    return token_ids(tokenizer, messages, text, **kwargs)
 
 
 def token_ids(tokenizer, messages: Sequence[dict[str, Any]], text: str, **kwargs) -> list[int]:

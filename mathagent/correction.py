@@ -18,12 +18,16 @@ The paper's metrics, over trajectories with a reference answer, c_j = 1[y_j is c
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from mathagent.errors import UserError
 from mathagent.grading import extract_boxed
+from mathagent.records import split_prompt
 
 CORRECT = "correct"
 WRONG = "wrong"
@@ -32,6 +36,8 @@ WRONG = "wrong"
 VERIFY = "verify"  # an answer without a verdict: ask for the model's self-evaluation
 REVISE = "revise"  # a "wrong" verdict with revisions left: ask for a revision
 END = "end"  # a "correct" verdict, or "wrong" with no revision left
+
+FORMATS = ("sft", "pairs")  # what make-corrections writes: the demonstrations, or pairs of them
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,28 @@ class Markers:
 
 
 DEFAULT_MARKERS = Markers()
+
+
+def markers_from_options(verdicts: str, cue: str = DEFAULT_MARKERS.cue, verify_prompt: str | None = None,
+                         revise_prompt: str | None = None) -> Markers:
+    """The format from a command's options: --verdicts CORRECT|WRONG, the revision cue, and the prompted turns
+    (text, or a file holding it; None: the paper's)."""
+    parts = verdicts.split("|")
+    if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
+        raise UserError(f"--verdicts {verdicts!r}: expected two different strings, CORRECT|WRONG")
+
+    def text(option: str, value: str | None, default: str) -> str:
+        if value is None:
+            return default
+        if os.path.isfile(value):
+            return Path(value).read_text(encoding="utf-8").strip()
+        if not value.strip():
+            raise UserError(f"{option}: empty")
+        return value
+
+    return Markers(correct=parts[0].strip(), wrong=parts[1].strip(), cue=cue,
+                   verify_prompt=text("--verify-prompt", verify_prompt, DEFAULT_MARKERS.verify_prompt),
+                   revise_prompt=text("--revise-prompt", revise_prompt, DEFAULT_MARKERS.revise_prompt))
 
 
 @dataclass(frozen=True)
@@ -209,7 +237,6 @@ def _verdict(markers: Markers, correct: bool) -> str:
 def demonstration(first: dict[str, Any], revision: dict[str, Any] | None, markers: Markers) -> list[dict[str, Any]]:
     """The messages of one demonstration: `first`'s prompt and attempt with its grader's verdict, and, after
     a wrong one, the cue, `revision`'s attempt and its verdict."""
-    from mathagent.pairs import split_prompt
 
     prompt, response = split_prompt(first["messages"])
     if revision is None:
@@ -236,7 +263,7 @@ def build_demonstrations(trajectories: Sequence[dict[str, Any]], *, failed_share
     """
     import random
 
-    from mathagent.pairs import group_by_problem, messages_key, problem_rng, split_prompt
+    from mathagent.pairs import group_by_problem, messages_key, problem_rng
 
     if not 0 <= failed_share <= 1:
         raise ValueError(f"failed_share {failed_share}: must be in [0, 1]")
@@ -277,7 +304,7 @@ def build_pairs(demonstrations: Sequence[dict[str, Any]], *, markers: Markers = 
     """Preference pairs for train-mdpo from `build_demonstrations`' records: each demonstration's first attempt
     with its faithful verdict over the same attempt with the false one (kind "verdict"); and each `corrected`
     demonstration over each `failed` one of the same problem and prompt (kind "correction")."""
-    from mathagent.pairs import messages_key, pair_record, split_prompt
+    from mathagent.pairs import messages_key, pair_record
 
     pairs = []
     by_prompt: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -16,8 +16,8 @@ the three parts:
 
 - extraction: `extract_answer` finds a_hat in the last action's text (the last \boxed{}/\fbox{}, or
   "The answer is ...", or GSM8K's "#### N");
-- equivalence: `is_equivalent(pred, gold)` decides a_hat == a*;
-- the reward: `reward(pred, gold, kind)`.
+- equivalence: `Grader.is_equivalent(pred, gold)` decides a_hat == a*;
+- the reward: `Grader.reward(pred, gold, kind)`, and `grade_trajectory` for a whole record.
 
 Equivalence builds on math-verify's LaTeX parser (latex2sympy2_extended) and replaces the parts of its
 comparison that are wrong or unsafe for training. A comparison goes, in order:
@@ -41,12 +41,12 @@ comparison that are wrong or unsafe for training. A comparison goes, in order:
 Step 4 runs in child processes with a deadline, so the grader is safe to call from any thread (math-verify's
 signal.alarm timeouts work only in the main thread), behind size guards (towers of powers, huge factorials
 and binomials) and a memory limit. A comparison that fails, times out or is refused by a guard grades
-not-equal and is counted in `GradingStats` (`Grader.stats`, or `grading_stats()` for the module functions).
+not-equal and is counted in `GradingStats` (`Grader.stats`). A command creates one `Grader`, hands it to the
+functions that grade, reports its counters and closes it: there is no grader at module level.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import math
 import os
@@ -62,6 +62,7 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any
 
+from mathagent.errors import UserError
 ANSWER_MODES = ("boxed", "answer_is", "gsm8k")
 REWARD_KINDS = ("r1", "binary")
 
@@ -479,6 +480,17 @@ class GradingStats:
         d["failures"] = d["timeouts"] + d["errors"] + d["oversize"]
         return d
 
+    def summary(self) -> str:
+        """One line for a command's report: the comparisons, and the answers that could not be graded."""
+        d = self.as_dict()
+        line = f"grading: {d['comparisons']} comparisons"
+        if d["failures"]:
+            line += (f", {d['failures']} answers could not be graded and count as wrong ({d['timeouts']} timeouts, "
+                     f"{d['errors']} errors, {d['oversize']} refused as oversize)")
+        else:
+            line += ", none failed"
+        return line
+
     def reset(self) -> None:
         with self._lock:
             for f in fields(self):
@@ -496,7 +508,7 @@ class _WorkerDied(Exception):
 
 
 class _Worker:
-    """One child process running `_worker_main`: JSON lines in, JSON lines out."""
+    """One child process running `worker_main`: JSON lines in, JSON lines out."""
 
     STARTUP_TIMEOUT = 120.0
 
@@ -505,7 +517,7 @@ class _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from mathagent.grading import _worker_main; _worker_main()"],
+            [sys.executable, "-c", "from mathagent.grading import worker_main; worker_main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -624,8 +636,8 @@ _WORDS = re.compile(r"^[A-Za-z][A-Za-z'\- ]*$")
 class Grader:
     """Decides a_hat == a* with fixed options; holds the sympy workers and the `stats` counters.
 
-    Safe to share between threads. Create one per command and `close()` it (or use `with`); the module
-    functions `is_equivalent` and `reward` use a default one created on first use.
+    Safe to share between threads. Create one per command, hand it to what grades, and `close()` it (or use
+    `with`).
     """
 
     def __init__(
@@ -638,6 +650,8 @@ class Grader:
         workers: int | None = None,
         cache_size: int = 65536,
     ) -> None:
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise UserError(f"--grading-timeout {timeout}: must be a positive number of seconds")
         self.rel_tol = rel_tol
         self.abs_tol = abs_tol
         self.percent_scaling = percent_scaling
@@ -1057,7 +1071,7 @@ def _relations_equal(g, p, rel_tol: float, abs_tol: float) -> bool:
     return _functions_equal(d_g * ratio, d_p, free, exact, rel_tol, abs_tol)
 
 
-def _worker_main() -> None:
+def worker_main() -> None:
     """The loop of a sympy worker process: one JSON request per line on stdin, one answer on stdout."""
     import logging
     import resource
@@ -1092,28 +1106,19 @@ def _worker_main() -> None:
         out.flush()
 
 
-# --------------------------------------------------------------------------------------------------------
-# Module-level API (a default grader, created on first use)
-# --------------------------------------------------------------------------------------------------------
-
-_default_grader: Grader | None = None
-_default_lock = threading.Lock()
-
-
-def default_grader() -> Grader:
-    """The grader behind the module functions; created on first use, closed at interpreter exit."""
-    global _default_grader
-    with _default_lock:
-        if _default_grader is None:
-            _default_grader = Grader()
-            atexit.register(_default_grader.close)
-        return _default_grader
+def check_verdict_reward(weight: float) -> float:
+    """w of `grade_trajectory`: 0 or positive."""
+    if not (math.isfinite(weight) and weight >= 0):
+        raise UserError(f"--verdict-reward {weight}: must be 0 or positive")
+    return weight
 
 
-def is_equivalent(pred: str | None, gold: str | None, *, timeout: float = 5.0) -> bool:
-    """Whether `pred` equals `gold` mathematically. Never raises: a failure grades False and is counted in
-    `default_grader().stats`."""
-    return default_grader().is_equivalent(pred, gold, timeout=timeout)
+def parse_answer_modes(text: str) -> tuple[str, ...]:
+    """--answer-modes: a comma list of ANSWER_MODES, tried in order."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in ANSWER_MODES for m in modes):
+        raise UserError(f"--answer-modes {text!r}: choose from {', '.join(ANSWER_MODES)}")
+    return modes
 
 
 def outcome_reward(boxed: bool, correct: bool, kind: str = "r1") -> float:
@@ -1129,7 +1134,7 @@ def outcome_reward(boxed: bool, correct: bool, kind: str = "r1") -> float:
 
 def grade_trajectory(
     trajectory: dict[str, Any],
-    grader: Grader | None = None,
+    grader: Grader,
     *,
     answer_modes: Sequence[str] = ("boxed",),
     reward_kind: str = "r1",
@@ -1147,7 +1152,6 @@ def grade_trajectory(
     from mathagent import correction
     from mathagent.records import last_action
 
-    grader = grader or default_grader()
     content = last_action(trajectory["messages"])
     pred = extract_answer(content, answer_modes) if content is not None else None
     boxed = content is not None and extract_boxed(content) is not None
@@ -1174,16 +1178,3 @@ def grade_trajectory(
         if verdict_reward and "attempts" in graded:
             graded["reward"] += verdict_reward * correction.verdict_term(graded["attempts"])
     return graded
-
-
-def reward(pred: str | None, gold: str, kind: str = "r1") -> float:
-    """The outcome reward of a trajectory whose boxed answer is `pred` (None: no boxed answer).
-
-    r1: +1 if pred == gold, -0.5 if pred is a wrong answer, -1 if there is none; binary: 1[pred == gold].
-    """
-    return default_grader().reward(pred, gold, kind)
-
-
-def grading_stats() -> dict[str, int]:
-    """The default grader's counters (comparisons, how they were decided, failures)."""
-    return default_grader().stats.as_dict()

@@ -48,11 +48,13 @@ from typing import Any
 
 from mathagent import agent
 from mathagent.errors import UserError
-from mathagent.records import LENGTH
+from mathagent.grading import Grader
+from mathagent.records import LENGTH, actions
 
 PLUS, MINUS = "+", "-"
 STEP_MODES = ("turns", "paragraphs")
 Q_ESTIMATES = ("mean", "soft-optimal")
+FORMATS = ("records", "prm")  # what mc-label writes: the trajectories with "steps", or PRM chats (`prm.prm_example`)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def split_steps(messages: Sequence[dict[str, str]], mode: str = "turns") -> list
     step; a trajectory without an action has none."""
     if mode not in STEP_MODES:
         raise UserError(f"unknown step mode {mode!r}: expected one of {', '.join(STEP_MODES)}")
-    action_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    action_indices = actions(messages)
     steps: list[Step] = []
     for n, i in enumerate(action_indices):
         stop = action_indices[n + 1] if n + 1 < len(action_indices) else len(messages)
@@ -146,8 +148,10 @@ def soft_optimal_q(outcomes: Sequence[bool], eta: float) -> float:
     return top + eta * math.log(sum(math.exp((x - top) / eta) for x in u) / len(u))
 
 
-def check_estimate(estimate: str, eta: float) -> None:
-    """Refuse an unknown soft-label estimate or an eta that is not a positive finite number."""
+def check_estimate(estimate: str, eta: float, m: int = 1) -> None:
+    """Refuse an M below 1, an unknown soft-label estimate or an eta that is not a positive finite number."""
+    if m < 1:
+        raise UserError("--m must be at least 1")
     if estimate not in Q_ESTIMATES:
         raise UserError(f"--q {estimate!r}: choose from {', '.join(Q_ESTIMATES)}")
     if not (eta > 0 and math.isfinite(eta)):
@@ -260,20 +264,20 @@ def continuation_root(step: Step, trajectory: dict[str, Any], key: str) -> dict[
 
 
 def complete(
-    completions: list[dict[str, Any]], engine, sandbox, config: agent.AgentConfig,
+    completions: list[dict[str, Any]], engine, sandbox, grader: Grader, config: agent.AgentConfig,
     on_turn: Callable[[agent.TurnReport], None] | None = None,
 ) -> int:
     """Run continuations to their end through the agent loop; an action cut by the token limit has no answer
     yet, so it is continued, up to H = max_turns rounds in all, rather than graded wrong. Returns how many
     were cut and continued at least once."""
-    agent.run_agent(completions, engine, sandbox, config, on_turn=on_turn)
+    agent.run_agent(completions, engine, sandbox, grader, config, on_turn=on_turn)
     continued: set[str] = set()
     for _ in range(config.max_turns - 1):
         cut = [c for c in completions if c.get("status") == LENGTH]
         if not cut:
             break
         continued.update(c["id"] for c in cut)
-        agent.run_agent(cut, engine, sandbox, config, on_turn=on_turn)
+        agent.run_agent(cut, engine, sandbox, grader, config, on_turn=on_turn)
     return len(continued)
 
 
@@ -286,6 +290,7 @@ def label_trajectories(
     trajectories: list[dict[str, Any]],
     engine,
     sandbox,
+    grader: Grader,
     config: agent.AgentConfig,
     *,
     m: int = 8,
@@ -303,9 +308,7 @@ def label_trajectories(
     template with a {question} placeholder), the continuations see the first user message rendered from the
     trajectory's `question` with it instead of the trajectory's own. `estimate` is the soft label: "mean"
     (Q-hat) or "soft-optimal" (Q* with `eta`)."""
-    if m < 1:
-        raise UserError("--m must be at least 1")
-    check_estimate(estimate, eta)
+    check_estimate(estimate, eta, m)
     cache = cache if cache is not None else LabelCache()
     start = time.perf_counter()
     report = LabelingReport(trajectories=len(trajectories))
@@ -328,7 +331,7 @@ def label_trajectories(
     batch = [c for group in continuations.values() for c in group]
     if batch:
         calls, tokens = engine.stats.calls, engine.stats.generated_tokens
-        report.continued = complete(batch, engine, sandbox, config, on_turn)
+        report.continued = complete(batch, engine, sandbox, grader, config, on_turn)
         report.engine_calls = engine.stats.calls - calls
         report.tokens = engine.stats.generated_tokens - tokens
     for key, group in continuations.items():

@@ -84,7 +84,7 @@ def sha256_tree(path: str | os.PathLike) -> str:
 # ---- stage: run one stage's command ------------------------------------------------------------------------
 
 
-def _stage_name(command: list[str]) -> str:
+def stage_name_of(command: list[str]) -> str:
     """`mathagent rollout ...` -> rollout; `python -m mathagent.cli train-mdpo` -> train-mdpo."""
     words = [w for w in command if not w.startswith("-")]
     for i, word in enumerate(words):
@@ -109,7 +109,7 @@ def stage(
     if not command:
         raise typer.BadParameter("no command after --")
     folder = Path(directory)
-    stage_name = name or _stage_name(command)
+    stage_name = name or stage_name_of(command)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     log_path = folder / "logs" / f"{stage_name}.log"
     label = f"{folder}  {stage_name}"

@@ -32,8 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mathagent.correction import correction_metrics
+from mathagent.errors import UserError
 from mathagent.grading import Grader, grade_trajectory
-from mathagent.records import observation_failed
+from mathagent.records import is_observation, observation_failed
 
 Equal = Callable[[str, str], bool]  # equal(pred, gold)
 
@@ -106,15 +107,13 @@ def best_of_n(samples: Sequence[dict[str, Any]], score_field: str) -> bool | Non
 def turn_statistics(messages: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Actions, tool calls (actions answered by an observation), observations, error observations (a failed
     cell: `records.observation_failed`) and cut observations (output cut to the sandbox's cap)."""
-    seen_action = False
     stats = {"actions": 0, "tool_calls": 0, "observations": 0, "error_observations": 0, "cut_observations": 0}
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            seen_action = True
             stats["actions"] += 1
-            if i + 1 < len(messages) and messages[i + 1]["role"] != "assistant":
+            if i + 1 < len(messages) and is_observation(messages, i + 1):
                 stats["tool_calls"] += 1
-        elif seen_action:
+        elif is_observation(messages, i):
             stats["observations"] += 1
             stats["error_observations"] += observation_failed(message)
             outcome = message.get("outcome")
@@ -154,6 +153,17 @@ def grade_trajectories(
 # --------------------------------------------------------------------------------------------------------
 
 
+def parse_ks(text: str) -> list[int]:
+    """--k: comma-separated positive integers, sorted, each once."""
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise UserError(f"--k {text!r}: expected comma-separated positive integers, e.g. 1,4,8")
+    return ks
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -183,52 +193,44 @@ def evaluate(
     *,
     ks: Sequence[int] = (1,),
     score_field: str | None = None,
-    equal: Equal | None = None,
+    equal: Equal,
 ) -> dict[str, Any]:
     """The evaluation report of graded trajectories (records with `pred` and `correct`, see
     `grade_trajectories`), grouped into problems by `problem_id`.
 
-    `equal(pred, gold)` groups answers for maj@k (default: a fresh `Grader`'s is_equivalent). Trajectories
+    `equal(pred, gold)` groups answers for maj@k (the command's `Grader.is_equivalent`). Trajectories
     without a reference answer count in the turn statistics only.
     """
     if any(k < 1 for k in ks):
         raise ValueError(f"k must be positive, got {list(ks)}")
-    own_grader = None
-    if equal is None:
-        own_grader = Grader()
-        equal = own_grader.is_equivalent
-    try:
-        with_answer = [t for t in graded if t.get("correct") is not None]
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for t in with_answer:
-            groups[str(t["problem_id"])].append(t)
-        report: dict[str, Any] = {"ungraded": len(graded) - len(with_answer)}
-        report.update(_group_metrics(groups, ks, equal))
+    with_answer = [t for t in graded if t.get("correct") is not None]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for t in with_answer:
+        groups[str(t["problem_id"])].append(t)
+    report: dict[str, Any] = {"ungraded": len(graded) - len(with_answer)}
+    report.update(_group_metrics(groups, ks, equal))
 
-        if score_field is not None:
-            outcomes = [best_of_n(ts, score_field) for ts in groups.values()]
-            scored = [o for o in outcomes if o is not None]
-            report["best_of_n"] = {
-                "score_field": score_field,
-                "problems": len(scored),
-                "accuracy": _mean([1.0 if o else 0.0 for o in scored]),
+    if score_field is not None:
+        outcomes = [best_of_n(ts, score_field) for ts in groups.values()]
+        scored = [o for o in outcomes if o is not None]
+        report["best_of_n"] = {
+            "score_field": score_field,
+            "problems": len(scored),
+            "accuracy": _mean([1.0 if o else 0.0 for o in scored]),
+        }
+
+    for field_name in ("subject", "level"):
+        values = {str(ts[0][field_name]) for ts in groups.values() if ts[0].get(field_name) is not None}
+        if values:
+            report[f"by_{field_name}"] = {
+                value: _group_metrics(
+                    {p: ts for p, ts in groups.items() if str(ts[0].get(field_name)) == value}, ks, equal
+                )
+                for value in sorted(values, key=_natural_key)
             }
 
-        for field_name in ("subject", "level"):
-            values = {str(ts[0][field_name]) for ts in groups.values() if ts[0].get(field_name) is not None}
-            if values:
-                report[f"by_{field_name}"] = {
-                    value: _group_metrics(
-                        {p: ts for p, ts in groups.items() if str(ts[0].get(field_name)) == value}, ks, equal
-                    )
-                    for value in sorted(values, key=_natural_key)
-                }
-
-        report["turns"] = _turn_report(graded)
-        return report
-    finally:
-        if own_grader is not None:
-            own_grader.close()
+    report["turns"] = _turn_report(graded)
+    return report
 
 
 def _natural_key(value: str) -> tuple[int, Any]:

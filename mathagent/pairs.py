@@ -61,10 +61,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from mathagent.grading import extract_answer
+from mathagent.grading import REWARD_KINDS, extract_answer
 from mathagent.errors import UserError
 from mathagent.metrics import grade_trajectories
-from mathagent.records import ANSWERED, last_action, observation_failed
+from mathagent.records import ANSWERED, first_action, is_observation, last_action, observation_failed, split_prompt
 
 STRATEGIES = ("random", "max-min", "all")
 FORMATS = ("pairs", "kto", "sft")
@@ -79,18 +79,6 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------------------
 # Prompt and response
 # --------------------------------------------------------------------------------------------------------
-
-
-def first_action(messages: Sequence[dict[str, str]]) -> int | None:
-    return next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
-
-
-def split_prompt(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(prompt, response): the messages before the first action, and the rest (actions and observations)."""
-    start = first_action(messages)
-    if start is None:
-        return list(messages), []
-    return list(messages[:start]), list(messages[start:])
 
 
 def messages_key(messages: Sequence[dict[str, str]]) -> str:
@@ -127,12 +115,21 @@ class PairConfig:
     format: str = "pairs"
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        """Refuse impossible options with a `UserError` naming the make-pairs option, before any work."""
         if self.format not in FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; choose from {FORMATS}")
-        if self.k is not None and (self.k < 1 or self.strategy == "all"):
-            raise ValueError("k must be at least 1, and applies to the random and max-min strategies only")
+            raise UserError(f"--format {self.format!r}: choose from {', '.join(FORMATS)}")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"--strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
+        if self.k is not None and self.k < 1:
+            raise UserError("--k must be at least 1")
+        if self.k is not None and self.strategy == "all":
+            raise UserError("--k does not apply to --strategy all (every winner with every loser)")
+        if self.reward_kind not in REWARD_KINDS:
+            raise UserError(f"--reward {self.reward_kind!r}: choose from {', '.join(REWARD_KINDS)}")
+        if self.score_field is not None and self.strategy != "max-min":
+            raise UserError("--score-field applies to --strategy max-min only")
+        if self.max_length is not None and self.max_length < 1:
+            raise UserError("--max-length needs a positive length and --tokenizer (or --model)")
 
     @property
     def pairs_per_problem(self) -> int | None:
@@ -224,10 +221,7 @@ def no_answer(trajectory: dict[str, Any]) -> bool:
 
 def last_observation(messages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The last observation (a non-assistant message after the first action), or None."""
-    start = first_action(messages)
-    if start is None:
-        return None
-    return next((m for m in reversed(messages[start:]) if m["role"] != "assistant"), None)
+    return next((messages[i] for i in reversed(range(len(messages))) if is_observation(messages, i)), None)
 
 
 def error_observation(trajectory: dict[str, Any]) -> bool:
@@ -242,7 +236,7 @@ def conversation_length(tokenizer, messages: Sequence[dict[str, str]]) -> int:
     from mathagent.chat import token_ids
 
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    # The template already wrote any BOS it wants (as in agent.prompt_ids); special tokens spelled inside a
+    # The template already wrote any BOS it wants (as in prompt_ids); special tokens spelled inside a
     # message are plain text, as training tokenizes them.
     return len(token_ids(tokenizer, messages, text))
 

@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mathagent.chat import prompt_ids
 from mathagent.errors import UserError
 from mathagent.labeling import MINUS, PLUS, split_steps
+from mathagent.records import split_prompt
 from mathagent.training import (
     Encoded,
     EncodeReport,
@@ -61,14 +63,9 @@ PRM_FILE = "prm.json"  # beside a trained PRM: its label strings and how it was 
 
 
 def question_text(messages: Sequence[dict[str, str]]) -> str:
-    """What comes before the first action, the system prompt left out (it instructs the policy, not the PRM)."""
-    parts = []
-    for m in messages:
-        if m["role"] == "assistant":
-            break
-        if m["role"] != "system":
-            parts.append(m["content"])
-    return "\n\n".join(parts)
+    """The prompt (what comes before the first action), the system prompt left out (it instructs the policy, not
+    the PRM)."""
+    return "\n\n".join(m["content"] for m in split_prompt(messages)[0] if m["role"] != "system")
 
 
 def step_chat(messages: Sequence[dict[str, str]], labels: Sequence[str] | None = None,
@@ -169,9 +166,8 @@ def encode_chat(tokenizer, chat: Sequence[dict[str, str]], label_ids: tuple[int,
     """Token ids of a PRM chat and its label positions, found from the template's structure.
 
     With `check_prefixes`, also compare the tokens before each label with the tokenization of that step's
-    prompt alone (`agent.prompt_ids`); a tokenizer whose merges cross the place where the prompt ends makes
+    prompt alone (`chat.prompt_ids`); a tokenizer whose merges cross the place where the prompt ends makes
     them differ, and then `exact` is False."""
-    from mathagent.agent import prompt_ids
     from mathagent.chat import label_positions, tokenize_conversation
 
     conv = tokenize_conversation(tokenizer, chat)
@@ -278,7 +274,6 @@ def score_chats(model, tokenizer, chats: Sequence[Sequence[dict[str, str]]], *, 
     """p_h = P('+') at every label of every chat, one forward pass per chat (batched)."""
     import torch
 
-    from mathagent.agent import prompt_ids
 
     label_ids = label_ids or label_token_ids(tokenizer)
     report = report if report is not None else ScoreReport()
@@ -339,6 +334,14 @@ def label_accuracy(model, tokenizer, examples: Sequence[tuple[list[dict[str, str
 # --------------------------------------------------------------------------------------------------------
 # Training: the PRM's objective, trained by `training.train` (train-prm)
 # --------------------------------------------------------------------------------------------------------
+
+
+def held_out_accuracy(model_dir: str, records: Sequence[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """train-prm --eval: the label accuracy of the saved PRM on held-out records, and how many labels it read."""
+    model, tokenizer = load_prm(model_dir)
+    examples = [training_chat(r, mode)[:2] for r in records]
+    return {"eval_accuracy": label_accuracy(model, tokenizer, examples),
+            "eval_labels": sum(len(step_labels) for _, step_labels in examples)}
 
 
 class PRMObjective(Objective):

@@ -21,6 +21,7 @@ missing ids.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -45,6 +46,7 @@ TOOL_CALL = "tool_call"  # the last action's code waits for its observation (`ma
 STATUSES = (ANSWERED, STOPPED, MAX_TURNS, LENGTH, TOOL_CALL)
 
 OBSERVATION_FENCE = "```output"
+OBSERVATION_ROLES = ("user", "tool")  # an observation is never the agent's own (assistant) message
 
 # How a cell ended (`outcome.status` of an observation): sandbox.STATUSES, written again because the sandbox's
 # zygote imports nothing of mathagent but the sandbox package (a test keeps the two equal).
@@ -101,9 +103,28 @@ def observation_failed(message: dict[str, Any]) -> bool:
     return looks_like_error(message["content"]) if status is None else status != CELL_OK
 
 
+# --------------------------------------------------------------------------------------------------------
+# The shape of a trajectory's messages: prompt x, then actions a_h (assistant) and observations o_h (the rest)
+# --------------------------------------------------------------------------------------------------------
+
+
 def actions(messages: Sequence[dict[str, str]]) -> list[int]:
     """Indices of the actions a_1..a_H (the assistant messages)."""
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def first_action(messages: Sequence[dict[str, str]]) -> int | None:
+    """The index of a_1, or None for messages without an action."""
+    return next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+
+
+def split_prompt(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt, response): the prompt is every message before the first action; the response is the rest
+    (actions and observations)."""
+    start = first_action(messages)
+    if start is None:
+        return list(messages), []
+    return list(messages[:start]), list(messages[start:])
 
 
 def last_action(messages: Sequence[dict[str, str]]) -> str | None:
@@ -115,7 +136,29 @@ def is_observation(messages: Sequence[dict[str, str]], index: int) -> bool:
     """An observation is any non-assistant message after the first action."""
     if messages[index]["role"] == "assistant":
         return False
-    return any(m["role"] == "assistant" for m in messages[:index])
+    start = first_action(messages)
+    return start is not None and start < index
+
+
+def check_messages(value: Any, name: str = "messages", *, starts_with_action: bool = False) -> str | None:
+    """What is wrong with a list of messages (None: nothing): each an object with string role and content;
+    with `starts_with_action`, a response, whose first message is an action."""
+    if not isinstance(value, list) or not value:
+        return f"field '{name}' must be a non-empty list of messages"
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"field '{name}[{j}]' must be an object with string 'role' and 'content'"
+    if starts_with_action and value[0]["role"] != "assistant":
+        return f"field '{name}' must start with an assistant message (the first action)"
+    return None
+
+
+def check_prompt(value: Any, name: str = "prompt") -> str | None:
+    """What is wrong with a prompt given on its own (the messages before the first action)."""
+    problem = check_messages(value, name)
+    if problem is None and first_action(value) is not None:
+        return f"field '{name}' has an assistant message: the prompt is the messages before the first action"
+    return problem
 
 
 @dataclass
@@ -147,12 +190,9 @@ def _validate(record: Any, required: Sequence[str]) -> str | None:
         if name not in record:
             return f"missing required field '{name}'"
     if "messages" in required or "messages" in record:
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return "field 'messages' must be a non-empty list"
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return f"field 'messages[{j}]' must be an object with string 'role' and 'content'"
+        problem = check_messages(record.get("messages"))
+        if problem is not None:
+            return problem
     if "status" in record and record["status"] not in STATUSES:
         return f"field 'status' is {record['status']!r}, expected one of {', '.join(STATUSES)}"
     if "id" in record and not isinstance(record["id"], (str, int)):
@@ -259,6 +299,50 @@ def read_finished(path: str) -> list[dict[str, Any]]:
                 if problem is None and isinstance(record, dict) and "id" in record:
                     kept[str(record["id"])] = record
     return list(kept.values())
+
+
+def finished_records(output: str, resume: bool) -> dict[str, dict[str, Any]]:
+    """What --resume keeps: the finished records of an earlier run writing `output`, by id; none without
+    --resume or when the output is stdout (there is nothing to read back)."""
+    if not resume or output == "-":
+        return {}
+    return {r["id"]: r for r in read_finished(output)}
+
+
+def split_finished(
+    groups: Sequence[Sequence[dict[str, Any]]], finished: dict[str, dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[Sequence[dict[str, Any]]]]:
+    """(the finished records to keep, the groups still to do): a group - the trajectories of one input - is
+    kept only when every one of its ids is finished, so an input is never half redone."""
+    kept: list[dict[str, Any]] = []
+    todo: list[Sequence[dict[str, Any]]] = []
+    for group in groups:
+        if all(r["id"] in finished for r in group):
+            kept.extend(finished[r["id"]] for r in group)
+        else:
+            todo.append(group)
+    return kept, todo
+
+
+@contextlib.contextmanager
+def record_stream() -> Iterator[IO[str]]:
+    """A private stream to the real stdout for records, while fd 1 points at stderr.
+
+    stdout must carry only JSONL, but libraries print there: vLLM's logger, C extensions, tqdm. For the
+    duration of a stage, whatever anything writes to stdout lands on stderr, and only records reach the pipe.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    try:
+        yield stream
+    finally:
+        stream.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        stream.close()
 
 
 def check_output_path(path: str) -> None:

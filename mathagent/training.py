@@ -60,6 +60,7 @@ from typing import Any
 from mathagent import losses
 from mathagent.chat import DEFAULT_MAX_LENGTH, tokenize_conversation
 from mathagent.errors import UserError
+from mathagent.records import check_messages, check_prompt, first_action
 
 OBJECTIVES = ("pairs", "kto", "sft", "prm")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -150,6 +151,12 @@ class TrainConfig:
         if self.merge_lora and not self.lora:
             raise UserError("--merge-lora needs --lora")
         report_targets(self.report_to)
+        from mathagent.engines import check_model
+
+        check_model("--model", self.model)
+        check_model("--ref-model", self.ref_model)
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise UserError(f"--output-dir {self.output_dir}: is a file, not a directory")
 
 
 @dataclass
@@ -186,29 +193,11 @@ class Example:
 # ---- records ---------------------------------------------------------------------------------------------
 
 
-def _check_messages(value: Any, name: str, *, starts_with_action: bool = False) -> str | None:
-    if not isinstance(value, list) or not value:
-        return f"field '{name}' must be a non-empty list of messages"
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"field '{name}[{j}]' must be an object with string 'role' and 'content'"
-    if starts_with_action and value[0]["role"] != "assistant":
-        return f"field '{name}' must start with an assistant message (the first action)"
-    return None
-
-
-def _check_prompt(value: Any) -> str | None:
-    problem = _check_messages(value, "prompt")
-    if problem is None and any(m["role"] == "assistant" for m in value):
-        return "field 'prompt' has an assistant message: the prompt is the messages before the first action"
-    return problem
-
-
 def check_pair(record: dict[str, Any]) -> str | None:
     """What train-mdpo reads: {"id", "prompt", "chosen", "rejected"} (make-pairs' default format)."""
-    return (_check_prompt(record.get("prompt"))
-            or _check_messages(record.get("chosen"), "chosen", starts_with_action=True)
-            or _check_messages(record.get("rejected"), "rejected", starts_with_action=True))
+    return (check_prompt(record.get("prompt"))
+            or check_messages(record.get("chosen"), "chosen", starts_with_action=True)
+            or check_messages(record.get("rejected"), "rejected", starts_with_action=True))
 
 
 def check_kto(record: dict[str, Any]) -> str | None:
@@ -217,14 +206,14 @@ def check_kto(record: dict[str, Any]) -> str | None:
         return check_pair(record)
     if not isinstance(record.get("label"), bool):
         return "field 'label' must be true or false"
-    return (_check_prompt(record.get("prompt"))
-            or _check_messages(record.get("completion"), "completion", starts_with_action=True))
+    return (check_prompt(record.get("prompt"))
+            or check_messages(record.get("completion"), "completion", starts_with_action=True))
 
 
 def check_trajectory(record: dict[str, Any]) -> str | None:
     """SFT reads trajectories {"id", "messages"} with at least one action."""
-    problem = _check_messages(record.get("messages"), "messages")
-    if problem is None and not any(m["role"] == "assistant" for m in record["messages"]):
+    problem = check_messages(record.get("messages"))
+    if problem is None and first_action(record["messages"]) is None:
         return "field 'messages' has no assistant message (no action to learn)"
     return problem
 
@@ -1208,7 +1197,7 @@ class Recipe:
 
 def _end(accelerator) -> None:
     """Every process leaves together; end_training destroys accelerate's process group here rather than at
-    the interpreter's exit (the CLI then ends a torchrun rank with os._exit, see _run_training)."""
+    the interpreter's exit (the CLI then ends a torchrun rank with os._exit, see stages.train)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

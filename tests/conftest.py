@@ -104,6 +104,14 @@ def sandbox():
 
 
 @pytest.fixture(scope="session")
+def grader():
+    from mathagent.grading import Grader
+
+    with Grader() as g:
+        yield g
+
+
+@pytest.fixture(scope="session")
 def mistral_tokenizer(tmp_path_factory):
     """Mistral-7B's real 32,000-token sentencepiece tokenizer (shipped by mistral_common), with the [INST]
     chat template of `mathagent.chat` (observations as user turns)."""

@@ -53,11 +53,11 @@ def always_code(state, turn):
     return f"Step {turn}.\n```python\nv{turn} = {turn} + 1\nprint(v{turn})\n```"
 
 
-def test_64_problems_times_4_samples_cost_one_engine_call_per_turn(scripted, sandbox):
+def test_64_problems_times_4_samples_cost_one_engine_call_per_turn(scripted, sandbox, grader):
     engine = scripted(always_code)
     problems = [{"id": f"p{i}", "question": f"q{i}", "answer": "1"} for i in range(64)]
     trajectories = [t for p in problems for t in agent.new_trajectories(p, 4, agent.PROMPTS["tool"])]
-    run_agent(trajectories, engine, sandbox, AgentConfig(max_turns=3))
+    run_agent(trajectories, engine, sandbox, grader, AgentConfig(max_turns=3))
     assert engine.stats.calls == 3
     assert engine.stats.requests == 64 * 4 * 3
     assert {t["status"] for t in trajectories} == {"max_turns"}
@@ -74,69 +74,69 @@ def uses_earlier_state(state, turn):
     return f"The value is \\boxed{{{last_output(state)}}}"
 
 
-def test_names_from_turn_one_are_visible_in_turn_two_and_the_answer_is_graded(scripted, sandbox):
+def test_names_from_turn_one_are_visible_in_turn_two_and_the_answer_is_graded(scripted, sandbox, grader):
     trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 2, agent.PROMPTS["tool"])
-    run_agent(trajectories, scripted(uses_earlier_state), sandbox, AgentConfig(max_turns=6))
+    run_agent(trajectories, scripted(uses_earlier_state), sandbox, grader, AgentConfig(max_turns=6))
     t = trajectories[0]
     assert [m["role"] for m in t["messages"]] == ["user", "assistant", "user", "assistant", "user", "assistant"]
     assert t["messages"][4]["content"] == "```output\n21\n```"
     assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("answered", "21", True, 1.0)
 
 
-def test_a_turn_without_code_ends_the_trajectory_as_stopped(scripted, sandbox):
+def test_a_turn_without_code_ends_the_trajectory_as_stopped(scripted, sandbox, grader):
     trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, agent.PROMPTS["tool"])
-    run_agent(trajectories, scripted(lambda s, t: "I think it is 3."), sandbox, AgentConfig())
+    run_agent(trajectories, scripted(lambda s, t: "I think it is 3."), sandbox, grader, AgentConfig())
     t = trajectories[0]
     assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("stopped", None, False, -1.0)
 
 
-def test_a_cut_action_has_status_length_and_the_next_rollout_continues_it(scripted, sandbox):
+def test_a_cut_action_has_status_length_and_the_next_rollout_continues_it(scripted, sandbox, grader):
     long_text = "word " * 40 + "\\boxed{3}"
     trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, agent.PROMPTS["tool"])
-    run_agent(trajectories, scripted(lambda s, t: long_text), sandbox, AgentConfig(max_tokens=8))
+    run_agent(trajectories, scripted(lambda s, t: long_text), sandbox, grader, AgentConfig(max_tokens=8))
     assert trajectories[0]["status"] == "length"
     cut = trajectories[0]["messages"][-1]["content"]
     # the policy sees its cut action in the state and finishes it
     engine = scripted(lambda state, t: " and so \\boxed{3}" if state.rstrip().endswith(cut.strip()) else "wrong")
-    run_agent(trajectories, engine, sandbox, AgentConfig(max_tokens=8))
+    run_agent(trajectories, engine, sandbox, grader, AgentConfig(max_tokens=8))
     t = trajectories[0]
     assert len(t["messages"]) == 2 and t["messages"][-1]["content"] == cut + " and so \\boxed{3}"
     assert t["status"] == "answered" and t["correct"] is True
 
 
-def test_observations_can_use_the_tool_role(scripted, sandbox):
+def test_observations_can_use_the_tool_role(scripted, sandbox, grader):
     trajectories = agent.new_trajectories({"id": "p", "question": "q"}, 1, agent.PROMPTS["tool"])
-    run_agent(trajectories, scripted(always_code), sandbox, AgentConfig(max_turns=2, observation_role="tool"))
+    run_agent(trajectories, scripted(always_code), sandbox, grader, AgentConfig(max_turns=2, observation_role="tool"))
     assert [m["role"] for m in trajectories[0]["messages"]] == ["user", "assistant", "tool", "assistant", "tool"]
     assert trajectories[0]["correct"] is None  # no gold answer, no grade
 
 
-def test_without_execution_a_tool_call_ends_the_run_and_execute_pending_resumes_it(scripted, sandbox):
+def test_without_execution_a_tool_call_ends_the_run_and_execute_pending_resumes_it(scripted, sandbox, grader):
     trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 1, agent.PROMPTS["tool"])
-    run_agent(trajectories, scripted(uses_earlier_state), None, AgentConfig(execute=False))
+    run_agent(trajectories, scripted(uses_earlier_state), None, grader, AgentConfig(execute=False))
     assert trajectories[0]["status"] == "tool_call" and len(trajectories[0]["messages"]) == 2
     assert agent.execute_pending(trajectories, sandbox) == 1
-    run_agent(trajectories, scripted(uses_earlier_state), None, AgentConfig(execute=False))
+    run_agent(trajectories, scripted(uses_earlier_state), None, grader, AgentConfig(execute=False))
     assert trajectories[0]["status"] == "tool_call" and len(trajectories[0]["messages"]) == 4
     assert agent.execute_pending(trajectories, sandbox) == 1
     # a fresh process would replay the first cell: the sandbox state is rebuilt from the messages
-    run_agent(trajectories, scripted(uses_earlier_state), sandbox, AgentConfig())
+    run_agent(trajectories, scripted(uses_earlier_state), sandbox, grader, AgentConfig())
     assert trajectories[0]["pred"] == "21" and trajectories[0]["correct"] is True
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
-def test_the_tiny_model_runs_the_loop_on_both_backends(backend, request, sandbox):
+def test_the_tiny_model_runs_the_loop_on_both_backends(backend, request, sandbox, grader):
     engine = request.getfixturevalue(f"{backend}_engine")
     problems = [{"id": f"p{i}", "question": f"What is {i}+3?", "answer": str(i + 3)} for i in range(3)]
     trajectories = [t for p in problems for t in agent.new_trajectories(p, 2, agent.PROMPTS["tool"])]
-    run_agent(trajectories, engine, sandbox, AgentConfig(max_turns=2, max_tokens=24, temperature=1.0))
+    run_agent(trajectories, engine, sandbox, grader, AgentConfig(max_turns=2, max_tokens=24, temperature=1.0))
     for t in trajectories:
         assert t["status"] in ("answered", "stopped", "length", "max_turns")
         assert t["messages"][-1]["role"] == "assistant" or t["status"] == "max_turns"
         assert "reward" in t and "correct" in t
 
 
-def test_with_continuous_batching_no_trajectory_waits_for_a_slow_cell_and_the_records_stay_the_same(vllm_engine):
+def test_with_continuous_batching_no_trajectory_waits_for_a_slow_cell_and_the_records_stay_the_same(vllm_engine, grader):
     """On vLLM, scheduled continuously, each trajectory goes on as soon as its own observation is back: the fast
     ones finish while one cell still sleeps, where turn by turn every one of them waits for it. Same seeds,
     same trajectories."""
@@ -158,7 +158,7 @@ def test_with_continuous_batching_no_trajectory_waits_for_a_slow_cell_and_the_re
             ended_at.update({tid: time.perf_counter() - start for tid in report.ended})
 
         with Sandbox(timeout=10) as box:
-            run_agent(trajectories, vllm_engine, box,
+            run_agent(trajectories, vllm_engine, box, grader,
                       AgentConfig(max_turns=3, max_tokens=12, temperature=1.0, schedule=schedule), on_turn=on_turn)
         return trajectories, ended_at
 
@@ -170,7 +170,7 @@ def test_with_continuous_batching_no_trajectory_waits_for_a_slow_cell_and_the_re
     assert [t["status"] for t in continuous] == [t["status"] for t in turned]
 
 
-def test_each_observation_records_its_cells_outcome_as_data(scripted):
+def test_each_observation_records_its_cells_outcome_as_data(scripted, grader):
     from mathagent.pairs import error_observation
     from mathagent.metrics import turn_statistics
     from mathagent.sandbox import Sandbox
@@ -182,7 +182,7 @@ def test_each_observation_records_its_cells_outcome_as_data(scripted):
 
     with Sandbox(timeout=1.0, max_output_chars=300) as box:
         (t,) = agent.new_trajectories({"id": "p", "question": "q", "answer": "1"}, 1, agent.PROMPTS["tool"])
-        run_agent([t], scripted(policy), box, AgentConfig(max_turns=len(cells) + 1, max_tokens=200))
+        run_agent([t], scripted(policy), box, grader, AgentConfig(max_turns=len(cells) + 1, max_tokens=200))
     outcomes = [m["outcome"] for m in t["messages"] if "outcome" in m]
     assert outcomes == [{"status": "ok", "cut": False}, {"status": "error", "cut": False},
                         {"status": "timeout", "cut": False}, {"status": "ok", "cut": True},
@@ -215,10 +215,10 @@ def self_correcting(state, outputs):
 
 @pytest.mark.parametrize("max_revisions", [0, 1, 2])
 def test_a_prompted_model_is_asked_for_its_verdict_and_revises_a_wrong_answer_while_revisions_last(
-        scripted, sandbox, max_revisions):
+        scripted, sandbox, max_revisions, grader):
     trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["tool"])
     config = AgentConfig(max_turns=2, self_reward="prompted", max_revisions=max_revisions)
-    run_agent(trajectories, scripted(self_correcting), sandbox, config)
+    run_agent(trajectories, scripted(self_correcting), sandbox, grader, config)
     t = trajectories[0]
     roles = [m["role"] for m in t["messages"]]
     # question, code, output, answer 48, verify?, "wrong", (revise?, answer 42, verify?, "correct")
@@ -236,7 +236,7 @@ def test_a_prompted_model_is_asked_for_its_verdict_and_revises_a_wrong_answer_wh
             ("48", "wrong", False), ("42", "correct", True)]
 
 
-def test_an_inline_model_completes_the_verdict_and_the_revision_within_its_own_message(scripted, sandbox):
+def test_an_inline_model_completes_the_verdict_and_the_revision_within_its_own_message(scripted, sandbox, grader):
     def trained(state, outputs):
         tail = state.rsplit("<|im_start|>assistant\n", 1)[-1]
         if tail.endswith("[VERIFY] "):
@@ -246,7 +246,7 @@ def test_an_inline_model_completes_the_verdict_and_the_revision_within_its_own_m
         return "It is \\boxed{48}"
 
     trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
-    run_agent(trajectories, scripted(trained), None, AgentConfig(self_reward="inline", max_revisions=2, execute=False))
+    run_agent(trajectories, scripted(trained), None, grader, AgentConfig(self_reward="inline", max_revisions=2, execute=False))
     t = trajectories[0]
     assert [m["role"] for m in t["messages"]] == ["user", "assistant"]
     assert t["messages"][1]["content"] == (
@@ -256,19 +256,19 @@ def test_an_inline_model_completes_the_verdict_and_the_revision_within_its_own_m
     assert [(a["answer"], a["verdict"]) for a in t["attempts"]] == [("48", "wrong"), ("42", "correct")]
 
 
-def test_a_model_that_never_judges_keeps_its_answer_and_is_stopped(scripted, sandbox):
+def test_a_model_that_never_judges_keeps_its_answer_and_is_stopped(scripted, sandbox, grader):
     trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
     engine = scripted(lambda state, outputs: "Looks fine to me." if "self-evaluation" in state else "\\boxed{42}")
-    run_agent(trajectories, engine, None, AgentConfig(self_reward="prompted", execute=False))
+    run_agent(trajectories, engine, None, grader, AgentConfig(self_reward="prompted", execute=False))
     t = trajectories[0]
     assert (t["status"], t["pred"], t["correct"]) == ("stopped", "42", True)
     assert t["attempts"] == [{"index": 0, "answer": "42", "verdict": None, "correct": True}]
 
 
-def test_an_inline_model_asked_once_for_a_verdict_that_writes_none_ends_unjudged(scripted):
+def test_an_inline_model_asked_once_for_a_verdict_that_writes_none_ends_unjudged(scripted, grader):
     engine = scripted(lambda state, outputs: "not sure" if state.endswith("[VERIFY] ") else "It is \\boxed{42}")
     trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
-    run_agent(trajectories, engine, None, AgentConfig(self_reward="inline", execute=False))
+    run_agent(trajectories, engine, None, grader, AgentConfig(self_reward="inline", execute=False))
     t = trajectories[0]
     assert t["messages"][-1]["content"] == "It is \\boxed{42}\n\n[VERIFY] not sure"
     assert engine.stats.calls == 2
@@ -276,12 +276,12 @@ def test_an_inline_model_asked_once_for_a_verdict_that_writes_none_ends_unjudged
     assert t["attempts"] == [{"index": 0, "answer": "42", "verdict": None, "correct": True}]
 
 
-def test_an_inline_verdict_after_an_action_that_holds_code_and_an_answer_is_kept_and_ends_the_trajectory(scripted):
+def test_an_inline_verdict_after_an_action_that_holds_code_and_an_answer_is_kept_and_ends_the_trajectory(scripted, grader):
     # A stray block after the answer: the verdict request and its completion go after it, not cut away.
     engine = scripted(lambda state, outputs: "correct." if state.endswith("[VERIFY] ")
                       else "\\boxed{42}\n```python\nprint(1)\n```")
     trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
-    run_agent(trajectories, engine, None, AgentConfig(self_reward="inline", execute=False))
+    run_agent(trajectories, engine, None, grader, AgentConfig(self_reward="inline", execute=False))
     t = trajectories[0]
     assert t["messages"][-1]["content"] == "\\boxed{42}\n```python\nprint(1)\n```\n\n[VERIFY] correct."
     assert engine.stats.calls == 2 and t["status"] == "answered"
@@ -289,10 +289,10 @@ def test_an_inline_verdict_after_an_action_that_holds_code_and_an_answer_is_kept
 
 
 @pytest.mark.parametrize("mode", ["prompted", "inline"])
-def test_a_model_that_answers_again_instead_of_judging_is_asked_for_a_verdict_only_once(scripted, mode):
+def test_a_model_that_answers_again_instead_of_judging_is_asked_for_a_verdict_only_once(scripted, mode, grader):
     engine = scripted(lambda state, outputs: "\\boxed{7}")  # never a verdict, always another answer
     trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
-    run_agent(trajectories, engine, None, AgentConfig(self_reward=mode, execute=False, max_revisions=3))
+    run_agent(trajectories, engine, None, grader, AgentConfig(self_reward=mode, execute=False, max_revisions=3))
     t = trajectories[0]
     assert engine.stats.calls == 2 and t["status"] == "answered"
     assert [a["verdict"] for a in t["attempts"]] == [None] * len(t["attempts"])

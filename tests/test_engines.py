@@ -2,7 +2,7 @@
 
 import pytest
 
-from mathagent.agent import prompt_ids
+from mathagent.chat import prompt_ids
 from mathagent.engines import Request, Sampling
 
 
@@ -111,17 +111,17 @@ def test_what_an_engine_prints_while_starting_is_shown_only_if_the_start_fails(c
     a start that fails shows them, then its error."""
     import os
 
-    from mathagent.engines import VERBOSE_ENV, _captured_stderr
+    from mathagent.engines import VERBOSE_ENV, captured_stderr
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
-    with _captured_stderr():
+    with captured_stderr():
         os.write(2, b"Loading checkpoint shards: 100%\n")
     assert capfd.readouterr().err == ""
-    with pytest.raises(RuntimeError, match="no weights"), _captured_stderr():
+    with pytest.raises(RuntimeError, match="no weights"), captured_stderr():
         os.write(2, b"config.json read\n")
         raise RuntimeError("no weights")
     assert capfd.readouterr().err == "config.json read\n"
     monkeypatch.setenv(VERBOSE_ENV, "1")
-    with _captured_stderr():
+    with captured_stderr():
         os.write(2, b"shown at once\n")
     assert capfd.readouterr().err == "shown at once\n"

@@ -20,11 +20,9 @@ from mathagent.grading import (
     Grader,
     extract_answer,
     extract_boxed,
-    is_equivalent,
     normalize_answer,
     parse_collection,
     parse_exact_number,
-    reward,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,26 +280,27 @@ def test_binary_reward(grader):
         grader.reward("1", "1", "dense")
 
 
-def test_an_unboxed_matching_number_is_no_answer_under_r1():
+def test_an_unboxed_matching_number_is_no_answer_under_r1(grader):
     pred = extract_answer("So the result is 12. The answer is 12.")
     assert pred is None
-    assert reward(pred, "12") == -1.0
+    assert grader.reward(pred, "12") == -1.0
 
 
-def test_module_functions_use_a_default_grader_with_counters():
-    before = grading.grading_stats()["comparisons"]
-    assert is_equivalent(r"\dfrac{3}{4}", "0.75")
-    assert reward(r"\boxed{7}", "7") == 1.0
-    assert grading.grading_stats()["comparisons"] >= before + 2
+def test_each_grader_counts_its_own_comparisons_and_there_is_no_grader_at_module_level():
+    with Grader() as g:
+        assert g.is_equivalent(r"\dfrac{3}{4}", "0.75")
+        assert g.reward("7", "7") == 1.0
+        assert g.stats.as_dict()["comparisons"] == 2
+    assert not any(isinstance(value, Grader) for value in vars(grading).values())
 
 
-def test_r1_gives_minus_one_to_an_unboxed_answer_even_when_another_answer_mode_reads_it():
+def test_r1_gives_minus_one_to_an_unboxed_answer_even_when_another_answer_mode_reads_it(grader):
     trajectory = {"id": "t", "answer": "12", "messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "So the answer is 12."}]}
-    graded = grading.grade_trajectory(trajectory, answer_modes=("boxed", "answer_is"))
+    graded = grading.grade_trajectory(trajectory, grader, answer_modes=("boxed", "answer_is"))
     assert (graded["pred"], graded["correct"], graded["reward"]) == ("12", True, -1.0)
     boxed = {**trajectory, "messages": [trajectory["messages"][0], {"role": "assistant", "content": "\\boxed{12}"}]}
-    assert grading.grade_trajectory(boxed, answer_modes=("boxed", "answer_is"))["reward"] == 1.0
+    assert grading.grade_trajectory(boxed, grader, answer_modes=("boxed", "answer_is"))["reward"] == 1.0
     wrong = {**trajectory, "answer": "13"}
-    assert grading.grade_trajectory(wrong, answer_modes=("boxed", "answer_is"))["reward"] == -1.0
-    assert grading.grade_trajectory(wrong, answer_modes=("answer_is",), reward_kind="binary")["reward"] == 0.0
+    assert grading.grade_trajectory(wrong, grader, answer_modes=("boxed", "answer_is"))["reward"] == -1.0
+    assert grading.grade_trajectory(wrong, grader, answer_modes=("answer_is",), reward_kind="binary")["reward"] == 0.0

@@ -97,11 +97,11 @@ def test_paragraph_steps_split_at_blank_lines_but_never_inside_a_code_fence():
     assert steps[3].prefix[-1]["content"] == "Done."
 
 
-def test_labels_are_exact_and_a_shared_prefix_is_sampled_once(scripted, sandbox):
+def test_labels_are_exact_and_a_shared_prefix_is_sampled_once(scripted, sandbox, grader):
     engine = scripted(hinted_policy())
     a = trajectory("a", [3, 5], 7, True)  # steps: prefix(hint 3), prefix(hint 3, hint 5), own grade
     b = trajectory("b", [3, 0], 9, False)  # shares its first prefix with a
-    report = label_trajectories([a, b], engine, sandbox, AgentConfig(max_turns=6), m=8)
+    report = label_trajectories([a, b], engine, sandbox, grader, AgentConfig(max_turns=6), m=8)
     assert a["steps"] == [
         {"q": 3 / 8, "label": "+", "m": 8, "correct": 3},
         {"q": 5 / 8, "label": "+", "m": 8, "correct": 5},
@@ -117,20 +117,20 @@ def test_labels_are_exact_and_a_shared_prefix_is_sampled_once(scripted, sandbox)
     assert a["extra"] == [1, 2] and a["messages"][-1]["content"] == "So \\boxed{7}."  # the input is kept
 
 
-def test_a_cache_reuses_prefixes_sampled_in_an_earlier_chunk(scripted, sandbox):
+def test_a_cache_reuses_prefixes_sampled_in_an_earlier_chunk(scripted, sandbox, grader):
     engine = scripted(hinted_policy())
     cache = LabelCache()
-    label_trajectories([trajectory("a", [2], 7, True)], engine, sandbox, AgentConfig(), m=4, cache=cache)
+    label_trajectories([trajectory("a", [2], 7, True)], engine, sandbox, grader, AgentConfig(), m=4, cache=cache)
     later = trajectory("b", [2], 5, False)
-    report = label_trajectories([later], engine, sandbox, AgentConfig(), m=4, cache=cache)
+    report = label_trajectories([later], engine, sandbox, grader, AgentConfig(), m=4, cache=cache)
     assert later["steps"][0] == {"q": 0.5, "label": "+", "m": 4, "correct": 2}
     assert (report.prefixes, report.reused, report.completions, report.engine_calls) == (0, 1, 0, 0)
 
 
-def test_a_single_action_trajectory_is_labeled_by_its_own_grade_without_sampling(scripted, sandbox):
+def test_a_single_action_trajectory_is_labeled_by_its_own_grade_without_sampling(scripted, sandbox, grader):
     engine = scripted(lambda state, turn: pytest.fail("nothing should be sampled"))
     right, wrong = trajectory("r", [], 7, True), trajectory("w", [], 1, False)
-    label_trajectories([right, wrong], engine, sandbox, AgentConfig(), m=8)
+    label_trajectories([right, wrong], engine, sandbox, grader, AgentConfig(), m=8)
     assert right["steps"] == [{"q": 1.0, "label": "+", "m": 0}]
     assert wrong["steps"] == [{"q": 0.0, "label": "-", "m": 0}]
     assert engine.stats.calls == 0
@@ -152,16 +152,16 @@ def rambling_policy(ramblers):
     return policy
 
 
-def test_a_completion_cut_by_the_token_limit_is_continued_and_left_out_of_q_hat_if_still_cut(scripted, sandbox):
+def test_a_completion_cut_by_the_token_limit_is_continued_and_left_out_of_q_hat_if_still_cut(scripted, sandbox, grader):
     t = trajectory("a", [3], 7, True)
     engine = scripted(rambling_policy({2, 4}))
-    report = label_trajectories([t], engine, sandbox, AgentConfig(max_turns=3, max_tokens=8), m=4)
+    report = label_trajectories([t], engine, sandbox, grader, AgentConfig(max_turns=3, max_tokens=8), m=4)
     # Completions 1 and 3 are cut once, continued, and right; 2 and 4 are still cut after 3 rounds.
     assert t["steps"][0] == {"q": 1.0, "label": "+", "m": 4, "correct": 2, "cut": 2}
     assert (report.continued, report.left_out) == (4, 2)
     assert engine.stats.calls == 3  # the first round and two continuation rounds (H = 3 in all)
     everything_cut = trajectory("b", [4], 7, True)
-    label_trajectories([everything_cut], scripted(rambling_policy({1, 2, 3, 4})), sandbox,
+    label_trajectories([everything_cut], scripted(rambling_policy({1, 2, 3, 4})), sandbox, grader,
                        AgentConfig(max_turns=2, max_tokens=8), m=4)
     assert everything_cut["steps"][0] == {"q": 0.0, "label": "-", "m": 4, "correct": 0, "cut": 4}
 
@@ -182,10 +182,10 @@ def code_then_answer(state, turn):
     return f"\\boxed{{{last_output(state).split()[-1]}}}"
 
 
-def test_every_prefix_of_every_trajectory_costs_one_engine_call_per_turn_with_code_run_in_the_sandbox(scripted, sandbox):
+def test_every_prefix_of_every_trajectory_costs_one_engine_call_per_turn_with_code_run_in_the_sandbox(scripted, sandbox, grader):
     engine = scripted(code_then_answer)
     trajectories = [trajectory(f"t{i}", [i, i + 1, i + 2], 7, i % 2 == 0) for i in range(5)]
-    report = label_trajectories(trajectories, engine, sandbox, AgentConfig(max_turns=6), m=3)
+    report = label_trajectories(trajectories, engine, sandbox, grader, AgentConfig(max_turns=6), m=3)
     assert engine.stats.calls == 2  # a code turn and an answer turn, for all 15 prefixes x 3 completions
     assert engine.stats.requests == 2 * 15 * 3
     assert report.completions == 45 and report.prefixes == 15
@@ -193,7 +193,7 @@ def test_every_prefix_of_every_trajectory_costs_one_engine_call_per_turn_with_co
         assert [s["q"] for s in t["steps"]] == [1.0, 1.0, 1.0, 1.0 if t["correct"] else 0.0]
 
 
-def test_a_paragraph_prefix_is_continued_inside_its_action(scripted, sandbox):
+def test_a_paragraph_prefix_is_continued_inside_its_action(scripted, sandbox, grader):
     states = []
 
     def policy(state, turn):
@@ -202,12 +202,12 @@ def test_a_paragraph_prefix_is_continued_inside_its_action(scripted, sandbox):
 
     messages = [QUESTION, {"role": "assistant", "content": "We start at 3.\n\nAdd 4: \\boxed{7}."}]
     t = {"id": "cot", "answer": "7", "messages": messages, "correct": True}
-    label_trajectories([t], scripted(policy), sandbox, AgentConfig(), m=2, mode="paragraphs")
+    label_trajectories([t], scripted(policy), sandbox, grader, AgentConfig(), m=2, mode="paragraphs")
     assert t["steps"][0] == {"q": 1.0, "label": "+", "m": 2, "correct": 2}
     assert all(s.endswith("<|im_start|>assistant\nWe start at 3.") for s in states)
 
 
-def test_mc_label_with_vllm_on_the_tiny_model_samples_m_completions_per_distinct_prefix(vllm_engine, sandbox):
+def test_mc_label_with_vllm_on_the_tiny_model_samples_m_completions_per_distinct_prefix(vllm_engine, sandbox, grader):
     from mathagent.tasks.arith import gold_messages, make_problems
 
     trajectories = []
@@ -219,7 +219,7 @@ def test_mc_label_with_vllm_on_the_tiny_model_samples_m_completions_per_distinct
         trajectories.append({**p, "id": p["id"] + "-w", "problem_id": p["id"], "messages": wrong, "correct": False})
     calls = vllm_engine.stats.calls
     config = AgentConfig(max_turns=4, max_tokens=8, temperature=1.0)
-    report = label_trajectories(trajectories, vllm_engine, sandbox, config, m=2)
+    report = label_trajectories(trajectories, vllm_engine, sandbox, grader, config, m=2)
     sampled = sum(len(split_steps(t["messages"])) - 1 for t in trajectories)
     assert report.prefixes == sampled // 2 and report.reused == sampled // 2  # gold and wrong share them
     assert report.completions == 2 * report.prefixes
@@ -293,7 +293,7 @@ def test_mc_label_refuses_an_ungraded_trajectory_with_its_line():
     assert proc.stderr.startswith("error: <stdin>:1: missing required field 'correct'")
 
 
-def test_self_rewarding_completions_are_judged_revised_and_graded_on_their_final_answer(scripted, sandbox):
+def test_self_rewarding_completions_are_judged_revised_and_graded_on_their_final_answer(scripted, sandbox, grader):
     """A prompted self-rewarding trajectory's steps: with --self-reward the completions of a step go on through
     verdicts and revisions as the rollout did, so Q-hat is the chance that the final answer is right."""
     from mathagent.correction import DEFAULT_MARKERS
@@ -316,7 +316,7 @@ def test_self_rewarding_completions_are_judged_revised_and_graded_on_their_final
     for mode in (None, "prompted"):
         t = {"id": "t", "problem_id": "p", "question": "6 * 7?", "answer": "42", "messages": [dict(m) for m in messages],
              "correct": True}
-        label_trajectories([t], scripted(judges_then_revises), sandbox, AgentConfig(self_reward=mode), m=2)
+        label_trajectories([t], scripted(judges_then_revises), sandbox, grader, AgentConfig(self_reward=mode), m=2)
         labels[mode] = [s["q"] for s in t["steps"]]
     # From the first step's prefix (48, then asked for a verdict): the completion says "wrong"; only in the
     # self-rewarding mode is it then asked to revise, and its final answer, 42, is right.

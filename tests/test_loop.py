@@ -29,8 +29,8 @@ def stages(folder: Path) -> list[dict]:
 
 
 def test_stage_names_come_from_the_mathagent_subcommand():
-    assert loop._stage_name([".venv/bin/mathagent", "rollout", "p.jsonl", "-o", "x"]) == "rollout"
-    assert loop._stage_name(["python", "-m", "mathagent.cli", "train-mdpo", "pairs.jsonl"]) == "train-mdpo"
+    assert loop.stage_name_of([".venv/bin/mathagent", "rollout", "p.jsonl", "-o", "x"]) == "rollout"
+    assert loop.stage_name_of(["python", "-m", "mathagent.cli", "train-mdpo", "pairs.jsonl"]) == "train-mdpo"
 
 
 def test_a_failed_stage_is_not_recorded_and_keeps_its_exit_code(tmp_path):

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mathagent.agent import prompt_ids
+from mathagent.chat import prompt_ids
 from mathagent.engines import Request, Sampling, open_engine
 from mathagent.errors import UserError
 

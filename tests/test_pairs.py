@@ -28,7 +28,6 @@ from mathagent.pairs import (
     problem_rng,
     random_pairs,
     select_winners,
-    split_prompt,
     trajectory_filters,
     unfinished,
 )
@@ -53,16 +52,6 @@ def trajectory(tid, problem_id="p1", correct=True, *, response=None, status="ans
               "reward": 1.0 if correct else -0.5}
     record.update(fields)
     return record
-
-
-# ---- prompt and response ------------------------------------------------------------------------------
-
-
-def test_the_prompt_is_every_message_before_the_first_action():
-    t = trajectory("a", system="Be brief.")
-    prompt, response = split_prompt(t["messages"])
-    assert prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
-    assert response == t["messages"][2:] and response[0]["role"] == "assistant" and len(response) == 3
 
 
 # ---- selection ----------------------------------------------------------------------------------------

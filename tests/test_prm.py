@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mathagent import prm, training
-from mathagent.agent import prompt_ids
+from mathagent.chat import prompt_ids
 from mathagent.errors import UserError
 from mathagent.records import format_observation
 

@@ -7,11 +7,16 @@ from mathagent.errors import UserError
 from mathagent.records import (
     InvalidCounter,
     RecordWriter,
+    check_messages,
     check_problem_or_trajectory,
+    check_prompt,
+    finished_records,
     format_observation,
     is_observation,
     read_finished,
     read_records,
+    split_finished,
+    split_prompt,
 )
 
 
@@ -157,7 +162,7 @@ def test_a_second_writer_of_the_same_output_refuses_at_once_and_the_first_finish
     # a killed run's leftover is not in use: the next writer takes over and removes it on a clean close
     killed = RecordWriter(str(out))
     killed.write({"id": "c"})
-    killed._tmp.close()  # the process died: its lock went with it
+    killed.close(ok=False)  # the process died: its temporary file stays, its lock went with it
     with RecordWriter(str(out)) as writer:
         writer.write({"id": "d"})
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
@@ -171,3 +176,34 @@ def test_an_output_file_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o640
+
+
+def test_the_prompt_is_every_message_before_the_first_action():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"},
+                {"role": "assistant", "content": "```python\nprint(5)\n```"}, {"role": "user", "content": "```output\n5\n```"},
+                {"role": "assistant", "content": "\\boxed{5}"}]
+    prompt, response = split_prompt(messages)
+    assert prompt == messages[:2] and response == messages[2:]
+    assert split_prompt(messages[:2]) == (messages[:2], [])
+    assert [is_observation(messages, i) for i in range(5)] == [False, False, False, True, False]
+
+
+def test_messages_are_checked_in_one_place_for_every_stage():
+    assert check_messages([{"role": "user", "content": "q"}]) is None
+    assert check_messages([]) == "field 'messages' must be a non-empty list of messages"
+    assert check_messages([{"role": "user"}], "chosen") == "field 'chosen[0]' must be an object with string 'role' and 'content'"
+    assert "must start with an assistant message" in check_messages([{"role": "user", "content": "q"}], "chosen",
+                                                                      starts_with_action=True)
+    assert check_prompt([{"role": "user", "content": "q"}]) is None
+    assert "has an assistant message" in check_prompt([{"role": "assistant", "content": "a"}])
+
+
+def test_resume_keeps_an_input_only_when_all_its_trajectories_are_finished(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_lines(out, ['{"id": "a-0", "done": 1}', '{"id": "a-1", "done": 1}', '{"id": "b-0", "done": 1}'])
+    finished = finished_records(str(out), resume=True)
+    assert set(finished) == {"a-0", "a-1", "b-0"}
+    assert finished_records(str(out), resume=False) == {} and finished_records("-", resume=True) == {}
+    groups = [[{"id": "a-0"}, {"id": "a-1"}], [{"id": "b-0"}, {"id": "b-1"}]]
+    kept, todo = split_finished(groups, finished)
+    assert kept == [{"id": "a-0", "done": 1}, {"id": "a-1", "done": 1}] and todo == [groups[1]]

@@ -669,7 +669,7 @@ def _host_state() -> tuple:
 
 
 @pytest.mark.slow
-def test_a_soak_of_mixed_hostile_and_benign_cells_leaves_nothing_behind(scripted, tmp_path):
+def test_a_soak_of_mixed_hostile_and_benign_cells_leaves_nothing_behind(scripted, tmp_path, grader):
     """A few hundred cells, a third of them hostile, through the agent loop (as rollout runs them) and through
     `mathagent execute`: every benign cell prints the right number, and afterwards no process, IPC object,
     file in the host's /tmp or /dev/shm, or session cgroup is left."""
@@ -703,7 +703,7 @@ def test_a_soak_of_mixed_hostile_and_benign_cells_leaves_nothing_behind(scripted
             i = int(state.rsplit("cell ", 1)[1].split("<")[0])
             return f"```python\n{cell(i)[0]}\n```"
 
-        agent.run_agent(trajectories, scripted(policy), box, agent.AgentConfig(max_turns=2, max_tokens=4000))
+        agent.run_agent(trajectories, scripted(policy), box, grader, agent.AgentConfig(max_turns=2, max_tokens=4000))
         for i, t in enumerate(trajectories):
             expected = cell(i)[1]
             if expected is not None:

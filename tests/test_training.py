@@ -544,7 +544,8 @@ def test_vllm_generates_with_the_saved_lora_adapter_as_transformers_does(tmp_pat
     import subprocess
     import sys
 
-    from mathagent.agent import cut_after_code, prompt_ids
+    from mathagent.agent import cut_after_code
+    from mathagent.chat import prompt_ids
     from mathagent.engines import Request, Sampling, open_engine
 
     out = tmp_path / "lora"

@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
+
+from mathagent.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Engine(Protocol):
 
 
 BACKENDS = ("vllm", "hf", "openai")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 VERBOSE_ENV = "MATHAGENT_VERBOSE"  # set (or `mathagent -v`): the engines' own logs and warnings are shown
 
 
@@ -117,7 +121,7 @@ def _silence_loggers() -> None:
 
 
 @contextlib.contextmanager
-def _captured_stderr() -> Iterator[None]:
+def captured_stderr() -> Iterator[None]:
     """While an engine starts, whatever reaches file descriptor 2 (C++ warnings, load progress bars, prints)
     goes to a temporary file, which is replayed to stderr if the start fails."""
     if verbose():
@@ -156,8 +160,6 @@ def open_engine(
     "openai" talks to servers that already run (`base_urls=[...]`, see `engines.openai`): `model` is where the
     tokenizer and chat template come from and the name the servers serve, `adapter` the name of a LoRA module
     they serve; dtype and context length are the servers' own settings."""
-    from mathagent.errors import UserError
-
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "openai":
@@ -171,7 +173,7 @@ def open_engine(
         raise UserError(f"--base-url is for --backend openai, not {backend}")
     options.pop("base_urls", None)
     options.pop("concurrency", None)
-    with quiet_engines(), _captured_stderr():
+    with quiet_engines(), captured_stderr():
         if backend == "vllm":
             from mathagent.engines.vllm import VLLMEngine
 
@@ -181,5 +183,64 @@ def open_engine(
         return HFEngine(model, adapter=adapter, seed=seed, dtype=dtype, **options)
 
 
-__all__ = ["BACKENDS", "Completion", "Engine", "EngineStats", "Request", "Sampling", "open_engine", "quiet_engines",
-           "quiet_libraries", "verbose"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model(option: str, name: str | None, *, adapter: bool = False) -> None:
+    """A model (or adapter) is 'tiny', an existing directory, or something shaped like a hub id
+    ("org/name"); a path that does not exist is refused before anything loads."""
+    if name is None or (name == "tiny" and not adapter):
+        return
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise UserError(f"{option} {name}: is a file; give the model's directory")
+        wanted = "adapter_config.json" if adapter else "config.json"
+        if not os.path.isfile(os.path.join(name, wanted)):
+            raise UserError(f"{option} {name}: no {wanted} in it: not a {'peft adapter' if adapter else 'model'} "
+                            "directory")
+        return
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise UserError(f"{option} {name}: no such directory (and not a hub id like org/name)")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything that opens an engine, as a command's options give it; checked when made, before any work."""
+
+    model: str = "tiny"  # a local path, a hub id, or 'tiny' (`tiny.resolve_model`)
+    backend: str = "vllm"
+    adapter: str | None = None
+    base_urls: tuple[str, ...] = ()  # openai: the servers
+    concurrency: int = 64  # openai: the most requests in flight per server
+    seed: int = 0
+    dtype: str = "auto"
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        check_model("--model", self.model)
+        if self.backend == "openai":
+            if not self.base_urls:
+                raise UserError("--backend openai needs --base-url (a server's endpoint, e.g. http://127.0.0.1:8000/v1)")
+            if self.concurrency < 1:
+                raise UserError("--concurrency must be at least 1")
+            return  # --adapter names a LoRA module of the servers, not a directory here
+        if self.base_urls:
+            raise UserError(f"--base-url is for --backend openai, not --backend {self.backend}")
+        check_model("--adapter", self.adapter, adapter=True)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Engine]:
+        """The engine, closed when the block ends, however it ends."""
+        from mathagent.tiny import resolve_model
+
+        engine = open_engine(self.backend, resolve_model(self.model), adapter=self.adapter, seed=self.seed,
+                             dtype=self.dtype, max_model_len=self.max_model_len, base_urls=list(self.base_urls),
+                             concurrency=self.concurrency)
+        try:
+            yield engine
+        finally:
+            engine.close()
+
+
+__all__ = ["BACKENDS", "DTYPES", "Completion", "Engine", "EngineOptions", "EngineStats", "Request", "Sampling",
+           "captured_stderr", "check_model", "open_engine", "quiet_engines", "quiet_libraries", "verbose"]

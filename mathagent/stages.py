@@ -1,0 +1,485 @@
+"""The stages of the method as the commands run them: rollout -> execute -> evaluate -> make-pairs, and the
+PRM's mc-label -> score-prm, and the training commands.
+
+A stage reads its records (`RecordIO`: a path or '-', FILE:LINE errors, --skip-invalid, --resume), opens what it
+needs as a context manager (the engine: `engines.EngineOptions.open`; the sandbox: `SandboxOptions.open`; the
+grader: `grading.Grader`), runs the package's functions chunk by chunk, writes records to the real stdout or
+atomically to `-o PATH` (`records.RecordWriter`), and reports on stderr. The command line (cli.py) only parses
+options into these calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from mathagent.engines import EngineOptions
+from mathagent.errors import UserError
+from mathagent.records import (
+    InvalidCounter,
+    RecordWriter,
+    check_output_path,
+    check_problem_or_trajectory,
+    finished_records,
+    read_records,
+    record_stream,
+    split_finished,
+)
+
+console = Console(stderr=True, soft_wrap=True)
+
+# How the agent loop advances its trajectories (`agent.AgentConfig.schedule`).
+SCHEDULES = ("turns", "continuous")
+
+
+def log(line: str) -> None:
+    console.print(line, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What every stage opens
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordIO:
+    """A stage's records: INPUT (a path or '-'), --output (a path, written atomically, or '-'), --resume and
+    --skip-invalid."""
+
+    input: str = "-"
+    output: str = "-"
+    resume: bool = False
+    skip_invalid: bool = False
+
+    def read(self, required: Sequence[str] = ("id",), *, invalid: InvalidCounter | None = None,
+             **checks: Any) -> list[dict[str, Any]]:
+        """Every input record (`records.read_records` with `checks`); skipped invalid lines are reported (and
+        counted in `invalid`)."""
+        invalid = invalid if invalid is not None else InvalidCounter()
+        records = list(read_records(self.input, required=required, skip_invalid=self.skip_invalid, invalid=invalid,
+                                    **checks))
+        if invalid.count:
+            log(f"skipped {invalid.count} invalid input line(s), e.g. {invalid.examples[0]}")
+        return records
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """The records an earlier run already finished, by id (--resume)."""
+        return finished_records(self.output, self.resume)
+
+    @contextmanager
+    def writer(self, keep: Sequence[dict[str, Any]] = ()) -> Iterator[RecordWriter]:
+        """The output, with the kept records first; while it is open, anything else printed to stdout goes to
+        stderr."""
+        with record_stream() as stdout, RecordWriter(self.output, keep=keep, stdout=stdout) as writer:
+            yield writer
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """The sandbox as the options give it: --workers, --timeout, --memory-mb, --max-output-chars."""
+
+    workers: int | None = None
+    timeout: float = 10.0
+    memory_mb: int = 2048
+    max_output_chars: int = 2000
+
+    def open(self):
+        from mathagent.sandbox import Sandbox
+
+        return Sandbox(workers=self.workers, timeout=self.timeout, memory_mb=self.memory_mb,
+                       max_output_chars=self.max_output_chars)
+
+
+@contextmanager
+def nothing() -> Iterator[None]:
+    """What a stage opens when it has no work for an engine or a sandbox."""
+    yield None
+
+
+def check_agent_config(config, *, chunk_size: int, n: int = 1) -> None:
+    """The options of the stages that generate (rollout, mc-label), checked before any work."""
+    from mathagent.grading import check_verdict_reward
+
+    if n < 1 or config.max_turns < 1 or config.max_tokens < 1 or chunk_size < 1:
+        raise UserError("--n, --max-turns, --max-tokens and --chunk-size must be at least 1")
+    if not (math.isfinite(config.temperature) and config.temperature >= 0):
+        raise UserError(f"--temperature {config.temperature}: must be 0 (greedy) or positive")
+    if not (0 < config.top_p <= 1):
+        raise UserError(f"--top-p {config.top_p}: must be in (0, 1]")
+    if config.max_revisions < 0:
+        raise UserError("--max-revisions must be 0 or more")
+    check_verdict_reward(config.verdict_reward)
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """--shard I/N: (I, N); (0, 1) without it."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {shard!r}: need 0 <= I < N")
+    return index, count
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for lo in range(0, len(items), size):
+        yield items[lo : lo + size]
+
+
+def write_json(path: str, summary: dict[str, Any]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# rollout and execute
+# --------------------------------------------------------------------------------------------------------
+
+
+class AgentProgress:
+    """The rich progress bar of a rollout on stderr: problems done, turns, tokens/s, cells run."""
+
+    def __init__(self, units: Sequence[Sequence[dict[str, Any]]]):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("turn {task.fields[turn]}  {task.fields[tps]:.0f} tok/s  {task.fields[cells]} cells"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("problems", total=len(units), turn=0, tps=0.0, cells=0)
+        # a problem is done when the last of its trajectories ends
+        self.unit_of = {t["id"]: i for i, unit in enumerate(units) for t in unit}
+        self.left = [len(unit) for unit in units]
+        self.tokens = 0
+        self.seconds = 0.0
+        self.cells = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def on_turn(self, report) -> None:
+        self.tokens += report.tokens
+        self.seconds += report.seconds
+        self.cells += report.executed
+        done = 0
+        for trajectory_id in report.ended:
+            unit = self.unit_of[trajectory_id]
+            self.left[unit] -= 1
+            done += self.left[unit] == 0
+        tps = self.tokens / self.seconds if self.seconds else 0.0
+        self.progress.update(self.task, advance=done, turn=report.turn, tps=tps, cells=self.cells)
+
+
+def rollout(io: RecordIO, engine_options: EngineOptions, sandbox_options: SandboxOptions, config, *, n: int,
+            prompt: str, system: str | None, shard: str | None, chunk_size: int) -> None:
+    """Sample n trajectories of every problem (or continue every trajectory), chunk by chunk, resumable by
+    input: an input is done when all its trajectories are."""
+    from mathagent import agent
+    from mathagent.grading import Grader
+
+    check_agent_config(config, chunk_size=chunk_size, n=n)
+    template = agent.load_prompt(prompt)
+    shard_index, shard_count = parse_shard(shard)
+    records = io.read(check=check_problem_or_trajectory, unique_ids=True)
+    units = [agent.branch(r, n) if "messages" in r else agent.new_trajectories(r, n, template, system)
+             for i, r in enumerate(records) if i % shard_count == shard_index]  # (an input's trajectories)
+    kept: list[dict[str, Any]] = []
+    if io.resume and io.output != "-":
+        kept, todo = split_finished(units, io.finished())
+        log(f"resume: {len(units) - len(todo)} of {len(units)} inputs already done")
+        units = todo
+    trajectories = [t for unit in units for t in unit]
+    with io.writer(keep=kept) as writer:
+        if not trajectories:
+            return
+        with (engine_options.open() as engine, sandbox_options.open() if config.execute else nothing() as sandbox,
+              Grader() as grader, AgentProgress(units) as progress):
+            start = time.perf_counter()
+            for chunk in chunks(trajectories, chunk_size):
+                for t in agent.run_agent(chunk, engine, sandbox, grader, config, on_turn=progress.on_turn):
+                    writer.write(t)
+        log(f"rollout: {len(trajectories)} trajectories, {engine.stats.calls} engine calls, "
+            f"{engine.stats.generated_tokens} tokens in {time.perf_counter() - start:.1f} s; {grader.stats.summary()}")
+
+
+def execute(io: RecordIO, sandbox_options: SandboxOptions, *, observation_role: str, chunk_size: int) -> None:
+    """Run the pending code of every record that has some; the others pass through, in order."""
+    from mathagent import agent
+
+    if chunk_size < 1:
+        raise UserError("--chunk-size must be at least 1")
+    records = io.read(unique_ids=True)
+    kept, todo = split_finished([[r] for r in records], io.finished())
+    records = [r for (r,) in todo]
+    cells = 0
+    with io.writer(keep=kept) as writer:
+        pending = any("messages" in r and agent.pending_code(r["messages"]) is not None for r in records)
+        with sandbox_options.open() if pending else nothing() as sandbox:
+            for chunk in chunks(records, chunk_size):
+                if sandbox is not None:
+                    trajectories = [r for r in chunk if "messages" in r]
+                    cells += agent.execute_pending(trajectories, sandbox, observation_role, release=True)
+                for record in chunk:
+                    writer.write(record)
+    log(f"execute: {cells} cells run, {len(records) - cells} records passed through")
+
+
+# --------------------------------------------------------------------------------------------------------
+# evaluate, make-pairs, make-corrections
+# --------------------------------------------------------------------------------------------------------
+
+
+def evaluate(io: RecordIO, *, k: str, score_field: str | None, answer_modes: str, reward: str,
+             verdict_reward: float, percent_scaling: bool, grading_timeout: float, json_path: str | None,
+             graded: str | None) -> None:
+    """Re-grade trajectories and report the metrics: a table on stderr, the JSON summary to stdout or a file."""
+    from mathagent import metrics
+    from mathagent.grading import Grader, check_verdict_reward, parse_answer_modes
+
+    ks = metrics.parse_ks(k)
+    modes = parse_answer_modes(answer_modes)
+    check_verdict_reward(verdict_reward)
+    with Grader(percent_scaling=percent_scaling, timeout=grading_timeout) as grader:
+        for path in (graded, json_path):
+            if path not in (None, "-"):
+                check_output_path(path)
+        records = io.read(("id", "problem_id", "messages"))
+        graded_records = metrics.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward,
+                                                    verdict_reward=verdict_reward)
+        summary = metrics.evaluate(graded_records, ks=ks, score_field=score_field, equal=grader.is_equivalent)
+        summary["grading"] = grader.stats.as_dict()
+    if graded is not None:
+        with RecordWriter(graded) as writer:
+            for record in graded_records:
+                writer.write(record)
+    for line in metrics.format_report(summary):
+        log(line)
+    if json_path is None:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        write_json(json_path, summary)
+
+
+def make_pairs(io: RecordIO, config, *, tokenizer: str | None, stats_path: str | None) -> None:
+    """Preference data from trajectories (`pairs.make_pairs`); the filters' counts on stderr and in --stats."""
+    from mathagent import pairs
+    from mathagent.grading import Grader
+
+    if config.max_length is not None and tokenizer is None:
+        raise UserError("--max-length needs a positive length and --tokenizer (or --model)")
+    if stats_path is not None:
+        check_output_path(stats_path)
+    invalid = InvalidCounter()
+    records = io.read(("id", "problem_id", "messages", "status"), invalid=invalid,
+                      check=lambda r: pairs.check_outcome_fields(r, config.score_field))
+    chat_tokenizer = None
+    if config.max_length is not None:
+        from transformers import AutoTokenizer
+
+        from mathagent.tiny import resolve_model
+
+        try:
+            chat_tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+        except (OSError, ValueError) as e:  # a missing directory, or a name that is no hub id
+            raise UserError(f"--tokenizer {tokenizer!r}: cannot load: {e}") from None
+    grading = None
+    if any(pairs.needs_grading(r, config) for r in records):
+        with Grader() as grader:
+            out, stats = pairs.make_pairs(records, config, grader=grader, tokenizer=chat_tokenizer)
+            grading = grader.stats.as_dict()
+    else:
+        out, stats = pairs.make_pairs(records, config, tokenizer=chat_tokenizer)
+    with io.writer() as writer:
+        for record in out:
+            writer.write(record)
+    for line in pairs.format_stats(stats, config):
+        log(line)
+    if grading is not None and grading["failures"]:
+        log(f"  grading: {grading['failures']} comparisons failed and graded wrong")
+    if stats_path is not None:
+        write_json(stats_path, {**stats.as_dict(), "invalid_lines": invalid.count, "grading": grading})
+
+
+def make_corrections(io: RecordIO, *, format: str, failed_share: float, seed: int, markers) -> None:
+    """Self-rewarding correction data from a rollout's trajectories (`correction.build_demonstrations`)."""
+    from mathagent import correction, metrics
+    from mathagent.grading import Grader
+
+    if not 0 <= failed_share <= 1:
+        raise UserError(f"--failed-share {failed_share}: must be between 0 and 1")
+    records = io.read(("id", "problem_id", "messages", "answer"))
+    with Grader() as grader:
+        graded = metrics.grade_trajectories(records, grader)
+    demonstrations, stats = correction.build_demonstrations(graded, failed_share=failed_share, seed=seed,
+                                                            markers=markers)
+    out = demonstrations if format == "sft" else correction.build_pairs(demonstrations, markers=markers)
+    with io.writer() as writer:
+        for record in out:
+            writer.write(record)
+    shapes = ", ".join(f"{n} {shape}" for shape, n in stats.shapes.items())
+    log(f"make-corrections: {stats.problems} problems ({stats.skipped} with nothing to make): {shapes}"
+        + (f"; {len(out)} pairs" if format == "pairs" else ""))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Process reward model: mc-label, score-prm
+# --------------------------------------------------------------------------------------------------------
+
+
+def mc_label(io: RecordIO, engine_options: EngineOptions, sandbox_options: SandboxOptions, config, *, m: int,
+             steps: str, prompt: str | None, q: str, eta: float, format: str, chunk_size: int) -> None:
+    """Monte-Carlo step labels of graded trajectories (`labeling.label_trajectories`), chunk by chunk, in input
+    order, resumable by trajectory."""
+    from mathagent import agent, labeling, prm
+    from mathagent.grading import Grader
+
+    labeling.check_estimate(q, eta, m)
+    check_agent_config(config, chunk_size=chunk_size)
+    template = agent.load_prompt(prompt) if prompt is not None else None
+    records = io.read(("id", "messages", "answer", "correct"), check=labeling.check_graded_trajectory,
+                      unique_ids=True)
+    finished = io.finished()
+    if io.resume and io.output != "-":
+        log(f"resume: {sum(r['id'] in finished for r in records)} of {len(records)} trajectories already done")
+    todo = [r for r in records if r["id"] not in finished]
+    step_counts = [len(labeling.split_steps(r["messages"], steps)) for r in todo]
+    needs_engine = any(count > 1 for count in step_counts)
+    single = step_counts.count(1)
+    if single and steps == "turns":
+        log(f"mc-label: {single} of {len(todo)} trajectories have a single action: with --steps turns that is "
+            "one step, labeled by the trajectory's own grade, with no Monte-Carlo estimate. For "
+            "chain-of-thought solutions use --steps paragraphs (each paragraph a step).")
+    report = labeling.LabelingReport()
+
+    def on_turn(turn) -> None:
+        log(f"mc-label: turn {turn.turn}: {turn.generated} actions, {turn.executed} cells, {turn.tokens} tokens, "
+            f"{turn.finished} completions ended")
+
+    with (io.writer() as writer, Grader() as grader,
+          engine_options.open() if needs_engine else nothing() as engine,
+          sandbox_options.open() if needs_engine else nothing() as sandbox):
+        cache = labeling.LabelCache()
+        for chunk in chunks(records, chunk_size):
+            new = [r for r in chunk if r["id"] not in finished]
+            if new:
+                report.add(labeling.label_trajectories(new, engine, sandbox, grader, config, m=m, mode=steps,
+                                                       cache=cache, prompt=template, estimate=q, eta=eta,
+                                                       on_turn=on_turn))
+            for r in chunk:
+                writer.write(finished[r["id"]] if r["id"] in finished
+                             else prm.prm_example(r, steps) if format == "prm" else r)
+    log(f"mc-label: {report.summary()}; {grader.stats.summary()}")
+
+
+def score_prm(io: RecordIO, *, model: str, steps: str | None, aggregate: str, field: str, batch_size: int,
+              dtype: str) -> None:
+    """Score every step of trajectories with a PRM (`prm.score_trajectories`), in input order, resumable."""
+    from mathagent import labeling, prm
+    from mathagent.engines import check_model
+    from mathagent.tiny import resolve_model
+
+    check_model("--model", model)
+    model = resolve_model(model)
+    if steps is None:  # score steps as the PRM was taught to see them
+        steps = prm.trained_steps_mode(model)
+    if steps not in labeling.STEP_MODES:  # from prm.json
+        raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
+    if aggregate not in prm.AGGREGATES:
+        raise UserError(f"--aggregate {aggregate!r}: choose from {', '.join(prm.AGGREGATES)}")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    records = io.read(("id", "messages"), unique_ids=True)
+    finished = io.finished()
+    todo = [r for r in records if r["id"] not in finished]
+    report = prm.ScoreReport()
+    with io.writer() as writer:
+        if todo:
+            prm_model, tokenizer = prm.load_prm(model, dtype=dtype)
+            report = prm.score_trajectories(prm_model, tokenizer, todo, mode=steps, how=aggregate, field=field,
+                                            batch_size=batch_size)
+        for r in records:
+            writer.write(finished.get(r["id"], r))
+    log(f"score-prm: {report.trajectories} trajectories, {report.steps} steps in {report.forward_passes} forward "
+        f"passes, {report.seconds:.1f} s"
+        + (f"; {report.per_prefix} scored prefix by prefix (their chat template tokenizes a step's prompt "
+           f"differently from the whole conversation)" if report.per_prefix else ""))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training: train-mdpo, train-sft, train-prm
+# --------------------------------------------------------------------------------------------------------
+
+
+def train_line(row: dict[str, Any]) -> str:
+    """The per-step line on stderr."""
+    def f(key: str, fmt: str = ".4f") -> str:
+        value = row.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    parts = [f"step {row['step']}", f"loss {f('loss')}"]
+    if "rewards/chosen" in row:
+        parts += [f"chosen {f('rewards/chosen')}", f"rejected {f('rewards/rejected')}"]
+    if "rewards/accuracies" in row:
+        parts.append(f"acc {f('rewards/accuracies', '.2f')}")
+    if "rewards/margins" in row:
+        parts.append(f"margin {f('rewards/margins')}")
+    if "kl" in row:
+        parts.append(f"kl {f('kl')}")
+    parts += [f"lr {f('learning_rate', '.2e')}", f"{f('tokens_per_second', '.0f')} tok/s"]
+    return "  ".join(parts)
+
+
+def train(io: RecordIO, name: str, config, check: Callable[[dict[str, Any]], str | None], *,
+          required: tuple[str, ...] = ("id",), evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+          ) -> None:
+    """Read the records, train (`training.train` with the `training.TrainConfig`), print the summary: every
+    training command's body. `evaluate` adds to the summary, on the main process, once the model is saved."""
+    from mathagent import training
+
+    if io.input == "-" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("under torchrun / accelerate launch every process reads the input: give a path, not stdin")
+    config.check()
+    records = io.read(required, check=check)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    main_process = os.environ.get("RANK", "0") == "0"
+    with record_stream() as stdout:
+        summary = training.train(config, records, on_step=lambda row: log(train_line(row)), log=log)
+        if main_process:
+            if evaluate is not None:
+                summary.update(evaluate(summary))
+            stdout.write(json.dumps(summary) + "\n")
+    if main_process:
+        final = summary["final"]
+        log(f"{name}: {summary['steps']} steps in {summary['train_seconds']:.1f} s "
+            f"({summary['tokens_per_second'] or 0:.0f} tok/s), final loss {final.get('loss', float('nan')):.4f}; "
+            f"saved the {summary['saved']} to {summary['output_dir']}"
+            + (f"; held-out label accuracy {summary['eval_accuracy']:.3f}" if "eval_accuracy" in summary else ""))
+    if processes > 1:
+        # A bounded teardown under torchrun: the work is saved and the group destroyed; threads that libraries
+        # leave behind (gloo, tokenizers) must not keep this rank, and so torchrun, from exiting.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
