@@ -41,8 +41,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("MATHAGENT_VLLM_KV_BYTES", str(256 * 2**20))
 
 from mathagent import agent  # noqa: E402
+from mathagent.chat import prompt_ids  # noqa: E402
 from mathagent.engines import Request, Sampling, open_engine, quiet_engines  # noqa: E402
 from mathagent.engines.vllm import local_server  # noqa: E402
+from mathagent.grading import Grader  # noqa: E402
 from mathagent.records import OBSERVATION_FENCE, observation_message  # noqa: E402
 from mathagent.sandbox import Sandbox  # noqa: E402
 from mathagent.tasks.arith import make_problems  # noqa: E402
@@ -98,7 +100,7 @@ def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig) ->
     with ProcessPoolExecutor(max_workers=os.cpu_count(), initializer=_warm_worker) as pool:
         live = list(trajectories)
         for turn in range(config.max_turns):
-            requests = [Request(agent.prompt_ids(engine.tokenizer, t["messages"]),
+            requests = [Request(prompt_ids(engine.tokenizer, t["messages"]),
                                 seed=agent.request_seed(config.seed, t["id"], turn)) for t in live]
             completions = engine.generate(requests, sampling)
             running = []
@@ -112,8 +114,9 @@ def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig) ->
                 t["messages"].append(observation_message(output, "ok", False, config.observation_role))
             cells += len(running)
             live = running if turn + 1 < config.max_turns else []
-    for t in trajectories:
-        agent.grade(t, config.reward)
+    with Grader() as grader:
+        for t in trajectories:
+            agent.grade(t, grader, config.reward)
     return cells
 
 
@@ -137,8 +140,8 @@ def run(design: str, model: str, args, base_url: str | None = None) -> dict:
             cells = toolkit_loop(trajectories, engine, config)
         else:
             turns = []
-            with Sandbox() as sandbox:
-                agent.run_agent(trajectories, engine, sandbox, config, on_turn=turns.append)
+            with Sandbox() as sandbox, Grader() as grader:
+                agent.run_agent(trajectories, engine, sandbox, grader, config, on_turn=turns.append)
             cells = sum(r.executed for r in turns)
         end = time.perf_counter()
     finally:
@@ -181,9 +184,9 @@ def long_tailed(engine, args, schedule: str, slow: str) -> dict:
     config = agent.AgentConfig(max_turns=4, max_tokens=160, temperature=1.0, seed=1, schedule=schedule)
     # Waiting cells model a GPU node, where the engine leaves the CPU to the cells and the sandbox has a worker
     # per core of many: the slow ones run side by side, not two at a time.
-    with Sandbox(workers=SLOW_WORKERS if slow == "wait" else None) as sandbox:
+    with Sandbox(workers=SLOW_WORKERS if slow == "wait" else None) as sandbox, Grader() as grader:
         start = time.perf_counter()
-        agent.run_agent(trajectories, engine, sandbox, config)
+        agent.run_agent(trajectories, engine, sandbox, grader, config)
         seconds = time.perf_counter() - start
     lengths = sorted(len(m["content"]) for t in trajectories for m in t["messages"][3:] if m["role"] == "assistant")
     return {
