@@ -198,7 +198,7 @@ def test_execute_with_release_ends_each_session_right_after_its_cell(sandbox):
                     for i in range(4)]
     assert agent.execute_pending(trajectories, sandbox, release=True) == 4
     assert [t["messages"][-1]["content"] for t in trajectories] == [f"```output\n{i}\n```" for i in range(4)]
-    assert not any(f"rel-{i}" in sandbox._sessions for i in range(4))
+    assert not any(f"rel-{i}" in sandbox.live_sessions() for i in range(4))
 
 
 # ---- self-rewarding correction: the loop's stop and continue decisions on hand-written outputs -------------

@@ -57,7 +57,7 @@ def trajectory(sandbox: Sandbox) -> Trajectory:
 
 def _processes_of(sandbox: Sandbox, comm: str | None = None) -> list[int]:
     """Live processes whose environment carries this sandbox's mark (and whose name is `comm`)."""
-    mark = f"MATHAGENT_SANDBOX={sandbox._config['mark']}".encode()
+    mark = f"MATHAGENT_SANDBOX={sandbox.mark}".encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -260,7 +260,7 @@ def test_killing_the_parent_process_does_not_take_the_session_down(sandbox):
     t("survivor = 'still here'")
     result = t(f"""
         import os, signal
-        for pid in (os.getppid(), 1, {os.getpid()}, {sandbox._zygote.pid}):
+        for pid in (os.getppid(), 1, {os.getpid()}, {sandbox.zygote_pid}):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError as e:
@@ -628,7 +628,7 @@ def test_a_session_over_its_memory_budget_is_stopped_with_a_memory_error(hog, cg
         (after,) = box.run([Cell("hog", ("x = 41", MEMORY_HOGS[hog]), "print(x + 1)")])
         assert (after.status, after.output) == ("ok", "42")
         assert box.isolation["memory"].startswith("cgroup" if cgroup and memory_cgroup_parent() else "polled")
-        ours = f"mathagent-{box._zygote.pid}-"
+        ours = f"mathagent-{box.zygote_pid}-"
     if cgroup and memory_cgroup_parent():  # every session's cgroup went with it
         assert not [name for name in os.listdir(memory_cgroup_parent()[0]) if name.startswith(ours)]
 
@@ -647,7 +647,7 @@ SOAK_HOSTILE = [
     "while True:\n    pass",                                                         # timeout
     "x = bytearray(10 ** 10)",                                                        # memory
     "import os\nos._exit(3)",                                                         # killed
-    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos._exit(1)",         # kills its checkpoint
+    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos._exit(1)",         # kills its parent
     "import os\nfor _ in range(200):\n    os.fork()\nimport time\ntime.sleep(30)",  # fork bomb
     "import os\nif os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(60)\nprint('parent')",
     "import ctypes\nctypes.CDLL(None).shmget(0x50a4, 1 << 20, 0o1666)\nprint('shm')",

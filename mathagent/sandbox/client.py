@@ -135,6 +135,20 @@ class Sandbox:
             raise RuntimeError("submit() on a closed Sandbox")
         return self._pool.submit(self._run_cell, cell)
 
+    @property
+    def mark(self) -> str:
+        """The value of MATHAGENT_SANDBOX in the environment of every process of this sandbox: how to find them."""
+        return self._config["mark"]
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote is not None else None
+
+    def live_sessions(self) -> set[str]:
+        """The trajectories that hold a session now."""
+        with self._lock:
+            return set(self._sessions)
+
     def reserve(self, sessions: int) -> None:
         """`sessions` new trajectories will soon run their first cells: have their sessions started now, in
         the background (while the caller's engine generates their actions), instead of one by one as each
