@@ -19,6 +19,7 @@ engine's batch-dependent numerics.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -162,7 +163,23 @@ class AgentConfig:
     verdict_reward: float = 0.0  # w: adds w x the faithfulness of the verdicts to the reward (grading)
     markers: Markers = DEFAULT_MARKERS
 
+    def __post_init__(self) -> None:
+        if self.max_turns < 1 or self.max_tokens < 1:
+            raise UserError("--n, --max-turns, --max-tokens and --chunk-size must be at least 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"--temperature {self.temperature}: must be 0 (greedy) or positive")
+        if not (0 < self.top_p <= 1):
+            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.max_revisions < 0:
+            raise UserError("--max-revisions must be 0 or more")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
+        if self.self_reward not in (None, *SELF_REWARD_MODES):
+            raise UserError(f"--self-reward {self.self_reward!r}: choose from {', '.join(SELF_REWARD_MODES)}")
+        grading.check_verdict_reward(self.verdict_reward)
 
+
+SCHEDULES = ("turns", "continuous")
 SELF_REWARD_MODES = ("prompted", "inline")
 
 

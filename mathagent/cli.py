@@ -66,7 +66,7 @@ def _choose(option: str, choices: type[enum.StrEnum], *, refused: dict[str, str]
 Backend = _choice("Backend", BACKENDS)
 Dtype = _choice("Dtype", DTYPES)
 Reward = _choice("Reward", grading.REWARD_KINDS)
-Schedule = _choice("Schedule", stages.SCHEDULES)
+Schedule = _choice("Schedule", agent.SCHEDULES)
 SelfReward = _choice("SelfReward", agent.SELF_REWARD_MODES)
 ObservationRole = _choice("ObservationRole", OBSERVATION_ROLES)
 PairFormat = _choice("PairFormat", pairs.FORMATS)

@@ -11,7 +11,6 @@ options into these calls.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -36,9 +35,6 @@ from mathagent.records import (
 )
 
 console = Console(stderr=True, soft_wrap=True)
-
-# How the agent loop advances its trajectories (`agent.AgentConfig.schedule`).
-SCHEDULES = ("turns", "continuous")
 
 
 def log(line: str) -> None:
@@ -106,18 +102,10 @@ def nothing() -> Iterator[None]:
 
 
 def check_agent_config(config, *, chunk_size: int, n: int = 1) -> None:
-    """The options of the stages that generate (rollout, mc-label), checked before any work."""
-    from mathagent.grading import check_verdict_reward
-
-    if n < 1 or config.max_turns < 1 or config.max_tokens < 1 or chunk_size < 1:
+    """The stage's own options of the stages that generate (rollout, mc-label); the loop's are checked by
+    `agent.AgentConfig` itself."""
+    if n < 1 or chunk_size < 1:
         raise UserError("--n, --max-turns, --max-tokens and --chunk-size must be at least 1")
-    if not (math.isfinite(config.temperature) and config.temperature >= 0):
-        raise UserError(f"--temperature {config.temperature}: must be 0 (greedy) or positive")
-    if not (0 < config.top_p <= 1):
-        raise UserError(f"--top-p {config.top_p}: must be in (0, 1]")
-    if config.max_revisions < 0:
-        raise UserError("--max-revisions must be 0 or more")
-    check_verdict_reward(config.verdict_reward)
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
