@@ -149,7 +149,9 @@ def test_with_continuous_batching_no_trajectory_waits_for_a_slow_cell_and_the_re
         for i in range(4):
             (t,) = agent.new_trajectories({"id": f"p{i}", "question": f"What is {i}+3?", "answer": str(i + 3)}, 1,
                                           agent.PROMPTS["tool"])
-            code = "import time\ntime.sleep(3)\nprint(1)" if i == 0 else f"print({i} + 3)"
+            # 4 s: the fast ones must be done 1.5 s before it ends even on a loaded machine (at 3 s they once
+            # finished 1.95 s in, 0.1 s too late, while other tests ran beside this one)
+            code = "import time\ntime.sleep(4)\nprint(1)" if i == 0 else f"print({i} + 3)"
             t["messages"].append({"role": "assistant", "content": f"```python\n{code}\n```"})
             trajectories.append(t)
         ended_at, start = {}, time.perf_counter()
