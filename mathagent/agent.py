@@ -252,7 +252,7 @@ def run_agent(
         # 1. observations for the code of the last turn (or of the input)
         if config.execute:
             report.executed = execute_pending(live, sandbox, config.observation_role, markers=config.markers)
-            if turn == 2 and hasattr(sandbox, "reserve"):
+            if turn == 2 and sandbox is not None:
                 sandbox.reserve(0)  # the first actions' cells have their sessions: start no more ahead
         # 2. which trajectories act now
         acting = []
@@ -291,7 +291,7 @@ def _graded(trajectories: list[dict[str, Any]], grader: grading.Grader, config: 
 def _reserve_sessions(trajectories: Sequence[dict[str, Any]], sandbox, config: AgentConfig) -> None:
     """Have the sandbox start the sessions of the trajectories that have run no cell yet while the engine
     writes their first actions (a session's start costs more than a math cell), not as each first cell comes."""
-    if config.execute and sandbox is not None and hasattr(sandbox, "reserve"):
+    if config.execute and sandbox is not None:
         sandbox.reserve(sum(1 for t in trajectories if not executed_cells(t["messages"])))
 
 

@@ -53,16 +53,6 @@ MAX_CODE_BYTES = 4 << 20  # the largest cell the supervisor hands to a holder (o
 HARNESS_RESERVE_BYTES = 32 << 20
 
 
-def died(pid: int, status: int | None) -> dict:
-    """The message that says how a cell's process ended, from its wait status."""
-    message = {"kind": "died", "pid": pid, "code": None, "signal": None}
-    if status is not None and os.WIFEXITED(status):
-        message["code"] = os.WEXITSTATUS(status)
-    elif status is not None and os.WIFSIGNALED(status):
-        message["signal"] = os.WTERMSIG(status)
-    return message
-
-
 class _CellTimeout(BaseException):
     """Raised into a cell by SIGALRM (wall clock) or SIGPROF (CPU time); a BaseException so that a cell's
     `except Exception` does not swallow it."""

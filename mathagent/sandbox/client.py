@@ -91,7 +91,6 @@ class Sandbox:
             "max_processes": max_processes,
             "max_file_mb": max_file_mb,
             "spares": workers,
-            "max_sessions": max_sessions,
             # One memory cgroup per session where the machine allows it; False: the supervisor's polled
             # budget everywhere (what a machine without a writable memory cgroup gets).
             "cgroup": cgroup,

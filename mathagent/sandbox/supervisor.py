@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 
-from mathagent.sandbox.cell import MAX_CODE_BYTES, STATUSES, Holder, died
+from mathagent.sandbox.cell import MAX_CODE_BYTES, STATUSES, Holder
 from mathagent.sandbox.jail import (
     CLONE_NEWPID,
     PR_SET_PDEATHSIG,
@@ -124,11 +124,10 @@ def zygote_main(config: dict) -> None:
             cgroups[pid] = budget
         return caller_end
 
-    def collect() -> None:
-        """Collect the sessions (or launchers) that ended; remove the cgroups of the direct ones."""
-        for pid in reap():
-            if pid in cgroups:
-                cgroups.pop(pid).remove()
+    def ended(pid: int) -> None:
+        """A session (or launcher) we forked was collected: remove its cgroup, if we made it."""
+        if pid in cgroups:
+            cgroups.pop(pid).remove()
 
     # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks: always
     # `spares` of them, and as many as the caller said it will soon ask for (b"reserve N"), built one at a
@@ -146,7 +145,7 @@ def zygote_main(config: dict) -> None:
         except ConnectionResetError:  # the caller closed with our ready message unread: the same as EOF
             message = b""
         if message.startswith(b"reserve "):
-            reserved = min(int(message.split()[1]), config["max_sessions"])
+            reserved = int(message.split()[1])  # the caller keeps it within its max_sessions
             continue
         if not message:  # the caller closed us (or died): end the spares, wait for every session to end
             for spare in spares:
@@ -157,9 +156,9 @@ def zygote_main(config: dict) -> None:
                     pid, _ = os.waitpid(-1, 0)
                 except ChildProcessError:
                     os._exit(0)
-                if pid in cgroups:
-                    cgroups.pop(pid).remove()
-        collect()
+                ended(pid)
+        for pid in reap():
+            ended(pid)
         reserved = max(reserved - 1, 0)
         caller_end = spares.popleft() if spares else launch()
         socket.send_fds(control, [b"session"], [caller_end.fileno()])
@@ -188,7 +187,7 @@ def _namespaces_granted(network: bool) -> bool:
     pid = os.fork()
     if pid == 0:
         try:
-            enter_namespaces(network, only=None, strict=True)
+            enter_namespaces(network, strict=True)
             os._exit(0)
         except BaseException:
             os._exit(1)
@@ -522,7 +521,7 @@ class Supervisor:
             except ChildProcessError:
                 return None
             if done:
-                return died(pid, status)
+                return _died(pid, status)
             if time.perf_counter() > deadline:
                 return None
             time.sleep(0.002)
@@ -546,6 +545,16 @@ class Supervisor:
     def _printed(self) -> str:
         size = os.fstat(self.printed).st_size
         return os.pread(self.printed, min(size, self.output_limit), 0).decode("utf-8", "replace")
+
+
+def _died(pid: int, status: int | None) -> dict:
+    """How a cell's process (the holder) ended, from its wait status."""
+    message = {"kind": "died", "pid": pid, "code": None, "signal": None}
+    if status is not None and os.WIFEXITED(status):
+        message["code"] = os.WEXITSTATUS(status)
+    elif status is not None and os.WIFSIGNALED(status):
+        message["signal"] = os.WTERMSIG(status)
+    return message
 
 
 def _valid_result(message: dict) -> bool:
