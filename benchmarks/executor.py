@@ -4,7 +4,10 @@ The replay design is what an executor without persistent sessions does: every tu
 that replays all earlier cells of the trajectory (their output discarded) and then runs the new one. It gets
 two concurrent subprocesses, one per core, as the sandbox gets `workers=2`.
 
-    .venv/bin/python benchmarks/executor.py [--trajectories 32] [--workers 2]
+    .venv/bin/python benchmarks/executor.py [--trajectories 32] [--workers 2] [--sessions 512]
+
+It also measures the sandbox's own cost: 512 new trajectories of two trivial cells each, the wall time and
+the machine's CPU time per session and per warm cell.
 
 Prints a table to stderr and a JSON summary to stdout.
 """
@@ -145,6 +148,40 @@ def bench_sandbox(trajectories: list[list[str]], workers: int) -> dict:
     }
 
 
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has spent so far (/proc/stat): the sandbox's processes are not the caller's
+    children, so this is how their cost is seen, the caller's threads included."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _, _, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_sessions(workers: int, sessions: int) -> dict:
+    """The sandbox's own cost, without the cells' work: `sessions` new trajectories of two trivial cells each
+    (a session start, then a warm cell), through `run` in one call per turn as a rollout makes them."""
+    with Sandbox(workers=workers, timeout=10) as sandbox:
+        sandbox.run([Cell("warm-up", (), "1")])
+        sandbox.forget("warm-up")
+        time.sleep(0.5)
+        cpu, started = machine_cpu_seconds(), time.perf_counter()
+        first = sandbox.run([Cell(f"s{i}", (), "x = 1") for i in range(sessions)])
+        middle_cpu, middle = machine_cpu_seconds(), time.perf_counter()
+        second = sandbox.run([Cell(f"s{i}", ("x = 1",), "x + 1") for i in range(sessions)])
+        wall, cpu_total = time.perf_counter() - started, machine_cpu_seconds() - cpu
+        warm_cpu, warm_wall = machine_cpu_seconds() - middle_cpu, time.perf_counter() - middle
+        assert all(r.output == "2" for r in second) and all(r.status == "ok" for r in first)
+        for i in range(sessions):
+            sandbox.forget(f"s{i}")
+    return {
+        "sessions": sessions,
+        "wall_s": wall,
+        "cpu_ms_per_session": 1000 * cpu_total / sessions,  # a start, two cells and their replies
+        "cpu_ms_per_warm_cell": 1000 * warm_cpu / sessions,
+        "warm_cells_per_s": sessions / warm_wall,
+    }
+
+
 def replay_once(cells: list[str]) -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run(
@@ -179,8 +216,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trajectories", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sessions", type=int, default=512, help="of the sandbox's own cost (two trivial cells each)")
     args = parser.parse_args()
     trajectories = corpus(args.trajectories)
+    sessions = bench_sessions(args.workers, args.sessions)
     sandbox = bench_sandbox(trajectories, args.workers)
     replay = bench_replay(trajectories, args.workers)
     # Both designs must show the model the same thing, or the comparison means nothing.
@@ -192,6 +231,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "sandbox": sandbox,
         "replay": replay,
+        "sandbox_cost": sessions,
         "throughput_ratio": sandbox["cells_per_s"] / replay["cells_per_s"],
         "identical_outputs": f"{same}/{sandbox['cells']}",
     }
@@ -209,6 +249,12 @@ def main() -> None:
         f"sandbox `1+1`: back to back {sandbox['arithmetic_back_to_back_p50_ms']:.1f} ms, new session "
         f"{sandbox['arithmetic_new_session_p50_ms']:.1f} ms; startup {sandbox['startup_s']:.2f} s; "
         f"identical outputs {summary['identical_outputs']}",
+        file=sys.stderr,
+    )
+    print(
+        f"sandbox's own cost, {sessions['sessions']} sessions x 2 trivial cells: {sessions['wall_s']:.2f} s, "
+        f"{sessions['cpu_ms_per_session']:.1f} ms of CPU per session (start and both cells), "
+        f"{sessions['cpu_ms_per_warm_cell']:.2f} ms per warm cell ({sessions['warm_cells_per_s']:.0f} cells/s)",
         file=sys.stderr,
     )
     json.dump({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}, sys.stdout, default=str)

@@ -215,7 +215,8 @@ def execute_pending(
         return 0
     cells = [Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code) for t, code in todo]
     for (t, _), result in zip(todo, sandbox.run(cells), strict=True):
-        t["messages"].append(observation_message(result.output, result.status, result.cut, observation_role))
+        t["messages"].append(observation_message(result.output, result.status, result.cut, observation_role,
+                                                 result.escaped))
         if release:
             sandbox.forget(str(t["id"]))
     return len(todo)
@@ -437,7 +438,8 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             key = cells.pop(future)
             result = future.result()
             keyed[key]["messages"].append(
-                observation_message(result.output, result.status, result.cut, config.observation_role))
+                observation_message(result.output, result.status, result.cut, config.observation_role,
+                                    result.escaped))
             report.executed += 1
             ready.append(key)
         for t in ended:

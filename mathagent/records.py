@@ -59,10 +59,13 @@ def format_observation(output: str) -> str:
     return f"```output\n{output.rstrip(chr(10))}\n```"
 
 
-def observation_message(output: str, status: str, cut: bool, role: str = "user") -> dict[str, Any]:
-    """An observation o_h: the output in its fence, and the cell's outcome as data (status, and whether the
-    output was cut to the sandbox's cap)."""
-    return {"role": role, "content": format_observation(output), "outcome": {"status": status, "cut": cut}}
+def observation_message(output: str, status: str, cut: bool, role: str = "user",
+                        escaped: bool = False) -> dict[str, Any]:  # fmt: skip
+    """An observation o_h: the output in its fence, and the cell's outcome as data (status, whether the
+    output was cut to the sandbox's cap, and, only when it happened, that code points UTF-8 cannot carry
+    were written as escapes)."""
+    outcome = {"status": status, "cut": cut} | ({"escaped": True} if escaped else {})
+    return {"role": role, "content": format_observation(output), "outcome": outcome}
 
 
 def cell_status(message: dict[str, Any]) -> str | None:

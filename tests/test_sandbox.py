@@ -730,3 +730,323 @@ def test_a_soak_of_mixed_hostile_and_benign_cells_leaves_nothing_behind(scripted
             assert record["messages"][-1]["content"] == f"```output\n{expected}\n```"
     assert sandbox_pids() <= pids_before
     assert _host_state() == before
+
+
+# -- the second red team: each test below is an attack that worked on the sandbox before it ----------------------
+
+
+FD_PROBE = """
+import os
+kinds = []
+for fd in sorted(map(int, os.listdir('/proc/self/fd'))):
+    try:
+        target = os.readlink(f'/proc/self/fd/{fd}')
+    except OSError:
+        continue  # the directory listdir read, closed by now
+    kinds.append('memfd' if target.startswith('/memfd:') else target.split(':')[0])
+print(kinds)
+"""
+
+ESCAPE_THROUGH_DIRECTORY_FDS = """
+import os
+found, created = False, []
+for fd in map(int, os.listdir('/proc/self/fd')):
+    try:
+        here = os.open('.', os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    except OSError:
+        continue
+    for _ in range(64):  # far past any mount point: '..' stops at the root it reaches
+        here = os.open('..', os.O_RDONLY | os.O_DIRECTORY, dir_fd=here)
+    try:
+        tmp = os.open('tmp', os.O_RDONLY | os.O_DIRECTORY, dir_fd=here)
+        found = found or {marker!r} in os.listdir(tmp)
+        os.close(os.open({marker!r} + '-escaped', os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=tmp))
+        created.append(fd)
+    except OSError:
+        pass
+print(found, bool(created))
+"""
+
+
+def test_a_holder_holds_exactly_its_own_files_with_many_sessions_live(tmp_path):
+    """Every session's holder (and so every cell) holds its stdio, the output memfd and its two sockets to the
+    supervisor, and nothing else: no file or directory of the zygote's, another session's or the host's
+    crosses a fork, however many sessions are live. Before, the N-th session's cells held N-1 directories of
+    the host's cgroupfs, from which '..' led to the host's / (its /tmp listed, files created there)."""
+    marker = tempfile.NamedTemporaryFile(prefix="mathagent-host-marker-", dir="/tmp")
+    escape = ESCAPE_THROUGH_DIRECTORY_FDS.format(marker=os.path.basename(marker.name))
+    try:
+        with Sandbox(workers=2) as box:
+            box.run([Cell(f"live-{i}", (), "x = 1") for i in range(24)])  # 24 sessions live
+            probe, attack = box.run([Cell("probe", (), FD_PROBE), Cell("attack", (), escape)])
+            assert probe.output == "['/dev/null', 'memfd', 'memfd', 'memfd', 'socket', 'socket']", probe
+            assert attack.output == "False False", attack
+    finally:
+        marker.close()
+        escaped = Path(marker.name + "-escaped")
+        created, _ = escaped.exists(), escaped.unlink(missing_ok=True)
+    assert not created
+
+
+FORGED_RESULT = """
+import gc, json, signal, sys
+signal.setitimer(signal.ITIMER_REAL, 0)  # the holder's own limits, disarmed
+signal.setitimer(signal.ITIMER_PROF, 0)
+holder = next(o for o in gc.get_objects() if type(o).__name__ == 'Holder')
+holder.in_cell = False
+frame = sys._getframe()
+while 'seq' not in frame.f_locals:
+    frame = frame.f_back
+message = {'seq': frame.f_locals['seq'], 'kind': 'result', 'status': 'ok', 'error': ''}
+holder.results.send(json.dumps(message).encode())  # from the holder's own pid, as the real result comes
+while True:
+    pass
+"""
+
+HONEST_CPU_CELL = "import time\nstart = time.process_time()\nwhile time.process_time() - start < 1.5:\n    pass\nprint('done')"
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_cell_that_forges_its_result_is_timed_out_and_computes_nothing_after_it():
+    """A cell runs in the holder's process, so it can find the holder, disarm its timers and send its own 'ok'
+    from the holder's pid. The supervisor accepts a result only once the holder is idle (one thread, waiting
+    for the next command) and stops it between cells: the forged 'ok' of an endless loop comes back as a
+    timeout, nothing of it computes afterwards, and a fifth trajectory's honest 1.5 s cell gets its core."""
+    with Sandbox(workers=5, timeout=3) as box:
+        box.run([Cell(f"f{i}", (), "x = 1") for i in range(5)])
+        forged = box.run([Cell(f"f{i}", ("x = 1",), FORGED_RESULT) for i in range(4)])
+        assert [r.status for r in forged] == ["timeout"] * 4, forged
+        holders = _processes_of(box, "sandbox-holder")
+        before = _cpu_seconds(holders)
+        time.sleep(1.0)
+        assert _cpu_seconds(holders) - before < 0.2  # nothing of the four computes on
+        (honest,) = box.run([Cell("f4", ("x = 1",), HONEST_CPU_CELL)])
+        assert (honest.status, honest.output) == ("ok", "done"), honest
+        assert box.run([Cell("f0", ("x = 1", FORGED_RESULT), "print(x)")])[0].output == "1"
+
+
+def test_a_sessions_processes_share_one_core_of_cpu():
+    """A CPU quota of one core per session: a cell that keeps two processes busy gets one core's worth of
+    CPU time between them, so a trajectory cannot take another's share of the machine."""
+    code = textwrap.dedent("""
+        import os, time
+        start = time.monotonic()
+        pids = []
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:
+                while time.monotonic() - start < 1.5:
+                    pass
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        usage = os.times()
+        print(round((usage.children_user + usage.children_system) / (time.monotonic() - start), 2))
+    """)
+    with Sandbox(workers=1, timeout=5) as box:
+        (result,) = box.run([Cell("cpu", (), code)])
+        assert result.status == "ok", result
+        quota = not box.isolation.get("cpu", "").startswith("no quota")  # root with a cpu cgroup, as here
+        if (os.cpu_count() or 1) >= 2 and quota:
+            assert float(result.output) < 1.25, result.output
+        assert box.isolation["cpu"].startswith("1 core (cgroup") or not quota
+
+
+def test_output_that_utf8_cannot_carry_is_escaped_and_the_stage_goes_on(tmp_path):
+    """A lone surrogate in a cell's error (or print) has no UTF-8 form: the observation escapes it and says
+    so, and `mathagent execute -o` writes the record, resumes over it, and exits 0."""
+    import json
+    import subprocess
+    import sys
+
+    with Sandbox(workers=1) as box:
+        (result,) = box.run([Cell("s", (), "print('a' + chr(0xdfff))\nraise ValueError(chr(0xd800))")])
+        assert result.status == "error" and result.escaped
+        result.output.encode("utf-8")
+        assert result.output.startswith("a\\udfff") and result.output.endswith("ValueError: \\ud800")
+    record = {"id": "e0", "problem_id": "p", "question": "q", "status": "tool_call", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "```python\nraise ValueError(chr(0xd800))\n```"}]}
+    out = tmp_path / "executed.jsonl"
+    for resume in ([], ["--resume"]):
+        proc = subprocess.run([sys.executable, "-m", "mathagent.cli", "execute", "-o", str(out), *resume],
+                              input=json.dumps(record) + "\n", capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    (written,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written["messages"][-1]["outcome"] == {"status": "error", "cut": False, "escaped": True}
+    assert written["messages"][-1]["content"].endswith("ValueError: \\ud800\n```")
+
+
+SOCKET_FAMILIES = """
+import ctypes, errno, socket
+libc = ctypes.CDLL(None, use_errno=True)
+opened = []
+for name in ('AF_VSOCK', 'AF_NETLINK', 'AF_PACKET', 'AF_ALG', 'AF_KEY', 'AF_TIPC', 'AF_RDS', 'AF_BLUETOOTH',
+             'AF_CAN', 'AF_X25', 'AF_AX25', 'AF_APPLETALK', 'AF_LLC', 'AF_XDP', 'AF_MCTP'):
+    family = getattr(socket, name, None)
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET):
+        if family is not None and libc.socket(family, kind, 0) >= 0:
+            opened.append(name)
+pair = (ctypes.c_int * 2)()
+if libc.socketpair(40, socket.SOCK_STREAM, 0, pair) == 0:  # AF_VSOCK
+    opened.append('socketpair')
+libc.syscall.restype = ctypes.c_long
+if libc.syscall(425, 8, ctypes.byref((ctypes.c_char * 120)())) >= 0:  # io_uring_setup: sockets past a filter
+    opened.append('io_uring')
+ok = [socket.socket(f, socket.SOCK_STREAM) for f in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)]
+print(sorted(set(opened)), len(ok))
+"""
+
+
+def test_a_cell_opens_no_socket_of_a_family_the_sandbox_does_not_mean_to_allow(sandbox):
+    """vsock is outside the network namespace (one port space for the machine), netlink and the rest reach
+    the kernel: a seccomp filter lets a cell make AF_UNIX, AF_INET and AF_INET6 sockets only, and refuses
+    io_uring, whose requests would open sockets past it."""
+    result = trajectory(sandbox)(SOCKET_FAMILIES)
+    assert result.output == "[] 3", result
+    assert sandbox.isolation["seccomp"].startswith("on")
+
+
+STORE_KEY = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+key = libc.syscall(248, b'user', b'mathagent-red-team', b'left behind', 11, ctypes.c_int(-4))  # add_key, @u
+print(key >= 0, ctypes.get_errno())
+"""
+READ_KEY = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+key = libc.syscall(249, b'user', b'mathagent-red-team', None, ctypes.c_int(0))  # request_key, no upcall
+print(os.getuid(), key >= 0)
+"""
+
+
+def _start_with_pid(target: int) -> Sandbox:
+    """A Sandbox whose zygote gets pid `target` where the kernel lets us pick it (ns_last_pid, as root)."""
+    try:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(target - 1))
+    except OSError:
+        pass
+    return Sandbox(workers=1)
+
+
+def test_a_key_a_cell_stores_does_not_reach_a_later_sandbox_with_the_same_uid():
+    """Key syscalls are refused, so nothing a cell does stays in the kernel's keyrings; and session uids are
+    handed out machine-wide, never twice, so a later sandbox whose zygote pid matches an earlier one's (mod
+    10,000, which used to fix the uids) gives its trajectories other uids."""
+    with Sandbox(workers=1) as first:
+        (stored,) = first.run([Cell("k", (), STORE_KEY)])
+        (uid_a, _), first_pid = first.run([Cell("k", (STORE_KEY,), READ_KEY)])[0].output.split(), first.zygote_pid
+    with _start_with_pid(first_pid + 10_000) as second:
+        uid_b, found = second.run([Cell("k", (), READ_KEY)])[0].output.split()
+    assert stored.output.split()[0] == "False"
+    assert uid_a != uid_b and found == "False"
+
+
+def test_ptys_come_from_a_small_devpts_of_the_sessions_own(sandbox):
+    """/dev/ptmx opens in the session's own devpts instance (numbered from 0, at most MAX_PTYS), so a cell
+    cannot drain the machine's pool of ptys."""
+    code = ("import os\nopened = []\nfor _ in range(100):\n    try:\n        opened.append(os.open('/dev/ptmx', os.O_RDWR))\n"
+            "    except OSError:\n        break\nimport fcntl, struct\n"  # TIOCGPTN, the pty's number in its devpts:
+            "number = struct.unpack('I', fcntl.ioctl(opened[0], 0x80045430, b'0000'))[0] if opened else None\n"
+            "print(len(opened), number)")
+    opened, number = trajectory(sandbox)(code).output.split()
+    from mathagent.sandbox.jail import MAX_PTYS
+
+    assert (int(opened), number) == (MAX_PTYS, "0")
+    assert sandbox.isolation["ptys"] == f"own devpts, at most {MAX_PTYS}"
+
+
+def test_a_cells_file_lock_reaches_neither_other_sessions_nor_the_host(sandbox):
+    """A cell's exclusive flock on a file it may only read (/etc/passwd) would block another trajectory and
+    host tools: file locks are refused in a cell, and the host still locks the file at once."""
+    import fcntl
+
+    lock = ("import fcntl\nf = open('/etc/passwd')\nrefused = []\nfor take in (lambda: fcntl.flock(f, fcntl.LOCK_EX),"
+            " lambda: fcntl.lockf(f, fcntl.LOCK_SH), lambda: fcntl.lockf(open('/tmp/own', 'w'), fcntl.LOCK_EX)):\n"
+            "    try:\n        take()\n    except OSError as e:\n        refused.append(e.errno)\nprint(refused)")
+    import errno as errnos
+
+    a, b = trajectory(sandbox), trajectory(sandbox)
+    assert a(lock).output == str([errnos.ENOLCK] * 3)
+    assert b("import fcntl\nfcntl.flock(open('/etc/passwd'), fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('free')").output.endswith(
+        "[Errno 37] No locks available")
+    with open("/etc/passwd") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not blocked by the cell's attempt
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _zombies_of(pid: int) -> int:
+    count = 0
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        count += fields[0] == "Z" and int(fields[1]) == pid
+    return count
+
+
+def test_the_zygote_collects_ended_sessions_while_idle():
+    """A session ends when its trajectory is forgotten; the zygote collects its supervisor (and removes its
+    cgroup) then, not at the next request for a session."""
+    with Sandbox(workers=1) as box:
+        box.run([Cell(f"z{i}", (), "1") for i in range(8)])
+        for i in range(8):
+            box.forget(f"z{i}")
+        deadline = time.monotonic() + 5
+        while len(_processes_of(box, "sandbox-S")) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the eight supervisors have exited (the spares' stay)
+        time.sleep(0.3)
+        assert _zombies_of(box.zygote_pid) == 0
+        parent = memory_cgroup_parent()
+        if parent is not None:
+            ours = [n for n in os.listdir(parent[0]) if n.startswith(f"mathagent-{box.zygote_pid}-")]
+            assert len(ours) <= 2  # the spare session's (and one being started)
+
+
+def test_a_failed_oom_score_change_is_counted_in_the_isolation_report():
+    """Lowering a process's OOM score needs CAP_SYS_RESOURCE; a root without it (a container) cannot give the
+    holder its lower score, and the report says how many changes failed instead of staying silent."""
+    import json
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import ctypes, json
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(24, 24, 0, 0, 0)  # PR_CAPBSET_DROP CAP_SYS_RESOURCE: gone for the sandbox we start
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+        header, data = Header(0x20080522, 0), (Data * 2)()
+        libc.capget(ctypes.byref(header), data)
+        for field in ("effective", "permitted", "inheritable"):
+            setattr(data[0], field, getattr(data[0], field) & ~(1 << 24))
+        assert libc.capset(ctypes.byref(header), data) == 0
+        from mathagent.sandbox import Cell, Sandbox
+        with Sandbox(workers=1) as box:
+            box.run([Cell("o", (), "1")])
+            print(json.dumps(box.isolation))
+    """)
+    if os.geteuid() != 0:
+        pytest.skip("not root: the holder's OOM score is never lowered")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    if report["memory"].startswith("cgroup"):
+        assert report["oom_score_failures"] >= 1, report

@@ -17,12 +17,15 @@ Model-written code is hostile, so it never runs in the caller's process. The pro
               holder: the namespace, a uid of its own, runs the cells <--fork-- S
 
 Cells run in the process that holds the trajectory's state (the "holder"), one after another, with no fork
-per cell. When a cell finishes, S kills everything else in the trajectory's pid namespace: whatever the cell
-started, daemons that double-forked and called setsid included. When the cell times out, its process dies or
-it goes over its memory budget, S kills the holder with everything in the namespace, starts a new holder,
-and the caller rebuilds the state by replaying the trajectory's earlier cells without the failed one
-(`client`): the cell leaves no trace in the state (files it wrote stay). Cells that merely raise keep their
-partial effects, as in a notebook. A session that is lost is rebuilt the same way.
+per cell. So the holder's word on a cell is the cell's: S decides when a cell has ended, from outside. It
+enforces the wall deadline and the session's CPU time itself, takes a result only once the holder is idle
+(one thread, blocked receiving its next command), then stops the holder (SIGSTOP) and kills everything else
+in the trajectory's pid namespace: whatever the cell started, daemons that double-forked and called setsid
+included. Between cells nothing of a session runs. When the cell times out, its process dies or it goes over
+its memory budget, S kills the holder with everything in the namespace, starts a new holder, and the caller
+rebuilds the state by replaying the trajectory's earlier cells without the failed one (`client`): the cell
+leaves no trace in the state (files it wrote stay). Cells that merely raise keep their partial effects, as
+in a notebook. A session that is lost is rebuilt the same way.
 
 Statuses of a CellResult:
     ok       the cell ran to its end
@@ -36,23 +39,30 @@ Statuses of a CellResult:
 What a session is kept from, where the OS grants every mechanism (root on Linux; `Sandbox.isolation` reports
 what was in force): other processes (a pid namespace: it sees and signals only its own), writing the machine's
 files (every mount read-only; a private tmpfs for /tmp and /dev/shm, gone with the session), the network (a
-namespace with no interface up), other sessions (a uid, IPC namespace and memory budget of its own), keeping
-privileges (no capabilities, no_new_privs), and outliving its cell (S kills what a cell leaves running).
+namespace with no interface up, and no socket families but unix and IP), the host's files through a
+descriptor (each process of the chain closes every fd outside an allow-list), other sessions (a uid never
+handed out twice on the machine, IPC namespace, devpts, memory budget and CPU quota of its own; no file
+locks or kernel keys, which would outlive it or reach across), keeping privileges (no capabilities,
+no_new_privs), and outliving or overrunning its cell (S ends it, however it reports itself).
 
 What it does not cover:
-- the kernel: there is no seccomp filter, every system call is open to a cell, and a kernel bug is a way out;
-- reading: mounts are read-only, not hidden, so a cell reads what the host's permissions let any user read;
-- CPU: there is no CPU controller; a cell's processes may take every core until its deadline;
+- the kernel: the seccomp filter refuses socket families, keys, io_uring and file locks; every other system
+  call is open to a cell, and a kernel bug is a way out;
+- reading: mounts are read-only, not hidden, so a cell reads what the host's permissions let any user read,
+  and connects to a host's unix socket whose file lets any user write (a read-only mount does not stop that);
+- its own trajectory: a cell may rewrite the harness it runs in, so what later cells of the same trajectory
+  report (their output, ok or error) is the model's to make up; their limits still hold;
 - a weaker fallback where the OS refuses a mechanism (a container without CAP_SYS_ADMIN, not root): without a
   network namespace an audit hook refuses Python's own sockets only (ctypes or a subprocess get past it),
-  without a mount namespace the host's files are protected by their permissions alone (docs/sandbox.md);
+  without a mount namespace the host's files are protected by their permissions alone, without a cpu cgroup
+  there is no quota (S still ends each cell at its CPU limit) (docs/sandbox.md);
 - memory, at its edges: the polled budget (no writable memory cgroup) can be passed between two looks;
 - replay: a state rebuilt after a failed cell or a lost session equals the one before only if its cells are
   deterministic (a random draw is not).
 
 The modules, by process: `client` (the caller's: `Sandbox`, its sessions and their sockets), `supervisor`
-(the zygote, the launchers, S), `jail` (namespaces, mounts, uid and rlimits, memory budgets), `cell` (the
-holder and a cell's run in it), `__main__` (the zygote's program).
+(the zygote, the launchers, S), `jail` (namespaces, mounts, uids and rlimits, the system-call filter, cgroups),
+`cell` (the holder and a cell's run in it), `__main__` (the zygote's program).
 """
 
 from mathagent.sandbox.cell import STATUSES

@@ -10,8 +10,10 @@ supervisor does not keep (a timeout, a death) ends the holder: the supervisor st
 replays the kept cells.
 
 The holder talks to its supervisor in JSON messages on two SEQPACKET sockets: commands in ("run"), and out
-"started" and "result" (a status of STATUSES and the error text). A cell can write to the results socket
-too, so the supervisor goes by the sender's pid as the kernel reports it and drops what does not parse.
+"result" (a status of STATUSES and the error text). A cell can write to the results socket too, from the
+holder's own pid: the supervisor drops what does not parse, and takes a result as the cell's end only once
+the holder is idle again, blocked in `serve`'s receive (see `supervisor`). Everything here (the timers, the
+echo, the error text) serves an honest cell; no limit depends on it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from typing import TYPE_CHECKING
 
 from mathagent.sandbox.jail import (
     PR_SET_DUMPABLE,
-    MemoryCgroup,
     PolledBudget,
+    SessionCgroup,
     drop_privileges,
+    keep_only_fds,
     prctl,
     reap,
     set_oom_score,
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from mathagent.sandbox.supervisor import Supervisor
 
 STATUSES = ("ok", "error", "memory", "timeout", "killed")
+KEPT_STATUSES = ("ok", "error", "memory")  # the cell ran to its end in the holder, which keeps its state
 TRACEBACK_FRAMES = 2  # frames of a traceback the model sees, innermost last, besides the exception line
 MAX_CODE_BYTES = 4 << 20  # the largest cell the supervisor hands to a holder (one SEQPACKET message)
 # Address space held back from each cell and handed to the harness after it: a cell that ends at the RLIMIT_AS
@@ -65,20 +69,24 @@ class Holder:
         self.commands, self.results = commands, results
         set_process_name(b"sandbox-holder")
         self.timeout = supervisor.timeout
-        self.cpu_limit = math.ceil(self.timeout) + 1  # seconds of CPU a cell's threads may use together
+        self.cpu_limit = supervisor.cpu_limit  # seconds of CPU a cell's threads may use together
         self.cap = supervisor.cap
         self.namespace = {"__name__": "__main__", "__builtins__": builtins}
         self.in_cell = False
         self.reserve: mmap.mmap | None = None
         # A copy of the output memfd out of the way of fds 1 and 2, to point them back at it for each cell.
         self.printed = os.dup(supervisor.printed)
-        self.oom_scores = supervisor.cgroup is not None
-        if supervisor.cgroup is not None:
-            supervisor.cgroup.join()
-        else:
+        for cgroup in supervisor.cgroups:
+            cgroup.join()
+        if supervisor.polled is not None:
             # The polled budget is only as good as the supervisor's looks: a cell's processes must not keep it
             # off the cores (eight of them allocating at once on two cores passed twice the budget).
             os.nice(PolledBudget.NICE)
+        supervisor_stderr, sys.stderr = sys.stderr, open(2, "w", buffering=1, closefd=False)
+        supervisor_stderr.close()  # the caller's stderr is S's, not ours
+        # The holder's files, by an allow-list: stdio (/dev/null and the output memfd), the memfd's copy, and
+        # the two sockets to S. No cgroup file, no other session's socket, no directory of the host's.
+        keep_only_fds({0, 1, 2, self.printed, commands.fileno(), results.fileno()})
         drop_privileges(supervisor.config, supervisor.uid, supervisor.isolation)
         signal.signal(signal.SIGALRM, self._on_limit)
         signal.signal(signal.SIGPROF, self._on_limit)
@@ -125,12 +133,14 @@ class Holder:
 
     def _run(self, command: dict) -> None:
         seq, code, index = command["seq"], command["code"], command["index"]
-        self._send({"seq": seq, "kind": "started"})
         # Dumpable while the cell runs, so that it reads its own /proc/self; an OOM kill in the session takes
-        # the cell's processes first (their state is rebuilt by replay either way, see `supervisor`).
+        # the cell's processes first (their state is rebuilt by replay either way, see `supervisor`). The
+        # scores move only where S could lower ours (oom_scores): raising is always allowed, and going back
+        # to the score S set never needs a privilege.
         prctl(PR_SET_DUMPABLE, 1)
-        if self.oom_scores:
-            set_oom_score(MemoryCgroup.OOM_SCORE_CELL)
+        oom_scores = command.get("oom_scores") is True
+        if oom_scores:
+            set_oom_score(SessionCgroup.OOM_SCORE_CELL)
         os.dup2(self.printed, 1)  # an earlier cell may have closed or redirected them
         os.dup2(self.printed, 2)
         # Line-buffered, so that print()s and what subprocesses write straight to fd 1 keep their order.
@@ -139,8 +149,8 @@ class Holder:
         sys.stdin = open(0, encoding="utf-8", closefd=False)
         self.hold_reserve()
         status, error = _execute(code, f"<cell {index}>", self.namespace, self)
-        if self.oom_scores:  # while still dumpable: /proc/self is ours
-            set_oom_score(MemoryCgroup.OOM_SCORE_HOLDER)
+        if oom_scores:  # while still dumpable: /proc/self is ours
+            set_oom_score(SessionCgroup.OOM_SCORE_HOLDER)
         prctl(PR_SET_DUMPABLE, 0)  # until the supervisor has killed them, nothing the cell left may write us
         try:
             out.flush()

@@ -44,6 +44,7 @@ class CellResult:
     seconds: float  # wall time of the cell itself, fork included, replay excluded
     replayed: int = 0  # history cells run first because the session's state was not here
     cut: bool = False  # `output` was cut to the cap (printed text cut, or the error's first lines dropped)
+    escaped: bool = False  # `output` had code points UTF-8 cannot carry (lone surrogates), written as escapes
 
 
 class _SessionLost(Exception):
@@ -66,6 +67,7 @@ class Sandbox:
         max_file_mb: int = 16,
         max_sessions: int | None = None,
         cgroup: bool = True,
+        cpus: float | None = 1.0,
     ):
         from mathagent.errors import UserError
 
@@ -74,7 +76,7 @@ class Sandbox:
         for name, value, low in (
             ("workers", workers, 1), ("timeout", timeout, 0.01), ("memory_mb", memory_mb, 64),
             ("max_output_chars", max_output_chars, 80), ("max_processes", max_processes, 4),
-            ("max_file_mb", max_file_mb, 1), ("max_sessions", max_sessions, 1),
+            ("max_file_mb", max_file_mb, 1), ("max_sessions", max_sessions, 1), ("cpus", cpus or 0.01, 0.01),
         ):  # fmt: skip
             if value < low:
                 raise UserError(f"sandbox {name} must be at least {low}, got {value}")
@@ -94,6 +96,9 @@ class Sandbox:
             # One memory cgroup per session where the machine allows it; False: the supervisor's polled
             # budget everywhere (what a machine without a writable memory cgroup gets).
             "cgroup": cgroup,
+            # Cores' worth of CPU time a session's processes get together (a cgroup quota where the machine
+            # allows it); None: no quota.
+            "cpus": cpus,
             # Tests find a sandbox's processes by this mark in their environment.
             "mark": f"{os.getpid()}-{os.urandom(4).hex()}",
         }
@@ -237,13 +242,13 @@ class Sandbox:
                 try:
                     record.process.send(request)
                     for i in replay:
-                        reply = record.process.receive(self._deadline())
+                        reply = self._counted(record.process.receive(self._deadline()))
                         if not reply["kept"]:
                             record.rolled_back.add(i)
                         if reply.get("lost"):
                             raise _SessionLost("state lost during replay")
                     started = True
-                    reply = record.process.receive(self._deadline())
+                    reply = self._counted(record.process.receive(self._deadline()))
                 except _SessionLost:
                     # The cells known to leave no trace (rolled_back) are still skipped when replaying.
                     record.process.kill()
@@ -264,11 +269,21 @@ class Sandbox:
                     self.stats["cells"] += 1
                     self.stats["replayed"] += len(replay)
                 return CellResult(reply["output"], reply["status"], reply["seconds"], replayed=len(replay),
-                                  cut=reply.get("cut") is True)
+                                  cut=reply.get("cut") is True, escaped=reply.get("escaped") is True)
         # The session died three times replaying this history: an error for this trajectory alone, not for
         # the stage (the other trajectories' cells go on).
         return CellResult("SandboxError: the session died three times while replaying this trajectory's earlier "
                           "cells", "killed", 0.0)
+
+    def _counted(self, reply: dict) -> dict:
+        """Count what a session reports beside the cell: OOM-score changes the kernel refused."""
+        failures = reply.get("oom_score_failures")
+        if isinstance(failures, int) and failures > 0:
+            with self._lock:
+                self.stats["oom_score_failures"] += failures
+                if self.isolation is not None:
+                    self.isolation["oom_score_failures"] = self.stats["oom_score_failures"]
+        return reply
 
     def _deadline(self) -> float:
         # The supervisor enforces `timeout` itself; this is the watchdog for a supervisor that hangs.
@@ -343,7 +358,9 @@ class Sandbox:
             process = _Process(socket.socket(fileno=fds[0]))
             ready = process.wait_ready()
             if self.isolation is None:
-                self.isolation = ready["isolation"]
+                # The holder's OOM score is lowered where there is a memory cgroup; the replies say how often
+                # the kernel refused (`_counted`).
+                self.isolation = dict(ready["isolation"], oom_score_failures=self.stats["oom_score_failures"])
             return process
         raise RuntimeError("the sandbox zygote failed twice; its stderr above says why")
 

@@ -3,13 +3,17 @@ outside it.
 
 Each mechanism is applied by the process the sandbox's chain puts in charge of it (see `supervisor`):
 
+    zygote      the session's cgroups (memory budget, CPU quota) and its uid, from a machine-wide pool
     launcher    enter_namespaces: pid, mount, IPC and network namespaces (a user namespace first where we
-                are not root), each tried alone where the OS refuses them together; the memory cgroup
-    supervisor  isolate: every mount read-only, a private tmpfs for /tmp and /dev/shm, a /proc of our own
-    holder      drop_privileges: a uid of its own, no capabilities, no_new_privs, the rlimits
+                are not root), each tried alone where the OS refuses them together
+    supervisor  isolate: every mount read-only, a private tmpfs for /tmp and /dev/shm, a /proc and a devpts
+                of our own
+    holder      drop_privileges: a uid of its own, no capabilities, no_new_privs, the rlimits, the seccomp
+                filter (socket families, keys, io_uring, file locks)
 
-and one memory budget per session, the kernel's (MemoryCgroup) or the supervisor's poll (PolledBudget).
-`isolate` returns the report the caller reads as `Sandbox.isolation`.
+and every one of them first closes each file it did not open for itself (`keep_only_fds`): an fd that
+crosses a fork is a way out of the namespaces it was opened in. `isolate` returns the report the caller reads
+as `Sandbox.isolation`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
+MAX_PTYS = 16  # the ptys a session's own devpts instance holds at once
 _MOUNT_OPTIONS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
                   "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME}  # fmt: skip
 
@@ -91,6 +96,17 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _libc_call("mount", encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data))
 
 
+def keep_only_fds(keep: set[int]) -> None:
+    """Close every file descriptor of this process but `keep`: an allow-list, so that nothing a parent held
+    (another session's cgroup directory, the zygote's sockets, a host directory) reaches a session through a
+    fork, whatever the parent opened."""
+    low = 0
+    for fd in sorted(keep) + [2**31 - 1]:
+        if fd > low:
+            os.closerange(low, fd)  # close_range(2): one system call per gap
+        low = fd + 1
+
+
 # -- namespaces: the launcher ---------------------------------------------------------------------------------
 
 
@@ -140,6 +156,64 @@ def host_workdir(namespaces: int, uid: int) -> str | None:
     return workdir
 
 
+# -- session uids: the zygote -----------------------------------------------------------------------------------
+
+SESSION_UID_BASE = 1_000_000_000  # session uids are taken from here up; none of them has a passwd entry
+_SESSION_UID_END = 4_000_000_000  # below 2**32 - 1, which means "no uid" to the kernel
+UID_COUNTER = "/run/mathagent-sandbox/next-uid"
+
+
+class UidPool:
+    """Session uids, each handed out once on this machine: every zygote takes blocks of BLOCK from one
+    counter file under /run (root's, locked while it is read and advanced), so no two sessions, of one
+    sandbox or of independent ones, share a uid, now or later (what a uid leaves in the kernel, a key say,
+    cannot reach another trajectory). Where /run cannot hold the counter, blocks start at random."""
+
+    BLOCK = 1024
+
+    def __init__(self):
+        self.next = self.end = 0
+        self.source = "machine-wide counter"
+
+    def take(self) -> int:
+        if self.next == self.end:
+            try:
+                self.next = _advance_counter(self.BLOCK)
+            except OSError as e:
+                import secrets
+
+                blocks = (_SESSION_UID_END - SESSION_UID_BASE) // self.BLOCK
+                self.next = SESSION_UID_BASE + secrets.randbelow(blocks) * self.BLOCK
+                self.source = f"random blocks of {self.BLOCK} ({UID_COUNTER}: {e.strerror})"
+            self.end = self.next + self.BLOCK
+        self.next += 1
+        return self.next - 1
+
+
+def _advance_counter(count: int) -> int:
+    """Take `count` uids from the machine's counter file; the first."""
+    import fcntl
+    import stat
+
+    directory = os.path.dirname(UID_COUNTER)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise OSError(errno.EPERM, "not a directory of ours alone")
+    fd = os.open(UID_COUNTER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        text = os.pread(fd, 64, 0).decode().strip()
+        first = int(text) if text.isdigit() else SESSION_UID_BASE
+        if not SESSION_UID_BASE <= first <= _SESSION_UID_END - count:
+            first = SESSION_UID_BASE  # wrapped around: ~3 billion sessions later
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(first + count).encode(), 0)
+        return first
+    finally:
+        os.close(fd)  # and with it the lock
+
+
 # -- the file system: the supervisor, inside the namespaces ---------------------------------------------------
 
 
@@ -172,6 +246,7 @@ def isolate(config: dict, uid: int, namespaces: int, workdir: str | None) -> tup
         if namespaces & CLONE_NEWPID:
             # A /proc of our pid namespace: cells see only their own processes, not the caller's.
             _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+        report["ptys"] = _own_devpts()
     elif drop_uid and any(_closed_ancestor(path) for path in _python_paths()):
         report["imports"] = "only what the zygote imported: the Python installation is closed to others"
     if drop_uid:
@@ -179,6 +254,20 @@ def isolate(config: dict, uid: int, namespaces: int, workdir: str | None) -> tup
     if not namespaces & CLONE_NEWPID:
         prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of cells come to us, so we can find and kill them
     return report, workdir
+
+
+def _own_devpts() -> str:
+    """Mount a devpts instance of the session's own on /dev/pts, with room for MAX_PTYS: opening /dev/ptmx
+    then takes a pty from it (the kernel looks up the pts directory beside the ptmx node), not from the
+    host's pool, whose last `kernel.pty.reserve` ptys no other instance may take. What is in force."""
+    if not os.path.isdir("/dev/pts"):
+        return "none (no /dev/pts)"
+    try:
+        _mount("devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC,
+               f"newinstance,ptmxmode=0666,mode=0600,max={MAX_PTYS}")
+    except OSError as e:
+        return f"the host's (a devpts of our own was refused: {e.strerror})"
+    return f"own devpts, at most {MAX_PTYS}"
 
 
 def _remount_read_only() -> bool:
@@ -246,7 +335,7 @@ def _expose_python() -> None:
 
 def drop_privileges(config: dict, uid: int, isolation: dict) -> None:
     """Give up, for good, what a cell must not have: the session's uid (or no capabilities), no_new_privs,
-    the rlimits, and the audit hook where there is no network namespace."""
+    the rlimits, the audit hook where there is no network namespace, and the system-call filter."""
     limits = (
         (resource.RLIMIT_AS, config["memory_mb"] << 20),
         (resource.RLIMIT_FSIZE, config["max_file_mb"] << 20),
@@ -276,6 +365,93 @@ def drop_privileges(config: dict, uid: int, isolation: dict) -> None:
         resource.setrlimit(which, (value, value))
     if isolation["network"].startswith("blocked by an audit hook"):
         sys.addaudithook(_no_network)
+    if config["syscall_filter"] is not None:
+        install_syscall_filter(config["syscall_filter"])
+
+
+# -- the system-call filter: each holder, after drop_privileges -------------------------------------------------
+
+# System-call numbers of the calls the filter looks at, per architecture (asm/unistd.h), and the AUDIT_ARCH
+# value the kernel gives a call made through that architecture's ABI. A call through another ABI (32-bit
+# int 0x80 on x86_64, x32) is refused whole: its numbers mean other calls.
+_SYSCALLS = {
+    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "fcntl": 72, "flock": 73, "add_key": 248,
+                            "request_key": 249, "keyctl": 250, "io_uring_setup": 425, "io_uring_enter": 426,
+                            "io_uring_register": 427}),
+    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "fcntl": 25, "flock": 32, "add_key": 217,
+                             "request_key": 218, "keyctl": 219, "io_uring_setup": 425, "io_uring_enter": 426,
+                             "io_uring_register": 427}),
+}  # fmt: skip
+SOCKET_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)  # what a cell may open; the network
+# namespace leaves AF_INET* nothing to reach. Every other family is refused: vsock (the machine's one port
+# space, outside any network namespace), netlink (the kernel's configuration), packet, alg, bluetooth, ...
+_LOCK_COMMANDS = (6, 7, 37, 38)  # fcntl F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW (F_GETLK stays open)
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def syscall_filter() -> tuple[list[tuple[int, int, int, int]] | None, str]:
+    """The seccomp program a holder installs (classic BPF over struct seccomp_data), and what it does; None
+    where this architecture's call numbers are not known here.
+
+    Refused: sockets of any family but SOCKET_FAMILIES (socket, socketpair; EAFNOSUPPORT), the kernel's key
+    store (add_key, request_key, keyctl; ENOSYS: nothing a cell stores outlives it or reaches the next owner
+    of its uid), io_uring (ENOSYS: its requests open sockets and files without passing this filter) and file
+    locks (flock, fcntl's F_SETLK family; ENOLCK: a lock on a file the cell may only read, /etc/passwd say,
+    would block other sessions and the host's tools, since locks belong to the file, not the namespace)."""
+    import platform
+
+    if platform.machine() not in _SYSCALLS:
+        return None, f"off (no system-call table for {platform.machine()})"
+    arch, nr = _SYSCALLS[platform.machine()]
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    program: list = []  # instructions; a jump's targets are labels, resolved below
+
+    def refuse(code: int) -> tuple:
+        return (ret, 0, 0, _SECCOMP_RET_ERRNO | code)
+
+    program += [(load, 0, 0, 4), (jeq, 0, "foreign", arch), (load, 0, 0, 0), (jge, "foreign", 0, 0x40000000)]
+    program += [(jeq, "family", 0, nr["socket"]), (jeq, "family", 0, nr["socketpair"])]
+    program += [(jeq, "lock", 0, nr["flock"]), (jeq, "fcntl", 0, nr["fcntl"])]
+    for name in ("add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter", "io_uring_register"):
+        program.append((jeq, "unavailable", 0, nr[name]))
+    program.append((ret, 0, 0, _SECCOMP_RET_ALLOW))
+    program += ["family", (load, 0, 0, 16)]  # args[0], low word (little-endian)
+    program += [(jeq, "allow", 0, family) for family in SOCKET_FAMILIES]
+    program += [refuse(errno.EAFNOSUPPORT)]
+    program += ["fcntl", (load, 0, 0, 24)]  # args[1]: the command
+    program += [(jeq, "lock", 0, command) for command in _LOCK_COMMANDS]
+    program += ["allow", (ret, 0, 0, _SECCOMP_RET_ALLOW)]
+    program += ["lock", refuse(errno.ENOLCK), "unavailable", refuse(errno.ENOSYS), "foreign", refuse(errno.ENOSYS)]
+    labels, position = {}, 0
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = position
+        else:
+            position += 1
+    instructions = [item for item in program if not isinstance(item, str)]
+    resolved = []
+    for i, (code, jt, jf, k) in enumerate(instructions):
+        jt, jf = (labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf))
+        resolved.append((code, jt, jf, k))
+    families = "/".join(socket.AddressFamily(f).name for f in SOCKET_FAMILIES)
+    return resolved, f"on: sockets {families} only; no keys, io_uring or file locks"
+
+
+def install_syscall_filter(program: list[tuple[int, int, int, int]]) -> None:
+    """Install the filter for this process and everything it starts, for good (needs no_new_privs)."""
+    filters = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
+    fprog = _SockFprog(len(program), filters)
+    _libc_call("prctl", ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
 
 
 def _no_network(event: str, args: tuple) -> None:
@@ -285,53 +461,73 @@ def _no_network(event: str, args: tuple) -> None:
             raise PermissionError(errno.EACCES, "network access is disabled in the sandbox")
 
 
-# -- one memory budget per session ----------------------------------------------------------------------------
+# -- one memory budget and one CPU quota per session ---------------------------------------------------------
 
 
-class MemoryCgroup:
-    """One session's memory budget as a kernel memory cgroup: every process of the holder chain, whatever
-    it forks, its memfds and the files it writes to its tmpfs are charged to one counter, and past the limit
-    the kernel's OOM killer stops a process of the session, not the machine.
+class SessionCgroup:
+    """One session's cgroup in one hierarchy: with `memory`, its memory budget (every process of the holder
+    chain, whatever it forks, its memfds and the files it writes to its tmpfs are charged to one counter, and
+    past the limit the kernel's OOM killer stops a process of the session, not the machine); with `cpus`, its
+    CPU quota (its processes together get that many cores' worth of time, so that a trajectory cannot take
+    another's share). cgroup v2 keeps both in one directory, v1 in one hierarchy each.
 
-    Made by the launcher before it enters the session's mount namespace, where every mount is read-only
-    afterwards: the files it needs later are opened now, through the host's mounts."""
+    Made by the zygote (or the launcher) before the session enters its mount namespace, where every mount is
+    read-only afterwards: the files it needs later are opened now, relative to `parent`, a directory fd of
+    its maker's that no session process holds (`keep_only_fds`)."""
 
     OOM_SCORE_CELL, OOM_SCORE_HOLDER = 1000, -500
+    CPU_PERIOD_US = 100_000
 
-    def __init__(self, parent: str, version: int, name: str, limit: int):
-        self.version, self.name = version, name
-        self.parent = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    def __init__(self, parent: int, version: int, name: str, *, memory: int | None = None,
+                 cpus: float | None = None):  # fmt: skip
+        self.version, self.name, self.parent = version, name, parent
+        self.cpus = cpus  # the quota, where this cgroup has one
+        self.procs = self.events = None  # events: the OOM-kill counter, where it holds the memory budget
         try:
-            os.mkdir(name, 0o700, dir_fd=self.parent)
+            os.mkdir(name, 0o700, dir_fd=parent)
         except FileExistsError:  # left by a launcher killed before its clean-up
-            os.rmdir(name, dir_fd=self.parent)
-            os.mkdir(name, 0o700, dir_fd=self.parent)
-        path = os.path.join(parent, name)
+            os.rmdir(name, dir_fd=parent)
+            os.mkdir(name, 0o700, dir_fd=parent)
+        directory = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent)
         try:
-            limits = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes") if version == 1 else (
-                "memory.max", "memory.swap.max")
-            with open(os.path.join(path, limits[0]), "w") as f:
-                f.write(str(limit))
-            try:
-                with open(os.path.join(path, limits[1]), "w") as f:  # no swap past the budget either
-                    f.write(str(limit) if version == 1 else "0")
-            except OSError:
-                pass  # no swap accounting on this kernel
-            self.procs = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
-            self.events = os.open(os.path.join(path, "memory.oom_control" if version == 1 else "memory.events"),
-                                  os.O_RDONLY)
-            if self.oom_kills() is None:
-                raise OSError(errno.ENOTSUP, "this kernel does not count OOM kills per cgroup")
+            settings = []
+            if memory is not None:
+                settings += [("memory.limit_in_bytes", str(memory), True), ("memory.memsw.limit_in_bytes", str(memory),
+                             False)] if version == 1 else [("memory.max", str(memory), True),
+                                                           ("memory.swap.max", "0", False)]  # fmt: skip
+            if cpus is not None:
+                quota = int(cpus * self.CPU_PERIOD_US)
+                settings += [("cpu.cfs_period_us", str(self.CPU_PERIOD_US), True), ("cpu.cfs_quota_us", str(quota),
+                             True)] if version == 1 else [("cpu.max", f"{quota} {self.CPU_PERIOD_US}", True)]
+            for file, value, required in settings:
+                try:
+                    fd = os.open(file, os.O_WRONLY, dir_fd=directory)
+                    try:
+                        os.write(fd, value.encode())
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    if required:
+                        raise  # optional: swap, where the kernel does not account it (no swap past the budget)
+            self.procs = os.open("cgroup.procs", os.O_WRONLY, dir_fd=directory)
+            if memory is not None:
+                events = "memory.oom_control" if version == 1 else "memory.events"
+                self.events = os.open(events, os.O_RDONLY, dir_fd=directory)
+                if self.oom_kills() is None:
+                    raise OSError(errno.ENOTSUP, "this kernel does not count OOM kills per cgroup")
         except OSError:
             self.remove()
             raise
+        finally:
+            os.close(directory)
+
+    def fds(self) -> set[int]:
+        """The files of the cgroup this process holds: the supervisor keeps them across `keep_only_fds`."""
+        return {fd for fd in (self.procs, self.events) if fd is not None}
 
     def join(self) -> None:
-        """Move the calling process (a new holder, still root) into the cgroup; its descendants follow.
-        Its OOM score is set as root too, which makes it the lowest a process of the session may set itself;
-        while a cell runs the holder raises it (`OOM_SCORE_CELL`), and what the cell starts inherits that."""
+        """Move the calling process (a new holder, still root) into the cgroup; its descendants follow."""
         os.write(self.procs, b"0")
-        set_oom_score(self.OOM_SCORE_HOLDER)
 
     def oom_kills(self) -> int | None:
         """How many processes of the session the kernel's OOM killer has stopped so far."""
@@ -342,17 +538,16 @@ class MemoryCgroup:
                 return int(value)
         return None
 
-    def close_files(self, *which: str) -> None:
-        """Close what this process does not need: the supervisor the parent directory, the launcher the
-        cgroup's files, a holder (and so every cell) all of them."""
-        for name in which or ("procs", "events", "parent"):
-            if getattr(self, name, None) is not None:
+    def close_files(self) -> None:
+        """Close the cgroup's files: the zygote (or launcher) keeps only what `remove` needs, a holder none."""
+        for name in ("procs", "events"):
+            if getattr(self, name) is not None:
                 os.close(getattr(self, name))
                 setattr(self, name, None)
 
     def remove(self) -> None:
         """Delete the cgroup once its processes are gone (the session ended)."""
-        self.close_files("procs", "events")
+        self.close_files()
         for _ in range(100):  # the last processes may still be exiting
             try:
                 os.rmdir(self.name, dir_fd=self.parent)
@@ -363,21 +558,23 @@ class MemoryCgroup:
                 if e.errno != errno.EBUSY:
                     break
                 time.sleep(0.01)
-        os.close(self.parent)
-        self.parent = None
 
 
-def set_oom_score(value: int) -> None:
+def set_oom_score(value: int, pid: int | str = "self") -> bool:
+    """Set a process's OOM score adjustment; False where the kernel refused (lowering it needs
+    CAP_SYS_RESOURCE, which a container's root may lack): the caller counts it."""
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(value))
-    except OSError:  # lowering it needs CAP_SYS_RESOURCE (a user namespace's root has none on the host)
-        pass
+        return True
+    except OSError:
+        return False
 
 
-def memory_cgroup_parent() -> tuple[str, int] | None:
-    """The directory of our own memory cgroup, and the cgroup version, if we may create sessions' cgroups
-    with a memory limit under it: root (or a delegated cgroup) and the memory controller available."""
+def cgroup_parent(controller: str) -> tuple[str, int] | None:
+    """The directory of our own cgroup in the hierarchy that carries `controller` ("memory", "cpu"), and its
+    version, if we may create sessions' cgroups with that controller under it: root (or a delegated cgroup)
+    and the controller available to children."""
     with open("/proc/self/cgroup") as f:
         memberships = [line.rstrip("\n").split(":", 2) for line in f]
     with open("/proc/self/mountinfo") as f:
@@ -386,24 +583,28 @@ def memory_cgroup_parent() -> tuple[str, int] | None:
         for fields in mounts:
             dash = fields.index("-")
             fstype, options = fields[dash + 1], fields[dash + 3].split(",")
-            if (fstype, version) not in (("cgroup2", 2), ("cgroup", 1)) or (version == 1 and "memory" not in options):
+            if (fstype, version) not in (("cgroup2", 2), ("cgroup", 1)) or (version == 1 and controller not in options):
                 continue
             own = [path for _, controllers, path in memberships
-                   if (version == 2 and controllers == "") or (version == 1 and "memory" in controllers.split(","))]
+                   if (version == 2 and controllers == "") or (version == 1 and controller in controllers.split(","))]
             root, mountpoint = fields[3], fields[4]
             if not own or not (own[0] + "/").startswith(root.rstrip("/") + "/"):
                 continue
             directory = os.path.join(mountpoint, own[0][len(root.rstrip("/")) :].lstrip("/"))
-            if version == 2:  # a child has a memory limit only where this cgroup hands the controller down
+            if version == 2:  # a child has the controller only where this cgroup hands it down
                 try:
                     with open(os.path.join(directory, "cgroup.subtree_control")) as f:
-                        if "memory" not in f.read().split():
+                        if controller not in f.read().split():
                             continue
                 except OSError:
                     continue
             if os.access(directory, os.W_OK):
                 return directory, version
     return None
+
+
+def memory_cgroup_parent() -> tuple[str, int] | None:
+    return cgroup_parent("memory")
 
 
 def remove_stale_cgroups(parent: str) -> None:
@@ -435,17 +636,17 @@ class PolledBudget:
         self.directories = directories  # host directories of the session's: the blocks of their files
         self.allowed = limit
 
-    def start(self, processes: dict[int, tuple[int, bool]]) -> None:
+    def start(self, processes: dict[int, tuple[int, bool, int]]) -> None:
         """Before a cell: a session already over the budget (files an earlier cell left before it was stopped)
         may still run cells that do not grow it, one that deletes them say, as under a cgroup."""
         self.allowed = max(self.limit, self.used(processes) + self.SLACK)
 
-    def over(self, processes: dict[int, tuple[int, bool]]) -> bool:
+    def over(self, processes: dict[int, tuple[int, bool, int]]) -> bool:
         return self.used(processes) > self.allowed
 
-    def used(self, processes: dict[int, tuple[int, bool]]) -> int:
+    def used(self, processes: dict[int, tuple[int, bool, int]]) -> int:
         total, memfds = 0, {}
-        for pid, (_, alive) in processes.items():
+        for pid, (_, alive, _) in processes.items():
             if not alive:
                 continue
             try:
@@ -476,9 +677,9 @@ class PolledBudget:
 # -- processes --------------------------------------------------------------------------------------------------
 
 
-def kill(pid: int) -> None:
+def kill(pid: int, signum: int = signal.SIGKILL) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signum)
     except ProcessLookupError:
         pass
 

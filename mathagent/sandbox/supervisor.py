@@ -4,12 +4,20 @@ we are not root.
 
 The zygote is started by the caller (`client.Sandbox`) with `python -I` and an empty environment, imports
 the math modules once and keeps `workers` sessions started ahead of need, more when the caller reserves
-them. It makes each session's memory cgroup and forks S as the init of a new pid namespace (a launcher does
-both where a user namespace has to come first): when S exits, every process of the trajectory is gone. S
-enters its other namespaces (`jail`), mounts the session's file system, keeps the holder (`cell.Holder`,
-replaced after a failed cell), hands each cell to it, enforces the deadline and the memory budget, kills what a cell
-leaves behind, and answers the caller: one JSON reply per cell, after its length (FRAME), with a status of
-`cell.STATUSES`.
+them. It makes each session's cgroups (memory budget, CPU quota) and forks S as the init of a new pid
+namespace (a launcher does both where a user namespace has to come first): when S exits, every process of
+the trajectory is gone; the zygote collects it at once (SIGCHLD) and removes its cgroups. S enters its other
+namespaces (`jail`), mounts the session's file system, keeps the holder (`cell.Holder`, replaced after a
+failed cell), hands each cell to it and answers the caller: one JSON reply per cell, after its length
+(FRAME), with a status of `cell.STATUSES`.
+
+A cell runs in the holder's own process, so nothing the holder says about a cell can be trusted: the cell
+can send a result from the holder's pid and keep running. What S decides from outside instead: the wall
+deadline and the session's CPU time (read from /proc, every process of the namespace), and the cell's end.
+A result counts only once the holder is idle, one thread blocked receiving its next command; S then stops
+it (SIGSTOP, which no process can catch) and kills everything else in the namespace, and continues it with
+the next cell. A cell that sent a result and went on computing is a timeout; between cells nothing of a
+session runs.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import math
 import os
+import platform
 import select
 import shutil
 import signal
@@ -27,22 +37,28 @@ import sys
 import time
 import traceback
 
-from mathagent.sandbox.cell import MAX_CODE_BYTES, STATUSES, Holder
+from mathagent.sandbox.cell import KEPT_STATUSES, MAX_CODE_BYTES, STATUSES, Holder
 from mathagent.sandbox.jail import (
     CLONE_NEWPID,
     PR_SET_PDEATHSIG,
-    MemoryCgroup,
+    SESSION_UID_BASE,
     PolledBudget,
+    SessionCgroup,
+    UidPool,
+    cgroup_parent,
     enter_namespaces,
     host_workdir,
+    install_syscall_filter,
     isolate,
+    keep_only_fds,
     kill,
-    memory_cgroup_parent,
     prctl,
     reap,
     remove_stale_cgroups,
+    set_oom_score,
     set_process_name,
     setns,
+    syscall_filter,
 )
 
 # Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
@@ -50,15 +66,18 @@ PRELOADED_MODULES = (
     "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections", "random",
     "statistics", "re", "json", "numpy", "sympy", "encodings.idna",
 )  # fmt: skip
-SESSION_UID_BASE = 1_000_000_000  # per-session uids are taken from here up; none of them has a passwd entry
 GRACE_SECONDS = 1.0  # after `timeout`, how long a cell may take to unwind before its process is killed
+CPU_CHECK_SECONDS = 0.1  # how often S reads the session's CPU time while a cell runs
 FRAME = struct.Struct(">I")  # the length of each JSON message between the caller and S
 _SO_SNDBUFFORCE = 32
 _PF_EXITING = 0x4  # in /proc/PID/stat's flags: the process is in exit()
+# The call an idle holder is blocked in, as /proc/PID/syscall names it: recvfrom(2), which Python's
+# socket.recv makes on a blocking socket.
+_RECV_CALLS = {"x86_64": "45", "aarch64": "207"}
 
 
 def zygote_main(config: dict) -> None:
-    """Import the math modules once, then fork one launcher per session the caller asks for."""
+    """Import the math modules once, then fork one session (or launcher) per session the caller asks for."""
     control = socket.socket(fileno=config["control_fd"])
     set_process_name(b"sandbox-zygote")
     started = time.perf_counter()
@@ -73,10 +92,21 @@ def zygote_main(config: dict) -> None:
     except (BrokenPipeError, ConnectionResetError):
         os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
     config["zygote"] = os.getpid()
-    uid_base = SESSION_UID_BASE + (os.getpid() % 10_000) * 100_000  # apart from other sandboxes' uids
-    config["memory_cgroup"] = memory_cgroup_parent() if config["cgroup"] else None
-    if config["memory_cgroup"] is not None:
-        remove_stale_cgroups(config["memory_cgroup"][0])
+    program, note = syscall_filter()
+    if program is not None and not _filter_accepted(program):
+        program, note = None, "off (the kernel refused the filter)"
+    config["syscall_filter"], config["syscall_filter_note"] = program, note
+    # One directory fd per cgroup hierarchy, the parent of every session's cgroup in it: the zygote's alone
+    # (a session closes it), not one per session, which every later session's cells inherited.
+    hierarchies = []
+    for hierarchy in _hierarchies(config):
+        remove_stale_cgroups(hierarchy[0])
+        try:
+            hierarchies.append((hierarchy, os.open(hierarchy[0], os.O_RDONLY | os.O_DIRECTORY)))
+        except OSError:
+            continue
+    config["cgroups"] = [hierarchy for hierarchy, _ in hierarchies]
+    uids = UidPool() if os.geteuid() == 0 else None  # only root gives each session a uid of its own
     sessions = itertools.count()
     # As root with every namespace granted, S is forked straight into them (one fork of this large process
     # per session instead of two); elsewhere a launcher enters them, a user namespace first where needed.
@@ -84,14 +114,21 @@ def zygote_main(config: dict) -> None:
     # unshare(CLONE_NEWPID) works once per pid namespace we are in: after each fork we go back to our own
     # (setns), or the next unshare fails and every later session would share the first one's namespace.
     own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if direct else None
-    cgroups: dict[int, MemoryCgroup] = {}  # S's pid -> its session's cgroup, removed when S is collected
+    owned: dict[int, list[SessionCgroup]] = {}  # S's pid -> its session's cgroups, removed when S is collected
+    # A session that ends (its trajectory forgotten) is collected at once, not at the next request: SIGCHLD
+    # wakes the loop below through this pipe.
+    wake_up, wake_up_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_up_write, warn_on_full_buffer=False)
 
     def launch() -> socket.socket:
         caller_end, session_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        uid = uid_base + next(sessions) % 100_000
-        budget, note = None, None
+        n = next(sessions)
+        uid = uids.take() if uids is not None else SESSION_UID_BASE + n
+        config["uid_source"] = uids.source if uids is not None else None
+        cgroups, notes = [], []
         if direct:
-            budget, note = _session_cgroup(config, uid)
+            cgroups, notes = _session_cgroups(config, hierarchies, n)
             enter_namespaces(config["network"], only=CLONE_NEWPID, strict=True)  # our next child is its init
         try:
             pid = os.fork()
@@ -103,31 +140,31 @@ def zygote_main(config: dict) -> None:
                 setns(own_pid_namespace, CLONE_NEWPID)
         if pid == 0:
             try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 control.close()
-                if own_pid_namespace is not None:
-                    os.close(own_pid_namespace)
                 for spare in spares:
                     spare.close()
                 caller_end.close()
                 if not direct:
-                    _launcher_main(config, session_end, uid)
-                if note is not None:
-                    config["memory_note"] = note
+                    _launcher_main(config, session_end, uid, n)
                 namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID)
-                Supervisor(config, session_end, uid, namespaces, None, budget).serve()
+                Supervisor(config, session_end, uid, namespaces, None, cgroups, notes).serve()
             except BaseException:
                 traceback.print_exc()
             os._exit(1)
         session_end.close()
-        if budget is not None:
-            budget.close_files("procs", "events")
-            cgroups[pid] = budget
+        for cgroup in cgroups:
+            cgroup.close_files()
+        if cgroups:
+            owned[pid] = cgroups
         return caller_end
 
-    def ended(pid: int) -> None:
-        """A session (or launcher) we forked was collected: remove its cgroup, if we made it."""
-        if pid in cgroups:
-            cgroups.pop(pid).remove()
+    def collect() -> None:
+        """Collect every session (or launcher) that has exited, and remove the cgroups we made for it."""
+        for pid in reap():
+            for cgroup in owned.pop(pid, []):
+                cgroup.remove()
 
     # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks: always
     # `spares` of them, and as many as the caller said it will soon ask for (b"reserve N"), built one at a
@@ -137,8 +174,17 @@ def zygote_main(config: dict) -> None:
     while True:
         while len(spares) < config["spares"]:
             spares.append(launch())
-        if len(spares) < reserved and not select.select([control], [], [], 0)[0]:
-            spares.append(launch())
+        ready = select.select([control, wake_up], [], [], 0 if len(spares) < reserved else None)[0]
+        if wake_up in ready:
+            while True:
+                try:
+                    os.read(wake_up, 4096)
+                except BlockingIOError:
+                    break
+            collect()
+        if control not in ready:
+            if len(spares) < reserved:
+                spares.append(launch())
             continue
         try:
             message = control.recv(1 << 16)
@@ -156,9 +202,9 @@ def zygote_main(config: dict) -> None:
                     pid, _ = os.waitpid(-1, 0)
                 except ChildProcessError:
                     os._exit(0)
-                ended(pid)
-        for pid in reap():
-            ended(pid)
+                for cgroup in owned.pop(pid, []):
+                    cgroup.remove()
+        collect()
         reserved = max(reserved - 1, 0)
         caller_end = spares.popleft() if spares else launch()
         socket.send_fds(control, [b"session"], [caller_end.fileno()])
@@ -195,43 +241,76 @@ def _namespaces_granted(network: bool) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def _session_cgroup(config: dict, uid: int) -> tuple[MemoryCgroup | None, str | None]:
-    """The session's memory cgroup (made before the namespaces: afterwards every mount is read-only), or why
-    there is none."""
-    if config["memory_cgroup"] is None:
-        return None, None
-    parent, version = config["memory_cgroup"]
-    try:
-        name = f"mathagent-{config['zygote']}-{uid}"  # remove_stale_cgroups goes by the zygote's pid
-        return MemoryCgroup(parent, version, name, config["memory_mb"] << 20), None
-    except OSError as e:
-        return None, f"no memory cgroup: {e}"
+def _filter_accepted(program: list) -> bool:
+    """Whether the kernel takes the system-call filter (a child tries it, as a holder will)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: what an unprivileged filter needs
+            install_syscall_filter(program)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
-def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
+def _hierarchies(config: dict) -> list[tuple[str, int, tuple[str, ...]]]:
+    """The cgroup hierarchies sessions get a cgroup in: (our cgroup's directory, version, the controllers
+    of the session's it carries). cgroup v2 carries memory and cpu in one, v1 one hierarchy each."""
+    wanted = (["memory"] if config["cgroup"] else []) + (["cpu"] if config["cpus"] else [])
+    found: dict[tuple[str, int], list[str]] = {}
+    for controller in wanted:
+        parent = cgroup_parent(controller)
+        if parent is not None:
+            found.setdefault(parent, []).append(controller)
+    return [(path, version, tuple(controllers)) for (path, version), controllers in found.items()]
+
+
+def _session_cgroups(config: dict, hierarchies: list, n: int) -> tuple[list[SessionCgroup], list[str]]:
+    """The session's cgroups, one per hierarchy (made before the namespaces: afterwards every mount is
+    read-only), and why any could not be made."""
+    cgroups, notes = [], []
+    for (_, version, controllers), parent in hierarchies:
+        try:
+            name = f"mathagent-{config['zygote']}-{n}"  # remove_stale_cgroups goes by the zygote's pid
+            cgroups.append(SessionCgroup(parent, version, name,
+                                         memory=config["memory_mb"] << 20 if "memory" in controllers else None,
+                                         cpus=config["cpus"] if "cpu" in controllers else None))  # fmt: skip
+        except OSError as e:
+            notes.append(f"no {'/'.join(controllers)} cgroup: {e}")
+    return cgroups, notes
+
+
+def _launcher_main(config: dict, session_end: socket.socket, uid: int, n: int) -> None:
     """Between the zygote and the session: enter new namespaces, fork the session into them, wait for it."""
     set_process_name(b"sandbox-launch")
+    keep_only_fds({0, 1, 2, session_end.fileno()})
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so do we, and our session after us
     if os.getppid() == 1:
         os._exit(0)
-    budget, note = _session_cgroup(config, uid)
-    if note is not None:
-        config["memory_note"] = note
+    hierarchies, notes = [], []
+    for hierarchy in config["cgroups"]:
+        try:
+            hierarchies.append((hierarchy, os.open(hierarchy[0], os.O_RDONLY | os.O_DIRECTORY)))
+        except OSError as e:
+            notes.append(f"no {'/'.join(hierarchy[2])} cgroup: {e}")
+    cgroups, more = _session_cgroups(config, hierarchies, n)
     namespaces = enter_namespaces(config["network"])
     workdir = host_workdir(namespaces, uid)  # None where the session gets a private tmpfs
     pid = os.fork()
     if pid == 0:
         try:
-            Supervisor(config, session_end, uid, namespaces, workdir, budget).serve()
+            Supervisor(config, session_end, uid, namespaces, workdir, cgroups, notes + more).serve()
         except BaseException:
             traceback.print_exc()
         os._exit(1)
     session_end.close()
-    if budget is not None:
-        budget.close_files("procs", "events")
+    for cgroup in cgroups:
+        cgroup.close_files()
     os.waitpid(pid, 0)  # S is the init of the session's pid namespace: its processes are gone with it
-    if budget is not None:
-        budget.remove()
+    for cgroup in cgroups:
+        cgroup.remove()
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
     os._exit(0)
@@ -239,19 +318,24 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int) -> None:
 
 class Supervisor:
     """S: the trusted process of one trajectory. It runs no model code; it keeps the holder chain, hands
-    cells to it, enforces the deadline, kills what cells leave behind and answers the caller."""
+    cells to it, decides when each has ended (the deadline, the CPU time, the holder idle and stopped),
+    kills what cells leave behind and answers the caller."""
 
     def __init__(self, config: dict, caller: socket.socket, uid: int, namespaces: int, workdir: str | None,
-                 cgroup: MemoryCgroup | None):
+                 cgroups: list[SessionCgroup], notes: list[str]):  # fmt: skip
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         set_process_name(b"sandbox-S")
+        # Only what this session needs crosses into it: whatever else the zygote or launcher held (other
+        # sessions' sockets, cgroup directories of the host's mount namespace) is closed here, before the
+        # holder is forked.
+        keep_only_fds({0, 1, 2, caller.fileno(), *(fd for cgroup in cgroups for fd in cgroup.fds())})
         self.config = config
-        self.cgroup = cgroup
-        if cgroup is not None:
-            cgroup.close_files("parent")
+        self.cgroups = cgroups
+        self.memory = next((cgroup for cgroup in cgroups if cgroup.events is not None), None)
         self.caller = caller
         self.uid = uid
         self.timeout = config["timeout"]
+        self.cpu_limit = math.ceil(self.timeout) + 1  # seconds of CPU a cell's processes may use together
         self.cap = config["max_output_chars"]
         self.output_limit = config["max_file_mb"] << 20
         os.setsid()  # our own process group and session: kill(0) from a cell reaches nobody outside
@@ -260,10 +344,25 @@ class Supervisor:
             mounts, directories = [path for path in ("/tmp", "/dev/shm") if os.path.isdir(path)], []
         else:
             mounts, directories = [], [self.workdir]
-        self.polled = None if cgroup else PolledBudget(config["memory_mb"] << 20, mounts, directories)
-        self.isolation["memory"] = f"cgroup v{cgroup.version}" if cgroup else "polled"
-        if "memory_note" in config:
-            self.isolation["memory"] += f" ({config['memory_note']})"
+        self.polled = None if self.memory else PolledBudget(config["memory_mb"] << 20, mounts, directories)
+        self.isolation["memory"] = f"cgroup v{self.memory.version}" if self.memory else "polled"
+        quota = next((cgroup for cgroup in cgroups if cgroup.cpus is not None), None)
+        cpus = config["cpus"]
+        self.isolation["cpu"] = (f"{cpus:g} core{'s' if cpus != 1 else ''} (cgroup v{quota.version})" if quota
+                                 else "no quota (no writable cpu cgroup)" if cpus else "no quota")  # fmt: skip
+        for note in notes:
+            key = "memory" if note.startswith("no memory") else "cpu"
+            self.isolation[key] += f" ({note})"
+        self.isolation["seccomp"] = config["syscall_filter_note"]
+        self.isolation["uids"] = config["uid_source"]
+        # The holder's idle state, as S reads it from /proc (root reads any process's; elsewhere a holder
+        # that is not dumpable hides it, and S goes by its thread count and sleep alone).
+        self.recv_call = _RECV_CALLS.get(platform.machine()) if os.geteuid() == 0 or self.isolation[
+            "user_namespace"] else None  # fmt: skip
+        self.isolation["cell_end"] = ("decided by the supervisor: deadline and CPU time read from outside, "
+                                      "a result counts once the holder is idle, stopped between cells")
+        if self.recv_call is None:
+            self.isolation["cell_end"] += " (idle: one sleeping thread; its system call unreadable here)"
         os.environ.clear()
         os.environ.update(
             PATH="/usr/local/bin:/usr/bin:/bin", HOME=self.workdir, TMPDIR=self.workdir, LANG="C.UTF-8",
@@ -285,7 +384,10 @@ class Supervisor:
         os.dup2(self.printed, 2)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size cap fails with EFBIG instead
         self.seq = 0
-        self.holder = 0
+        self.holder, self.holder_pidfd, self.holder_commands = 0, None, -1
+        self.stopped = False  # the holder is stopped (SIGSTOP) until its next cell
+        self.oom_scores = False  # the holder's OOM score was lowered: it raises it while a cell runs
+        self.oom_score_failures = 0  # since the last reply
         self.commands = self.results = None
         self._start_chain()
         pidfd = os.pidfd_open(os.getpid()) if hasattr(os, "pidfd_open") else None
@@ -305,6 +407,9 @@ class Supervisor:
         if self.commands is not None:
             self.commands.close()
             self.results.close()
+        if self.holder_pidfd is not None:
+            os.close(self.holder_pidfd)
+            self.holder_pidfd = None
         self._kill_all_but(set())
         commands, chain_commands = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         results, chain_results = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -319,25 +424,28 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:
             try:
-                holder = Holder(self, chain_commands, chain_results)
-                if self.cgroup is not None:
-                    self.cgroup.close_files()
                 for sock in (commands, results, self.caller):
                     sock.close()
-                os.close(self.printed)
-                sys.stderr.close()
-                holder.serve()
+                Holder(self, chain_commands, chain_results).serve()  # it closes every other fd of ours
             except BaseException:
                 traceback.print_exc()
             os._exit(1)
+        self.holder_commands = chain_commands.fileno()  # the same number in the holder and its successors
         chain_commands.close()
         chain_results.close()
         self.commands, self.results, self.holder = commands, results, pid
+        self.holder_pidfd = os.pidfd_open(pid)
+        self.stopped = False
+        if self.memory is not None:
+            # Set by S, which is root: lowering a score needs CAP_SYS_RESOURCE, and a score set so is the
+            # lowest the holder may set itself later, when a cell has ended.
+            self.oom_scores = set_oom_score(SessionCgroup.OOM_SCORE_HOLDER, pid)
+            self.oom_score_failures += not self.oom_scores
 
-    def _processes(self) -> dict[int, tuple[int, bool]]:
-        """pid -> (parent pid, alive) for every process under us (in a pid namespace: all of /proc). A
-        zombie, or a process already in exit() (it may have closed its files but not yet be a zombie), is
-        not alive: it runs no more code."""
+    def _processes(self) -> dict[int, tuple[int, bool, int]]:
+        """pid -> (parent pid, alive, CPU clock ticks) for every process under us (in a pid namespace: all of
+        /proc). A zombie, or a process already in exit() (it may have closed its files but not yet be a
+        zombie), is not alive: it runs no more code. The ticks are its own and its collected children's."""
         table = {}
         for name in os.listdir("/proc"):
             if name.isdigit():
@@ -346,11 +454,13 @@ class Supervisor:
                         stat = f.read()
                 except OSError:
                     continue
-                state, parent, _, _, _, _, flags = stat[stat.rindex(b")") + 2 :].split()[:7]
-                table[int(name)] = (int(parent), state not in b"ZX" and not int(flags) & _PF_EXITING)
+                fields = stat[stat.rindex(b")") + 2 :].split()
+                state, parent, flags = fields[0], int(fields[1]), int(fields[6])
+                ticks = sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
+                table[int(name)] = (parent, state not in b"ZX" and not flags & _PF_EXITING, ticks)
         me = os.getpid()
         children = collections.defaultdict(list)
-        for pid, (parent, _) in table.items():
+        for pid, (parent, _, _) in table.items():
             children[parent].append(pid)
         under, stack = {}, list(children[me])
         while stack:
@@ -359,14 +469,18 @@ class Supervisor:
             stack.extend(children[pid])
         return under
 
-    def _alive(self, pid: int) -> bool:
-        return self._processes().get(pid, (0, False))[1]
+    def _cpu_seconds(self, processes: dict[int, tuple[int, bool, int]]) -> float:
+        """The CPU time the session's processes have used, living and ended: what a cell's threads, children
+        and daemons take is all here, wherever the cell moved it."""
+        collected = os.times()
+        ticks = sum(info[2] for info in processes.values())
+        return ticks / os.sysconf("SC_CLK_TCK") + collected.children_user + collected.children_system
 
     def _kill_all_but(self, keep: set[int]) -> None:
         """SIGKILL every process under us except `keep`, and return once none of them runs any more."""
         for attempt in itertools.count():
             reap()
-            victims = [pid for pid, (_, alive) in self._processes().items() if alive and pid not in keep]
+            victims = [pid for pid, (_, alive, _) in self._processes().items() if alive and pid not in keep]
             if not victims:
                 return
             for pid in victims:
@@ -376,6 +490,45 @@ class Supervisor:
             if attempt > 200:
                 print(f"sandbox: processes {victims} survive SIGKILL", file=sys.stderr)
                 return
+
+    def _idle(self, pid: int) -> bool:
+        """The holder has stopped computing: one thread, blocked receiving its next command."""
+        try:
+            if len(os.listdir(f"/proc/{pid}/task")) != 1:
+                return False
+            if self.recv_call is None:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    return f.read().rsplit(b")", 1)[1].split()[0] == b"S"
+            with open(f"/proc/{pid}/syscall") as f:
+                call = f.read().split()
+        except OSError:
+            return False
+        return len(call) > 1 and call[0] == self.recv_call and int(call[1], 16) == self.holder_commands
+
+    def _stop(self, pid: int) -> None:
+        """Stop the idle holder until its next cell, and kill everything else of the session. SIGSTOP cannot
+        be caught or ignored; a process the cell left could still continue the holder before it dies, so
+        the holder is stopped again until it stays stopped with nobody else left."""
+        for _ in range(100):
+            kill(pid, signal.SIGSTOP)
+            for wait in range(10_000):  # it is blocked in a system call: the stop takes microseconds
+                if _stopped(pid):
+                    break
+                os.sched_yield() if wait < 100 else time.sleep(0.0001)
+            self._kill_all_but({pid})
+            if _stopped(pid):
+                break
+        self.stopped = True
+
+    def _resume(self) -> None:
+        if self.stopped:
+            kill(self.holder, signal.SIGCONT)
+            self.stopped = False
+
+    def _take_successor(self, successor: int) -> None:
+        """The holder's thread-free fork holds the state from now on (see cell.Holder)."""
+        os.close(self.holder_pidfd)
+        self.holder, self.holder_pidfd = successor, os.pidfd_open(successor)
 
     # -- serving the caller --------------------------------------------------------------------------------
 
@@ -413,21 +566,25 @@ class Supervisor:
         lost = False
         self.seq += 1
         os.ftruncate(self.printed, 0)
-        command = json.dumps({"kind": "run", "seq": self.seq, "code": code, "index": index}).encode()
+        command = json.dumps({"kind": "run", "seq": self.seq, "code": code, "index": index,
+                              "oom_scores": self.oom_scores}).encode()  # fmt: skip
         if len(command) > self.max_command:
             error = f"SandboxError: the cell is {len(command)} bytes long, more than {self.max_command}"
-            return {"status": "error", "output": error, "seconds": 0.0, "lost": lost, "kept": True}
-        oom_kills = self.cgroup.oom_kills() if self.cgroup is not None else 0
+            return self._reply("error", error, 0.0, lost=False, kept=True)
+        oom_kills = self.memory.oom_kills() if self.memory is not None else 0
+        processes = self._processes()
         if self.polled is not None:
-            self.polled.start(self._processes())
+            self.polled.start(processes)
+        cpu_start = self._cpu_seconds(processes)
         started = time.perf_counter()
+        self._resume()
         try:
             self.commands.send(command)
         except OSError:  # every process of the chain died: start from an empty namespace
             self._start_chain()
             self.commands.send(command)
             lost = True
-        outcome, message, cell_pid = self._await(self.seq, started + self.timeout + GRACE_SECONDS)
+        outcome, message = self._await(self.seq, started + self.timeout + GRACE_SECONDS, cpu_start)
         seconds = time.perf_counter() - started
         if outcome == "result":
             status, error = message["status"], message["error"]
@@ -435,12 +592,14 @@ class Supervisor:
             status, error = "killed", _death_message(message)
         elif outcome == "over budget":
             status, error = "memory", ""
+        elif outcome == "cpu":
+            status, error = "timeout", f"TimeoutError: the cell used more than {self.cpu_limit} s of CPU time"
         else:
             status, error = "timeout", f"TimeoutError: the cell ran longer than {self.timeout:g} s"
-        # The holder ran the cell to its end (a timeout it caught itself is undone all the same) and holds the
-        # new state.
-        kept = outcome == "result" and status in ("ok", "error", "memory")
-        stopped = self.cgroup.oom_kills() - oom_kills if self.cgroup is not None else 0
+        # The holder ran the cell to its end, is idle and stopped, and holds the new state (a timeout it caught
+        # itself is undone all the same).
+        kept = outcome == "result" and status in KEPT_STATUSES
+        stopped = self.memory.oom_kills() - oom_kills if self.memory is not None else 0
         if stopped or outcome == "over budget":
             # The kernel stopped the cell or some of its processes (or we did, where it is polled): the
             # session went over its budget, whatever the cell's own process saw of it.
@@ -448,72 +607,74 @@ class Supervisor:
             error = (f"MemoryError: the session went over its {self.config['memory_mb']} MB of memory (its "
                      f"processes, memfds and files together); "
                      + ("the cell was stopped" if not kept else f"{stopped} of the cell's processes were stopped"))
-        if kept:
-            # The holder ran the cell to its end and holds the new state (or the thread-free copy it forked
-            # does, see cell.Holder): whatever else the cell left running goes.
-            successor = message.get("successor")
-            if isinstance(successor, int) and self._processes().get(successor, (0, False))[0] == cell_pid:
-                kill(cell_pid)  # not waited for: it runs no more code, and its exit takes milliseconds
-                self._kill_all_but({successor, cell_pid})
-                self.holder = successor
-            else:
-                self._kill_all_but({self.holder})
-        else:
+        if not kept:
             # The state the cell left cannot be trusted (or is gone with the holder): a new holder with an empty
             # namespace, and the caller replays the cells that were kept (client).
             self._start_chain()
             lost = True
-        output, cut = _fit(self._printed(), error, self.cap)
-        return {"status": status, "output": output, "cut": cut, "seconds": seconds, "lost": lost, "kept": kept}
+        return self._reply(status, error, seconds, lost=lost, kept=kept)
 
-    def _await(self, seq: int, deadline: float) -> tuple[str, dict | None, int]:
-        """Wait for the cell's result, its process's death, or the deadline: (outcome, message, cell pid)."""
-        cell_pid, cell_pidfd = 0, None
+    def _reply(self, status: str, error: str, seconds: float, *, lost: bool, kept: bool) -> dict:
+        output, cut = _fit(self._printed(), error, self.cap)
+        output, escaped = _utf8_safe(output)
+        reply = {"status": status, "output": output, "cut": cut, "escaped": escaped, "seconds": seconds,
+                 "lost": lost, "kept": kept, "oom_score_failures": self.oom_score_failures}  # fmt: skip
+        self.oom_score_failures = 0
+        return reply
+
+    def _await(self, seq: int, deadline: float, cpu_start: float) -> tuple[str, dict | None]:
+        """Wait for the cell's end: (outcome, message). "result" once the holder has sent its result and is
+        idle and stopped (a result it sent while it goes on computing is not an end), "died" when it died,
+        "over budget" (the polled memory budget), "cpu" past the CPU limit, "deadline" past the wall one."""
         poller = select.poll()
         poller.register(self.results, select.POLLIN)
-        died_at = None
-        try:
-            while True:
-                now = time.perf_counter()
-                if died_at is not None and now > died_at + 0.2:
-                    return "died", None, cell_pid  # the holder did not say how: it may be dead too
-                wait = min(deadline, died_at + 0.2) if died_at is not None else deadline
-                if now >= wait:
-                    return "deadline", None, cell_pid
-                if self.polled is not None:
-                    if self.polled.over(self._processes()):
-                        return "over budget", None, cell_pid
-                    wait = min(wait, now + PolledBudget.INTERVAL)
-                for fd, event in poller.poll((wait - now) * 1000):
-                    if fd == cell_pidfd:
-                        poller.unregister(cell_pidfd)
-                        died_at = time.perf_counter()
-                        died = self._own_child_died(cell_pid)
-                        if died:
-                            return "died", died, cell_pid
-                        continue
-                    message, sender = self._receive()
-                    if sender == -1:  # every process of the chain is gone
-                        return "died", self._own_child_died(cell_pid, wait=0.1), cell_pid
-                    if message is None:
-                        continue
-                    kind = message.get("kind")
-                    if kind == "started" and message.get("seq") == seq and not cell_pid:
-                        cell_pid = sender
-                        try:
-                            cell_pidfd = os.pidfd_open(sender)
-                            poller.register(cell_pidfd, select.POLLIN)
-                        except (OSError, AttributeError):
-                            pass
-                    elif kind == "result" and message.get("seq") == seq and sender == cell_pid:
-                        if _valid_result(message):
-                            return "result", message, cell_pid
-        finally:
-            if cell_pidfd is not None:
-                os.close(cell_pidfd)
+        poller.register(self.holder_pidfd, select.POLLIN)
+        result, settle_wait = None, 0.0
+        next_cpu_check = time.perf_counter() + CPU_CHECK_SECONDS
+        while True:
+            now = time.perf_counter()
+            if now >= deadline:
+                return "deadline", None
+            wait = deadline
+            if result is not None:
+                holder = result.get("successor", self.holder)
+                if self._idle(holder):
+                    if holder != self.holder:
+                        self._take_successor(holder)
+                    self._stop(holder)
+                    return "result", result
+                settle_wait = min(max(settle_wait * 2, 0.0001), 0.01)  # an honest holder takes microseconds
+                wait = min(wait, now + settle_wait)
+            if self.polled is not None:
+                if self.polled.over(self._processes()):
+                    return "over budget", None
+                wait = min(wait, now + PolledBudget.INTERVAL)
+            if now >= next_cpu_check:
+                if self._cpu_seconds(self._processes()) - cpu_start > self.cpu_limit + GRACE_SECONDS:
+                    return "cpu", None
+                next_cpu_check = now + CPU_CHECK_SECONDS
+            wait = min(wait, next_cpu_check)
+            for fd, _ in poller.poll(max(wait - now, 0) * 1000):
+                if fd == self.holder_pidfd:
+                    return "died", self._own_child_died(self.holder, wait=0.1)
+                message, sender = self._receive()
+                if sender == -1:  # every process of the chain is gone
+                    return "died", self._own_child_died(self.holder, wait=0.1)
+                if (result is None and message is not None and message.get("kind") == "result"
+                        and message.get("seq") == seq and sender == self.holder and _valid_result(message)):
+                    if message["status"] not in KEPT_STATUSES:
+                        return "result", message  # the holder's own timeout: the chain is replaced anyway
+                    result = message
+                    if not self._valid_successor(result):
+                        result.pop("successor", None)
+
+    def _valid_successor(self, result: dict) -> bool:
+        """A successor the holder named is a child of the holder's (else the holder itself must go idle)."""
+        successor = result.get("successor")
+        return isinstance(successor, int) and self._processes().get(successor, (0, False, 0))[0] == self.holder
 
     def _own_child_died(self, pid: int, wait: float = 0.0) -> dict | None:
-        """How `pid` ended, if it is our child: a cell that killed its parent first was handed to us."""
+        """How `pid` ended, if it is our child: a holder's successor becomes ours when the holder dies."""
         deadline = time.perf_counter() + wait
         while pid:
             try:
@@ -545,6 +706,25 @@ class Supervisor:
     def _printed(self) -> str:
         size = os.fstat(self.printed).st_size
         return os.pread(self.printed, min(size, self.output_limit), 0).decode("utf-8", "replace")
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except OSError:
+        return True  # gone: it runs nothing either
+
+
+def _utf8_safe(text: str) -> tuple[str, bool]:
+    """`text` with every code point UTF-8 cannot carry (a lone surrogate, which a cell can put in an
+    exception's message) written as its escape, `\\ud800`; and whether there was one. A record holding one
+    could not be written, and the stage would stop on it."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8"), True
 
 
 def _died(pid: int, status: int | None) -> dict:
