@@ -23,7 +23,6 @@ import builtins
 import errno
 import json
 import linecache
-import math
 import mmap
 import os
 import resource

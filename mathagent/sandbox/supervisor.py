@@ -386,6 +386,7 @@ class Supervisor:
         self.seq = 0
         self.holder, self.holder_pidfd, self.holder_commands = 0, None, -1
         self.stopped = False  # the holder is stopped (SIGSTOP) until its next cell
+        self.cpu_mark = 0.0  # the session's CPU time when the holder was stopped
         self.oom_scores = False  # the holder's OOM score was lowered: it raises it while a cell runs
         self.oom_score_failures = 0  # since the last reply
         self.commands = self.results = None
@@ -476,20 +477,22 @@ class Supervisor:
         ticks = sum(info[2] for info in processes.values())
         return ticks / os.sysconf("SC_CLK_TCK") + collected.children_user + collected.children_system
 
-    def _kill_all_but(self, keep: set[int]) -> None:
-        """SIGKILL every process under us except `keep`, and return once none of them runs any more."""
+    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
+        """SIGKILL every process under us except `keep`, and return once none of them runs any more; the
+        process table as it is then."""
         for attempt in itertools.count():
             reap()
-            victims = [pid for pid, (_, alive, _) in self._processes().items() if alive and pid not in keep]
+            processes = self._processes()
+            victims = [pid for pid, (_, alive, _) in processes.items() if alive and pid not in keep]
             if not victims:
-                return
+                return processes
             for pid in victims:
                 kill(pid)
             if attempt > 2:
                 time.sleep(min(0.001 * attempt, 0.05))  # a process in uninterruptible sleep: give it time
             if attempt > 200:
                 print(f"sandbox: processes {victims} survive SIGKILL", file=sys.stderr)
-                return
+                return processes
 
     def _idle(self, pid: int) -> bool:
         """The holder has stopped computing: one thread, blocked receiving its next command."""
@@ -506,19 +509,18 @@ class Supervisor:
         return len(call) > 1 and call[0] == self.recv_call and int(call[1], 16) == self.holder_commands
 
     def _stop(self, pid: int) -> None:
-        """Stop the idle holder until its next cell, and kill everything else of the session. SIGSTOP cannot
-        be caught or ignored; a process the cell left could still continue the holder before it dies, so
-        the holder is stopped again until it stays stopped with nobody else left."""
-        for _ in range(100):
-            kill(pid, signal.SIGSTOP)
-            for wait in range(10_000):  # it is blocked in a system call: the stop takes microseconds
-                if _stopped(pid):
-                    break
-                os.sched_yield() if wait < 100 else time.sleep(0.0001)
-            self._kill_all_but({pid})
-            if _stopped(pid):
-                break
-        self.stopped = True
+        """Stop the idle holder until its next cell, and kill everything else of the session.
+
+        SIGSTOP cannot be caught, blocked or ignored, and a task blocked in a system call that has it pending
+        runs no user code again before it is continued: the kernel handles every pending signal before it
+        returns to user space, so even a handler the cell installed for a signal already pending is not
+        entered first. A process the cell left could continue the holder before it is killed; the second
+        SIGSTOP, with nobody left to send SIGCONT, settles it. The session's CPU time is read here too:
+        nothing of it runs until the next cell, which starts from this mark."""
+        kill(pid, signal.SIGSTOP)
+        processes = self._kill_all_but({pid})
+        kill(pid, signal.SIGSTOP)
+        self.stopped, self.cpu_mark = True, self._cpu_seconds(processes)
 
     def _resume(self) -> None:
         if self.stopped:
@@ -572,10 +574,10 @@ class Supervisor:
             error = f"SandboxError: the cell is {len(command)} bytes long, more than {self.max_command}"
             return self._reply("error", error, 0.0, lost=False, kept=True)
         oom_kills = self.memory.oom_kills() if self.memory is not None else 0
-        processes = self._processes()
         if self.polled is not None:
-            self.polled.start(processes)
-        cpu_start = self._cpu_seconds(processes)
+            self.polled.start(self._processes())
+        # A stopped holder has used no CPU since the mark; a new one (trusted code so far) is read now.
+        cpu_start = self.cpu_mark if self.stopped else self._cpu_seconds(self._processes())
         started = time.perf_counter()
         self._resume()
         try:
@@ -706,14 +708,6 @@ class Supervisor:
     def _printed(self) -> str:
         size = os.fstat(self.printed).st_size
         return os.pread(self.printed, min(size, self.output_limit), 0).decode("utf-8", "replace")
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-    except OSError:
-        return True  # gone: it runs nothing either
 
 
 def _utf8_safe(text: str) -> tuple[str, bool]:
