@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mathagent.errors import UserError
+from mathagent.records import atomic_path, write_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Bookkeeping of the Makefile's online iterative loop.")
@@ -43,20 +44,6 @@ console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sy
 
 STAGES_FILE = "stages.jsonl"
 MANIFEST_FILE = "manifest.json"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file beside it and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -231,12 +218,8 @@ def policy(
                     {"command": shlex.join(command[2:]), "demos": demos, "seed": seed, "key": key}, indent=2))
                 os.replace(work_dir / "model", built)
     target = Path(out)
-    staging = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(built, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    with atomic_path(target, directory=True) as staging:
+        shutil.copytree(built, staging, dirs_exist_ok=True)
     console.print(f"{target}: the SFT policy (cached as {built})")
 
 
@@ -416,11 +399,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     ax.set_title("Online iterative preference learning on the arith task")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".tmp.png") as staging:
+        fig.savefig(staging)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from mathagent.errors import UserError
@@ -380,6 +381,65 @@ def _in_use(temp_path: str) -> bool:
         return False
 
 
+# -- atomic writes: every file the toolkit publishes (records, manifests, plots, models, checkpoints) --------
+
+
+def staging_path(path: str | os.PathLike, *, directory: bool = False, suffix: str = ".tmp") -> Path:
+    """A new, empty file (or directory) beside `path` under a hidden temporary name, to be written and then
+    `publish`ed onto `path`. Same file system, so the rename is atomic; the mode is what open() or mkdir()
+    would give (not mkstemp's 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+        staging.chmod(0o777 & ~_umask())
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        staging = Path(name)
+        staging.chmod(0o666 & ~_umask())
+    return staging
+
+
+def publish(staging: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished staging file or directory onto `path`: a reader sees the old one or the new one,
+    never half of either. A directory already at `path` is removed first (rename cannot replace one)."""
+    path = Path(path)
+    if Path(staging).is_dir() and path.is_dir():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(staging, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, directory: bool = False, suffix: str = ".tmp") -> Iterator[Path]:
+    """Write `path` atomically: the block writes the staging path it is given, which is published onto
+    `path` when the block ends and removed when it raises.
+
+        with atomic_path("eval.json") as tmp:
+            tmp.write_text(text)
+    """
+    staging = staging_path(path, directory=directory, suffix=suffix)
+    try:
+        yield staging
+        publish(staging, path)
+    except BaseException:
+        if staging.is_dir():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as staging:
+        staging.write_text(text, encoding="utf-8")
+
+
 class RecordWriter:
     """Writes JSONL records to stdout or, atomically, to a path.
 
@@ -400,16 +460,12 @@ class RecordWriter:
             check_output_path(self.path)
             directory = os.path.dirname(os.path.abspath(self.path))
             try:
-                self._tmp = tempfile.NamedTemporaryFile(
-                    "w", encoding="utf-8", dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
-                    delete=False,
-                )
+                self._tmp = open(staging_path(self.path), "w", encoding="utf-8")
             except OSError as e:
                 raise UserError(f"{self.path}: cannot write in {directory}: {e.strerror}") from None
             # The live temporary file is locked while this run writes it: another run writing the same path
             # finds it locked and refuses at once, instead of taking it for a killed run's leftover.
             fcntl.flock(self._tmp.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.chmod(self._tmp.name, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
             self._stale = []
             for other in _stale_temp_files(self.path):
                 if other != self._tmp.name:
@@ -437,7 +493,7 @@ class RecordWriter:
             os.fsync(self._tmp.fileno())
         self._tmp.close()
         if ok:
-            os.replace(self._tmp.name, self.path)
+            publish(self._tmp.name, self.path)
             for stale in self._stale:
                 if os.path.exists(stale):
                     os.unlink(stale)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from mathagent.records import atomic_path
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -162,18 +162,14 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
-    # Build beside the target and rename, so a concurrent reader never sees half a model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "mathagent_tiny.json").write_text(
-        json.dumps({"version": TINY_VERSION, "seed": seed, "warmup_steps": warmup_steps,
-                    **({"warmup": warmup} if warmup != "tool" else {})})
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    # Built beside the target and renamed, so a concurrent reader never sees half a model.
+    with atomic_path(out, directory=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "mathagent_tiny.json").write_text(
+            json.dumps({"version": TINY_VERSION, "seed": seed, "warmup_steps": warmup_steps,
+                        **({"warmup": warmup} if warmup != "tool" else {})})
+        )
     return out
 
 
