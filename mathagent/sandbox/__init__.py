@@ -62,10 +62,11 @@ What it does not cover:
 
 The modules, by process: `client` (the caller's: `Sandbox`, its sessions and their sockets), `supervisor`
 (the zygote, the launchers, S), `jail` (namespaces, mounts, uids and rlimits, the system-call filter, cgroups),
-`cell` (the holder and a cell's run in it), `__main__` (the zygote's program).
+`cell` (the holder and a cell's run in it), `protocol` (what they say to each other), `__main__` (the zygote's
+program).
 """
 
-from mathagent.sandbox.cell import STATUSES
 from mathagent.sandbox.client import Cell, CellResult, Sandbox
+from mathagent.sandbox.protocol import STATUSES
 
 __all__ = ["STATUSES", "Cell", "CellResult", "Sandbox"]

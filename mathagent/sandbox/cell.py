@@ -30,8 +30,6 @@ import signal
 import socket
 import sys
 import traceback
-from typing import TYPE_CHECKING
-
 from mathagent.sandbox.jail import (
     PR_SET_DUMPABLE,
     PolledBudget,
@@ -43,14 +41,9 @@ from mathagent.sandbox.jail import (
     set_oom_score,
     set_process_name,
 )
+from mathagent.sandbox.protocol import MAX_CODE_BYTES
 
-if TYPE_CHECKING:
-    from mathagent.sandbox.supervisor import Supervisor
-
-STATUSES = ("ok", "error", "memory", "timeout", "killed")
-KEPT_STATUSES = ("ok", "error", "memory")  # the cell ran to its end in the holder, which keeps its state
 TRACEBACK_FRAMES = 2  # frames of a traceback the model sees, innermost last, besides the exception line
-MAX_CODE_BYTES = 4 << 20  # the largest cell the supervisor hands to a holder (one SEQPACKET message)
 # Address space held back from each cell and handed to the harness after it: a cell that ends at the RLIMIT_AS
 # (its namespace keeping what it allocated) must not leave the holder unable to format and send its result.
 HARNESS_RESERVE_BYTES = 32 << 20
@@ -64,20 +57,25 @@ class _CellTimeout(BaseException):
 class Holder:
     """The process that holds a trajectory's namespace and runs its cells."""
 
-    def __init__(self, supervisor: Supervisor, commands: socket.socket, results: socket.socket):
+    def __init__(self, commands: socket.socket, results: socket.socket, *, printed: int,
+                 cgroups: list[SessionCgroup], polled: bool, config: dict, uid: int, isolation: dict,
+                 cpu_limit: int):  # fmt: skip
+        """Set up in the new process S forked: join the session's cgroups, keep only our own files, drop
+        every privilege. `printed`: S's output memfd; `polled`: the memory budget is S's poll, not a cgroup;
+        `config`, `uid`, `isolation`: the session's (jail.drop_privileges)."""
         self.commands, self.results = commands, results
         set_process_name(b"sandbox-holder")
-        self.timeout = supervisor.timeout
-        self.cpu_limit = supervisor.cpu_limit  # seconds of CPU a cell's threads may use together
-        self.cap = supervisor.cap
+        self.timeout = config["timeout"]
+        self.cpu_limit = cpu_limit  # seconds of CPU a cell's threads may use together
+        self.cap = config["max_output_chars"]
         self.namespace = {"__name__": "__main__", "__builtins__": builtins}
         self.in_cell = False
         self.reserve: mmap.mmap | None = None
         # A copy of the output memfd out of the way of fds 1 and 2, to point them back at it for each cell.
-        self.printed = os.dup(supervisor.printed)
-        for cgroup in supervisor.cgroups:
+        self.printed = os.dup(printed)
+        for cgroup in cgroups:
             cgroup.join()
-        if supervisor.polled is not None:
+        if polled:
             # The polled budget is only as good as the supervisor's looks: a cell's processes must not keep it
             # off the cores (eight of them allocating at once on two cores passed twice the budget).
             os.nice(PolledBudget.NICE)
@@ -86,7 +84,7 @@ class Holder:
         # The holder's files, by an allow-list: stdio (/dev/null and the output memfd), the memfd's copy, and
         # the two sockets to S. No cgroup file, no other session's socket, no directory of the host's.
         keep_only_fds({0, 1, 2, self.printed, commands.fileno(), results.fileno()})
-        drop_privileges(supervisor.config, supervisor.uid, supervisor.isolation)
+        drop_privileges(config, uid, isolation)
         signal.signal(signal.SIGALRM, self._on_limit)
         signal.signal(signal.SIGPROF, self._on_limit)
 

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from mathagent.sandbox.cell import STATUSES
-from mathagent.sandbox.supervisor import FRAME, GRACE_SECONDS
+from mathagent.sandbox.protocol import FRAME, GRACE_SECONDS, STATUSES
 
 # The zygote's program, run by path: under `python -I` the package may not be importable by name (see there).
 _ZYGOTE_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")

@@ -9,7 +9,7 @@ namespace (a launcher does both where a user namespace has to come first): when 
 the trajectory is gone; the zygote collects it at once (SIGCHLD) and removes its cgroups. S enters its other
 namespaces (`jail`), mounts the session's file system, keeps the holder (`cell.Holder`, replaced after a
 failed cell), hands each cell to it and answers the caller: one JSON reply per cell, after its length
-(FRAME), with a status of `cell.STATUSES`.
+(`protocol.FRAME`), with a status of `protocol.STATUSES`.
 
 A cell runs in the holder's own process, so nothing the holder says about a cell can be trusted: the cell
 can send a result from the holder's pid and keep running. What S decides from outside instead: the wall
@@ -37,7 +37,7 @@ import sys
 import time
 import traceback
 
-from mathagent.sandbox.cell import KEPT_STATUSES, MAX_CODE_BYTES, STATUSES, Holder
+from mathagent.sandbox.cell import Holder
 from mathagent.sandbox.jail import (
     CLONE_NEWPID,
     PR_SET_PDEATHSIG,
@@ -60,15 +60,14 @@ from mathagent.sandbox.jail import (
     setns,
     syscall_filter,
 )
+from mathagent.sandbox.protocol import FRAME, GRACE_SECONDS, KEPT_STATUSES, MAX_CODE_BYTES, STATUSES
 
 # Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
 PRELOADED_MODULES = (
     "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections", "random",
     "statistics", "re", "json", "numpy", "sympy", "encodings.idna",
 )  # fmt: skip
-GRACE_SECONDS = 1.0  # after `timeout`, how long a cell may take to unwind before its process is killed
 CPU_CHECK_SECONDS = 0.1  # how often S reads the session's CPU time while a cell runs
-FRAME = struct.Struct(">I")  # the length of each JSON message between the caller and S
 _SO_SNDBUFFORCE = 32
 _PF_EXITING = 0x4  # in /proc/PID/stat's flags: the process is in exit()
 # The call an idle holder is blocked in, as /proc/PID/syscall names it: recvfrom(2), which Python's
@@ -427,7 +426,9 @@ class Supervisor:
             try:
                 for sock in (commands, results, self.caller):
                     sock.close()
-                Holder(self, chain_commands, chain_results).serve()  # it closes every other fd of ours
+                Holder(chain_commands, chain_results, printed=self.printed, cgroups=self.cgroups,
+                       polled=self.polled is not None, config=self.config, uid=self.uid,
+                       isolation=self.isolation, cpu_limit=self.cpu_limit).serve()  # it closes our other fds
             except BaseException:
                 traceback.print_exc()
             os._exit(1)
