@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import jsonlines
+
 from mathagent.errors import UserError
 
 PROBLEM_FIELDS = ("id", "question")
@@ -231,11 +233,26 @@ def read_records(
         except OSError as e:
             raise UserError(f"{path}: cannot read: {e.strerror}") from None
     seen: dict[str, int] = {}
-    try:
+    position = [0]  # the line the reader is on (blank lines are skipped before it sees them)
+
+    def lines() -> Iterator[bytes]:
         for lineno, raw in enumerate(stream, 1):
-            if not raw.strip():
-                continue
-            record, problem = _parse_line(raw)
+            if raw.strip():
+                position[0] = lineno
+                yield raw
+
+    reader = jsonlines.Reader(lines(), loads=json.loads)
+    try:
+        while True:
+            try:
+                record, problem = reader.read(allow_none=True), None
+            except EOFError:
+                break
+            except jsonlines.InvalidLineError as e:
+                record, problem = None, _line_problem(e)
+            except RecursionError:
+                record, problem = None, "malformed JSON: nested too deeply"
+            lineno = position[0]
             if problem is None:
                 problem = _validate(record, required)
             if problem is None and check is not None:
@@ -259,21 +276,15 @@ def read_records(
             stream.close()
 
 
-def _parse_line(raw: bytes) -> tuple[Any, str | None]:
-    """(record, None), or (None, what is wrong) for bytes that are not UTF-8 or not JSON, nesting too deep
-    for the parser, or a number too long to convert: never an exception."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-    try:
-        return json.loads(line), None
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON: {e.msg} (column {e.colno})"
-    except RecursionError:
-        return None, "malformed JSON: nested too deeply"
-    except ValueError as e:  # e.g. an integer longer than Python converts
-        return None, f"malformed JSON: {e}"
+def _line_problem(error: jsonlines.InvalidLineError) -> str:
+    """What is wrong with a line jsonlines could not decode: bytes that are not UTF-8, or not JSON (a number
+    too long to convert included)."""
+    cause = error.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte 0x{error.line[cause.start]:02x} at column {cause.start + 1})"
+    if isinstance(cause, json.JSONDecodeError):
+        return f"malformed JSON: {cause.msg} (column {cause.colno})"
+    return f"malformed JSON: {cause if cause is not None else error}"
 
 
 def _stale_temp_files(path: str) -> list[str]:
@@ -298,9 +309,15 @@ def read_finished(path: str) -> list[dict[str, Any]]:
     kept: dict[str, dict[str, Any]] = {}
     for source in sources:
         with open(source, "rb") as f:
-            for raw in f:
-                record, problem = _parse_line(raw)
-                if problem is None and isinstance(record, dict) and "id" in record:
+            reader = jsonlines.Reader(f)
+            while True:
+                try:
+                    record = reader.read(allow_none=True, skip_empty=True)
+                except EOFError:
+                    break
+                except (jsonlines.InvalidLineError, RecursionError):
+                    continue  # a line cut by the kill, or one that was never a record
+                if isinstance(record, dict) and "id" in record:
                     kept[str(record["id"])] = record
     return list(kept.values())
 
@@ -440,6 +457,10 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         staging.write_text(text, encoding="utf-8")
 
 
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False)  # UTF-8 as it is, not \u escapes
+
+
 class RecordWriter:
     """Writes JSONL records to stdout or, atomically, to a path.
 
@@ -476,12 +497,13 @@ class RecordWriter:
                                         "use); not starting")
                     self._stale.append(other)
             self._out = self._tmp
+        self._lines = jsonlines.Writer(self._out, dumps=_dumps)
         for record in keep:
-            self._out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._lines.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._out.flush()
+        self._lines.write(record)
+        self._out.flush()  # record by record: a killed run's finished records are on disk for --resume
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
