@@ -65,13 +65,15 @@ def single_turn_pairs(n: int, seed: int = 0) -> list[dict]:
 
 def run_ours(model: str, pairs: list[dict], args, out: str) -> dict:
     from mathagent import training
+    from mathagent.objectives import PairObjective
+    from mathagent.train_config import TrainConfig
 
-    config = training.TrainConfig(
+    config = TrainConfig(
         model=model, output_dir=out, batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
         beta=0.1, loss="sigmoid", max_length=args.max_length, precision="fp32", seed=0,
     )
     start = time.perf_counter()
-    summary = training.train(config, pairs, log=lambda _: None)
+    summary = training.train(config, PairObjective(config), pairs, log=lambda _: None)
     seconds = time.perf_counter() - start
     return {"tokens": summary["train_tokens"], "seconds": seconds, "step_seconds": summary["train_seconds"],
             "final_loss": summary["final"]["loss"]}

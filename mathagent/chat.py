@@ -295,3 +295,17 @@ def label_positions(conversation: TokenizedConversation) -> list[int]:
             raise UserError(f"message {span.index}: a label needs a token before it")
         positions.append(span.action_start - 1)
     return positions
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int):
+    """Token rows as one right-padded batch: (ids [B, T] filled with `pad_id` after each row, attention_mask
+    [B, T]), long tensors. Right padding: a causal model's real positions never see the pads."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        attention[i, : len(r)] = 1
+    return ids, attention

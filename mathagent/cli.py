@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -135,7 +136,20 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        _fail(str(e))
+        _fail(_with_flags(e))
+
+
+# The flags of the options whose flag is not "--" + the option's name with dashes (what `UserError.options` name).
+FLAGS = {"learning_rate": "--lr", "steps_mode": "--steps"}
+
+
+def _with_flags(error: UserError) -> str:
+    """The message of a `UserError`, each option it is about (`options`) written as its flag."""
+    message = str(error)
+    for option in error.options:
+        flag = FLAGS.get(option, "--" + option.replace("_", "-"))
+        message = re.sub(rf"(?<![\w/.~-]){re.escape(option)}(?![\w/.-])", flag, message, count=1)
+    return message
 
 
 def _engine(model: str, backend: str, adapter: str | None, base_url: list[str] | None, concurrency: int,
@@ -407,11 +421,12 @@ def score_prm(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Training: train-mdpo, train-sft, train-prm, one recipe (mathagent/training.py; losses.py, prm.py)
+# Training: train-mdpo, train-sft, train-prm, one recipe (mathagent/training.py) and an objective each
+# (mathagent/objectives.py)
 # --------------------------------------------------------------------------------------------------------
 
 # The options every training command takes, declared here once, with their defaults (a command may set its
-# own default: `training_command`). They are fields of training.TrainConfig, but for input and skip_invalid.
+# own default: `training_command`). They are fields of train_config.TrainConfig, but for input and skip_invalid.
 TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "input": (Annotated[str, typer.Argument(help="Input JSONL path, or '-' for stdin (a path under torchrun / accelerate launch).")], "-"),
     "output_dir": (Annotated[str, typer.Option("--output-dir", "-o", help="Directory for the trained model (or LoRA adapter), metrics.jsonl, training_summary.json and checkpoints/.")], None),
@@ -465,17 +480,18 @@ def training_command(name: str, **defaults: Any) -> Callable[[Callable[..., None
     return register
 
 
-def _train(name: str, options: dict[str, Any], check: Callable[[dict[str, Any]], str | None], *,
-           required: tuple[str, ...] = ("id",), evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-           **objective: Any) -> None:
-    """A training command's one call: the shared options and its own make the `training.TrainConfig`."""
-    from mathagent import training
+def _train(name: str, options: dict[str, Any], objective: Callable[[Any], Any],
+           check: Callable[[dict[str, Any]], str | None], *, required: tuple[str, ...] = ("id",),
+           evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None, **own: Any) -> None:
+    """A training command's one call: the shared options and its own make the `train_config.TrainConfig`, from
+    which `objective` (an `objectives` class) is built; both go to the recipe."""
+    from mathagent.train_config import TrainConfig
 
     options = dict(options)
     io = RecordIO(options.pop("input"), skip_invalid=options.pop("skip_invalid"))
     with _user_errors():
-        stages.train(io, name, training.TrainConfig(**options, **objective), check, required=required,
-                     evaluate=evaluate)
+        config = TrainConfig(**options, **own)
+        stages.train(io, name, config, objective(config), check, required=required, evaluate=evaluate)
 
 
 @training_command("train-mdpo", output_dir="mdpo", learning_rate=5e-7)
@@ -498,11 +514,11 @@ def train_mdpo(
     rewards/rejected, rewards/accuracies, rewards/margins as in TRL) and a line to stderr; a JSON summary to
     stdout. Runs under `torchrun` / `accelerate launch` for several devices (docs/training.md).
     """
-    from mathagent import training
+    from mathagent import objectives
 
-    objective = "kto" if loss == "kto" else "pairs"
-    _train("train-mdpo", options, training.check_kto if objective == "kto" else training.check_pair,
-           objective=objective, ref_model=ref_model, loss=loss, beta=beta, label_smoothing=label_smoothing,
+    kto = loss == "kto"
+    _train("train-mdpo", options, objectives.KTOObjective if kto else objectives.PairObjective,
+           objectives.check_kto if kto else objectives.check_pair, ref_model=ref_model, loss=loss, beta=beta, label_smoothing=label_smoothing,
            nll_weight=nll_weight, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
            mask_observations=mask_observations)
 
@@ -514,9 +530,10 @@ def train_sft(options: dict[str, Any], mask_observations: MaskObservationsOpt = 
 
     Same tokenization, checkpoints, --resume, LoRA and multi-device support as train-mdpo.
     """
-    from mathagent import training
+    from mathagent import objectives
 
-    _train("train-sft", options, training.check_trajectory, objective="sft", mask_observations=mask_observations)
+    _train("train-sft", options, objectives.SFTObjective, objectives.check_trajectory,
+           mask_observations=mask_observations)
 
 
 @training_command("train-prm", output_dir="prm", learning_rate=1e-5, lr_scheduler="constant_with_warmup")
@@ -534,13 +551,13 @@ def train_prm(
     OUTPUT_DIR/metrics.jsonl and a line to stderr; a JSON summary (with the held-out accuracy of --eval) to
     stdout. Same recipe as train-mdpo: checkpoints, --resume, LoRA, torchrun / accelerate launch.
     """
-    from mathagent import prm
+    from mathagent import objectives, prm
 
     check = lambda r: prm.check_training_record(r, steps, labels)  # noqa: E731
     with _user_errors():
         held_out = RecordIO(eval_path).read(("messages",), check=check) if eval_path else []
-    _train("train-prm", options, check, required=("id", "messages"), objective="prm", labels=labels, steps_mode=steps,
-           evaluate=(lambda summary: prm.held_out_accuracy(summary["output_dir"], held_out, steps)) if held_out else None)
+    _train("train-prm", options, objectives.PRMObjective, check, required=("id", "messages"), labels=labels,
+           steps_mode=steps, evaluate=(lambda summary: prm.held_out_accuracy(summary["output_dir"], held_out, steps)) if held_out else None)
 
 
 def main() -> None:

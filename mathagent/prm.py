@@ -1,4 +1,4 @@
-r"""The process reward model: its data, its objective, and one-pass scoring.
+r"""The process reward model: its data, its loss, and one-pass scoring.
 
 A generative PRM is a causal LM kept as a multi-turn chat: user turn h is step h of a trajectory (the first
 one also carries the question), and the assistant answers one label token, '+' or '-'. Its prediction for
@@ -12,12 +12,14 @@ labels of an optimizer step:
     hard:  L = -(1/N) sum_h log softmax(z^h)[y_h]                    (standard SFT cross-entropy, y_h in {'+','-'})
     soft:  L = -(1/N) sum_h [q_h log p_h + (1 - q_h) log(1 - p_h)]   (binary cross-entropy against Q-hat)
 
-with q_h the Monte-Carlo estimate of `mathagent.labeling`. `PRMObjective` is this objective for
-`training.train`, the recipe of every training command (DDP, accumulation, checkpoints: train-prm is one of
-them); this module owns the PRM's data, its loss, prm.json beside a trained PRM, and scoring. Scoring a trajectory renders its chat with '+' in
-every assistant turn (each step is judged given that the steps before it were accepted, as a per-prefix
-scorer does) and reads every p_h from ONE forward pass: causal attention makes the logits at position t a
-function of tokens 0..t only, so each label position sees exactly the prompt a per-prefix scorer would send.
+with q_h the Monte-Carlo estimate of `mathagent.labeling`. This module owns the PRM's data, its loss, prm.json
+beside a trained PRM, and scoring; train-prm trains it with `objectives.PRMObjective` in the recipe of every
+training command (`training.train`: DDP, accumulation, checkpoints).
+
+Scoring a trajectory renders its chat with '+' in every assistant turn (each step is judged given that the
+steps before it were accepted, as a per-prefix scorer does) and reads every p_h from ONE forward pass: causal
+attention makes the logits at position t a function of tokens 0..t only, so each label position sees exactly
+the prompt a per-prefix scorer would send.
 The positions come from the chat template's structure (`mathagent.chat.label_positions`), never from a fixed
 token offset; that the tokens before each position are exactly the per-prefix prompt is checked, and a
 conversation for which it fails is scored prefix by prefix instead (counted, reported).
@@ -37,19 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mathagent.chat import prompt_ids
+from mathagent.chat import prompt_ids, right_pad
 from mathagent.errors import UserError
 from mathagent.labeling import MINUS, PLUS, split_steps
 from mathagent.records import split_prompt
-from mathagent.training import (
-    Encoded,
-    EncodeReport,
-    Example,
-    MicroBatch,
-    Objective,
-    fingerprint,
-    forward_groups,
-)
 
 LABEL_KINDS = ("hard", "soft")
 AGGREGATES = ("min", "mean", "last", "prod")
@@ -214,7 +207,7 @@ def prm_loss(label_logits, is_plus, q, plus_id: int, minus_id: int, kind: str = 
     if kind == "soft":
         margin = (label_logits[:, plus_id] - label_logits[:, minus_id]).float()
         return F.binary_cross_entropy_with_logits(margin, q.to(margin), reduction="none")
-    raise UserError(f"--labels {kind!r}: choose from {', '.join(LABEL_KINDS)}")
+    raise UserError(f"labels {kind!r}: choose from {', '.join(LABEL_KINDS)}", options=("labels",))
 
 
 def aggregate(step_scores: Sequence[float], how: str = DEFAULT_AGGREGATE) -> float | None:
@@ -237,18 +230,13 @@ def aggregate(step_scores: Sequence[float], how: str = DEFAULT_AGGREGATE) -> flo
 # --------------------------------------------------------------------------------------------------------
 
 
-def _label_logits(model, rows: Sequence[EncodedChat], device) -> list:
+def logits_at_labels(model, rows: Sequence[EncodedChat], device) -> list:
     """One forward pass over a right-padded batch; the logits [n_labels, V] at each row's label positions.
 
     Only the label positions go through the LM head (`logits_to_keep`), not the whole sequence."""
     import torch
 
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # right padding: a causal model's real positions never see the pads
-        ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
-        mask[i, : len(r.input_ids)] = 1
+    ids, mask = right_pad([r.input_ids for r in rows], 0)
     keep = sorted({p for r in rows for p in r.positions})
     column = {p: j for j, p in enumerate(keep)}
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -286,7 +274,7 @@ def score_chats(model, tokenizer, chats: Sequence[Sequence[dict[str, str]]], *, 
     with torch.inference_mode():
         for lo in range(0, len(one_pass), batch_size):
             rows = one_pass[lo : lo + batch_size]
-            for i, logits in zip(rows, _label_logits(model, [encoded[i] for i in rows], device), strict=True):
+            for i, logits in zip(rows, logits_at_labels(model, [encoded[i] for i in rows], device), strict=True):
                 scores[i] = plus_probability(logits.float(), *label_ids).tolist()
             report.forward_passes += 1
         for i, e in enumerate(encoded):
@@ -299,7 +287,7 @@ def score_chats(model, tokenizer, chats: Sequence[Sequence[dict[str, str]]], *, 
                     continue
                 ids = prompt_ids(tokenizer, list(chat[:turn]))
                 row = EncodedChat(ids, [len(ids) - 1])
-                (logits,) = _label_logits(model, [row], device)
+                (logits,) = logits_at_labels(model, [row], device)
                 scores[i].append(plus_probability(logits.float(), *label_ids).item())
                 report.forward_passes += 1
     report.steps += sum(len(s) for s in scores)
@@ -332,7 +320,7 @@ def label_accuracy(model, tokenizer, examples: Sequence[tuple[list[dict[str, str
 
 
 # --------------------------------------------------------------------------------------------------------
-# Training: the PRM's objective, trained by `training.train` (train-prm)
+# Training: what train-prm writes and reads beside its objective (`objectives.PRMObjective`)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -342,58 +330,6 @@ def held_out_accuracy(model_dir: str, records: Sequence[dict[str, Any]], mode: s
     examples = [training_chat(r, mode)[:2] for r in records]
     return {"eval_accuracy": label_accuracy(model, tokenizer, examples),
             "eval_labels": sum(len(step_labels) for _, step_labels in examples)}
-
-
-class PRMObjective(Objective):
-    """The generative PRM's objective for `training.train`: the loss on the '+'/'-' label tokens of PRM chats
-    (`prm_loss`), read from the logits at the positions before them, averaged over the step's labels.
-
-    Departures from Math-Shepherd (Wang et al. 2024), whose PRM learns its '+'/'-' label tokens by cross-entropy
-    (our `--labels hard`): `--labels soft` instead fits P('+') among {'+', '-'} to Q-hat by binary
-    cross-entropy, the rest of the vocabulary left out; each step is judged with the true labels of the steps
-    before it in context (teacher forcing, as in the published PRM data), while a scorer puts '+' there; a
-    trajectory weighs in the mean by its number of steps (the mean is over a step's labels, not its chats).
-    """
-
-    def __init__(self, config, tokenizer):
-        super().__init__(config, tokenizer)
-        self.label_ids = label_token_ids(tokenizer)
-
-    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
-        chat, labels, q = training_chat(record, self.config.steps_mode)
-        if not labels:  # nothing to learn: counted with the sequences without actions
-            report.no_actions += 1
-            return []
-        encoded = encode_chat(self.tokenizer, chat, self.label_ids)
-        label_mask = [0] * len(encoded.input_ids)
-        for position in encoded.positions:
-            label_mask[position + 1] = 1
-        return [Example(record["id"], [Encoded(encoded.input_ids, label_mask)], targets=len(labels),
-                        plus=[label == PLUS for label in labels], q=list(q))]
-
-    def identity(self, examples: list[Example]) -> dict[str, Any]:
-        return {"labels": self.config.labels, "steps_mode": self.config.steps_mode,
-                "q": fingerprint([e.q for e in examples])}
-
-    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
-        import torch
-
-        rows = []
-        for e in batch.examples:
-            chat = e.sequences[0]
-            rows.append(EncodedChat(chat.input_ids, [t - 1 for t, label in enumerate(chat.action_mask) if label]))
-        logits: list[Any] = [None] * len(rows)
-        for group in forward_groups([len(r.input_ids) for r in rows], batch.same_passes):
-            for i, z in zip(group, _label_logits(model, [rows[i] for i in group], batch.device), strict=True):
-                logits[i] = z
-        is_plus = torch.tensor([x for e in batch.examples for x in e.plus], device=batch.device)
-        q = torch.tensor([x for e in batch.examples for x in e.q], device=batch.device)
-        ell = prm_loss(torch.cat(logits), is_plus, q, *self.label_ids, kind=self.config.labels)
-        return ell.sum() / batch.totals.targets, {"tokens": sum(len(r.input_ids) for r in rows)}
-
-    def save(self, output_dir: Path, model_path: str, steps: int) -> None:
-        write_prm_file(output_dir, label_ids=self.label_ids, base_model=model_path, steps_mode=self.config.steps_mode,
-                       labels=self.config.labels, trained_steps=steps)
 
 
 def write_prm_file(output_dir: Path, *, label_ids: tuple[int, int], base_model: str, steps_mode: str, labels: str,

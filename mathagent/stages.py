@@ -440,21 +440,21 @@ def train_line(row: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def train(io: RecordIO, name: str, config, check: Callable[[dict[str, Any]], str | None], *,
+def train(io: RecordIO, name: str, config, objective, check: Callable[[dict[str, Any]], str | None], *,
           required: tuple[str, ...] = ("id",), evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
           ) -> None:
-    """Read the records, train (`training.train` with the `training.TrainConfig`), print the summary: every
-    training command's body. `evaluate` adds to the summary, on the main process, once the model is saved."""
+    """Read the records, train (`training.train` with the `train_config.TrainConfig` and the `objectives`
+    objective the command built), print the summary: every training command's body. `evaluate` adds to the
+    summary, on the main process, once the model is saved."""
     from mathagent import training
 
     if io.input == "-" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("under torchrun / accelerate launch every process reads the input: give a path, not stdin")
-    config.check()
     records = io.read(required, check=check)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = os.environ.get("RANK", "0") == "0"
     with record_stream() as stdout:
-        summary = training.train(config, records, on_step=lambda row: log(train_line(row)), log=log)
+        summary = training.train(config, objective, records, on_step=lambda row: log(train_line(row)), log=log)
         if main_process:
             if evaluate is not None:
                 summary.update(evaluate(summary))

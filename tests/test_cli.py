@@ -42,13 +42,13 @@ def test_the_training_commands_take_one_set_of_options_declared_once():
     import dataclasses
     import inspect
 
-    from mathagent import training
     from mathagent.cli import TRAINING_OPTIONS, app
+    from mathagent.train_config import TrainConfig
 
     commands = {c.name: inspect.signature(c.callback).parameters for c in app.registered_commands
                 if c.name in ("train-mdpo", "train-sft", "train-prm")}
     assert len(commands) == 3
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(TRAINING_OPTIONS) - {"input", "skip_invalid"} <= fields
     for name, parameters in commands.items():
         for option, (annotation, _) in TRAINING_OPTIONS.items():
@@ -201,6 +201,9 @@ PAIR = ('{"id": "x", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"
     (["train-mdpo", "-", "--report-to", "bogus"], PAIR, "--report-to 'bogus': choose none, all, or from tensorboard"),
     (["train-sft", "-", "--report-to", "tensorboard,bogus"], PENDING, "--report-to 'tensorboard,bogus': choose"),
     (["train-prm", "-", "--report-to", "bogus"], PENDING, "--report-to 'bogus': choose"),
+    (["train-prm", "-", "--labels", "bogus"], PENDING, "--labels 'bogus': choose from hard, soft"),
+    (["train-sft", "-", "--merge-lora"], PENDING, "--merge-lora needs --lora"),
+    (["train-mdpo", "-", "--loss", "kto", "--nll-weight", "1"], PAIR, "--nll-weight applies to the pair losses"),
 ])
 def test_a_bad_option_is_one_line_and_exit_2_before_any_work(args, stdin, named, tmp_path):
     proc = run(args, stdin, check=False, cwd=tmp_path)

@@ -12,10 +12,11 @@ import sys
 import pytest
 import torch
 
-from mathagent import prm, training
+from mathagent import checkpoints, objectives, prm, training
 from mathagent.chat import prompt_ids
 from mathagent.errors import UserError
 from mathagent.records import format_observation
+from mathagent.train_config import TrainConfig
 
 ERRORS = ("Traceback (most recent call last):\nZeroDivisionError: division by zero",
           "NameError: name 'total' is not defined", "TypeError: unsupported operand type(s) for /: 'str' and 'int'")
@@ -137,10 +138,15 @@ def test_one_pass_scores_equal_per_prefix_scores(template, request):
     assert len({round(s, 6) for t in trajectories for s in t["step_scores"]}) > 5  # not one constant
 
 
-def prm_config(tiny_model, output_dir, **options) -> training.TrainConfig:
+def prm_config(tiny_model, output_dir, **options) -> TrainConfig:
     """train-prm's defaults (a constant learning rate after the warm-up) for `training.train`."""
     options = {"learning_rate": 1e-3, "lr_scheduler": "constant_with_warmup", **options}
-    return training.TrainConfig(model=tiny_model, output_dir=str(output_dir), objective="prm", **options)
+    return TrainConfig(model=tiny_model, output_dir=str(output_dir), **options)
+
+
+def train_prm(config: TrainConfig, records, **kwargs) -> dict:
+    """`training.train` with the PRM's objective, as train-prm runs it."""
+    return training.train(config, objectives.PRMObjective(config), records, **kwargs)
 
 
 def metrics_rows(output_dir) -> list[dict]:
@@ -150,7 +156,7 @@ def metrics_rows(output_dir) -> list[dict]:
 @pytest.mark.parametrize("labels", ["hard", "soft"])
 def test_train_prm_learns_that_a_step_whose_observation_is_an_error_is_minus(labels, tiny_model, tmp_path):
     config = prm_config(tiny_model, tmp_path / "prm", labels=labels, learning_rate=2e-3, batch_size=16, max_steps=40)
-    summary = training.train(config, synthetic(160, seed=0), log=lambda _: None)
+    summary = train_prm(config, synthetic(160, seed=0), log=lambda _: None)
     assert summary["steps"] == 40 and summary["examples"] == 160
     model, tokenizer = prm.load_prm(str(tmp_path / "prm"))
     held_out = [prm.training_chat(t, "turns")[:2] for t in synthetic(60, seed=1)]
@@ -193,7 +199,7 @@ def test_a_prm_step_loss_is_the_mean_over_its_labels_however_it_is_split(labels,
     records = synthetic(8, seed=6)
     assert len({len(r["steps"]) for r in records}) > 1
     config = prm_config(tiny_model, tmp_path / "prm", labels=labels, batch_size=8, grad_accum=4, max_steps=1)
-    training.train(config, records, log=lambda _: None)
+    train_prm(config, records, log=lambda _: None)
     assert metrics_rows(tmp_path / "prm")[0]["loss"] == pytest.approx(
         float64_step_loss(tiny_model, tiny_tokenizer, records, labels), abs=1e-5)
 
@@ -210,14 +216,14 @@ BEFORE_ONE_RECIPE = {
 @pytest.mark.parametrize("labels", ["hard", "soft"])
 def test_a_prm_trained_by_the_one_recipe_follows_the_loss_curve_of_the_former_prm_loop(labels, tiny_model, tmp_path):
     config = prm_config(tiny_model, tmp_path / "prm", labels=labels, batch_size=16, max_steps=5)
-    training.train(config, synthetic(16, seed=0), log=lambda _: None)
+    train_prm(config, synthetic(16, seed=0), log=lambda _: None)
     assert [r["loss"] for r in metrics_rows(tmp_path / "prm")] == pytest.approx(BEFORE_ONE_RECIPE[labels], abs=1e-4)
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path):
     data = synthetic(24, seed=2)
     options = {"batch_size": 8, "max_steps": 4, "save_every": 1, "lora": True, "lora_rank": 4, "seed": 1}
-    training.train(prm_config(tiny_model, tmp_path / "whole", **options), data, log=lambda _: None)
+    train_prm(prm_config(tiny_model, tmp_path / "whole", **options), data, log=lambda _: None)
 
     class Killed(Exception):
         pass
@@ -227,10 +233,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path
             raise Killed
 
     with pytest.raises(Killed):
-        training.train(prm_config(tiny_model, tmp_path / "cut", **options), data, on_step=kill_at_step_3,
+        train_prm(prm_config(tiny_model, tmp_path / "cut", **options), data, on_step=kill_at_step_3,
                        log=lambda _: None)
-    assert [p.name for p in training.checkpoints(tmp_path / "cut")] == ["step-00000001", "step-00000002"]
-    summary = training.train(prm_config(tiny_model, tmp_path / "cut", resume=True, **options), data,
+    assert [p.name for p in checkpoints.checkpoints(tmp_path / "cut")] == ["step-00000001", "step-00000002"]
+    summary = train_prm(prm_config(tiny_model, tmp_path / "cut", resume=True, **options), data,
                              log=lambda _: None)
     assert summary["resumed_from_step"] == 2 and summary["saved"] == "adapter"
     # The killed run's row of step 3 was written again, not twice.
@@ -238,10 +244,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path
     for a, b in zip(metrics_rows(tmp_path / "whole"), metrics_rows(tmp_path / "cut"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     messages = []
-    again = training.train(prm_config(tiny_model, tmp_path / "cut", resume=True, **options), data, log=messages.append)
+    again = train_prm(prm_config(tiny_model, tmp_path / "cut", resume=True, **options), data, log=messages.append)
     assert again == summary and any("nothing to do" in m for m in messages)  # a finished PRM is not trained again
     with pytest.raises(UserError, match="labels='hard', this run has 'soft'"):  # a checkpoint of other labels
-        training.train(prm_config(tiny_model, tmp_path / "whole", resume=True, labels="soft", **options), data,
+        train_prm(prm_config(tiny_model, tmp_path / "whole", resume=True, labels="soft", **options), data,
                        log=lambda _: None)
     whole, _ = prm.load_prm(str(tmp_path / "whole"))
     cut, _ = prm.load_prm(str(tmp_path / "cut"))
@@ -252,11 +258,11 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model, tmp_path
 def test_train_prm_writes_a_metrics_row_per_step_and_reports_the_same_to_tensorboard(tiny_model, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mathagent.training import TENSORBOARD_DIR
+    from mathagent.metrics_log import TENSORBOARD_DIR
 
     config = prm_config(tiny_model, tmp_path / "prm", batch_size=4, max_steps=3, warmup_steps=2,
                         report_to="tensorboard")
-    summary = training.train(config, synthetic(8, seed=3), log=lambda _: None)
+    summary = train_prm(config, synthetic(8, seed=3), log=lambda _: None)
     rows = metrics_rows(tmp_path / "prm")
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1] == summary["final"]
     assert [r["learning_rate"] for r in rows] == pytest.approx([0.0, 5e-4, 1e-3])  # transformers' warm-up
@@ -309,12 +315,12 @@ def test_two_ddp_processes_under_torchrun_train_a_prm_to_identical_weights_with_
                                                                                                       tmp_path):
     """train-prm under torchrun: 2 processes x 1 micro-batch of 2 chats per step (their label counts differ) take
     the steps of one process with 2 micro-batches. The chats of a micro-batch group into 1 or 2 forward passes,
-    differently on the two processes (`training.forward_groups` makes the counts agree, or the run hangs)."""
+    differently on the two processes (`batches.forward_groups` makes the counts agree, or the run hangs)."""
     data = tmp_path / "labeled.jsonl"
     data.write_text("".join(json.dumps(t) + "\n" for t in synthetic(16, seed=7)))
     options = {"labels": "soft", "batch_size": 4, "max_steps": 4, "seed": 3, "save_every": 2}
     one = tmp_path / "one"
-    training.train(prm_config(tiny_model, one, grad_accum=2, **options), synthetic(16, seed=7), log=lambda _: None)
+    train_prm(prm_config(tiny_model, one, grad_accum=2, **options), synthetic(16, seed=7), log=lambda _: None)
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mathagent.cli",
@@ -325,7 +331,7 @@ def test_two_ddp_processes_under_torchrun_train_a_prm_to_identical_weights_with_
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
     assert len(summary["weights_sha256"]) == 2 and summary["processes_agree"]
-    assert [p.name for p in training.checkpoints(out)] == ["step-00000002"]  # the layout of every training command
+    assert [p.name for p in checkpoints.checkpoints(out)] == ["step-00000002"]  # the layout of every training command
     assert json.loads((out / prm.PRM_FILE).read_text())["labels"] == "soft"
     for a, b in zip(metrics_rows(one), metrics_rows(out), strict=True):
         assert b["step"] == a["step"] and b["loss"] == pytest.approx(a["loss"], abs=1e-5)

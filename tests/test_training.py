@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mathagent import losses, training
-from mathagent.chat import DEFAULT_MAX_LENGTH, tokenize_conversation
+from mathagent import batches, checkpoints, losses, metrics_log, objectives, training
+from mathagent.chat import tokenize_conversation
 from mathagent.errors import UserError
 from mathagent.records import format_observation
+from mathagent.train_config import TrainConfig
 
 MATHAGENT = [sys.executable, "-m", "mathagent.cli"]
 # One thread per process: results that must agree bit for bit (resume) come from the same kernels.
@@ -69,6 +70,12 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
+def encoded(objective, tokenizer, records):
+    """The objective's examples of `records` and its encoding report, as the recipe makes them."""
+    objective.setup(tokenizer)
+    return objective.encode_records(records)
+
+
 def metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -106,9 +113,9 @@ def float64_logps(model_dir, tokenizer, messages, *, mask_observations=True) -> 
 
 
 def run_one_step(tmp_path, tiny_model, records, **options) -> dict:
-    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=len(records),
+    config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=len(records),
                                   max_steps=1, learning_rate=1e-3, **options)
-    training.train(config, records, log=lambda _: None)
+    training.train(config, objectives.PairObjective(config), records, log=lambda _: None)
     return metrics(config.output_dir)[0]
 
 
@@ -146,84 +153,16 @@ def test_the_loss_equals_a_float64_computation_from_per_token_log_probs(tmp_path
     assert abs(row["rewards/margins"]) > 1e-3  # the reference differs: the check is not of zeros
 
 
-def test_a_micro_batch_runs_in_groups_of_similar_length():
-    lengths = [481, 138, 254, 427, 151, 367, 300, 384]
-    groups = training.length_groups(lengths, 0.8)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for group in groups:
-        assert all(lengths[i] >= 0.8 * lengths[group[0]] for i in group)
-    assert [[lengths[i] for i in g] for g in groups] == [[481, 427], [384, 367], [300, 254], [151, 138]]
-
-
-def test_every_process_runs_as_many_forward_passes_as_the_one_with_the_most():
-    """Under DDP and FSDP a forward pass is a collective: a process whose micro-batch groups into fewer lengths
-    splits its largest group until it runs as many passes as the others (or the run hangs)."""
-    lengths = [481, 138, 254, 427, 151, 367, 300, 384]
-    assert training.forward_groups(lengths) == training.length_groups(lengths)
-    alone = training.forward_groups([200, 190, 180, 170, 100])
-    assert [len(g) for g in alone] == [4, 1]
-    groups = training.forward_groups([200, 190, 180, 170, 100], same_passes=lambda n: max(n, 4))
-    assert len(groups) == 4 and sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
-    assert [len(g) for g in groups] == [1, 1, 2, 1]
-
-
-def test_an_example_longer_than_max_length_is_dropped_and_counted_never_cut(tiny_model, tiny_tokenizer):
-    lengths = [len(tokenize_conversation(tiny_tokenizer, p["prompt"] + p[side]).input_ids)
-               for p in HAND_PAIRS for side in ("chosen", "rejected")]
-    shortest_pair = min(range(len(HAND_PAIRS)), key=lambda i: max(lengths[2 * i : 2 * i + 2]))
-    limit = max(lengths[2 * shortest_pair : 2 * shortest_pair + 2])
-    assert limit < max(lengths)  # the other pair has a longer sequence
-    config = training.TrainConfig(model=tiny_model, output_dir="unused", max_length=limit)
-    examples, report = training.encode_records(tiny_tokenizer, HAND_PAIRS, config)
-    assert [e.id for e in examples] == [HAND_PAIRS[shortest_pair]["id"]] and report.too_long == 1
-    for seq, side in zip(examples[0].sequences, ("chosen", "rejected"), strict=True):  # whole, answers included
-        whole = tokenize_conversation(tiny_tokenizer, HAND_PAIRS[shortest_pair]["prompt"] + HAND_PAIRS[shortest_pair][side])
-        assert seq.input_ids == whole.input_ids
-    kto = training.TrainConfig(model=tiny_model, output_dir="unused", max_length=limit, objective="kto")
-    examples, report = training.encode_records(tiny_tokenizer, HAND_PAIRS, kto)
-    assert all(len(e.sequences[0].input_ids) <= limit for e in examples) and len(examples) + report.too_long == 4
-    assert training.TrainConfig(model="m", output_dir="o").max_length == DEFAULT_MAX_LENGTH
-
-
-def test_epochs_may_be_fractional_and_each_takes_whole_batches_in_its_own_seeded_order():
-    def plan(epochs, n=10, batch_size=3, max_steps=None):
-        config = training.TrainConfig(model="m", output_dir="o", epochs=epochs, batch_size=batch_size,
-                                      max_steps=max_steps)
-        return training.make_plan(n, config, world=1)
-
-    assert plan(1).steps_per_epoch == 3 and plan(1).total_steps == 3  # the 10th example waits for another epoch
-    assert plan(2).total_steps == 6 and plan(0.5).total_steps == 2 and plan(0.1).total_steps == 1
-    assert plan(0.3, n=10, batch_size=1).total_steps == 3  # not 4: 0.3 x 10 is 3.0000000000000004
-    assert plan(2, max_steps=5).total_steps == 5
-    first, second = plan(2).step(0)[0][0] + plan(2).step(1)[0][0] + plan(2).step(2)[0][0], plan(2).step(3)[0][0]
-    assert len(set(first)) == 9 and first[:3] != second
-    for bad in (0, -1, float("nan")):
-        with pytest.raises(UserError, match="--epochs"):
-            training.TrainConfig(model="m", output_dir="o", epochs=bad).check()
-
-
-def test_an_m_kto_kl_partner_never_shares_the_prompt_of_its_example():
-    prompts = ["p1", "p1", "p2", "p3", "p3", "p1"]
-    for micro in ([0, 1, 2], [1, 0], [3, 4], [5, 0, 1, 2], [2, 3]):
-        partners = training.kl_partners(micro, prompts)
-        assert [i for i, _ in partners] == micro
-        assert all(prompts[i] != prompts[j] for i, j in partners), (micro, partners)
-    assert training.kl_partners([2, 3], prompts) == [(2, 3), (3, 2)]  # the other example of the micro-batch
-    assert training.kl_partners([0, 1], prompts) == [(0, 2), (1, 2)]  # the next example with another prompt
-    with pytest.raises(UserError, match="two different prompts"):
-        training.kl_partners([0, 1], ["p", "p"])
-
-
 def test_observation_tokens_get_no_gradient(tiny_model, tiny_tokenizer):
     """d loss / d logits is exactly 0 at every position whose next token is not an action: the loss cannot
     depend on how the model predicts an observation (or the prompt, or the template's scaffolding)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    config = training.TrainConfig(model=tiny_model, output_dir="unused")
-    examples, _ = training.encode_records(tiny_tokenizer, HAND_PAIRS, config)
+    config = TrainConfig(model=tiny_model, output_dir="unused")
+    examples, _ = encoded(objectives.PairObjective(config), tiny_tokenizer, HAND_PAIRS)
     seqs = [e.sequences[0] for e in examples] + [e.sequences[1] for e in examples]
-    batch = training.collate(seqs, tiny_tokenizer.pad_token_id)
+    batch = batches.collate(seqs, tiny_tokenizer.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits.retain_grad()
     logps, _ = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
@@ -267,9 +206,9 @@ def test_without_observation_masking_the_loss_changes_by_exactly_the_observation
 
 
 def test_fifty_steps_on_a_learnable_preference_set_reach_high_reward_accuracy(tmp_path, tiny_model):
-    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=2, max_steps=50,
+    config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=2, max_steps=50,
                                   learning_rate=2e-3, beta=0.1, seed=0)
-    summary = training.train(config, toy_pairs(12), log=lambda _: None)
+    summary = training.train(config, objectives.PairObjective(config), toy_pairs(12), log=lambda _: None)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 51))
     late = rows[-10:]
@@ -286,23 +225,23 @@ def test_kto_trains_on_labelled_completions_and_needs_two_per_micro_batch(tmp_pa
         records.append({"id": pair["id"] + "+", "prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
         records.append({"id": pair["id"] + "-", "prompt": pair["prompt"], "completion": pair["rejected"],
                         "label": False})
-    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "kto"), objective="kto", loss="kto",
+    config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "kto"), loss="kto",
                                   batch_size=4, max_steps=3, learning_rate=1e-3)
-    training.train(config, records, log=lambda _: None)
+    training.train(config, objectives.KTOObjective(config), records, log=lambda _: None)
     rows = metrics(tmp_path / "kto")
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
     assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-3)  # 1 - sigmoid(0) at policy = reference
-    one = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "kto1"), objective="kto", loss="kto",
+    one = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "kto1"), loss="kto",
                                batch_size=4, grad_accum=4, max_steps=1)
     with pytest.raises(UserError, match="at least 2 examples per micro-batch"):
-        training.train(one, records, log=lambda _: None)
+        training.train(one, objectives.KTOObjective(one), records, log=lambda _: None)
 
 
 def test_sft_loss_is_the_mean_nll_of_the_action_tokens(tmp_path, tiny_model, tiny_tokenizer):
     trajectories = [{"id": p["id"], "messages": p["prompt"] + p["chosen"]} for p in HAND_PAIRS]
-    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "sft"), objective="sft",
+    config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "sft"),
                                   batch_size=2, max_steps=1, learning_rate=1e-3)
-    training.train(config, trajectories, log=lambda _: None)
+    training.train(config, objectives.SFTObjective(config), trajectories, log=lambda _: None)
     total, tokens = 0.0, 0
     for t in trajectories:
         total -= float64_logps(tiny_model, tiny_tokenizer, t["messages"])
@@ -353,10 +292,10 @@ def test_report_to_tensorboard_writes_the_rows_of_metrics_jsonl_and_a_resume_wri
     (out / "training_summary.json").unlink()
     result = CliRunner().invoke(app, args + ["--resume"])
     assert result.exit_code == 0 and "(step 2)" in result.output, result.output
-    assert len(list((out / training.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
+    assert len(list((out / metrics_log.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    scalars = tensorboard_scalars(out / training.TENSORBOARD_DIR)
+    scalars = tensorboard_scalars(out / metrics_log.TENSORBOARD_DIR)
     assert set(scalars) == {name for r in rows for name, v in r.items() if name != "step" and v is not None}
     assert {"loss", "rewards/chosen", "rewards/margins", "grad_norm", "learning_rate"} <= set(scalars)
     for name, events in scalars.items():
@@ -365,29 +304,15 @@ def test_report_to_tensorboard_writes_the_rows_of_metrics_jsonl_and_a_resume_wri
             assert value == pytest.approx(row[name], rel=1e-6, abs=1e-12), (name, step)  # stored as float32
 
 
-def test_report_to_reads_like_transformers_report_to_and_refuses_what_it_cannot_do(monkeypatch):
-    assert training.report_targets("none") == ()
-    assert training.report_targets("tensorboard") == ("tensorboard",)
-    assert training.report_targets(" tensorboard,tensorboard ") == ("tensorboard",)
-    assert "tensorboard" in training.report_targets("all")  # every installed tracker
-    for bogus in ("bogus", "tensorboard,bogus", "", "none,all"):
-        with pytest.raises(UserError, match="choose none, all, or from tensorboard, wandb"):
-            training.report_targets(bogus)
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as where wandb is not installed
-    with pytest.raises(UserError, match="the wandb package is not installed: pip install wandb"):
-        training.report_targets("tensorboard,wandb")
-    assert training.report_targets("all") == ("tensorboard",)
-
-
 def test_lora_saves_an_adapter_or_the_merged_model(tmp_path, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     for merge in (False, True):
-        config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / f"lora{merge}"), batch_size=4,
+        config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / f"lora{merge}"), batch_size=4,
                                       max_steps=2, learning_rate=1e-2, lora=True, lora_rank=4, lora_alpha=8,
                                       merge_lora=merge)
-        assert training.train(config, toy_pairs(4), log=lambda _: None)["saved"] == ("merged" if merge else "adapter")
+        assert training.train(config, objectives.PairObjective(config), toy_pairs(4), log=lambda _: None)["saved"] == ("merged" if merge else "adapter")
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "loraFalse"))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "loraTrue"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -398,13 +323,13 @@ def test_lora_saves_an_adapter_or_the_merged_model(tmp_path, tiny_model):
 
 
 def test_a_second_run_into_the_same_directory_needs_resume(tmp_path, tiny_model):
-    config = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=2, max_steps=1)
-    training.train(config, HAND_PAIRS, log=lambda _: None)
-    with pytest.raises(UserError, match="--resume"):
-        training.train(config, HAND_PAIRS, log=lambda _: None)
-    odd = training.TrainConfig(model=tiny_model, output_dir=str(tmp_path / "odd"), batch_size=3, grad_accum=2)
-    with pytest.raises(UserError, match="multiple of --grad-accum"):
-        training.train(odd, HAND_PAIRS * 2, log=lambda _: None)
+    config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=2, max_steps=1)
+    training.train(config, objectives.PairObjective(config), HAND_PAIRS, log=lambda _: None)
+    with pytest.raises(UserError, match="pass resume to continue"):
+        training.train(config, objectives.PairObjective(config), HAND_PAIRS, log=lambda _: None)
+    odd = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "odd"), batch_size=3, grad_accum=2)
+    with pytest.raises(UserError, match="multiple of grad_accum"):
+        training.train(odd, objectives.PairObjective(odd), HAND_PAIRS * 2, log=lambda _: None)
 
 
 def test_a_bad_pair_record_is_a_file_line_error_with_exit_code_2(tmp_path):
@@ -434,8 +359,8 @@ def toy_file(tmp_path_factory) -> Path:
 def uninterrupted(tiny_model, tmp_path_factory) -> Path:
     """One process, 2 micro-batches of 1 pair per step (the decomposition of the DDP run too), in-process."""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    config = training.TrainConfig(model=tiny_model, output_dir=str(out), grad_accum=2, **RUN)
-    assert training.train(config, toy_pairs(16, seed=1), log=lambda _: None)["steps"] == 16
+    config = TrainConfig(model=tiny_model, output_dir=str(out), grad_accum=2, **RUN)
+    assert training.train(config, objectives.PairObjective(config), toy_pairs(16, seed=1), log=lambda _: None)["steps"] == 16
     return out
 
 
@@ -446,17 +371,17 @@ def test_a_killed_training_resumes_from_its_last_checkpoint_with_the_same_losses
                         "--grad-accum", "2", *RUN_ARGS]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240
-    while not training.checkpoints(out) and proc.poll() is None and time.time() < deadline:
+    while not checkpoints.checkpoints(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     still_running = proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert still_running, "the run ended before it could be killed after a checkpoint"
-    killed_at = int(training.checkpoints(out)[-1].name.split("-")[1])
+    killed_at = int(checkpoints.checkpoints(out)[-1].name.split("-")[1])
     assert 4 <= killed_at < 16
     messages = []
-    config = training.TrainConfig(model=tiny_model, output_dir=str(out), grad_accum=2, resume=True, **RUN)
-    summary = training.train(config, toy_pairs(16, seed=1), log=messages.append)
+    config = TrainConfig(model=tiny_model, output_dir=str(out), grad_accum=2, resume=True, **RUN)
+    summary = training.train(config, objectives.PairObjective(config), toy_pairs(16, seed=1), log=messages.append)
     assert summary["resumed_from_step"] == killed_at and any(f"(step {killed_at})" in m for m in messages)
     want, got = metrics(uninterrupted), metrics(out)
     assert [r["step"] for r in got] == list(range(1, 17))
@@ -505,7 +430,7 @@ def test_two_fsdp_processes_under_accelerate_follow_the_single_process_loss_curv
     summary = json.loads((fsdp_run / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distributed_type"] == "FSDP"
     # Sharded for real: each process wrote its own part of the weights and of the AdamW state.
-    checkpoint = training.checkpoints(fsdp_run)[-1]
+    checkpoint = checkpoints.checkpoints(fsdp_run)[-1]
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
         assert sorted(p.name for p in (checkpoint / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     # Each process hashed the whole weights gathered from the shards; they agree, and are the saved model.
@@ -549,9 +474,9 @@ def test_vllm_generates_with_the_saved_lora_adapter_as_transformers_does(tmp_pat
     from mathagent.engines import Request, Sampling, open_engine
 
     out = tmp_path / "lora"
-    config = training.TrainConfig(model=tiny_model, output_dir=str(out), batch_size=4, max_steps=3,
+    config = TrainConfig(model=tiny_model, output_dir=str(out), batch_size=4, max_steps=3,
                                   learning_rate=5e-2, lora=True, lora_rank=8, lora_alpha=16)
-    assert training.train(config, toy_pairs(4), log=lambda _: None)["saved"] == "adapter"
+    assert training.train(config, objectives.PairObjective(config), toy_pairs(4), log=lambda _: None)["saved"] == "adapter"
     prompt = toy_pairs(1)[0]["prompt"]
     completions = {}
     for adapter in (None, str(out)):

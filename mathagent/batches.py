@@ -1,0 +1,150 @@
+"""Batches: which examples each optimizer step, process and micro-batch takes (`Plan`), and a micro-batch's
+forward passes (`sequence_logps`: summed action log-probs, one pass per group of similar length).
+
+The plan: epoch e is a permutation of the examples seeded by (seed, e); optimizer step s takes the next
+`batch_size` examples of its epoch, split evenly across processes and then into `grad_accum` micro-batches.
+The order is a pure function of (seed, step), so a resumed run sees exactly the examples it would have. The
+examples left over at the end of an epoch (fewer than a batch) wait for another epoch's order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mathagent import losses
+from mathagent.chat import right_pad
+from mathagent.errors import UserError
+from mathagent.train_config import TrainConfig
+
+
+@dataclass
+class Encoded:
+    """One tokenized conversation: ids and action mask (1 = a token the loss reads: the agent's actions, or a
+    PRM's labels), and, after the reference pass, log pi_ref of its actions."""
+
+    input_ids: list[int]
+    action_mask: list[int]
+    ref_logp: float | None = None
+
+    @property
+    def actions(self) -> int:
+        return sum(self.action_mask)
+
+
+@dataclass
+class Plan:
+    n_examples: int
+    batch_size: int
+    grad_accum: int
+    world: int
+    seed: int
+    total_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_examples // self.batch_size
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // (self.world * self.grad_accum)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.n_examples))
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def step(self, step: int) -> list[list[list[int]]]:
+        """Example indices of optimizer step `step` (0-based): [process][micro-batch][example]."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        chosen = self._order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+        per_rank = self.batch_size // self.world
+        m = self.micro_batch
+        return [[chosen[r * per_rank + a * m : r * per_rank + (a + 1) * m] for a in range(self.grad_accum)]
+                for r in range(self.world)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def make_plan(n_examples: int, config: TrainConfig, world: int) -> Plan:
+    """The plan of a run of `n_examples` examples over `world` processes."""
+    if config.batch_size % (world * config.grad_accum):
+        raise UserError(
+            f"batch_size {config.batch_size} must be a multiple of grad_accum ({config.grad_accum}) times the "
+            f"number of processes ({world})", options=("batch_size", "grad_accum"))
+    if n_examples < config.batch_size:
+        raise UserError(f"{n_examples} training examples, fewer than batch_size {config.batch_size}",
+                        options=("batch_size",))
+    plan = Plan(n_examples, config.batch_size, config.grad_accum, world, config.seed, 0)
+    # round() first: 0.3 x 10 is 3.0000000000000004 in floating point, which is 3 steps, not 4
+    plan.total_steps = config.max_steps or math.ceil(round(config.epochs * plan.steps_per_epoch, 6))
+    if plan.total_steps < 1:
+        raise UserError("nothing to train: max_steps and epochs give 0 steps", options=("max_steps", "epochs"))
+    return plan
+
+
+def collate(sequences: Sequence[Encoded], pad_id: int):
+    """Right-padded input_ids, attention_mask and action_mask tensors."""
+    ids, attention = right_pad([s.input_ids for s in sequences], pad_id)
+    actions, _ = right_pad([s.action_mask for s in sequences], 0)
+    return {"input_ids": ids, "attention_mask": attention, "action_mask": actions}
+
+
+# A micro-batch is run as groups of similar length: a sequence joins the current group (longest first) while
+# it is at least this fraction of the group's longest. Trajectories vary in length several-fold, and padding
+# them all to the longest costs more than the extra forward passes (half the time on the benchmark's pairs).
+LENGTH_GROUP_RATIO = 0.8
+
+
+def length_groups(lengths: Sequence[int], ratio: float = LENGTH_GROUP_RATIO) -> list[list[int]]:
+    """Indices grouped by length, longest first; within a group every length is >= ratio x the longest."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not groups or lengths[i] < ratio * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def forward_groups(lengths: Sequence[int], same_passes: Callable[[int], int] | None = None) -> list[list[int]]:
+    """The forward passes of a micro-batch: its `length_groups`, and where `same_passes` is given (several
+    processes) the largest of them halved until this process runs as many passes as the process with the most.
+
+    Under DDP and FSDP each forward pass of the wrapped model is a collective (DDP broadcasts the buffers before
+    it, FSDP gathers the weights), so processes that ran different numbers of them would wait for each other
+    forever. `same_passes(n)` is the largest n over the processes (an all-reduce); every process has as many
+    sequences, so each can split its groups that far."""
+    groups = length_groups(lengths)
+    if same_passes is not None:
+        target = same_passes(len(groups))
+        while len(groups) < target:
+            largest = max(range(len(groups)), key=lambda g: len(groups[g]))
+            if len(groups[largest]) < 2:
+                raise RuntimeError(f"{len(lengths)} sequences cannot make {target} forward passes")
+            group = groups.pop(largest)
+            groups[largest:largest] = [group[: len(group) // 2], group[len(group) // 2 :]]
+    return groups
+
+
+def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
+                   same_passes: Callable[[int], int] | None = None):
+    """Summed action log-probs [B] (with grad if enabled), action-token counts [B] and non-pad tokens.
+
+    One forward pass per length group (see `length_groups`, and `forward_groups` for `same_passes`); the
+    results are in the order of `sequences`, and a single backward pass through them all follows.
+    """
+    import torch
+
+    logps: list[Any] = [None] * len(sequences)
+    counts: list[Any] = [None] * len(sequences)
+    for group in forward_groups([len(s.input_ids) for s in sequences], same_passes):
+        batch = {k: v.to(device) for k, v in collate([sequences[i] for i in group], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        group_logps, group_counts = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
+        for row, i in enumerate(group):
+            logps[i], counts[i] = group_logps[row], group_counts[row]
+    return torch.stack(logps), torch.stack(counts), sum(len(s.input_ids) for s in sequences)

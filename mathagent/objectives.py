@@ -1,0 +1,420 @@
+"""The training objectives: how a record becomes training examples, and a micro-batch its share of the loss.
+
+One class per objective, built by its command and handed to the recipe (`training.train`): `PairObjective`
+(M-DPO, IPO, hinge), `KTOObjective` (M-KTO), `SFTObjective` and `PRMObjective` (the generative PRM). Their
+losses are the pure functions of `losses` and `prm`; each class says at its top where it departs from its
+paper. An objective's loss is a sum over the micro-batch's examples divided by the step's totals
+(`StepTotals`: its examples, or the action tokens or labels it averages over), so the loss of a step is the
+same however it is split across micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mathagent import labeling, losses, prm
+from mathagent.batches import Encoded, Plan, forward_groups, sequence_logps
+from mathagent.chat import tokenize_conversation
+from mathagent.errors import UserError
+from mathagent.labeling import PLUS
+from mathagent.records import check_messages, check_prompt, first_action
+from mathagent.train_config import TrainConfig
+
+@dataclass
+class Example:
+    """A training example: a pair (chosen, rejected), a KTO completion with its label, an SFT trajectory, or a
+    PRM chat with its step labels."""
+
+    id: str
+    sequences: list[Encoded]  # pairs: [chosen, rejected]; the others: [conversation]
+    # What the example adds to the per-token denominator of its step (`StepTotals.targets`): SFT's action
+    # tokens, the chosen action tokens of the pair NLL term, the PRM's labels.
+    targets: int = 0
+    desirable: bool = True  # kto
+    prompt: list[dict[str, str]] = field(default_factory=list)  # kto: for the mismatched KL pairs
+    completion: list[dict[str, str]] = field(default_factory=list)
+    plus: list[bool] = field(default_factory=list)  # prm: the hard labels, True for '+'
+    q: list[float] = field(default_factory=list)  # prm: the soft labels (Q-hat)
+
+
+# ---- the records each objective reads ----------------------------------------------------------------------
+
+
+def check_pair(record: dict[str, Any]) -> str | None:
+    """What train-mdpo reads: {"id", "prompt", "chosen", "rejected"} (make-pairs' default format)."""
+    return (check_prompt(record.get("prompt"))
+            or check_messages(record.get("chosen"), "chosen", starts_with_action=True)
+            or check_messages(record.get("rejected"), "rejected", starts_with_action=True))
+
+
+def check_kto(record: dict[str, Any]) -> str | None:
+    """M-KTO reads {"id", "prompt", "completion", "label": bool}, or pairs (each gives two examples)."""
+    if "chosen" in record:
+        return check_pair(record)
+    if not isinstance(record.get("label"), bool):
+        return "field 'label' must be true or false"
+    return (check_prompt(record.get("prompt"))
+            or check_messages(record.get("completion"), "completion", starts_with_action=True))
+
+
+def check_trajectory(record: dict[str, Any]) -> str | None:
+    """SFT reads trajectories {"id", "messages"} with at least one action."""
+    problem = check_messages(record.get("messages"))
+    if problem is None and first_action(record["messages"]) is None:
+        return "field 'messages' has no assistant message (no action to learn)"
+    return problem
+
+
+@dataclass
+class EncodeReport:
+    too_long: int = 0  # examples dropped because a sequence of theirs is longer than max_length
+    no_actions: int = 0  # sequences with no action token (PRM: records with no step label, left out)
+    straddling: int = 0  # tokens left out of actions because they also hold template text (see chat.py)
+
+
+def encode_conversation(tokenizer, messages: list[dict[str, str]], config: TrainConfig,
+                        report: EncodeReport) -> Encoded:
+    """A conversation's ids and action mask (`chat.tokenize_conversation`), its oddities counted in `report`."""
+    conv = tokenize_conversation(tokenizer, messages, mask_observations=config.mask_observations)
+    report.straddling += conv.straddling
+    if not any(conv.action_mask[1:]):
+        report.no_actions += 1
+    return Encoded(conv.input_ids, conv.action_mask)
+
+
+# ---- the objectives ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTotals:
+    """The denominators of an optimizer step's loss, over all its micro-batches and processes."""
+
+    examples: int  # --batch-size
+    targets: int  # the tokens or labels its per-token terms average over (sum of `Example.targets`, at least 1)
+
+
+@dataclass
+class MicroBatch:
+    """What an objective's loss sees of one micro-batch."""
+
+    indices: list[int]  # into the run's examples
+    examples: list[Example]
+    totals: StepTotals  # of the whole step
+    device: Any
+    pad_id: int
+    mean_over_processes: Callable[[Any], Any] | None  # M-KTO's KL baseline (None in one process)
+    same_passes: Callable[[int], int] | None  # see `forward_groups` (None in one process)
+
+
+class Objective:
+    """What `training.train` asks of a training objective, built by its command from the run's `TrainConfig`
+    (it checks the options only it reads) and given the tokenizer by the recipe (`setup`).
+
+    - `name`: the objective in the run's identity (a checkpoint resumes only a run of the same one).
+    - `encode(record, report)`: the record's training examples (token ids and masks from the chat template).
+    - `needs_reference`: whether log pi_ref of its sequences is computed, once, before training.
+    - `loss(model, batch)`: the micro-batch's forward pass and its share of the step's loss, a sum over its
+      examples divided by the step's totals (so the step's loss is exact however it is split across
+      micro-batches and processes), with the micro-batch's metric sums ('tokens': its non-pad tokens).
+    - `metrics(sums, totals)`: the step's metrics row from the sums of all its micro-batches and processes.
+    """
+
+    name = ""
+    needs_reference = False
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def setup(self, tokenizer) -> None:
+        """Take the tokenizer of the model to train (the recipe loads it once the model is resolved)."""
+        self.tokenizer = tokenizer
+
+    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
+        raise NotImplementedError
+
+    def encode_records(self, records: Sequence[dict[str, Any]]) -> tuple[list[Example], EncodeReport]:
+        """The examples of all records, those with a sequence longer than `max_length` dropped and counted, never
+        cut: cutting the end of a trajectory removes its answer, and a pair whose answers are gone teaches the
+        opposite of its label (make-pairs --max-length drops the same pairs earlier, with the same default)."""
+        report = EncodeReport()
+        examples: list[Example] = []
+        for record in records:
+            try:
+                encoded = self.encode(record, report)
+            except UserError as e:
+                raise UserError(f"record {record['id']}: {e}", options=e.options) from None
+            for example in encoded:
+                if any(len(s.input_ids) > self.config.max_length for s in example.sequences):
+                    report.too_long += 1
+                else:
+                    examples.append(example)
+        return examples, report
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse, with a `UserError`, a split of the steps that the objective cannot train on."""
+
+    def sequences(self, examples: list[Example], plan: Plan) -> list[Encoded]:
+        """Every sequence the run reads, the examples' first: the data's fingerprint, and the reference pass."""
+        return [s for e in examples for s in e.sequences]
+
+    def identity(self, examples: list[Example]) -> dict[str, Any]:
+        """What else a checkpoint must share with the run that resumes it."""
+        return {}
+
+    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float], totals: StepTotals) -> dict[str, Any]:
+        return {}
+
+    def save(self, output_dir: Path, model_path: str, steps: int) -> None:
+        """Write the objective's own files beside the saved model (on the main process)."""
+
+
+def _reference(batch_sequences: list[Encoded], like) -> Any:
+    import torch
+
+    return torch.tensor([s.ref_logp for s in batch_sequences], device=like.device, dtype=like.dtype)
+
+
+class PairObjective(Objective):
+    """M-DPO (Xiong et al. 2024, "Building Math Agents with Multi-Turn Iterative Preference Learning"), and the
+    IPO and hinge losses on the same summed action log-ratios (`losses.pair_loss`).
+
+    Departures from the paper: `--label-smoothing` (conservative DPO) and `--nll-weight` (an NLL term on the
+    chosen actions, averaged over the step's chosen action tokens, as in RPO) are additions, off by default;
+    IPO's margin is on summed log-ratios, as in the IPO paper (TRL averages them per token); pi_ref's
+    log-probs are computed once before training, not in each step (the same values: pi_ref is fixed);
+    dropout is off in both passes (as TRL does).
+    """
+
+    name = "pairs"
+    needs_reference = True
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        if config.loss not in losses.PAIR_LOSSES:
+            raise UserError(f"loss {config.loss!r}: choose from {', '.join(losses.LOSSES)}", options=("loss",))
+
+    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
+        chosen = encode_conversation(self.tokenizer, record["prompt"] + record["chosen"], self.config, report)
+        rejected = encode_conversation(self.tokenizer, record["prompt"] + record["rejected"], self.config, report)
+        # the NLL term's tokens: the chosen actions that have a token before them
+        return [Example(record["id"], [chosen, rejected], targets=chosen.actions - chosen.action_mask[0])]
+
+    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
+        config = self.config
+        sequences = [e.sequences[0] for e in batch.examples] + [e.sequences[1] for e in batch.examples]
+        logps, _, tokens = sequence_logps(model, sequences, batch.pad_id, batch.device, batch.same_passes)
+        refs = _reference(sequences, logps)
+        m = len(batch.examples)
+        pc, pr, rc, rr = logps[:m], logps[m:], refs[:m], refs[m:]
+        ell = losses.pair_loss(pc, pr, rc, rr, beta=config.beta, loss=config.loss,
+                               label_smoothing=config.label_smoothing)
+        loss = ell.sum() / batch.totals.examples
+        nll = losses.nll_loss(pc, batch.totals.targets)
+        if config.nll_weight:
+            loss = loss + config.nll_weight * nll
+        chosen, rejected = losses.rewards(pc, rc, config.beta), losses.rewards(pr, rr, config.beta)
+        return loss, {"tokens": tokens, "nll": nll.detach(), "rewards/chosen": chosen.sum(),
+                      "rewards/rejected": rejected.sum(), "rewards/accuracies": (chosen > rejected).sum(),
+                      "rewards/margins": (chosen - rejected).sum(), "logps/chosen": pc.detach().sum(),
+                      "logps/rejected": pr.detach().sum()}
+
+    def metrics(self, sums: dict[str, float], totals: StepTotals) -> dict[str, Any]:
+        row: dict[str, Any] = {"nll": sums["nll"]} if self.config.nll_weight else {}
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                     "logps/rejected"):
+            row[name] = sums[name] / totals.examples
+        return row
+
+
+class KTOObjective(Objective):
+    """M-KTO (Xiong et al. 2024): KTO (Ethayarajh et al. 2024) on the summed action log-ratios of labelled
+    trajectories (`losses.kto_loss`); a pair record gives two examples, its chosen desirable.
+
+    Departures from the paper: the KL baseline z0 is estimated in each micro-batch from mismatched (prompt,
+    completion) pairs that never share a prompt (`kl_partners`; KTO's shifts the completions of the batch by
+    one), averaged over the processes and clamped at 0 once, after that mean; its pi_ref log-probs are part of
+    the one reference pass; dropout is off.
+    """
+
+    name = "kto"
+    needs_reference = True
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        if config.nll_weight:
+            raise UserError("nll_weight applies to the pair losses (sigmoid, ipo, hinge), not kto",
+                            options=("nll_weight",))
+
+    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
+        units = ([(record["chosen"], True), (record["rejected"], False)] if "chosen" in record
+                 else [(record["completion"], record["label"])])
+        return [Example(record["id"],
+                        [encode_conversation(self.tokenizer, record["prompt"] + completion, self.config, report)],
+                        desirable=label, prompt=record["prompt"], completion=completion)
+                for completion, label in units]
+
+    def check_plan(self, plan: Plan) -> None:
+        import torch
+
+        if plan.micro_batch < 2:
+            losses.kl_baseline(torch.zeros(plan.micro_batch), torch.zeros(plan.micro_batch))  # raises the UserError
+
+    def sequences(self, examples: list[Example], plan: Plan) -> list[Encoded]:
+        """The examples' sequences, then the mismatched KL pairs of every micro-batch of the plan."""
+        sequences = super().sequences(examples, plan)
+        self.prompt_keys = [json.dumps(e.prompt, sort_keys=True) for e in examples]
+        self.partners: dict[tuple[int, int], Encoded] = {}
+        for step in range(plan.total_steps):
+            for per_rank in plan.step(step):
+                for micro in per_rank:
+                    for i, j in kl_partners(micro, self.prompt_keys):
+                        if (i, j) not in self.partners:
+                            self.partners[i, j] = encode_conversation(
+                                self.tokenizer, examples[i].prompt + examples[j].completion, self.config,
+                                EncodeReport())
+                            sequences.append(self.partners[i, j])
+        return sequences
+
+    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        config = self.config
+        sequences = [e.sequences[0] for e in batch.examples]
+        logps, _, tokens = sequence_logps(model, sequences, batch.pad_id, batch.device, batch.same_passes)
+        refs = _reference(sequences, logps)
+        partners = [self.partners[p] for p in kl_partners(batch.indices, self.prompt_keys)]
+        with torch.no_grad():
+            kl_logps, _, _ = sequence_logps(model, partners, batch.pad_id, batch.device, batch.same_passes)
+        kl = losses.kl_baseline(kl_logps, _reference(partners, kl_logps), batch.mean_over_processes)
+        desirable = torch.tensor([e.desirable for e in batch.examples], device=batch.device)
+        ell = losses.kto_loss(logps, refs, desirable, kl, beta=config.beta, desirable_weight=config.desirable_weight,
+                              undesirable_weight=config.undesirable_weight)
+        reward = losses.rewards(logps, refs, config.beta)
+        zero = torch.zeros_like(reward)
+        return ell.sum() / batch.totals.examples, {
+            "tokens": tokens, "desirable": desirable.sum(), "kl": kl.detach(), "micro_batches": 1,
+            "rewards/chosen": torch.where(desirable, reward, zero).sum(),
+            "rewards/rejected": torch.where(desirable, zero, reward).sum()}
+
+    def metrics(self, sums: dict[str, float], totals: StepTotals) -> dict[str, Any]:
+        desirable, undesirable = sums["desirable"], totals.examples - sums["desirable"]
+        chosen = sums["rewards/chosen"] / desirable if desirable else None
+        rejected = sums["rewards/rejected"] / undesirable if undesirable else None
+        return {"rewards/chosen": chosen, "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected if chosen is not None and rejected is not None else None,
+                "kl": sums["kl"] / sums["micro_batches"]}
+
+
+class SFTObjective(Objective):
+    """Supervised fine-tuning on trajectories: the negative log-likelihood of the action tokens
+    (`losses.nll_loss`), observations masked as in M-DPO.
+
+    Departures from plain SFT: the loss is the mean over the step's action tokens (all its trajectories
+    together, as a token-level mean), not a mean of per-trajectory means; nothing outside the actions
+    (prompt, observations, template scaffolding) is learned unless `--no-mask-observations`.
+    """
+
+    name = "sft"
+
+    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
+        sequence = encode_conversation(self.tokenizer, record["messages"], self.config, report)
+        return [Example(record["id"], [sequence], targets=sequence.actions - sequence.action_mask[0])]
+
+    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
+        logps, _, tokens = sequence_logps(model, [e.sequences[0] for e in batch.examples], batch.pad_id,
+                                          batch.device, batch.same_passes)
+        return losses.nll_loss(logps, batch.totals.targets), {"tokens": tokens}
+
+class PRMObjective(Objective):
+    """The generative PRM's objective (train-prm): the loss on the '+'/'-' label tokens of PRM chats
+    (`prm.prm_loss`), read from the logits at the positions before them, averaged over the step's labels.
+
+    Departures from Math-Shepherd (Wang et al. 2024), whose PRM learns its '+'/'-' label tokens by cross-entropy
+    (our `--labels hard`): `--labels soft` instead fits P('+') among {'+', '-'} to Q-hat by binary
+    cross-entropy, the rest of the vocabulary left out; each step is judged with the true labels of the steps
+    before it in context (teacher forcing, as in the published PRM data), while a scorer puts '+' there; a
+    trajectory weighs in the mean by its number of steps (the mean is over a step's labels, not its chats).
+    """
+
+    name = "prm"
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        if config.labels not in prm.LABEL_KINDS:
+            raise UserError(f"labels {config.labels!r}: choose from {', '.join(prm.LABEL_KINDS)}",
+                            options=("labels",))
+        if config.steps_mode not in labeling.STEP_MODES:
+            raise UserError(f"steps_mode {config.steps_mode!r}: choose from {', '.join(labeling.STEP_MODES)}",
+                            options=("steps_mode",))
+
+    def setup(self, tokenizer) -> None:
+        super().setup(tokenizer)
+        self.label_ids = prm.label_token_ids(tokenizer)
+
+    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
+        chat, labels, q = prm.training_chat(record, self.config.steps_mode)
+        if not labels:  # nothing to learn: counted with the sequences without actions
+            report.no_actions += 1
+            return []
+        encoded = prm.encode_chat(self.tokenizer, chat, self.label_ids)
+        label_mask = [0] * len(encoded.input_ids)
+        for position in encoded.positions:
+            label_mask[position + 1] = 1
+        return [Example(record["id"], [Encoded(encoded.input_ids, label_mask)], targets=len(labels),
+                        plus=[label == PLUS for label in labels], q=list(q))]
+
+    def identity(self, examples: list[Example]) -> dict[str, Any]:
+        return {"labels": self.config.labels, "steps_mode": self.config.steps_mode,
+                "q": fingerprint([e.q for e in examples])}
+
+    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        rows = []
+        for e in batch.examples:
+            chat = e.sequences[0]
+            rows.append(prm.EncodedChat(chat.input_ids, [t - 1 for t, label in enumerate(chat.action_mask) if label]))
+        logits: list[Any] = [None] * len(rows)
+        for group in forward_groups([len(r.input_ids) for r in rows], batch.same_passes):
+            for i, z in zip(group, prm.logits_at_labels(model, [rows[i] for i in group], batch.device), strict=True):
+                logits[i] = z
+        is_plus = torch.tensor([x for e in batch.examples for x in e.plus], device=batch.device)
+        q = torch.tensor([x for e in batch.examples for x in e.q], device=batch.device)
+        ell = prm.prm_loss(torch.cat(logits), is_plus, q, *self.label_ids, kind=self.config.labels)
+        return ell.sum() / batch.totals.targets, {"tokens": sum(len(r.input_ids) for r in rows)}
+
+    def save(self, output_dir: Path, model_path: str, steps: int) -> None:
+        prm.write_prm_file(output_dir, label_ids=self.label_ids, base_model=model_path,
+                           steps_mode=self.config.steps_mode, labels=self.config.labels, trained_steps=steps)
+
+
+def kl_partners(micro: list[int], prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """M-KTO's mismatched pairs of a micro-batch: (i, j), the prompt of example i with the completion of
+    example j, where j never has i's prompt (`prompts[k]` is example k's prompt, as a key). j is the nearest
+    example before i in the micro-batch (cyclically) with another prompt; when every example of the micro-batch
+    shares i's prompt (two completions of one problem), the next example after i in the data that has another."""
+    out = []
+    n = len(prompts)
+    for position, i in enumerate(micro):
+        others = (micro[position - d] for d in range(1, len(micro)))
+        j = next((k for k in others if prompts[k] != prompts[i]), None)
+        if j is None:
+            j = next((k % n for k in range(i + 1, i + n) if prompts[k % n] != prompts[i]), None)
+        if j is None:
+            raise UserError("loss kto needs at least two different prompts: its KL baseline pairs a prompt with "
+                            "the completion of another", options=("loss",))
+        out.append((i, j))
+    return out
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of JSON-able parts: what a run, a cache or a checkpoint is made of."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
