@@ -83,7 +83,7 @@ def pair_loss(
         return (h - 1 / (2 * beta)) ** 2
     if loss == "hinge":
         return torch.relu(1 - beta * h)
-    raise UserError(f"--loss {loss!r}: choose from {', '.join(LOSSES)}")
+    raise UserError(f"loss {loss!r}: choose from {', '.join(LOSSES)}", options=("loss",))
 
 
 def kl_baseline(
@@ -100,8 +100,9 @@ def kl_baseline(
     """
     if policy_kl_logps.numel() < 2:
         raise UserError(
-            "--loss kto needs at least 2 examples per micro-batch: its KL baseline pairs each prompt with another "
-            "example's completion (raise --batch-size or lower --grad-accum / the number of processes)"
+            "loss kto needs at least 2 examples per micro-batch: its KL baseline pairs each prompt with another "
+            "example's completion (raise batch_size or lower grad_accum / the number of processes)",
+            options=("loss", "batch_size", "grad_accum"),
         )
     mean = (policy_kl_logps - ref_kl_logps).detach().mean()
     if mean_over_processes is not None:

@@ -213,7 +213,7 @@ def prm_loss(label_logits, is_plus, q, plus_id: int, minus_id: int, kind: str = 
 def aggregate(step_scores: Sequence[float], how: str = DEFAULT_AGGREGATE) -> float | None:
     """One trajectory score from its step scores: min, mean, last or prod; None without steps."""
     if how not in AGGREGATES:
-        raise UserError(f"--aggregate {how!r}: choose from {', '.join(AGGREGATES)}")
+        raise UserError(f"aggregate {how!r}: choose from {', '.join(AGGREGATES)}", options=("aggregate",))
     if not step_scores:
         return None
     if how == "min":
@@ -363,6 +363,6 @@ def load_prm(path: str, dtype: str = "auto"):
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {path!r}: cannot load: {e}") from None
+        raise UserError(f"model {path!r}: cannot load: {e}", options=("model",)) from None
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return model, tokenizer
