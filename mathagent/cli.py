@@ -13,8 +13,7 @@ from __future__ import annotations
 import enum
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -22,10 +21,10 @@ import typer
 from mathagent import __version__, agent, correction, grading, labeling, pairs, stages
 from mathagent.chat import DEFAULT_MAX_LENGTH
 from mathagent.correction import DEFAULT_MARKERS
-from mathagent.engines import BACKENDS, DTYPES, EngineOptions
-from mathagent.errors import UserError
+from mathagent.engines import BACKENDS, DTYPES
+from mathagent.errors import user_errors as _user_errors
 from mathagent.records import OBSERVATION_ROLES
-from mathagent.stages import RecordIO, SandboxOptions
+from mathagent.stages import EngineOptions, RecordIO, SandboxOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -121,21 +120,6 @@ def _main(
         os.environ[VERBOSE_ENV] = "1"
     elif not verbose_env():
         quiet_libraries()
-
-
-def _fail(message: str) -> None:
-    # Plain text, never wrapped: scripts grep for "FILE:LINE: ...".
-    sys.stderr.write(f"error: {message}\n")
-    raise typer.Exit(2)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """User mistakes become one line on stderr and exit code 2; anything else keeps its traceback."""
-    try:
-        yield
-    except UserError as e:
-        _fail(str(e))
 
 
 def _engine(model: str, backend: str, adapter: str | None, base_url: list[str] | None, concurrency: int,

@@ -151,7 +151,7 @@ class TrainConfig:
         if self.merge_lora and not self.lora:
             raise UserError("--merge-lora needs --lora")
         report_targets(self.report_to)
-        from mathagent.engines import check_model
+        from mathagent.tiny import check_model
 
         check_model("--model", self.model)
         check_model("--ref-model", self.ref_model)
