@@ -35,6 +35,7 @@ os.environ.setdefault("MATHAGENT_VLLM_KV_BYTES", str(256 * 2**20))
 from mathagent import agent, labeling  # noqa: E402
 from mathagent.engines import open_engine  # noqa: E402
 from mathagent.grading import Grader  # noqa: E402
+from mathagent.prompts import PROMPTS  # noqa: E402
 from mathagent.sandbox import Sandbox  # noqa: E402
 from mathagent.tasks.arith import gold_messages, make_problems  # noqa: E402
 from mathagent.tiny import resolve_model  # noqa: E402
@@ -45,12 +46,12 @@ def inputs(engine, sandbox, grader, args) -> list[dict]:
     problems = make_problems(args.problems, seed=7)
     out = []
     for p in problems:
-        gold = gold_messages(p, agent.PROMPTS["tool"])
+        gold = gold_messages(p, PROMPTS["tool"])
         out.append({**p, "problem_id": p["id"], "id": f"{p['id']}-gold", "messages": gold, "status": "answered"})
         twin = [dict(m) for m in gold]
         twin[-1]["content"] = "The answer is \\boxed{0}."
         out.append({**p, "problem_id": p["id"], "id": f"{p['id']}-twin", "messages": twin, "status": "answered"})
-    sampled = [t for p in problems for t in agent.new_trajectories(p, args.n, agent.PROMPTS["tool"])]
+    sampled = [t for p in problems for t in agent.new_trajectories(p, args.n, PROMPTS["tool"])]
     config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=1)
     agent.run_agent(sampled, engine, sandbox, grader, config)
     for t in out:

@@ -46,6 +46,7 @@ from mathagent.chat import prompt_ids  # noqa: E402
 from mathagent.engines import Request, Sampling, open_engine, quiet_engines  # noqa: E402
 from mathagent.engines.vllm import local_server  # noqa: E402
 from mathagent.grading import Grader  # noqa: E402
+from mathagent.prompts import PROMPTS  # noqa: E402
 from mathagent.records import OBSERVATION_FENCE, observation_message  # noqa: E402
 from mathagent.sandbox import Sandbox  # noqa: E402
 from mathagent.tasks.arith import make_problems  # noqa: E402
@@ -126,7 +127,7 @@ def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig) ->
 
 def run(design: str, model: str, args, base_url: str | None = None) -> dict:
     problems = make_problems(args.problems, seed=123)
-    trajectories = [t for p in problems for t in agent.new_trajectories(p, args.n, agent.PROMPTS[args.prompt])]
+    trajectories = [t for p in problems for t in agent.new_trajectories(p, args.n, PROMPTS[args.prompt])]
     schedule = "continuous" if design.endswith("continuous") else "turns"
     config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=0,
                                schedule=schedule)
@@ -172,7 +173,7 @@ def long_tailed(engine, args, schedule: str, slow: str) -> dict:
     problems = make_problems(args.tail_problems, seed=321)
     trajectories = []
     for i, p in enumerate(problems):
-        (t,) = agent.new_trajectories(p, 1, agent.PROMPTS[args.prompt])
+        (t,) = agent.new_trajectories(p, 1, PROMPTS[args.prompt])
         if i % 16:
             code = f"print({i} * 3)"
         elif slow == "compute":

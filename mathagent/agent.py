@@ -24,7 +24,6 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mathagent import correction, grading
@@ -44,37 +43,9 @@ from mathagent.records import (
     observation_message,
 )
 
-PROMPTS = {
-    # Tool-integrated reasoning, in the user turn (some chat templates, Gemma's among them, have no system role).
-    "tool": (
-        "{question}\n\n"
-        "Solve this step by step. You may write Python code in a ```python block; it is run and its output is "
-        "shown to you in an ```output block, after which you continue. Variables persist between blocks. "
-        "Put the final answer within \\boxed{{}}."
-    ),
-    # Plain chain of thought, no tools.
-    "cot": "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
-    # The bare question, for a policy that learned the format from demonstrations (the demo's tiny policy:
-    # a long instruction costs a 0.5M-parameter model more than it tells it).
-    "bare": "{question}",
-}
-
 STEP_WAIT = 0.05  # seconds the continuous loop waits for running cells before stepping a small batch
 
 _CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
-
-
-def load_prompt(name_or_path: str) -> str:
-    """A named prompt from PROMPTS, or a text file with a `{question}` placeholder."""
-    if name_or_path in PROMPTS:
-        return PROMPTS[name_or_path]
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise UserError(f"--prompt: {name_or_path!r} is neither a prompt name ({', '.join(PROMPTS)}) nor a file")
-    text = path.read_text(encoding="utf-8")
-    if "{question}" not in text:
-        raise UserError(f"{name_or_path}: a prompt file needs a {{question}} placeholder")
-    return text
 
 
 def extract_code(action: str) -> str | None:

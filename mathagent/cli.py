@@ -10,12 +10,11 @@ stderr, so stages chain through pipes:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -23,10 +22,10 @@ import typer
 from mathagent import __version__, agent, correction, grading, labeling, pairs, stages
 from mathagent.chat import DEFAULT_MAX_LENGTH
 from mathagent.correction import DEFAULT_MARKERS
-from mathagent.engines import BACKENDS, DTYPES, EngineOptions
-from mathagent.errors import UserError
+from mathagent.engines import BACKENDS, DTYPES
+from mathagent.errors import user_errors
 from mathagent.records import OBSERVATION_ROLES
-from mathagent.stages import RecordIO, SandboxOptions
+from mathagent.stages import EngineOptions, RecordIO, SandboxOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -124,32 +123,12 @@ def _main(
         quiet_libraries()
 
 
-def _fail(message: str) -> None:
-    # Plain text, never wrapped: scripts grep for "FILE:LINE: ...".
-    sys.stderr.write(f"error: {message}\n")
-    raise typer.Exit(2)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """User mistakes become one line on stderr and exit code 2; anything else keeps its traceback."""
-    try:
-        yield
-    except UserError as e:
-        _fail(_with_flags(e))
-
-
 # The flags of the options whose flag is not "--" + the option's name with dashes (what `UserError.options` name).
 FLAGS = {"learning_rate": "--lr", "steps_mode": "--steps"}
 
 
-def _with_flags(error: UserError) -> str:
-    """The message of a `UserError`, each option it is about (`options`) written as its flag."""
-    message = str(error)
-    for option in error.options:
-        flag = FLAGS.get(option, "--" + option.replace("_", "-"))
-        message = re.sub(rf"(?<![\w/.~-]){re.escape(option)}(?![\w/.-])", flag, message, count=1)
-    return message
+def _user_errors() -> contextlib.AbstractContextManager[None]:
+    return user_errors(FLAGS)
 
 
 def _engine(model: str, backend: str, adapter: str | None, base_url: list[str] | None, concurrency: int,

@@ -12,21 +12,21 @@ is what the Makefile should not write in shell:
     python -m mathagent.loop report DIR                           the paper's table, a plot, summary.json
 
 Every file it writes is written beside and renamed, so a killed run never leaves half a file that make would
-take as finished.
+take as finished. A user's mistake is one line on stderr and exit code 2, as in `mathagent` (`errors.user_errors`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,13 +34,28 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mathagent.errors import UserError
+from mathagent.errors import UserError, user_errors
 from mathagent.records import atomic_path, write_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Bookkeeping of the Makefile's online iterative loop.")
 # A pipe or a log (not a terminal) gets the table unwrapped, as wide as it is.
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """`app.command`, run inside `errors.user_errors()`: a user's mistake is one line and exit code 2."""
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(function)
+        def run(*call_args: Any, **call_kwargs: Any) -> None:
+            with user_errors():
+                function(*call_args, **call_kwargs)
+
+        app.command(*args, **kwargs)(run)
+        return function
+
+    return register
+
 
 STAGES_FILE = "stages.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -80,7 +95,7 @@ def stage_name_of(command: list[str]) -> str:
     return Path(command[0]).name
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def stage(
     ctx: typer.Context,
     directory: Annotated[str, typer.Argument(help="The iteration's directory: the log and stages.jsonl go there.")],
@@ -94,7 +109,7 @@ def stage(
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise typer.BadParameter("no command after --")
+        raise UserError("no command after --")
     folder = Path(directory)
     stage_name = name or stage_name_of(command)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
@@ -127,7 +142,7 @@ def stage(
 # ---- problems and the warm-start policy -------------------------------------------------------------------
 
 
-@app.command()
+@command()
 def problems(
     output: Annotated[str, typer.Option("--output", "-o", help="Problem records (JSONL, written atomically).")],
     task: Annotated[str, typer.Option("--task", help="arith (the embedded family), gsm8k or math.")] = "arith",
@@ -139,31 +154,27 @@ def problems(
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt of the demonstrations (as rollout's --prompt).")] = "bare",
 ) -> None:
     """Write a problem file for rollout (or, with --demos, the demonstrations train-sft warm-starts on)."""
-    from mathagent.agent import load_prompt
+    from mathagent.prompts import load_prompt
     from mathagent.tasks import arith, load_problems
 
-    try:
-        if task == "arith":
-            if n is None or n < 1:
-                raise UserError("--task arith needs --n (at least 1)")
-            if split not in arith.SPLITS:
-                raise UserError(f"--split {split!r}: arith has {', '.join(arith.SPLITS)}")
-            if demos:
-                rows = arith.demonstrations(n, seed=seed, prompt=load_prompt(prompt))
-            else:
-                rows = arith.make_problems(n, seed=seed, split=split)
+    if task == "arith":
+        if n is None or n < 1:
+            raise UserError("--task arith needs --n (at least 1)")
+        if split not in arith.SPLITS:
+            raise UserError(f"--split {split!r}: arith has {', '.join(arith.SPLITS)}")
+        if demos:
+            rows = arith.demonstrations(n, seed=seed, prompt=load_prompt("--prompt", prompt))
         else:
-            if demos:
-                raise UserError("--demos: only the arith task has demonstrations")
-            rows = load_problems(task, path, split=split, limit=n)
-    except UserError as e:
-        console.print(f"error: {e}", markup=False)
-        raise typer.Exit(2) from None
+            rows = arith.make_problems(n, seed=seed, split=split)
+    else:
+        if demos:
+            raise UserError("--demos: only the arith task has demonstrations")
+        rows = load_problems(task, path, split=split, limit=n)
     write_atomic(output, "".join(json.dumps(r) + "\n" for r in rows))
     console.print(f"{output}: {len(rows)} {'demonstrations' if demos else 'problems'}")
 
 
-@app.command()
+@command()
 def policy(
     out: Annotated[str, typer.Option("--out", help="Where the SFT policy goes (a copy of the cached build).")],
     demos: Annotated[int, typer.Option("--demos", help="Demonstrations to train on (arith.demonstrations, train split).")] = 3000,
@@ -178,49 +189,20 @@ def policy(
     when the numbers look small, the answer alone).
 
     Built once per content hash (the demonstrations, the tiny build's version and every SFT setting) under
-    $MATHAGENT_CACHE, then copied to --out; a second run with the same settings only copies.
+    $MATHAGENT_CACHE, then copied to --out; a second run with the same settings only copies (`tiny.sft_policy`).
     """
-    import fcntl
+    from mathagent.prompts import load_prompt
+    from mathagent.tiny import sft_policy
 
-    from mathagent.agent import load_prompt
-    from mathagent.tasks import arith
-    from mathagent.tiny import TINY_VERSION, build_tiny_model, cache_dir
-
-    rows = arith.demonstrations(demos, seed=seed * 1000 + 1, prompt=load_prompt(prompt))
-    demo_text = "".join(json.dumps(r) + "\n" for r in rows)
-    sft_args = ["--lr", str(learning_rate), "--batch-size", str(batch_size), "--max-steps", str(steps),
-                "--seed", str(seed)]
-    key = hashlib.sha256(json.dumps([demo_text, TINY_VERSION, seed, sft_args]).encode()).hexdigest()[:16]
-    cache = cache_dir()
-    built = cache / f"policy-{key}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".policy-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two demos started together build it once
-        if not (built / "training_summary.json").is_file():
-            console.print(f"building the SFT policy into {built} (once): {steps} steps on {demos} demonstrations")
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # "Writing model shards" of a 2 MB model is noise
-            with tempfile.TemporaryDirectory(prefix=f".policy-{key}.", dir=cache) as work:
-                work_dir = Path(work)
-                base = build_tiny_model(work_dir / "base", seed=seed, warmup_steps=0)
-                (work_dir / "demos.jsonl").write_text(demo_text, encoding="utf-8")
-                command = [sys.executable, "-m", "mathagent.cli", "train-sft", str(work_dir / "demos.jsonl"),
-                           "--model", str(base), "--output-dir", str(work_dir / "model"), *sft_args]
-                with open(work_dir / "train-sft.log", "w") as log:
-                    proc = subprocess.run(command, stdout=log, stderr=log)
-                if proc.returncode != 0:
-                    console.print(f"train-sft failed (exit {proc.returncode}):", markup=False)
-                    console.print((work_dir / "train-sft.log").read_text()[-3000:], markup=False)
-                    raise typer.Exit(proc.returncode)
-                shutil.rmtree(work_dir / "model" / "checkpoints", ignore_errors=True)
-                (work_dir / "model" / "sft.json").write_text(json.dumps(
-                    {"command": shlex.join(command[2:]), "demos": demos, "seed": seed, "key": key}, indent=2))
-                os.replace(work_dir / "model", built)
-    target = Path(out)
-    with atomic_path(target, directory=True) as staging:
-        shutil.copytree(built, staging, dirs_exist_ok=True)
-    console.print(f"{target}: the SFT policy (cached as {built})")
+    template = load_prompt("--prompt", prompt)
+    try:
+        built = sft_policy(out, prompt=template, demos=demos, seed=seed, steps=steps, batch_size=batch_size,
+                           learning_rate=learning_rate, log=console.print)
+    except subprocess.CalledProcessError as e:  # train-sft's own failure: its log, and its exit code
+        console.print(f"train-sft failed (exit {e.returncode}):", markup=False)
+        console.print(e.output, markup=False)
+        raise typer.Exit(e.returncode) from None
+    console.print(f"{Path(out)}: the SFT policy (cached as {built})")
 
 
 # ---- evaluations and manifests -----------------------------------------------------------------------------
@@ -234,14 +216,14 @@ def _first(mapping: dict[str, Any] | None, key: str) -> Any:
     return None if not mapping else mapping.get(key)
 
 
-@app.command("eval-json")
+@command("eval-json")
 def eval_json(directory: Annotated[str, typer.Argument(help="An iteration's directory with greedy.json and sampled.json.")]) -> None:
     """DIR/eval.json: the held-out greedy accuracy and the sampled pass@1 / maj@k, from `mathagent evaluate`'s
     two summaries (greedy.json, sampled.json), which it keeps in full."""
     folder = Path(directory)
     greedy, sampled = _load_json(folder / "greedy.json"), _load_json(folder / "sampled.json")
     if greedy is None or sampled is None:
-        raise typer.BadParameter(f"{folder} needs greedy.json and sampled.json")
+        raise UserError(f"{folder} needs greedy.json and sampled.json")
     ks = sorted(int(k) for k in sampled.get("maj@k", {}))
     k = ks[-1] if ks else 1
     summary = {
@@ -253,7 +235,7 @@ def eval_json(directory: Annotated[str, typer.Argument(help="An iteration's dire
     write_atomic(folder / "eval.json", json.dumps(summary, indent=2) + "\n")
 
 
-@app.command()
+@command()
 def manifest(
     directory: Annotated[str, typer.Argument(help="The iteration's directory.")],
     settings: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE: the configuration (the Makefile's variables).")] = None,
@@ -265,7 +247,7 @@ def manifest(
     for item in settings or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE")
+            raise UserError(f"{item!r}: expected KEY=VALUE")
         config[key] = value
     stages = []
     if (folder / STAGES_FILE).is_file():
@@ -319,7 +301,7 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-@app.command()
+@command()
 def report(
     directory: Annotated[str, typer.Argument(help="The demo's directory: sft/, mdpo/iter*/ and dpo/iter*/ with manifests.")],
     seconds: Annotated[float | None, typer.Option("--seconds", help="Wall time of the whole demo, for summary.json (default: the sum of its stages).")] = None,
@@ -332,7 +314,7 @@ def report(
     mdpo, dpo = _iterations(root / "mdpo"), _iterations(root / "dpo")
     start = next((m for k, m in mdpo if k == 0), None)
     if start is None:
-        raise typer.BadParameter(f"{root}/mdpo/iter0/manifest.json (the SFT policy's evaluation) is missing")
+        raise UserError(f"{root}/mdpo/iter0/manifest.json (the SFT policy's evaluation) is missing")
     first = start["config"]
 
     def row(method: str, iteration: int, m: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 PRM's mc-label -> score-prm, and the training commands.
 
 A stage reads its records (`RecordIO`: a path or '-', FILE:LINE errors, --skip-invalid, --resume), opens what it
-needs as a context manager (the engine: `engines.EngineOptions.open`; the sandbox: `SandboxOptions.open`; the
+needs as a context manager (the engine: `EngineOptions.open`; the sandbox: `SandboxOptions.open`; the
 grader: `grading.Grader`), runs the package's functions chunk by chunk, writes records to the real stdout or
 atomically to `-o PATH` (`records.RecordWriter`), and reports on stderr. The command line (cli.py) only parses
 options into these calls.
@@ -21,8 +21,9 @@ from typing import Any
 
 from rich.console import Console
 
-from mathagent.engines import EngineOptions
+from mathagent.engines import Engine, open_engine
 from mathagent.errors import UserError
+from mathagent.prompts import load_prompt
 from mathagent.records import (
     InvalidCounter,
     RecordWriter,
@@ -33,6 +34,7 @@ from mathagent.records import (
     record_stream,
     split_finished,
 )
+from mathagent.tiny import check_model, resolve_model
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -77,6 +79,49 @@ class RecordIO:
         stderr."""
         with record_stream() as stdout, RecordWriter(self.output, keep=keep, stdout=stdout) as writer:
             yield writer
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything that opens an engine, as a command's options give it; checked when made, before any work.
+    `model` is where the model comes from: resolved (`tiny.resolve_model`: 'tiny' is built once into the cache)
+    only when the engine opens, so a stage with nothing to do builds nothing."""
+
+    model: str = "tiny"  # a local path, a hub id, or 'tiny'
+    backend: str = "vllm"
+    adapter: str | None = None
+    base_urls: tuple[str, ...] = ()  # openai: the servers
+    concurrency: int = 64  # openai: the most requests in flight per server
+    seed: int = 0
+    dtype: str = "auto"
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        check_model("--model", self.model)
+        if self.backend == "openai":
+            if not self.base_urls:
+                raise UserError("--backend openai needs --base-url (a server's endpoint, e.g. http://127.0.0.1:8000/v1)")
+            if self.concurrency < 1:
+                raise UserError("--concurrency must be at least 1")
+            if self.dtype != "auto" or self.max_model_len is not None:
+                raise UserError("--dtype and --max-model-len are the servers' settings with --backend openai")
+            return  # --adapter names a LoRA module of the servers, not a directory here
+        if self.base_urls:
+            raise UserError(f"--base-url is for --backend openai, not --backend {self.backend}")
+        check_model("--adapter", self.adapter, adapter=True)
+
+    @contextmanager
+    def open(self) -> Iterator[Engine]:
+        """The engine (`engines.open_engine`), closed when the block ends, however it ends."""
+        if self.backend == "openai":
+            options = {"base_urls": list(self.base_urls), "concurrency": self.concurrency}
+        else:
+            options = {"seed": self.seed, "dtype": self.dtype, "max_model_len": self.max_model_len}
+        engine = open_engine(self.backend, resolve_model(self.model), adapter=self.adapter, **options)
+        try:
+            yield engine
+        finally:
+            engine.close()
 
 
 @dataclass(frozen=True)
@@ -189,7 +234,7 @@ def rollout(io: RecordIO, engine_options: EngineOptions, sandbox_options: Sandbo
     from mathagent.grading import Grader
 
     check_agent_config(config, chunk_size=chunk_size, n=n)
-    template = agent.load_prompt(prompt)
+    template = load_prompt("--prompt", prompt)
     shard_index, shard_count = parse_shard(shard)
     records = io.read(check=check_problem_or_trajectory, unique_ids=True)
     units = [agent.branch(r, n) if "messages" in r else agent.new_trajectories(r, n, template, system)
@@ -287,8 +332,6 @@ def make_pairs(io: RecordIO, config, *, tokenizer: str | None, stats_path: str |
     if config.max_length is not None:
         from transformers import AutoTokenizer
 
-        from mathagent.tiny import resolve_model
-
         try:
             chat_tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
         except (OSError, ValueError) as e:  # a missing directory, or a name that is no hub id
@@ -341,12 +384,12 @@ def mc_label(io: RecordIO, engine_options: EngineOptions, sandbox_options: Sandb
              steps: str, prompt: str | None, q: str, eta: float, format: str, chunk_size: int) -> None:
     """Monte-Carlo step labels of graded trajectories (`labeling.label_trajectories`), chunk by chunk, in input
     order, resumable by trajectory."""
-    from mathagent import agent, labeling, prm
+    from mathagent import labeling, prm
     from mathagent.grading import Grader
 
     labeling.check_estimate(q, eta, m)
     check_agent_config(config, chunk_size=chunk_size)
-    template = agent.load_prompt(prompt) if prompt is not None else None
+    template = load_prompt("--prompt", prompt) if prompt is not None else None
     records = io.read(("id", "messages", "answer", "correct"), check=labeling.check_graded_trajectory,
                       unique_ids=True)
     finished = io.finished()
@@ -386,8 +429,6 @@ def score_prm(io: RecordIO, *, model: str, steps: str | None, aggregate: str, fi
               dtype: str) -> None:
     """Score every step of trajectories with a PRM (`prm.score_trajectories`), in input order, resumable."""
     from mathagent import labeling, prm
-    from mathagent.engines import check_model
-    from mathagent.tiny import resolve_model
 
     check_model("--model", model)
     model = resolve_model(model)

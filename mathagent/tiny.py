@@ -4,18 +4,31 @@ Built in seconds with no network, deterministic for a seed, for the tests of eve
 It has the ChatML chat template (`<|im_start|>role\\n...<|im_end|>`), `<|im_end|>` as EOS, and head_dim 64
 (vLLM's CPU attention wants head_dim in {32, 64, 80, ...}).
 
+This is also where a model option's value comes from: `check_model` (the name is 'tiny', a model directory
+or a hub id) and `resolve_model` ('tiny' is the default build, made once into the cache), which the commands
+call; and the demo's SFT policy (`sft_policy`: the tiny model warm-started with train-sft, cached likewise).
+
     python -m mathagent.tiny OUT_DIR [WARMUP_STEPS]   # build one
     mathagent rollout --model tiny ...    # "tiny" means the cached default build (see `resolve_model`)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from mathagent.errors import UserError
+from mathagent.prompts import PROMPTS
 from mathagent.records import atomic_path
 
 CHATML_TEMPLATE = (
@@ -46,7 +59,6 @@ def _corpus(rng: random.Random) -> list[str]:
         "```python\ntotal = 0\nfor i in range({a}):\n    total += i * {b}\nprint(total)\n```",
         "```python\nimport numpy as np\nprint(np.array([{a}, {b}, {c}]).sum())\n```",
     ]
-    from mathagent.agent import PROMPTS
     from mathagent.tasks.arith import gold_messages, make_problems
 
     # The prompt templates and the synthetic task's conversations, often, so that they become few tokens.
@@ -64,9 +76,6 @@ def _corpus(rng: random.Random) -> list[str]:
     return texts
 
 
-WARMUPS = ("tool", "self-rewarding")
-
-
 def _warm_up(model, tokenizer, steps: int, seed: int, kind: str = "tool") -> None:
     """A few steps of next-token training on gold tool-integrated solutions of the synthetic arithmetic task,
     so the model writes the agent's format (text, a python block, then \\boxed{}) instead of noise; with
@@ -74,7 +83,6 @@ def _warm_up(model, tokenizer, steps: int, seed: int, kind: str = "tool") -> Non
     `arith.self_rewarding_demonstrations`) under the bare prompt."""
     import torch
 
-    from mathagent.agent import PROMPTS
     from mathagent.tasks.arith import gold_messages, make_problems, self_rewarding_demonstrations
 
     rng = random.Random(seed)
@@ -182,23 +190,108 @@ def tiny_model_dir() -> Path:
     return cache_dir() / f"tiny-v{TINY_VERSION}"
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model(option: str, name: str | None, *, adapter: bool = False) -> None:
+    """A model (or adapter) is 'tiny', an existing directory, or something shaped like a hub id
+    ("org/name"); a path that does not exist is refused before anything loads. `option` is the command's flag
+    that gave it."""
+    if name is None or (name == TINY_NAME and not adapter):
+        return
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise UserError(f"{option} {name}: is a file; give the model's directory")
+        wanted = "adapter_config.json" if adapter else "config.json"
+        if not os.path.isfile(os.path.join(name, wanted)):
+            raise UserError(f"{option} {name}: no {wanted} in it: not a {'peft adapter' if adapter else 'model'} "
+                            "directory")
+        return
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise UserError(f"{option} {name}: no such directory (and not a hub id like org/name)")
+
+
+def _built_once(path: Path, done: Callable[[], bool], build: Callable[[], None]) -> Path:
+    """`build()` the cached `path` unless `done()`, holding the cache's lock for it: stages (or demos) started
+    together wait for the first one's build instead of building it again."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done():
+            build()
+    return path
+
+
 def resolve_model(name: str) -> str:
     """`tiny` is the embedded default (built once into the cache); anything else is a path or hub id."""
     if name != TINY_NAME:
         return name
-    import fcntl
-
     path = tiny_model_dir()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = path / "mathagent_tiny.json"
     wanted = {"version": TINY_VERSION, "seed": 0, "warmup_steps": TINY_WARMUP_STEPS}
-    # One builder at a time: stages started together (a pipe) wait for the first one's build.
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        stamp = path / "mathagent_tiny.json"
-        if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
-            print(f"building the tiny model into {path} (once)", file=sys.stderr)
-            build_tiny_model(path, warmup_steps=TINY_WARMUP_STEPS)
-    return str(path)
+
+    def build() -> None:
+        print(f"building the tiny model into {path} (once)", file=sys.stderr)
+        build_tiny_model(path, warmup_steps=TINY_WARMUP_STEPS)
+
+    return str(_built_once(path, lambda: stamp.exists() and json.loads(stamp.read_text()) == wanted, build))
+
+
+def sft_policy(
+    out: str | os.PathLike,
+    *,
+    prompt: str,
+    demos: int = 3000,
+    seed: int = 0,
+    steps: int = 700,
+    batch_size: int = 32,
+    learning_rate: float = 3e-3,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> Path:
+    """The demo's starting policy pi_0 into `out`: a random tiny model (seed `seed`) warm-started with
+    `mathagent train-sft` on `demos` demonstrations of the arith task under the template `prompt`
+    (`arith.demonstrations`: with the tool, or, when the numbers look small, the answer alone).
+
+    Built once per content hash (the demonstrations, the tiny build's version and every SFT setting) into the
+    cache, then copied to `out`; a second call with the same settings only copies. Returns the cached build.
+    A failed train-sft raises `subprocess.CalledProcessError` with the end of its log as `output`."""
+    from mathagent.tasks import arith
+
+    rows = arith.demonstrations(demos, seed=seed * 1000 + 1, prompt=prompt)
+    demo_text = "".join(json.dumps(r) + "\n" for r in rows)
+    sft_args = ["--lr", str(learning_rate), "--batch-size", str(batch_size), "--max-steps", str(steps),
+                "--seed", str(seed)]
+    key = hashlib.sha256(json.dumps([demo_text, TINY_VERSION, seed, sft_args]).encode()).hexdigest()[:16]
+    cache = cache_dir()
+    built = cache / f"policy-{key}"
+
+    def build() -> None:
+        log(f"building the SFT policy into {built} (once): {steps} steps on {demos} demonstrations")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" of a 2 MB model is noise
+        with tempfile.TemporaryDirectory(prefix=f".policy-{key}.", dir=cache) as work:
+            work_dir = Path(work)
+            base = build_tiny_model(work_dir / "base", seed=seed, warmup_steps=0)
+            (work_dir / "demos.jsonl").write_text(demo_text, encoding="utf-8")
+            command = [sys.executable, "-m", "mathagent.cli", "train-sft", str(work_dir / "demos.jsonl"),
+                       "--model", str(base), "--output-dir", str(work_dir / "model"), *sft_args]
+            with open(work_dir / "train-sft.log", "w") as train_log:
+                proc = subprocess.run(command, stdout=train_log, stderr=train_log)
+            if proc.returncode != 0:
+                raise subprocess.CalledProcessError(proc.returncode, command[2:],
+                                                    output=(work_dir / "train-sft.log").read_text()[-3000:])
+            shutil.rmtree(work_dir / "model" / "checkpoints", ignore_errors=True)
+            (work_dir / "model" / "sft.json").write_text(json.dumps(
+                {"command": shlex.join(command[2:]), "demos": demos, "seed": seed, "key": key}, indent=2))
+            os.replace(work_dir / "model", built)
+
+    _built_once(built, lambda: (built / "training_summary.json").is_file(), build)
+    with atomic_path(Path(out), directory=True) as staging:
+        shutil.copytree(built, staging, dirs_exist_ok=True)
+    return built
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ class TrainConfig:
         if self.merge_lora and not self.lora:
             raise UserError("merge_lora needs lora", options=("merge_lora", "lora"))
         report_targets(self.report_to)
-        from mathagent.engines import check_model
+        from mathagent.tiny import check_model
 
         for name in ("model", "ref_model"):
             try:

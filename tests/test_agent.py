@@ -4,6 +4,7 @@ import pytest
 
 from mathagent import agent
 from mathagent.agent import AgentConfig, cut_after_code, executed_cells, extract_code, pending_code, run_agent
+from mathagent.prompts import PROMPTS
 from mathagent.records import format_observation
 
 from conftest import last_output
@@ -42,7 +43,7 @@ def test_executed_cells_are_the_code_of_actions_with_observations():
 
 def test_new_trajectories_keep_problem_fields_and_get_distinct_ids():
     problem = {"id": "p1", "question": "What is 2+3?", "answer": "5", "level": 2}
-    ts = agent.new_trajectories(problem, 3, agent.PROMPTS["tool"])
+    ts = agent.new_trajectories(problem, 3, PROMPTS["tool"])
     assert [t["id"] for t in ts] == ["p1-0", "p1-1", "p1-2"]
     assert all(t["problem_id"] == "p1" and t["level"] == 2 and t["answer"] == "5" for t in ts)
     assert ts[0]["messages"][0]["content"].startswith("What is 2+3?\n\n")
@@ -56,7 +57,7 @@ def always_code(state, turn):
 def test_64_problems_times_4_samples_cost_one_engine_call_per_turn(scripted, sandbox, grader):
     engine = scripted(always_code)
     problems = [{"id": f"p{i}", "question": f"q{i}", "answer": "1"} for i in range(64)]
-    trajectories = [t for p in problems for t in agent.new_trajectories(p, 4, agent.PROMPTS["tool"])]
+    trajectories = [t for p in problems for t in agent.new_trajectories(p, 4, PROMPTS["tool"])]
     run_agent(trajectories, engine, sandbox, grader, AgentConfig(max_turns=3))
     assert engine.stats.calls == 3
     assert engine.stats.requests == 64 * 4 * 3
@@ -75,7 +76,7 @@ def uses_earlier_state(state, turn):
 
 
 def test_names_from_turn_one_are_visible_in_turn_two_and_the_answer_is_graded(scripted, sandbox, grader):
-    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 2, agent.PROMPTS["tool"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 2, PROMPTS["tool"])
     run_agent(trajectories, scripted(uses_earlier_state), sandbox, grader, AgentConfig(max_turns=6))
     t = trajectories[0]
     assert [m["role"] for m in t["messages"]] == ["user", "assistant", "user", "assistant", "user", "assistant"]
@@ -84,7 +85,7 @@ def test_names_from_turn_one_are_visible_in_turn_two_and_the_answer_is_graded(sc
 
 
 def test_a_turn_without_code_ends_the_trajectory_as_stopped(scripted, sandbox, grader):
-    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, agent.PROMPTS["tool"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, PROMPTS["tool"])
     run_agent(trajectories, scripted(lambda s, t: "I think it is 3."), sandbox, grader, AgentConfig())
     t = trajectories[0]
     assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("stopped", None, False, -1.0)
@@ -92,7 +93,7 @@ def test_a_turn_without_code_ends_the_trajectory_as_stopped(scripted, sandbox, g
 
 def test_a_cut_action_has_status_length_and_the_next_rollout_continues_it(scripted, sandbox, grader):
     long_text = "word " * 40 + "\\boxed{3}"
-    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, agent.PROMPTS["tool"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, PROMPTS["tool"])
     run_agent(trajectories, scripted(lambda s, t: long_text), sandbox, grader, AgentConfig(max_tokens=8))
     assert trajectories[0]["status"] == "length"
     cut = trajectories[0]["messages"][-1]["content"]
@@ -105,14 +106,14 @@ def test_a_cut_action_has_status_length_and_the_next_rollout_continues_it(script
 
 
 def test_observations_can_use_the_tool_role(scripted, sandbox, grader):
-    trajectories = agent.new_trajectories({"id": "p", "question": "q"}, 1, agent.PROMPTS["tool"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "q"}, 1, PROMPTS["tool"])
     run_agent(trajectories, scripted(always_code), sandbox, grader, AgentConfig(max_turns=2, observation_role="tool"))
     assert [m["role"] for m in trajectories[0]["messages"]] == ["user", "assistant", "tool", "assistant", "tool"]
     assert trajectories[0]["correct"] is None  # no gold answer, no grade
 
 
 def test_without_execution_a_tool_call_ends_the_run_and_execute_pending_resumes_it(scripted, sandbox, grader):
-    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 1, agent.PROMPTS["tool"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "21"}, 1, PROMPTS["tool"])
     run_agent(trajectories, scripted(uses_earlier_state), None, grader, AgentConfig(execute=False))
     assert trajectories[0]["status"] == "tool_call" and len(trajectories[0]["messages"]) == 2
     assert agent.execute_pending(trajectories, sandbox) == 1
@@ -128,7 +129,7 @@ def test_without_execution_a_tool_call_ends_the_run_and_execute_pending_resumes_
 def test_the_tiny_model_runs_the_loop_on_both_backends(backend, request, sandbox, grader):
     engine = request.getfixturevalue(f"{backend}_engine")
     problems = [{"id": f"p{i}", "question": f"What is {i}+3?", "answer": str(i + 3)} for i in range(3)]
-    trajectories = [t for p in problems for t in agent.new_trajectories(p, 2, agent.PROMPTS["tool"])]
+    trajectories = [t for p in problems for t in agent.new_trajectories(p, 2, PROMPTS["tool"])]
     run_agent(trajectories, engine, sandbox, grader, AgentConfig(max_turns=2, max_tokens=24, temperature=1.0))
     for t in trajectories:
         assert t["status"] in ("answered", "stopped", "length", "max_turns")
@@ -148,7 +149,7 @@ def test_with_continuous_batching_no_trajectory_waits_for_a_slow_cell_and_the_re
         trajectories = []
         for i in range(4):
             (t,) = agent.new_trajectories({"id": f"p{i}", "question": f"What is {i}+3?", "answer": str(i + 3)}, 1,
-                                          agent.PROMPTS["tool"])
+                                          PROMPTS["tool"])
             # 4 s: the fast ones must be done 1.5 s before it ends even on a loaded machine (at 3 s they once
             # finished 1.95 s in, 0.1 s too late, while other tests ran beside this one)
             code = "import time\ntime.sleep(4)\nprint(1)" if i == 0 else f"print({i} + 3)"
@@ -183,7 +184,7 @@ def test_each_observation_records_its_cells_outcome_as_data(scripted, grader):
         return f"Step.\n```python\n{cells[turn]}\n```" if turn < len(cells) else "\\boxed{1}"
 
     with Sandbox(timeout=1.0, max_output_chars=300) as box:
-        (t,) = agent.new_trajectories({"id": "p", "question": "q", "answer": "1"}, 1, agent.PROMPTS["tool"])
+        (t,) = agent.new_trajectories({"id": "p", "question": "q", "answer": "1"}, 1, PROMPTS["tool"])
         run_agent([t], scripted(policy), box, grader, AgentConfig(max_turns=len(cells) + 1, max_tokens=200))
     outcomes = [m["outcome"] for m in t["messages"] if "outcome" in m]
     assert outcomes == [{"status": "ok", "cut": False}, {"status": "error", "cut": False},
@@ -218,7 +219,7 @@ def self_correcting(state, outputs):
 @pytest.mark.parametrize("max_revisions", [0, 1, 2])
 def test_a_prompted_model_is_asked_for_its_verdict_and_revises_a_wrong_answer_while_revisions_last(
         scripted, sandbox, max_revisions, grader):
-    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["tool"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, PROMPTS["tool"])
     config = AgentConfig(max_turns=2, self_reward="prompted", max_revisions=max_revisions)
     run_agent(trajectories, scripted(self_correcting), sandbox, grader, config)
     t = trajectories[0]
@@ -247,7 +248,7 @@ def test_an_inline_model_completes_the_verdict_and_the_revision_within_its_own_m
             return "6 * 7 = 42, \\boxed{42}"
         return "It is \\boxed{48}"
 
-    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, PROMPTS["cot"])
     run_agent(trajectories, scripted(trained), None, grader, AgentConfig(self_reward="inline", max_revisions=2, execute=False))
     t = trajectories[0]
     assert [m["role"] for m in t["messages"]] == ["user", "assistant"]
@@ -259,7 +260,7 @@ def test_an_inline_model_completes_the_verdict_and_the_revision_within_its_own_m
 
 
 def test_a_model_that_never_judges_keeps_its_answer_and_is_stopped(scripted, sandbox, grader):
-    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, PROMPTS["cot"])
     engine = scripted(lambda state, outputs: "Looks fine to me." if "self-evaluation" in state else "\\boxed{42}")
     run_agent(trajectories, engine, None, grader, AgentConfig(self_reward="prompted", execute=False))
     t = trajectories[0]
@@ -269,7 +270,7 @@ def test_a_model_that_never_judges_keeps_its_answer_and_is_stopped(scripted, san
 
 def test_an_inline_model_asked_once_for_a_verdict_that_writes_none_ends_unjudged(scripted, grader):
     engine = scripted(lambda state, outputs: "not sure" if state.endswith("[VERIFY] ") else "It is \\boxed{42}")
-    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, PROMPTS["cot"])
     run_agent(trajectories, engine, None, grader, AgentConfig(self_reward="inline", execute=False))
     t = trajectories[0]
     assert t["messages"][-1]["content"] == "It is \\boxed{42}\n\n[VERIFY] not sure"
@@ -282,7 +283,7 @@ def test_an_inline_verdict_after_an_action_that_holds_code_and_an_answer_is_kept
     # A stray block after the answer: the verdict request and its completion go after it, not cut away.
     engine = scripted(lambda state, outputs: "correct." if state.endswith("[VERIFY] ")
                       else "\\boxed{42}\n```python\nprint(1)\n```")
-    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, PROMPTS["cot"])
     run_agent(trajectories, engine, None, grader, AgentConfig(self_reward="inline", execute=False))
     t = trajectories[0]
     assert t["messages"][-1]["content"] == "\\boxed{42}\n```python\nprint(1)\n```\n\n[VERIFY] correct."
@@ -293,7 +294,7 @@ def test_an_inline_verdict_after_an_action_that_holds_code_and_an_answer_is_kept
 @pytest.mark.parametrize("mode", ["prompted", "inline"])
 def test_a_model_that_answers_again_instead_of_judging_is_asked_for_a_verdict_only_once(scripted, mode, grader):
     engine = scripted(lambda state, outputs: "\\boxed{7}")  # never a verdict, always another answer
-    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, agent.PROMPTS["cot"])
+    trajectories = agent.new_trajectories({"id": "p", "question": "6 * 7?", "answer": "42"}, 1, PROMPTS["cot"])
     run_agent(trajectories, engine, None, grader, AgentConfig(self_reward=mode, execute=False, max_revisions=3))
     t = trajectories[0]
     assert engine.stats.calls == 2 and t["status"] == "answered"

@@ -11,9 +11,10 @@ from collections import Counter
 
 import pytest
 
-from mathagent import agent, labeling
+from mathagent import labeling
 from mathagent.agent import AgentConfig
 from mathagent.labeling import LabelCache, hard_label, label_trajectories, outcome_step, q_hat, split_steps
+from mathagent.prompts import PROMPTS
 from mathagent.records import format_observation
 
 from conftest import last_output
@@ -212,7 +213,7 @@ def test_mc_label_with_vllm_on_the_tiny_model_samples_m_completions_per_distinct
 
     trajectories = []
     for p in make_problems(3, seed=5):
-        gold = gold_messages(p, agent.PROMPTS["tool"])
+        gold = gold_messages(p, PROMPTS["tool"])
         trajectories.append({**p, "problem_id": p["id"], "messages": gold, "correct": True})
         wrong = [dict(m) for m in gold]
         wrong[-1]["content"] = "The answer is \\boxed{0}."
@@ -236,7 +237,7 @@ def gold_and_wrong_trajectories(n):
 
     out = []
     for p in make_problems(n, seed=5):
-        gold = gold_messages(p, agent.PROMPTS["tool"])
+        gold = gold_messages(p, PROMPTS["tool"])
         out.append({**p, "problem_id": p["id"], "messages": gold, "status": "answered", "correct": True})
         wrong = [dict(m) for m in gold]
         wrong[-1]["content"] = "The answer is \\boxed{0}."

@@ -139,3 +139,22 @@ def test_report_writes_the_papers_table_a_plot_and_summary_json_in_the_documente
     assert rows[("mdpo", 3)]["model"] == str(demo / "mdpo" / "iter3" / "model")
     assert rows[("mdpo", 3)]["heldout"] == str(demo / "mdpo" / "iter3" / "heldout.jsonl")
     assert (demo / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["problems", "--task", "arith", "-o", "x.jsonl"], "--task arith needs --n (at least 1)"),
+    (["problems", "--task", "arith", "--n", "2", "--demos", "--prompt", "nope", "-o", "x.jsonl"],
+     "--prompt: 'nope' is neither a prompt name (tool, cot, bare) nor a file"),
+    (["policy", "--out", "model", "--prompt", "nope"], "--prompt: 'nope' is neither a prompt name (tool, cot, bare) nor a file"),
+    (["stage", "."], "no command after --"),
+    (["eval-json", "."], ". needs greedy.json and sampled.json"),
+    (["manifest", ".", "RUN"], "'RUN': expected KEY=VALUE"),
+    (["report", "."], "./mdpo/iter0/manifest.json (the SFT policy's evaluation) is missing"),
+])
+def test_a_user_mistake_is_one_line_and_exit_2_as_in_the_main_command_line(args, message, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(loop.app, args)
+    assert result.exit_code == 2 and result.output == f"error: {message}\n"
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "model").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mathagent.errors import UserError
-from mathagent.agent import PROMPTS
+from mathagent.prompts import PROMPTS
 from mathagent.tasks import arith, gsm8k, load_problems
 from mathagent.tasks import math as math_task
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from mathagent.engines import Completion, EngineStats, Request, Sampling
+from mathagent.engines.interface import Completion, EngineStats, Request, Sampling
 
 
 def pick_dtype(dtype: str):

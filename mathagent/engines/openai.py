@@ -29,7 +29,7 @@ import time
 import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from mathagent.engines import Completion, EngineStats, Request, Sampling
+from mathagent.engines.interface import Completion, EngineStats, Request, Sampling
 from mathagent.errors import UserError
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})

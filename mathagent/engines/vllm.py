@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from mathagent.engines import Completion, EngineStats, Request, Sampling
+from mathagent.engines.interface import Completion, EngineStats, Request, Sampling
 
 
 def _has_cuda() -> bool:

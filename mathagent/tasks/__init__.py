@@ -47,17 +47,3 @@ def _take(records: Iterable[dict[str, Any]], limit: int | None) -> Iterator[dict
         if limit is not None and i >= limit:
             return
         yield record
-
-
-def hub_rows(dataset: str, config: str | None, split: str) -> Iterator[dict[str, Any]]:
-    """The rows of a Hugging Face hub data set (downloads on first use; needs the `datasets` package)."""
-    try:
-        from datasets import load_dataset
-    except ImportError as e:
-        raise UserError(f"loading {dataset} from the hub needs the `datasets` package: pip install datasets") from e
-    try:
-        rows = load_dataset(dataset, config, split=split) if config else load_dataset(dataset, split=split)
-    except Exception as e:  # noqa: BLE001 - network, auth, unknown split: the user's to fix, in one line
-        raise UserError(f"cannot load {dataset} (split {split!r}) from the hub: {e}") from e
-    for row in rows:
-        yield dict(row)

@@ -136,7 +136,7 @@ def gold_actions(problem: dict[str, Any]) -> list[tuple[str, str | None]]:
 
 
 def gold_messages(problem: dict[str, Any], prompt: str, observation_role: str = "user") -> list[dict[str, str]]:
-    """The whole gold conversation under a prompt template (see mathagent.agent.PROMPTS)."""
+    """The whole gold conversation under a prompt template (see mathagent.prompts.PROMPTS)."""
     messages = [{"role": "user", "content": prompt.format(question=problem["question"])}]
     for action, output in gold_actions(problem):
         messages.append({"role": "assistant", "content": action})

@@ -50,7 +50,7 @@ def load_jsonl(path: str, split: str = "test") -> Iterator[dict[str, Any]]:
 
 def load_hub(split: str = "test", dataset: str = HUB_DATASET) -> Iterator[dict[str, Any]]:
     """Problem records from the Hugging Face hub (`openai/gsm8k`, config `main`)."""
-    from mathagent.tasks import hub_rows
+    from mathagent.tasks.hub import hub_rows
 
     config = HUB_CONFIG if dataset == HUB_DATASET else None
     for index, row in enumerate(hub_rows(dataset, config, split)):

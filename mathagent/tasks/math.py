@@ -53,7 +53,7 @@ def load_jsonl(path: str, split: str = "test") -> Iterator[dict[str, Any]]:
 
 def load_hub(split: str = "test", dataset: str = HUB_DATASET) -> Iterator[dict[str, Any]]:
     """Problem records from the Hugging Face hub (default HuggingFaceH4/MATH-500, which has only `test`)."""
-    from mathagent.tasks import hub_rows
+    from mathagent.tasks.hub import hub_rows
 
     for index, row in enumerate(hub_rows(dataset, None, split)):
         yield to_problem(row, index, split)

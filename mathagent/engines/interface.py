@@ -1,0 +1,57 @@
+"""The one small interface every generation backend implements, and the types it speaks.
+
+An `Engine` completes a batch of `Request`s (token-id prompts) under one `Sampling`, returning one `Completion`
+each, and counts its work in `EngineStats`. The backends (`engines.vllm`, `engines.hf`, `engines.openai`) and
+the agent loop import these from here; `mathagent.engines` re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to complete once. `seed` makes its sample reproducible where the backend allows it."""
+
+    prompt_ids: list[int]
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    text: str  # the generated text, stop string excluded
+    num_tokens: int  # generated tokens (for throughput figures)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (cut by max_tokens)
+
+
+@dataclass
+class EngineStats:
+    calls: int = 0  # generate calls; the agent loop makes at most one per turn
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+class Engine(Protocol):
+    """`generate` completes a batch in one call. An engine with continuous batching also has
+    `submit(key, request, sampling)` (queue one request) and `step() -> [(key, completion), ...]` (advance the
+    running batch; the requests that finished), which the agent loop uses so that no trajectory waits for
+    another's action or cell (`agent.run_agent`)."""
+
+    tokenizer: object  # a transformers tokenizer with the model's chat template
+    stats: EngineStats
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]: ...
+
+    def close(self) -> None: ...
