@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mathagent.grading import Grader, extract_answer  # noqa: E402
+from mathagent.answers import extract_answer  # noqa: E402
+from mathagent.grading import Grader  # noqa: E402
 
 
 def screen_pairs(answers: list[str], n: int, seed: int = 0) -> list[tuple[int, int]]:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mathagent import correction, grading
+from mathagent import answers, attempts, grading, rewards
 from mathagent.chat import prompt_ids
-from mathagent.correction import DEFAULT_MARKERS, Markers
+from mathagent.attempts import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, Request, Sampling
 from mathagent.errors import UserError
 from mathagent.records import (
@@ -66,8 +66,8 @@ def pending_code(messages: Sequence[dict[str, str]], markers: Markers = DEFAULT_
     last = messages[-1]
     if last["role"] != "assistant":
         return None
-    content = correction.after_last_verdict(last["content"], markers)
-    if grading.extract_answer(content) is not None:
+    content = attempts.after_last_verdict(last["content"], markers)
+    if answers.extract_answer(content) is not None:
         return None
     return extract_code(content)
 
@@ -105,7 +105,7 @@ def branch(trajectory: dict[str, Any], n: int) -> list[dict[str, Any]]:
 def grade(trajectory: dict[str, Any], grader: grading.Grader, reward_kind: str = "r1", verdict_reward: float = 0.0) -> None:
     """Set `pred` (the last boxed answer of the last action) and `correct` and `reward` (None without a gold
     answer), in place, with the command's grader."""
-    trajectory.update(grading.grade_trajectory(trajectory, grader, reward_kind=reward_kind,
+    trajectory.update(rewards.grade_trajectory(trajectory, grader, reward_kind=reward_kind,
                                                verdict_reward=verdict_reward))
 
 
@@ -124,7 +124,7 @@ class AgentConfig:
     # (vLLM; others fall back to turns). On a 2-core CPU the engine and the cells then fight for the cores and it
     # was slower (benchmarks/rollout.py), so turns are the default.
     schedule: str = "turns"
-    # Self-rewarding correction (`mathagent.correction`): after an answer the model's own verdict is asked for,
+    # Self-rewarding correction (`mathagent.attempts`): after an answer the model's own verdict is asked for,
     # and a "wrong" one leads to a revision, up to `max_revisions`. "prompted": the verdict and the revision are
     # asked for in user turns (markers.verify_prompt / revise_prompt); "inline": the model's message goes on
     # (after the verdict's common prefix, "[VERIFY] ", or the revision cue), as a trained model writes them.
@@ -147,7 +147,8 @@ class AgentConfig:
             raise UserError(f"--schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
         if self.self_reward not in (None, *SELF_REWARD_MODES):
             raise UserError(f"--self-reward {self.self_reward!r}: choose from {', '.join(SELF_REWARD_MODES)}")
-        grading.check_verdict_reward(self.verdict_reward)
+        if not (math.isfinite(self.verdict_reward) and self.verdict_reward >= 0):
+            raise UserError(f"--verdict-reward {self.verdict_reward}: must be 0 or positive")
 
 
 SCHEDULES = ("turns", "continuous")
@@ -275,18 +276,18 @@ def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:
     content = last["content"]
     if config is not None and config.self_reward is not None and last["role"] == "assistant":
         move = _self_reward(t, config)
-        if move == correction.END:
+        if move == attempts.END:
             t["status"] = ANSWERED
             return True
         if move is not None:
             t.pop("status", None)
             return False
-        content = correction.after_last_verdict(content, config.markers)  # a revision under way
+        content = attempts.after_last_verdict(content, config.markers)  # a revision under way
     if last["role"] != "assistant":
         if len(actions(msgs)) >= H:
             t["status"] = MAX_TURNS
             return True
-    elif grading.extract_answer(content) is not None:
+    elif answers.extract_answer(content) is not None:
         t["status"] = ANSWERED
         return True
     elif extract_code(content) is not None:  # pending code, left for `execute`
@@ -300,29 +301,29 @@ def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:
 
 
 def _self_reward(t: dict[str, Any], config: AgentConfig) -> str | None:
-    """The self-rewarding move after the last action (`correction.next_move`), with the verdict or revision
+    """The self-rewarding move after the last action (`attempts.next_move`), with the verdict or revision
     request it needs appended to the messages; the trajectory records the verdict strings it was asked for."""
     markers = config.markers
     t["verdicts"] = {"correct": markers.correct, "wrong": markers.wrong}
-    move = correction.next_move(t["messages"], config.max_revisions, markers)
-    if move not in (correction.VERIFY, correction.REVISE):
+    move = attempts.next_move(t["messages"], config.max_revisions, markers)
+    if move not in (attempts.VERIFY, attempts.REVISE):
         return move
     msgs = t["messages"]
     prefix = os.path.commonprefix([markers.correct, markers.wrong])
-    if move == correction.VERIFY:
+    if move == attempts.VERIFY:
         # A verdict is asked for once per attempt: more requests than verdicts means the model was asked and
         # wrote none (or wrote another answer instead), and the attempt stays unjudged.
         if config.self_reward == "prompted":
             asked = sum(m["role"] != "assistant" and m["content"] == markers.verify_prompt for m in msgs)
         else:
             asked = sum(m["content"].count(prefix.strip()) for m in msgs if m["role"] == "assistant")
-        judged = sum(a.verdict is not None for a in correction.parse_attempts(msgs, markers))
+        judged = sum(a.verdict is not None for a in attempts.parse_attempts(msgs, markers))
         if asked > judged or (config.self_reward == "inline" and not prefix.strip()):
-            return correction.END
+            return attempts.END
     if config.self_reward == "prompted":
-        prompt = markers.verify_prompt if move == correction.VERIFY else markers.revise_prompt
+        prompt = markers.verify_prompt if move == attempts.VERIFY else markers.revise_prompt
         msgs.append({"role": "user", "content": prompt})
-    elif move == correction.VERIFY:  # the model completes the verdict after its common prefix
+    elif move == attempts.VERIFY:  # the model completes the verdict after its common prefix
         msgs[-1]["content"] = msgs[-1]["content"].rstrip() + "\n\n" + prefix
     else:
         msgs[-1]["content"] = msgs[-1]["content"].rstrip() + " " + markers.cue + "\n"
@@ -346,8 +347,8 @@ def _take_action(t: dict[str, Any], completion, markers: Markers = DEFAULT_MARKE
             old + completion.text)
     else:
         msgs.append({"role": "assistant", "content": cut_after_code(completion.text)})
-    content = correction.after_last_verdict(msgs[-1]["content"], markers)
-    if grading.extract_answer(content) is None and extract_code(content) is None and completion.finish_reason == "length":
+    content = attempts.after_last_verdict(msgs[-1]["content"], markers)
+    if answers.extract_answer(content) is None and extract_code(content) is None and completion.finish_reason == "length":
         t["status"] = LENGTH  # ends this run; the next rollout continues the action
         return True
     return False

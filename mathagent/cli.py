@@ -19,9 +19,9 @@ from typing import Annotated, Any
 
 import typer
 
-from mathagent import __version__, agent, correction, grading, labeling, pairs, stages
+from mathagent import __version__, agent, correction, labeling, pairs, rewards, stages
 from mathagent.chat import DEFAULT_MAX_LENGTH
-from mathagent.correction import DEFAULT_MARKERS
+from mathagent.attempts import DEFAULT_MARKERS
 from mathagent.engines import BACKENDS, DTYPES
 from mathagent.errors import user_errors
 from mathagent.records import OBSERVATION_ROLES
@@ -44,7 +44,7 @@ class _OptionError(typer.BadParameter):
 
 
 def _choice(name: str, values: Sequence[str]) -> type[enum.StrEnum]:
-    """The values of a choice option, declared where they belong (e.g. grading.REWARD_KINDS), as an enum."""
+    """The values of a choice option, declared where they belong (e.g. rewards.REWARD_KINDS), as an enum."""
     return enum.StrEnum(name, {value: value for value in values})
 
 
@@ -65,7 +65,7 @@ def _choose(option: str, choices: type[enum.StrEnum], *, refused: dict[str, str]
 
 Backend = _choice("Backend", BACKENDS)
 Dtype = _choice("Dtype", DTYPES)
-Reward = _choice("Reward", grading.REWARD_KINDS)
+Reward = _choice("Reward", rewards.REWARD_KINDS)
 Schedule = _choice("Schedule", agent.SCHEDULES)
 SelfReward = _choice("SelfReward", agent.SELF_REWARD_MODES)
 ObservationRole = _choice("ObservationRole", OBSERVATION_ROLES)
@@ -186,7 +186,7 @@ def rollout(
             max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
             observation_role=observation_role, execute=execute, reward=reward, schedule=schedule,
             self_reward=self_reward, max_revisions=max_revisions, verdict_reward=verdict_reward,
-            markers=correction.markers_from_options(verdicts, revision_cue, verify_prompt, revise_prompt))
+            markers=stages.markers_from_options(verdicts, revision_cue, verify_prompt, revise_prompt))
         stages.rollout(RecordIO(input, output, resume, skip_invalid),
                        _engine(model, backend, adapter, base_url, concurrency, seed, dtype, max_model_len),
                        SandboxOptions(workers, timeout, memory_mb, max_output_chars), config,
@@ -314,7 +314,7 @@ def make_corrections(
     with _user_errors():
         stages.make_corrections(RecordIO(input, output, skip_invalid=skip_invalid), format=format,
                                 failed_share=failed_share, seed=seed,
-                                markers=correction.markers_from_options(verdicts, revision_cue))
+                                markers=stages.markers_from_options(verdicts, revision_cue))
 
 
 StepsOpt = Annotated[StepMode, _choose("--steps", StepMode, help="What a step is: turns (an action with its observations) or paragraphs (the text of actions split at blank lines, never inside a ``` fence; an action's observations go with its last paragraph).")]
@@ -369,7 +369,7 @@ def mc_label(
         config = agent.AgentConfig(max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                    seed=seed, observation_role=observation_role, schedule=schedule,
                                    self_reward=self_reward, max_revisions=max_revisions,
-                                   markers=correction.markers_from_options(verdicts))
+                                   markers=stages.markers_from_options(verdicts))
         stages.mc_label(RecordIO(input, output, resume, skip_invalid),
                         _engine(model, backend, adapter, base_url, concurrency, seed, dtype, max_model_len),
                         SandboxOptions(workers, timeout, memory_mb, max_output_chars), config,

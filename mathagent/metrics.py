@@ -20,20 +20,26 @@ recorded cell outcome is not ok (error, memory, timeout, killed; `records.observ
 observation from elsewhere without an outcome, one that reads as a Python traceback or timeout; a cut
 observation had its output cut to the sandbox's cap; a max-turn hit has status "max_turns".
 
-`grade_trajectories` re-grades records from their messages (stored pred/correct are never trusted) and
-`evaluate` computes the report from graded records.
+The self-rewarding correction metrics (Xiong et al. 2025; `attempts.py`), over trajectories with a reference
+answer, c_j = 1[y_j is correct]:
+
+    turn-1 accuracy  = mean c_1             final accuracy = mean c_J
+    improvement      = final - turn-1       = wrong->correct - correct->wrong
+    wrong->correct   = mean 1[not c_1 and c_J]          correct->wrong = mean 1[c_1 and not c_J]
+    verification     = P(v_j = correct | c_j) and P(v_j = wrong | not c_j), over judged attempts
+
+`evaluate` computes the report from graded records (`rewards.grade_trajectories` re-grades them from their
+messages: stored pred/correct are never trusted).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from mathagent.correction import correction_metrics
+from mathagent.attempts import CORRECT, WRONG
 from mathagent.errors import UserError
-from mathagent.grading import Grader, grade_trajectory
 from mathagent.records import is_observation, observation_failed
 
 Equal = Callable[[str, str], bool]  # equal(pred, gold)
@@ -122,30 +128,36 @@ def turn_statistics(messages: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Grading records
+# Self-rewarding correction
 # --------------------------------------------------------------------------------------------------------
 
 
-def grade_trajectories(
-    trajectories: Iterable[dict[str, Any]],
-    grader: Grader,
-    *,
-    answer_modes: Sequence[str] = ("boxed",),
-    reward_kind: str = "r1",
-    verdict_reward: float = 0.0,
-    threads: int = 4,
-) -> list[dict[str, Any]]:
-    """Grade many trajectories, `threads` at a time (the grader's sympy workers run in parallel)."""
-    items = list(trajectories)
-
-    def grade(t: dict[str, Any]) -> dict[str, Any]:
-        return grade_trajectory(t, grader, answer_modes=answer_modes, reward_kind=reward_kind,
-                                verdict_reward=verdict_reward)
-
-    if threads <= 1 or len(items) < 2:
-        return [grade(t) for t in items]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(grade, items))
+def correction_metrics(trajectories: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's correction metrics (module docstring) over graded trajectories that carry `attempts` with
+    `correct` set (`rewards.grade_trajectory` adds them to self-rewarding trajectories)."""
+    rows = [t["attempts"] for t in trajectories if t.get("attempts") and t["attempts"][0]["correct"] is not None]
+    first = [bool(a[0]["correct"]) for a in rows]
+    final = [bool(a[-1]["correct"]) for a in rows]
+    judged_attempts = [a for attempts in rows for a in attempts if a["verdict"] is not None]
+    right = [a for a in judged_attempts if a["correct"]]
+    wrong = [a for a in judged_attempts if not a["correct"]]
+    first_judged = [a[0] for a in rows if a[0]["verdict"] is not None]
+    return {
+        "trajectories": len(rows),
+        "turn1_accuracy": _mean([float(c) for c in first]),
+        "final_accuracy": _mean([float(c) for c in final]),
+        "improvement": (_mean([float(c) for c in final]) - _mean([float(c) for c in first])) if rows else None,
+        "wrong_to_correct": _mean([float(not a and b) for a, b in zip(first, final, strict=True)]),
+        "correct_to_wrong": _mean([float(a and not b) for a, b in zip(first, final, strict=True)]),
+        "revisions_mean": _mean([float(len(a) - 1) for a in rows]),
+        "verification": {
+            "attempts": len(judged_attempts),
+            "accuracy": _mean([float((a["verdict"] == CORRECT) == a["correct"]) for a in judged_attempts]),
+            "correct_given_correct": _mean([float(a["verdict"] == CORRECT) for a in right]),
+            "wrong_given_wrong": _mean([float(a["verdict"] == WRONG) for a in wrong]),
+            "turn1_accuracy": _mean([float((a["verdict"] == CORRECT) == a["correct"]) for a in first_judged]),
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -196,7 +208,7 @@ def evaluate(
     equal: Equal,
 ) -> dict[str, Any]:
     """The evaluation report of graded trajectories (records with `pred` and `correct`, see
-    `grade_trajectories`), grouped into problems by `problem_id`.
+    `rewards.grade_trajectories`), grouped into problems by `problem_id`.
 
     `equal(pred, gold)` groups answers for maj@k (the command's `Grader.is_equivalent`). Trajectories
     without a reference answer count in the turn statistics only.

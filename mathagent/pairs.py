@@ -30,7 +30,7 @@ with `label` true for a winner and false for a loser, so the desirable and undes
 Where the grade comes from: a trajectory whose stored fields hold what the selection needs (`correct`; with a
 threshold `reward`; for max-min by reward `reward` too) is trusted as it is. Otherwise, when it has a
 reference `answer`, it is graded from its messages exactly as `evaluate` does (the last \boxed{} of the last
-action against the answer, with `mathagent.grading`), which sets `pred`, `correct` and `reward`. `regrade=True`
+action against the answer, with `mathagent.rewards`), which sets `pred`, `correct` and `reward`. `regrade=True`
 grades every trajectory that has an answer. Without an answer and without the fields, it is `ungraded`.
 
 Filters are named rules applied to each trajectory in this order; a trajectory is dropped by the first rule
@@ -54,17 +54,26 @@ copy had the other label, a sign of a non-deterministic grade).
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from mathagent.grading import REWARD_KINDS, extract_answer
+from mathagent.answers import extract_answer
 from mathagent.errors import UserError
-from mathagent.metrics import grade_trajectories
-from mathagent.records import ANSWERED, first_action, is_observation, last_action, observation_failed, split_prompt
+from mathagent.records import (
+    ANSWERED,
+    first_action,
+    group_by_problem,
+    is_observation,
+    last_action,
+    messages_key,
+    observation_failed,
+    problem_rng,
+    split_prompt,
+)
+from mathagent.rewards import REWARD_KINDS, grade_trajectories
 
 STRATEGIES = ("random", "max-min", "all")
 FORMATS = ("pairs", "kto", "sft")
@@ -79,11 +88,6 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------------------
 # Prompt and response
 # --------------------------------------------------------------------------------------------------------
-
-
-def messages_key(messages: Sequence[dict[str, str]]) -> str:
-    # Roles and contents only: two responses are the same text whatever extra keys a message carries.
-    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
 
 
 def response_key(trajectory: dict[str, Any]) -> str:
@@ -377,11 +381,6 @@ def select_winners(
     return sorted(_shuffled(winners, rng), key=lambda w: -score_of(w))[:k]
 
 
-def problem_rng(seed: int, problem_id: Any) -> random.Random:
-    # A string seed is hashed with SHA-512 by random.seed: stable across runs and Python processes.
-    return random.Random(f"{seed}:{problem_id}")
-
-
 # --------------------------------------------------------------------------------------------------------
 # Output records
 # --------------------------------------------------------------------------------------------------------
@@ -449,20 +448,12 @@ class PairStats:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def group_by_problem(trajectories: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Trajectories by str(problem_id), problems in order of first appearance."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for t in trajectories:
-        groups.setdefault(str(t["problem_id"]), []).append(t)
-    return groups
-
-
 def make_pairs(
     trajectories: Sequence[dict[str, Any]], config: PairConfig, *, grader=None, tokenizer=None
 ) -> tuple[list[dict[str, Any]], PairStats]:
     """The output records of `config.format` and the counts of every step.
 
-    `grader` (a mathagent.grading.Grader) is needed when some trajectory `needs_grading`; `tokenizer` when
+    `grader` (a `grading.Grader`) is needed when some trajectory `needs_grading`; `tokenizer` when
     `config.max_length` is set. Problems come out in order of first appearance.
     """
     stats = PairStats(trajectories=len(trajectories))

@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -144,6 +145,30 @@ def is_observation(messages: Sequence[dict[str, str]], index: int) -> bool:
         return False
     start = first_action(messages)
     return start is not None and start < index
+
+
+# --------------------------------------------------------------------------------------------------------
+# Keys and groups: what makes two message lists the same, and the problems of a file
+# --------------------------------------------------------------------------------------------------------
+
+
+def messages_key(messages: Sequence[dict[str, str]]) -> str:
+    # Roles and contents only: two responses are the same text whatever extra keys a message carries.
+    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+
+
+def group_by_problem(trajectories: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Trajectories by str(problem_id), problems in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in trajectories:
+        groups.setdefault(str(t["problem_id"]), []).append(t)
+    return groups
+
+
+def problem_rng(seed: int, problem_id: Any) -> random.Random:
+    """The random generator of one problem: its draws do not depend on the rest of the file."""
+    # A string seed is hashed with SHA-512 by random.seed: stable across runs and Python processes.
+    return random.Random(f"{seed}:{problem_id}")
 
 
 def check_messages(value: Any, name: str = "messages", *, starts_with_action: bool = False) -> str | None:

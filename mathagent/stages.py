@@ -11,16 +11,20 @@ options into these calls.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from mathagent.answers import ANSWER_MODES
+from mathagent.attempts import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, open_engine
 from mathagent.errors import UserError
 from mathagent.prompts import load_prompt
@@ -166,6 +170,36 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return index, count
 
 
+def parse_answer_modes(text: str) -> tuple[str, ...]:
+    """--answer-modes: a comma list of `answers.ANSWER_MODES`, tried in order."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in ANSWER_MODES for m in modes):
+        raise UserError(f"--answer-modes {text!r}: choose from {', '.join(ANSWER_MODES)}")
+    return modes
+
+
+def markers_from_options(verdicts: str, cue: str = DEFAULT_MARKERS.cue, verify_prompt: str | None = None,
+                         revise_prompt: str | None = None) -> Markers:
+    """The format from a command's options: --verdicts CORRECT|WRONG, the revision cue, and the prompted turns
+    (text, or a file holding it; None: the paper's)."""
+    parts = verdicts.split("|")
+    if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
+        raise UserError(f"--verdicts {verdicts!r}: expected two different strings, CORRECT|WRONG")
+
+    def text(option: str, value: str | None, default: str) -> str:
+        if value is None:
+            return default
+        if os.path.isfile(value):
+            return Path(value).read_text(encoding="utf-8").strip()
+        if not value.strip():
+            raise UserError(f"{option}: empty")
+        return value
+
+    return Markers(correct=parts[0].strip(), wrong=parts[1].strip(), cue=cue,
+                   verify_prompt=text("--verify-prompt", verify_prompt, DEFAULT_MARKERS.verify_prompt),
+                   revise_prompt=text("--revise-prompt", revise_prompt, DEFAULT_MARKERS.revise_prompt))
+
+
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for lo in range(0, len(items), size):
         yield items[lo : lo + size]
@@ -289,18 +323,21 @@ def evaluate(io: RecordIO, *, k: str, score_field: str | None, answer_modes: str
              verdict_reward: float, percent_scaling: bool, grading_timeout: float, json_path: str | None,
              graded: str | None) -> None:
     """Re-grade trajectories and report the metrics: a table on stderr, the JSON summary to stdout or a file."""
-    from mathagent import metrics
-    from mathagent.grading import Grader, check_verdict_reward, parse_answer_modes
+    from mathagent import metrics, rewards
+    from mathagent.grading import Grader
 
     ks = metrics.parse_ks(k)
     modes = parse_answer_modes(answer_modes)
-    check_verdict_reward(verdict_reward)
+    if not (math.isfinite(verdict_reward) and verdict_reward >= 0):
+        raise UserError(f"--verdict-reward {verdict_reward}: must be 0 or positive")
+    if not (grading_timeout > 0 and math.isfinite(grading_timeout)):
+        raise UserError(f"--grading-timeout {grading_timeout}: must be a positive number of seconds")
     with Grader(percent_scaling=percent_scaling, timeout=grading_timeout) as grader:
         for path in (graded, json_path):
             if path not in (None, "-"):
                 check_output_path(path)
         records = io.read(("id", "problem_id", "messages"))
-        graded_records = metrics.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward,
+        graded_records = rewards.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward,
                                                     verdict_reward=verdict_reward)
         summary = metrics.evaluate(graded_records, ks=ks, score_field=score_field, equal=grader.is_equivalent)
         summary["grading"] = grader.stats.as_dict()
@@ -356,14 +393,14 @@ def make_pairs(io: RecordIO, config, *, tokenizer: str | None, stats_path: str |
 
 def make_corrections(io: RecordIO, *, format: str, failed_share: float, seed: int, markers) -> None:
     """Self-rewarding correction data from a rollout's trajectories (`correction.build_demonstrations`)."""
-    from mathagent import correction, metrics
+    from mathagent import correction, rewards
     from mathagent.grading import Grader
 
     if not 0 <= failed_share <= 1:
         raise UserError(f"--failed-share {failed_share}: must be between 0 and 1")
     records = io.read(("id", "problem_id", "messages", "answer"))
     with Grader() as grader:
-        graded = metrics.grade_trajectories(records, grader)
+        graded = rewards.grade_trajectories(records, grader)
     demonstrations, stats = correction.build_demonstrations(graded, failed_share=failed_share, seed=seed,
                                                             markers=markers)
     out = demonstrations if format == "sft" else correction.build_pairs(demonstrations, markers=markers)

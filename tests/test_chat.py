@@ -3,7 +3,7 @@
 import pytest
 
 from mathagent.chat import encode, label_positions, literal_ranges, tokenize_conversation
-from mathagent.correction import DEFAULT_MARKERS
+from mathagent.attempts import DEFAULT_MARKERS
 from mathagent.errors import UserError
 from mathagent.records import format_observation
 

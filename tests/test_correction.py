@@ -1,78 +1,22 @@
-"""Self-rewarding correction: attempts and verdicts read from hand-written model outputs, the loop's decisions,
-and the paper's metrics against hand-computed values."""
+"""Self-rewarding correction: its reward and the paper's metrics against hand-computed values, and its
+training data (mathagent/correction.py)."""
 
 import pytest
 
 from mathagent import correction
-from mathagent.correction import END, REVISE, VERIFY, Attempt, Markers, next_move, parse_attempts
-from mathagent.grading import Grader, grade_trajectory
+from mathagent.grading import Grader
 from mathagent.metrics import evaluate
+from mathagent.rewards import grade_trajectory
 
 Q = {"role": "user", "content": "What is 6 * 7?"}
-VERIFY_TURN = {"role": "user", "content": correction.DEFAULT_MARKERS.verify_prompt}
-REVISE_TURN = {"role": "user", "content": correction.DEFAULT_MARKERS.revise_prompt}
 
 
 def said(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def test_attempts_are_read_across_turns_as_a_prompted_model_writes_them():
-    messages = [Q, said("6 * 7 = 48, so \\boxed{48}."), VERIFY_TURN, said("7 * 6 is 42, not 48. [VERIFY] wrong."),
-                REVISE_TURN, said("Let's correct it step by step. 6 * 7 = 42. \\boxed{42}"), VERIFY_TURN,
-                said("[VERIFY] correct.")]
-    assert parse_attempts(messages) == [Attempt(0, "48", "wrong", 3), Attempt(1, "42", "correct", 7)]
-
-
-def test_attempts_are_read_out_of_one_long_message_as_a_trained_model_writes_them():
-    text = ("6 * 7 = 48. The answer is \\boxed{48}. [VERIFY] wrong. Let's correct it step by step. "
-            "6 * 7 = 42, so \\boxed{42}.\n[VERIFY]   correct.")
-    assert parse_attempts([Q, said(text)]) == [Attempt(0, "48", "wrong", 1), Attempt(1, "42", "correct", 1)]
-    # With the tool: the revision's code and its output sit between the verdict and the new answer.
-    messages = [Q, said("\\boxed{48} [VERIFY] wrong. Let's correct it step by step.\n```python\nprint(6*7)\n```"),
-                {"role": "user", "content": "```output\n[VERIFY] correct \\boxed{1}\n```"},  # not the model's
-                said("So \\boxed{42}.")]
-    assert parse_attempts(messages) == [Attempt(0, "48", "wrong", 1), Attempt(1, "42", None, 3)]
-
-
-def test_a_verdict_without_an_answer_is_an_attempt_without_one_and_custom_markers_are_read():
-    assert parse_attempts([Q, said("I am not sure. [VERIFY] wrong.")]) == [Attempt(0, None, "wrong", 1)]
-    markers = Markers(correct="VERDICT: yes", wrong="VERDICT: no")
-    messages = [Q, said("\\boxed{42} VERDICT: yes")]
-    assert parse_attempts(messages, markers) == [Attempt(0, "42", "correct", 1)]
-    assert parse_attempts(messages) == [Attempt(0, "42", None, 1)]
-
-
-@pytest.mark.parametrize("messages, max_revisions, move", [
-    ([Q, said("```python\nprint(6*7)\n```")], 2, None),  # code to run: the agent's rules
-    ([Q, said("Hmm.")], 2, None),  # neither an answer nor a verdict
-    ([Q, said("\\boxed{48}")], 2, VERIFY),
-    ([Q, said("\\boxed{48}"), VERIFY_TURN, said("[VERIFY] wrong.")], 2, REVISE),
-    ([Q, said("\\boxed{48}"), VERIFY_TURN, said("[VERIFY] wrong.")], 0, END),  # no revision allowed
-    ([Q, said("\\boxed{48} [VERIFY] wrong. \\boxed{41} [VERIFY] wrong. \\boxed{40} [VERIFY] wrong.")], 2, END),
-    ([Q, said("\\boxed{48} [VERIFY] wrong. \\boxed{41} [VERIFY] wrong.")], 2, REVISE),
-    ([Q, said("\\boxed{42} [VERIFY] correct.")], 2, END),
-    ([Q, said("\\boxed{48} [VERIFY] wrong. Let's correct it step by step.\n```python\nprint(6*7)\n```")], 2, None),
-    ([Q, said("\\boxed{48} [VERIFY] wrong."), REVISE_TURN, said("```python\nprint(6*7)\n```")], 2, None),
-    ([Q, said("\\boxed{48} [VERIFY] wrong."), REVISE_TURN, said("\\boxed{42}")], 2, VERIFY),
-])
-def test_the_loop_verifies_an_answer_revises_a_wrong_one_while_rounds_last_and_stops_at_correct(
-        messages, max_revisions, move):
-    assert next_move(messages, max_revisions) == move
-
-
 def trajectory(pid, subject, text, answer="42"):
     return {"id": pid, "problem_id": pid, "subject": subject, "answer": answer, "messages": [Q, said(text)]}
-
-
-def test_grading_takes_the_final_attempts_answer_and_keeps_every_attempt_as_data():
-    with Grader() as grader:
-        t = grade_trajectory(trajectory("a", "x", "\\boxed{48} [VERIFY] wrong. \\boxed{42} [VERIFY] correct."), grader)
-        plain = grade_trajectory(trajectory("b", "x", "\\boxed{42}"), grader)
-    assert (t["pred"], t["correct"], t["reward"]) == ("42", True, 1.0)
-    assert t["attempts"] == [{"index": 0, "answer": "48", "verdict": "wrong", "correct": False},
-                             {"index": 1, "answer": "42", "verdict": "correct", "correct": True}]
-    assert "attempts" not in plain and plain["pred"] == "42"
 
 
 def test_the_papers_metrics_match_hand_computed_values_overall_and_per_subject():
@@ -190,18 +134,6 @@ def test_make_corrections_chains_with_evaluate_and_refuses_a_bad_share(tmp_path)
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--failed-share 2.0: must be between 0 and 1" in bad.stderr
 
-
-def test_the_verdict_reward_adds_the_mean_faithfulness_of_the_verdicts_to_the_final_answers_reward():
-    cases = [("\\boxed{48} [VERIFY] correct.", -0.5, -1.0),  # wrong answer called correct
-             ("\\boxed{48} [VERIFY] wrong. \\boxed{42} [VERIFY] correct.", 1.0, 1.0),  # both faithful
-             ("\\boxed{42} [VERIFY] wrong. \\boxed{41} [VERIFY] wrong.", -0.5, 0.0),  # one false, one faithful
-             ("\\boxed{42}", 1.0, None)]  # no verdict: not of this mode, no term
-    with Grader() as grader:
-        for text, r1, term in cases:
-            plain = grade_trajectory(trajectory("p", "x", text), grader)
-            weighted = grade_trajectory(trajectory("p", "x", text), grader, verdict_reward=0.5)
-            assert plain["reward"] == r1
-            assert weighted["reward"] == pytest.approx(r1 + 0.5 * (term or 0.0))
 
 
 @pytest.mark.slow

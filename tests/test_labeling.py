@@ -297,7 +297,7 @@ def test_mc_label_refuses_an_ungraded_trajectory_with_its_line():
 def test_self_rewarding_completions_are_judged_revised_and_graded_on_their_final_answer(scripted, sandbox, grader):
     """A prompted self-rewarding trajectory's steps: with --self-reward the completions of a step go on through
     verdicts and revisions as the rollout did, so Q-hat is the chance that the final answer is right."""
-    from mathagent.correction import DEFAULT_MARKERS
+    from mathagent.attempts import DEFAULT_MARKERS
 
     verify, revise = DEFAULT_MARKERS.verify_prompt, DEFAULT_MARKERS.revise_prompt
 

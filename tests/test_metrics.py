@@ -12,12 +12,12 @@ from mathagent.grading import Grader
 from mathagent.metrics import (
     best_of_n,
     evaluate,
-    grade_trajectories,
     maj_at_k,
     majority_answer,
     pass_at_k,
     turn_statistics,
 )
+from mathagent.rewards import grade_trajectories
 
 
 @pytest.fixture(scope="module")

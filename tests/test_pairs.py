@@ -25,12 +25,12 @@ from mathagent.pairs import (
     needs_grading,
     no_action,
     no_answer,
-    problem_rng,
     random_pairs,
     select_winners,
     trajectory_filters,
     unfinished,
 )
+from mathagent.records import problem_rng
 
 PROMPT = "What is 2+3?\n\nSolve this step by step."
 

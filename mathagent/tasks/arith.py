@@ -190,7 +190,8 @@ def self_rewarding_demonstrations(n: int, seed: int, prompt: str, *, wrong_share
     head, where it is wrong `wrong_share` of the time (off by a slip of one digit place). Its verdicts are
     always right: "[VERIFY] correct" after a right answer; after a wrong one "[VERIFY] wrong", the revision cue,
     the solution with the tool, and "[VERIFY] correct". The `shape` field says which (correct, corrected)."""
-    from mathagent.correction import DEFAULT_MARKERS, demonstration
+    from mathagent.attempts import DEFAULT_MARKERS
+    from mathagent.correction import demonstration
 
     markers = markers or DEFAULT_MARKERS
     rng = random.Random(seed)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from mathagent.answers import extract_answer
 from mathagent.errors import UserError
-from mathagent.grading import extract_answer
 
 HUB_DATASET = "openai/gsm8k"
 HUB_CONFIG = "main"

@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from mathagent.answers import extract_boxed
 from mathagent.errors import UserError
-from mathagent.grading import extract_boxed
 
 HUB_DATASET = "HuggingFaceH4/MATH-500"
 
