@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mathagent.sandbox import Cell, CellResult, Sandbox
-from mathagent.sandbox.jail import memory_cgroup_parent
+from mathagent.sandbox.budgets import memory_cgroup_parent
 
 TIMEOUT = 1.5
 SECRET = "MATHAGENT_TEST_SECRET"

@@ -60,10 +60,10 @@ What it does not cover:
 - replay: a state rebuilt after a failed cell or a lost session equals the one before only if its cells are
   deterministic (a random draw is not).
 
-The modules, by process: `client` (the caller's: `Sandbox`, its sessions and their sockets), `supervisor`
-(the zygote, the launchers, S), `jail` (namespaces, mounts, uids and rlimits, the system-call filter, cgroups),
-`cell` (the holder and a cell's run in it), `protocol` (what they say to each other), `__main__` (the zygote's
-program).
+The modules, by process: `client` (the caller's: `Sandbox`, its sessions and their sockets), `zygote` (the
+zygote and the launchers), `supervisor` (S), `cell` (the holder and a cell's run in it), `__main__` (the
+zygote's program); and what they share: `protocol` (what they say to each other), `jail` (namespaces, mounts,
+uids, privileges), `budgets` (the memory budget and CPU quota), `syscalls` (the seccomp filter).
 """
 
 from mathagent.sandbox.client import Cell, CellResult, Sandbox

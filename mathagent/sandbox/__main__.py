@@ -1,5 +1,5 @@
 """The zygote's program: `client.Sandbox` runs `python -I -B <this file> CONFIG` with an empty environment, and
-`supervisor.zygote_main` takes it from there.
+`zygote.zygote_main` takes it from there.
 
 `python -I` puts neither this file's directory nor PYTHONPATH on sys.path, and the mathagent installed there
 may be another copy than the caller's (an editable install of another checkout). So the package is imported
@@ -14,7 +14,7 @@ import sys
 if __name__ == "__main__":
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, root)
-    from mathagent.sandbox.supervisor import zygote_main
+    from mathagent.sandbox.zygote import zygote_main
 
     sys.path.remove(root)
     zygote_main(json.loads(sys.argv[1]))

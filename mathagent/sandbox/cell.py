@@ -30,18 +30,10 @@ import signal
 import socket
 import sys
 import traceback
-from mathagent.sandbox.jail import (
-    PR_SET_DUMPABLE,
-    PolledBudget,
-    SessionCgroup,
-    drop_privileges,
-    keep_only_fds,
-    prctl,
-    reap,
-    set_oom_score,
-    set_process_name,
-)
+from mathagent.sandbox.budgets import PolledBudget, SessionCgroup, set_oom_score
+from mathagent.sandbox.jail import PR_SET_DUMPABLE, drop_privileges, keep_only_fds, prctl, reap, set_process_name
 from mathagent.sandbox.protocol import MAX_CODE_BYTES
+from mathagent.sandbox.syscalls import install_syscall_filter
 
 TRACEBACK_FRAMES = 2  # frames of a traceback the model sees, innermost last, besides the exception line
 # Address space held back from each cell and handed to the harness after it: a cell that ends at the RLIMIT_AS
@@ -85,6 +77,8 @@ class Holder:
         # the two sockets to S. No cgroup file, no other session's socket, no directory of the host's.
         keep_only_fds({0, 1, 2, self.printed, commands.fileno(), results.fileno()})
         drop_privileges(config, uid, isolation)
+        if config["syscall_filter"] is not None:
+            install_syscall_filter(config["syscall_filter"])
         signal.signal(signal.SIGALRM, self._on_limit)
         signal.signal(signal.SIGPROF, self._on_limit)
 

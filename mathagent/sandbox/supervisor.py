@@ -1,15 +1,8 @@
-"""The trusted processes between the caller and the cells, none of which runs model code: the zygote, and
-per session the supervisor S (the diagram is in the package's docstring), with a launcher between them where
-we are not root.
-
-The zygote is started by the caller (`client.Sandbox`) with `python -I` and an empty environment, imports
-the math modules once and keeps `workers` sessions started ahead of need, more when the caller reserves
-them. It makes each session's cgroups (memory budget, CPU quota) and forks S as the init of a new pid
-namespace (a launcher does both where a user namespace has to come first): when S exits, every process of
-the trajectory is gone; the zygote collects it at once (SIGCHLD) and removes its cgroups. S enters its other
-namespaces (`jail`), mounts the session's file system, keeps the holder (`cell.Holder`, replaced after a
-failed cell), hands each cell to it and answers the caller: one JSON reply per cell, after its length
-(`protocol.FRAME`), with a status of `protocol.STATUSES`.
+"""S, the supervisor of one session: the trusted process between the caller and the trajectory's cells,
+which runs no model code. The zygote (`zygote`) forks it, as root and the init of the session's pid
+namespace, or through a launcher. S enters its other namespaces (`jail`), mounts the session's file system,
+keeps the holder (`cell.Holder`, replaced after a failed cell), hands each cell to it and answers the caller:
+one JSON reply per cell, after its length (`protocol.FRAME`), with a status of `protocol.STATUSES`.
 
 A cell runs in the holder's own process, so nothing the holder says about a cell can be trusted: the cell
 can send a result from the holder's pid and keep running. What S decides from outside instead: the wall
@@ -29,7 +22,6 @@ import math
 import os
 import platform
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -37,282 +29,17 @@ import sys
 import time
 import traceback
 
+from mathagent.sandbox.budgets import PolledBudget, SessionCgroup, set_oom_score
 from mathagent.sandbox.cell import Holder
-from mathagent.sandbox.jail import (
-    CLONE_NEWPID,
-    PR_SET_PDEATHSIG,
-    SESSION_UID_BASE,
-    PolledBudget,
-    SessionCgroup,
-    UidPool,
-    cgroup_parent,
-    enter_namespaces,
-    host_workdir,
-    install_syscall_filter,
-    isolate,
-    keep_only_fds,
-    kill,
-    prctl,
-    reap,
-    remove_stale_cgroups,
-    set_oom_score,
-    set_process_name,
-    setns,
-    syscall_filter,
-)
+from mathagent.sandbox.jail import PR_SET_PDEATHSIG, isolate, keep_only_fds, kill, prctl, reap, set_process_name
 from mathagent.sandbox.protocol import FRAME, GRACE_SECONDS, KEPT_STATUSES, MAX_CODE_BYTES, STATUSES
 
-# Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
-PRELOADED_MODULES = (
-    "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections", "random",
-    "statistics", "re", "json", "numpy", "sympy", "encodings.idna",
-)  # fmt: skip
 CPU_CHECK_SECONDS = 0.1  # how often S reads the session's CPU time while a cell runs
 _SO_SNDBUFFORCE = 32
 _PF_EXITING = 0x4  # in /proc/PID/stat's flags: the process is in exit()
 # The call an idle holder is blocked in, as /proc/PID/syscall names it: recvfrom(2), which Python's
 # socket.recv makes on a blocking socket.
 _RECV_CALLS = {"x86_64": "45", "aarch64": "207"}
-
-
-def zygote_main(config: dict) -> None:
-    """Import the math modules once, then fork one session (or launcher) per session the caller asks for."""
-    control = socket.socket(fileno=config["control_fd"])
-    set_process_name(b"sandbox-zygote")
-    started = time.perf_counter()
-    for name in PRELOADED_MODULES:
-        __import__(name)
-    _warm_up()
-    import gc
-
-    gc.freeze()  # forked sessions then do not copy pages for the collector's bookkeeping
-    try:
-        control.send(json.dumps({"import_seconds": round(time.perf_counter() - started, 3)}).encode())
-    except (BrokenPipeError, ConnectionResetError):
-        os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
-    config["zygote"] = os.getpid()
-    program, note = syscall_filter()
-    if program is not None and not _filter_accepted(program):
-        program, note = None, "off (the kernel refused the filter)"
-    config["syscall_filter"], config["syscall_filter_note"] = program, note
-    # One directory fd per cgroup hierarchy, the parent of every session's cgroup in it: the zygote's alone
-    # (a session closes it), not one per session, which every later session's cells inherited.
-    hierarchies = []
-    for hierarchy in _hierarchies(config):
-        remove_stale_cgroups(hierarchy[0])
-        try:
-            hierarchies.append((hierarchy, os.open(hierarchy[0], os.O_RDONLY | os.O_DIRECTORY)))
-        except OSError:
-            continue
-    config["cgroups"] = [hierarchy for hierarchy, _ in hierarchies]
-    uids = UidPool() if os.geteuid() == 0 else None  # only root gives each session a uid of its own
-    sessions = itertools.count()
-    # As root with every namespace granted, S is forked straight into them (one fork of this large process
-    # per session instead of two); elsewhere a launcher enters them, a user namespace first where needed.
-    direct = _namespaces_granted(config["network"])
-    # unshare(CLONE_NEWPID) works once per pid namespace we are in: after each fork we go back to our own
-    # (setns), or the next unshare fails and every later session would share the first one's namespace.
-    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if direct else None
-    owned: dict[int, list[SessionCgroup]] = {}  # S's pid -> its session's cgroups, removed when S is collected
-    # A session that ends (its trajectory forgotten) is collected at once, not at the next request: SIGCHLD
-    # wakes the loop below through this pipe.
-    wake_up, wake_up_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.set_wakeup_fd(wake_up_write, warn_on_full_buffer=False)
-
-    def launch() -> socket.socket:
-        caller_end, session_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        n = next(sessions)
-        uid = uids.take() if uids is not None else SESSION_UID_BASE + n
-        config["uid_source"] = uids.source if uids is not None else None
-        cgroups, notes = [], []
-        if direct:
-            cgroups, notes = _session_cgroups(config, hierarchies, n)
-            enter_namespaces(config["network"], only=CLONE_NEWPID, strict=True)  # our next child is its init
-        try:
-            pid = os.fork()
-        except OSError:
-            pid = None
-            raise
-        finally:
-            if direct and pid != 0:  # in the parent only: the child may not leave its new namespace
-                setns(own_pid_namespace, CLONE_NEWPID)
-        if pid == 0:
-            try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                control.close()
-                for spare in spares:
-                    spare.close()
-                caller_end.close()
-                if not direct:
-                    _launcher_main(config, session_end, uid, n)
-                namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID)
-                Supervisor(config, session_end, uid, namespaces, None, cgroups, notes).serve()
-            except BaseException:
-                traceback.print_exc()
-            os._exit(1)
-        session_end.close()
-        for cgroup in cgroups:
-            cgroup.close_files()
-        if cgroups:
-            owned[pid] = cgroups
-        return caller_end
-
-    def collect() -> None:
-        """Collect every session (or launcher) that has exited, and remove the cgroups we made for it."""
-        for pid in reap():
-            for cgroup in owned.pop(pid, []):
-                cgroup.remove()
-
-    # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks: always
-    # `spares` of them, and as many as the caller said it will soon ask for (b"reserve N"), built one at a
-    # time between the caller's requests, while the caller does something else (its engine generates).
-    spares: collections.deque[socket.socket] = collections.deque()
-    reserved = 0
-    while True:
-        while len(spares) < config["spares"]:
-            spares.append(launch())
-        ready = select.select([control, wake_up], [], [], 0 if len(spares) < reserved else None)[0]
-        if wake_up in ready:
-            while True:
-                try:
-                    os.read(wake_up, 4096)
-                except BlockingIOError:
-                    break
-            collect()
-        if control not in ready:
-            if len(spares) < reserved:
-                spares.append(launch())
-            continue
-        try:
-            message = control.recv(1 << 16)
-        except ConnectionResetError:  # the caller closed with our ready message unread: the same as EOF
-            message = b""
-        if message.startswith(b"reserve "):
-            reserved = int(message.split()[1])  # the caller keeps it within its max_sessions
-            continue
-        if not message:  # the caller closed us (or died): end the spares, wait for every session to end
-            for spare in spares:
-                spare.close()
-            signal.alarm(10)  # a session that does not exit by then is killed with us (parent-death signal)
-            while True:
-                try:
-                    pid, _ = os.waitpid(-1, 0)
-                except ChildProcessError:
-                    os._exit(0)
-                for cgroup in owned.pop(pid, []):
-                    cgroup.remove()
-        collect()
-        reserved = max(reserved - 1, 0)
-        caller_end = spares.popleft() if spares else launch()
-        socket.send_fds(control, [b"session"], [caller_end.fileno()])
-        caller_end.close()
-
-
-def _warm_up() -> None:
-    # sympy imports and caches a lot lazily on first use; pay for it once here, not in every session.
-    import numpy
-    import sympy
-
-    x, y = sympy.symbols("x y")
-    sympy.solve([x + y - 3, x - y - 1], [x, y])
-    sympy.simplify(sympy.sin(x) ** 2 + sympy.cos(x) ** 2)
-    sympy.factor(x**2 - 1), sympy.expand((x + 1) ** 3), sympy.Rational(1, 3) + 1
-    sympy.integrate(x**2, (x, 0, 1)), sympy.diff(sympy.exp(x), x), sympy.N(sympy.pi, 20)
-    sympy.isprime(97), sympy.factorint(360), sympy.binomial(10, 3), sympy.Matrix([[1, 2], [3, 4]]).det()
-    str(sympy.sqrt(8)), repr(x**2 + 1)
-    numpy.linalg.solve(numpy.eye(2), numpy.ones(2)), numpy.arange(10).sum()
-
-
-def _namespaces_granted(network: bool) -> bool:
-    """Whether we are root and a child of ours may enter every namespace a session wants, together."""
-    if os.geteuid() != 0:
-        return False
-    pid = os.fork()
-    if pid == 0:
-        try:
-            enter_namespaces(network, strict=True)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
-
-
-def _filter_accepted(program: list) -> bool:
-    """Whether the kernel takes the system-call filter (a child tries it, as a holder will)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: what an unprivileged filter needs
-            install_syscall_filter(program)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
-
-
-def _hierarchies(config: dict) -> list[tuple[str, int, tuple[str, ...]]]:
-    """The cgroup hierarchies sessions get a cgroup in: (our cgroup's directory, version, the controllers
-    of the session's it carries). cgroup v2 carries memory and cpu in one, v1 one hierarchy each."""
-    wanted = (["memory"] if config["cgroup"] else []) + (["cpu"] if config["cpus"] else [])
-    found: dict[tuple[str, int], list[str]] = {}
-    for controller in wanted:
-        parent = cgroup_parent(controller)
-        if parent is not None:
-            found.setdefault(parent, []).append(controller)
-    return [(path, version, tuple(controllers)) for (path, version), controllers in found.items()]
-
-
-def _session_cgroups(config: dict, hierarchies: list, n: int) -> tuple[list[SessionCgroup], list[str]]:
-    """The session's cgroups, one per hierarchy (made before the namespaces: afterwards every mount is
-    read-only), and why any could not be made."""
-    cgroups, notes = [], []
-    for (_, version, controllers), parent in hierarchies:
-        try:
-            name = f"mathagent-{config['zygote']}-{n}"  # remove_stale_cgroups goes by the zygote's pid
-            cgroups.append(SessionCgroup(parent, version, name,
-                                         memory=config["memory_mb"] << 20 if "memory" in controllers else None,
-                                         cpus=config["cpus"] if "cpu" in controllers else None))  # fmt: skip
-        except OSError as e:
-            notes.append(f"no {'/'.join(controllers)} cgroup: {e}")
-    return cgroups, notes
-
-
-def _launcher_main(config: dict, session_end: socket.socket, uid: int, n: int) -> None:
-    """Between the zygote and the session: enter new namespaces, fork the session into them, wait for it."""
-    set_process_name(b"sandbox-launch")
-    keep_only_fds({0, 1, 2, session_end.fileno()})
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so do we, and our session after us
-    if os.getppid() == 1:
-        os._exit(0)
-    hierarchies, notes = [], []
-    for hierarchy in config["cgroups"]:
-        try:
-            hierarchies.append((hierarchy, os.open(hierarchy[0], os.O_RDONLY | os.O_DIRECTORY)))
-        except OSError as e:
-            notes.append(f"no {'/'.join(hierarchy[2])} cgroup: {e}")
-    cgroups, more = _session_cgroups(config, hierarchies, n)
-    namespaces = enter_namespaces(config["network"])
-    workdir = host_workdir(namespaces, uid)  # None where the session gets a private tmpfs
-    pid = os.fork()
-    if pid == 0:
-        try:
-            Supervisor(config, session_end, uid, namespaces, workdir, cgroups, notes + more).serve()
-        except BaseException:
-            traceback.print_exc()
-        os._exit(1)
-    session_end.close()
-    for cgroup in cgroups:
-        cgroup.close_files()
-    os.waitpid(pid, 0)  # S is the init of the session's pid namespace: its processes are gone with it
-    for cgroup in cgroups:
-        cgroup.remove()
-    if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
-    os._exit(0)
 
 
 class Supervisor:

@@ -1,0 +1,283 @@
+"""The zygote: the first process of a sandbox, started by the caller (`client.Sandbox`) with `python -I` and an
+empty environment. It imports the math modules once and keeps `workers` sessions started ahead of need, more
+when the caller reserves them. For each session it takes a uid from the machine's pool, makes the session's
+cgroups (memory budget, CPU quota) and forks the session's supervisor S (`supervisor`) as the init of a new
+pid namespace, or a launcher that does so where a user namespace has to come first: when S exits, every
+process of the trajectory is gone. The zygote collects it at once (SIGCHLD) and removes its cgroups.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import time
+import traceback
+
+from mathagent.sandbox.budgets import SessionCgroup, cgroup_parent, remove_stale_cgroups
+from mathagent.sandbox.jail import (
+    CLONE_NEWPID,
+    PR_SET_PDEATHSIG,
+    SESSION_UID_BASE,
+    UidPool,
+    enter_namespaces,
+    host_workdir,
+    keep_only_fds,
+    prctl,
+    reap,
+    set_process_name,
+    setns,
+)
+from mathagent.sandbox.supervisor import Supervisor
+from mathagent.sandbox.syscalls import install_syscall_filter, syscall_filter
+
+# Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
+PRELOADED_MODULES = (
+    "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections", "random",
+    "statistics", "re", "json", "numpy", "sympy", "encodings.idna",
+)  # fmt: skip
+
+
+def zygote_main(config: dict) -> None:
+    """Import the math modules once, then fork one session (or launcher) per session the caller asks for."""
+    control = socket.socket(fileno=config["control_fd"])
+    set_process_name(b"sandbox-zygote")
+    started = time.perf_counter()
+    for name in PRELOADED_MODULES:
+        __import__(name)
+    _warm_up()
+    import gc
+
+    gc.freeze()  # forked sessions then do not copy pages for the collector's bookkeeping
+    try:
+        control.send(json.dumps({"import_seconds": round(time.perf_counter() - started, 3)}).encode())
+    except (BrokenPipeError, ConnectionResetError):
+        os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
+    config["zygote"] = os.getpid()
+    program, note = syscall_filter()
+    if program is not None and not _filter_accepted(program):
+        program, note = None, "off (the kernel refused the filter)"
+    config["syscall_filter"], config["syscall_filter_note"] = program, note
+    # One directory fd per cgroup hierarchy, the parent of every session's cgroup in it: the zygote's alone
+    # (a session closes it), not one per session, which every later session's cells inherited.
+    hierarchies = []
+    for hierarchy in _hierarchies(config):
+        remove_stale_cgroups(hierarchy[0])
+        try:
+            hierarchies.append((hierarchy, os.open(hierarchy[0], os.O_RDONLY | os.O_DIRECTORY)))
+        except OSError:
+            continue
+    config["cgroups"] = [hierarchy for hierarchy, _ in hierarchies]
+    uids = UidPool() if os.geteuid() == 0 else None  # only root gives each session a uid of its own
+    sessions = itertools.count()
+    # As root with every namespace granted, S is forked straight into them (one fork of this large process
+    # per session instead of two); elsewhere a launcher enters them, a user namespace first where needed.
+    direct = _namespaces_granted(config["network"])
+    # unshare(CLONE_NEWPID) works once per pid namespace we are in: after each fork we go back to our own
+    # (setns), or the next unshare fails and every later session would share the first one's namespace.
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if direct else None
+    owned: dict[int, list[SessionCgroup]] = {}  # S's pid -> its session's cgroups, removed when S is collected
+    # A session that ends (its trajectory forgotten) is collected at once, not at the next request: SIGCHLD
+    # wakes the loop below through this pipe.
+    wake_up, wake_up_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_up_write, warn_on_full_buffer=False)
+
+    def launch() -> socket.socket:
+        caller_end, session_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        n = next(sessions)
+        uid = uids.take() if uids is not None else SESSION_UID_BASE + n
+        config["uid_source"] = uids.source if uids is not None else None
+        cgroups, notes = [], []
+        if direct:
+            cgroups, notes = _session_cgroups(config, hierarchies, n)
+            enter_namespaces(config["network"], only=CLONE_NEWPID, strict=True)  # our next child is its init
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = None
+            raise
+        finally:
+            if direct and pid != 0:  # in the parent only: the child may not leave its new namespace
+                setns(own_pid_namespace, CLONE_NEWPID)
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                control.close()
+                for spare in spares:
+                    spare.close()
+                caller_end.close()
+                if not direct:
+                    _launcher_main(config, session_end, uid, n)
+                namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID)
+                Supervisor(config, session_end, uid, namespaces, None, cgroups, notes).serve()
+            except BaseException:
+                traceback.print_exc()
+            os._exit(1)
+        session_end.close()
+        for cgroup in cgroups:
+            cgroup.close_files()
+        if cgroups:
+            owned[pid] = cgroups
+        return caller_end
+
+    def collect() -> None:
+        """Collect every session (or launcher) that has exited, and remove the cgroups we made for it."""
+        for pid in reap():
+            for cgroup in owned.pop(pid, []):
+                cgroup.remove()
+
+    # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks: always
+    # `spares` of them, and as many as the caller said it will soon ask for (b"reserve N"), built one at a
+    # time between the caller's requests, while the caller does something else (its engine generates).
+    spares: collections.deque[socket.socket] = collections.deque()
+    reserved = 0
+    while True:
+        while len(spares) < config["spares"]:
+            spares.append(launch())
+        ready = select.select([control, wake_up], [], [], 0 if len(spares) < reserved else None)[0]
+        if wake_up in ready:
+            while True:
+                try:
+                    os.read(wake_up, 4096)
+                except BlockingIOError:
+                    break
+            collect()
+        if control not in ready:
+            if len(spares) < reserved:
+                spares.append(launch())
+            continue
+        try:
+            message = control.recv(1 << 16)
+        except ConnectionResetError:  # the caller closed with our ready message unread: the same as EOF
+            message = b""
+        if message.startswith(b"reserve "):
+            reserved = int(message.split()[1])  # the caller keeps it within its max_sessions
+            continue
+        if not message:  # the caller closed us (or died): end the spares, wait for every session to end
+            for spare in spares:
+                spare.close()
+            signal.alarm(10)  # a session that does not exit by then is killed with us (parent-death signal)
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    os._exit(0)
+                for cgroup in owned.pop(pid, []):
+                    cgroup.remove()
+        collect()
+        reserved = max(reserved - 1, 0)
+        caller_end = spares.popleft() if spares else launch()
+        socket.send_fds(control, [b"session"], [caller_end.fileno()])
+        caller_end.close()
+
+
+def _warm_up() -> None:
+    # sympy imports and caches a lot lazily on first use; pay for it once here, not in every session.
+    import numpy
+    import sympy
+
+    x, y = sympy.symbols("x y")
+    sympy.solve([x + y - 3, x - y - 1], [x, y])
+    sympy.simplify(sympy.sin(x) ** 2 + sympy.cos(x) ** 2)
+    sympy.factor(x**2 - 1), sympy.expand((x + 1) ** 3), sympy.Rational(1, 3) + 1
+    sympy.integrate(x**2, (x, 0, 1)), sympy.diff(sympy.exp(x), x), sympy.N(sympy.pi, 20)
+    sympy.isprime(97), sympy.factorint(360), sympy.binomial(10, 3), sympy.Matrix([[1, 2], [3, 4]]).det()
+    str(sympy.sqrt(8)), repr(x**2 + 1)
+    numpy.linalg.solve(numpy.eye(2), numpy.ones(2)), numpy.arange(10).sum()
+
+
+def _namespaces_granted(network: bool) -> bool:
+    """Whether we are root and a child of ours may enter every namespace a session wants, together."""
+    if os.geteuid() != 0:
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            enter_namespaces(network, strict=True)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _filter_accepted(program: list) -> bool:
+    """Whether the kernel takes the system-call filter (a child tries it, as a holder will)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: what an unprivileged filter needs
+            install_syscall_filter(program)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _hierarchies(config: dict) -> list[tuple[str, int, tuple[str, ...]]]:
+    """The cgroup hierarchies sessions get a cgroup in: (our cgroup's directory, version, the controllers
+    of the session's it carries). cgroup v2 carries memory and cpu in one, v1 one hierarchy each."""
+    wanted = (["memory"] if config["cgroup"] else []) + (["cpu"] if config["cpus"] else [])
+    found: dict[tuple[str, int], list[str]] = {}
+    for controller in wanted:
+        parent = cgroup_parent(controller)
+        if parent is not None:
+            found.setdefault(parent, []).append(controller)
+    return [(path, version, tuple(controllers)) for (path, version), controllers in found.items()]
+
+
+def _session_cgroups(config: dict, hierarchies: list, n: int) -> tuple[list[SessionCgroup], list[str]]:
+    """The session's cgroups, one per hierarchy (made before the namespaces: afterwards every mount is
+    read-only), and why any could not be made."""
+    cgroups, notes = [], []
+    for (_, version, controllers), parent in hierarchies:
+        try:
+            name = f"mathagent-{config['zygote']}-{n}"  # remove_stale_cgroups goes by the zygote's pid
+            cgroups.append(SessionCgroup(parent, version, name,
+                                         memory=config["memory_mb"] << 20 if "memory" in controllers else None,
+                                         cpus=config["cpus"] if "cpu" in controllers else None))  # fmt: skip
+        except OSError as e:
+            notes.append(f"no {'/'.join(controllers)} cgroup: {e}")
+    return cgroups, notes
+
+
+def _launcher_main(config: dict, session_end: socket.socket, uid: int, n: int) -> None:
+    """Between the zygote and the session: enter new namespaces, fork the session into them, wait for it."""
+    set_process_name(b"sandbox-launch")
+    keep_only_fds({0, 1, 2, session_end.fileno()})
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so do we, and our session after us
+    if os.getppid() == 1:
+        os._exit(0)
+    hierarchies, notes = [], []
+    for hierarchy in config["cgroups"]:
+        try:
+            hierarchies.append((hierarchy, os.open(hierarchy[0], os.O_RDONLY | os.O_DIRECTORY)))
+        except OSError as e:
+            notes.append(f"no {'/'.join(hierarchy[2])} cgroup: {e}")
+    cgroups, more = _session_cgroups(config, hierarchies, n)
+    namespaces = enter_namespaces(config["network"])
+    workdir = host_workdir(namespaces, uid)  # None where the session gets a private tmpfs
+    pid = os.fork()
+    if pid == 0:
+        try:
+            Supervisor(config, session_end, uid, namespaces, workdir, cgroups, notes + more).serve()
+        except BaseException:
+            traceback.print_exc()
+        os._exit(1)
+    session_end.close()
+    for cgroup in cgroups:
+        cgroup.close_files()
+    os.waitpid(pid, 0)  # S is the init of the session's pid namespace: its processes are gone with it
+    for cgroup in cgroups:
+        cgroup.remove()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    os._exit(0)
