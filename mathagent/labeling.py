@@ -149,13 +149,14 @@ def soft_optimal_q(outcomes: Sequence[bool], eta: float) -> float:
 
 
 def check_estimate(estimate: str, eta: float, m: int = 1) -> None:
-    """Refuse an M below 1, an unknown soft-label estimate or an eta that is not a positive finite number."""
+    """Refuse an M below 1, an unknown soft-label estimate or an eta that is not a positive finite number
+    (the stage checks its options with it once, before it reads anything)."""
     if m < 1:
-        raise UserError("--m must be at least 1")
+        raise UserError("m must be at least 1", options=("m",))
     if estimate not in Q_ESTIMATES:
-        raise UserError(f"--q {estimate!r}: choose from {', '.join(Q_ESTIMATES)}")
+        raise UserError(f"q {estimate!r}: choose from {', '.join(Q_ESTIMATES)}", options=("q",))
     if not (eta > 0 and math.isfinite(eta)):
-        raise UserError(f"--eta {eta}: must be a positive finite number")
+        raise UserError(f"eta {eta}: must be a positive finite number", options=("eta",))
 
 
 def hard_label(q: float) -> str:
@@ -308,7 +309,6 @@ def label_trajectories(
     template with a {question} placeholder), the continuations see the first user message rendered from the
     trajectory's `question` with it instead of the trajectory's own. `estimate` is the soft label: "mean"
     (Q-hat) or "soft-optimal" (Q* with `eta`)."""
-    check_estimate(estimate, eta, m)
     cache = cache if cache is not None else LabelCache()
     start = time.perf_counter()
     report = LabelingReport(trajectories=len(trajectories))
