@@ -136,19 +136,21 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         if self.max_turns < 1 or self.max_tokens < 1:
-            raise UserError("--n, --max-turns, --max-tokens and --chunk-size must be at least 1")
+            raise UserError("n, max_turns, max_tokens and chunk_size must be at least 1",
+                            options=("n", "max_turns", "max_tokens", "chunk_size"))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(f"--temperature {self.temperature}: must be 0 (greedy) or positive")
+            raise UserError(f"temperature {self.temperature}: must be 0 (greedy) or positive", options=("temperature",))
         if not (0 < self.top_p <= 1):
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
+            raise UserError(f"top_p {self.top_p}: must be in (0, 1]", options=("top_p",))
         if self.max_revisions < 0:
-            raise UserError("--max-revisions must be 0 or more")
+            raise UserError("max_revisions must be 0 or more", options=("max_revisions",))
         if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
+            raise UserError(f"schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}", options=("schedule",))
         if self.self_reward not in (None, *SELF_REWARD_MODES):
-            raise UserError(f"--self-reward {self.self_reward!r}: choose from {', '.join(SELF_REWARD_MODES)}")
+            raise UserError(f"self_reward {self.self_reward!r}: choose from {', '.join(SELF_REWARD_MODES)}",
+                            options=("self_reward",))
         if not (math.isfinite(self.verdict_reward) and self.verdict_reward >= 0):
-            raise UserError(f"--verdict-reward {self.verdict_reward}: must be 0 or positive")
+            raise UserError(f"verdict_reward {self.verdict_reward}: must be 0 or positive", options=("verdict_reward",))
 
 
 SCHEDULES = ("turns", "continuous")

@@ -172,7 +172,7 @@ def parse_ks(text: str) -> list[int]:
     except ValueError:
         ks = []
     if not ks or ks[0] < 1:
-        raise UserError(f"--k {text!r}: expected comma-separated positive integers, e.g. 1,4,8")
+        raise UserError(f"k {text!r}: expected comma-separated positive integers, e.g. 1,4,8", options=("k",))
     return ks
 
 

@@ -121,19 +121,20 @@ class PairConfig:
     def __post_init__(self) -> None:
         """Refuse impossible options with a `UserError` naming the make-pairs option, before any work."""
         if self.format not in FORMATS:
-            raise UserError(f"--format {self.format!r}: choose from {', '.join(FORMATS)}")
+            raise UserError(f"format {self.format!r}: choose from {', '.join(FORMATS)}", options=("format",))
         if self.strategy not in STRATEGIES:
-            raise UserError(f"--strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
+            raise UserError(f"strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}", options=("strategy",))
         if self.k is not None and self.k < 1:
-            raise UserError("--k must be at least 1")
+            raise UserError("k must be at least 1", options=("k",))
         if self.k is not None and self.strategy == "all":
-            raise UserError("--k does not apply to --strategy all (every winner with every loser)")
+            raise UserError("k does not apply to strategy all (every winner with every loser)", options=("k", "strategy"))
         if self.reward_kind not in REWARD_KINDS:
-            raise UserError(f"--reward {self.reward_kind!r}: choose from {', '.join(REWARD_KINDS)}")
+            raise UserError(f"reward {self.reward_kind!r}: choose from {', '.join(REWARD_KINDS)}", options=("reward",))
         if self.score_field is not None and self.strategy != "max-min":
-            raise UserError("--score-field applies to --strategy max-min only")
+            raise UserError("score_field applies to strategy max-min only", options=("score_field", "strategy"))
         if self.max_length is not None and self.max_length < 1:
-            raise UserError("--max-length needs a positive length and --tokenizer (or --model)")
+            raise UserError("max_length needs a positive length and tokenizer (or model)",
+                            options=("max_length", "tokenizer", "model"))
 
     @property
     def pairs_per_problem(self) -> int | None:

@@ -156,7 +156,7 @@ def test_opening_names_a_server_that_is_down_and_a_model_that_is_not_served(serv
     server = servers()
     gone = servers()
     gone.stop()
-    with pytest.raises(UserError, match=rf"--base-url {gone.url}: no server answers"):
+    with pytest.raises(UserError, match=rf"^base_url {gone.url}: no server answers"):
         open_engine("openai", tiny_model, base_urls=[server.url, gone.url])
     with pytest.raises(UserError, match=r"serves served-tiny, not the LoRA module 'sft'"):
         open_engine("openai", tiny_model, base_urls=[server.url], adapter="sft")

@@ -47,7 +47,8 @@ class _Server:
         url = base_url.rstrip("/")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserError(f"--base-url {base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
+            raise UserError(f"base_url {base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1",
+                            options=("base_url",))
         self.url = url if parts.path else url + "/v1"  # a bare host:port means the OpenAI layout, /v1
         self.parts = urllib.parse.urlsplit(self.url)
         self.in_flight = 0
@@ -75,9 +76,10 @@ class OpenAIEngine:
         from transformers import AutoTokenizer
 
         if not base_urls:
-            raise UserError("--backend openai needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
+            raise UserError("backend openai needs at least one base_url (e.g. http://127.0.0.1:8000/v1)",
+                            options=("backend", "base_url"))
         if concurrency < 1 or retries < 1:
-            raise UserError("--concurrency and the number of tries must be at least 1")
+            raise UserError("concurrency and the number of tries must be at least 1", options=("concurrency",))
         self.servers = [_Server(url, concurrency) for url in base_urls]
         self.retries = retries
         self.request_timeout = request_timeout
@@ -104,8 +106,8 @@ class OpenAIEngine:
             try:
                 listing = self._call(server, "GET", "/models", None, timeout=30.0)
             except _Transient as e:
-                raise UserError(f"--base-url {server.url}: no server answers ({e}); start one, e.g. "
-                                f"`vllm serve {model}`, or leave this URL out") from None
+                raise UserError(f"base_url {server.url}: no server answers ({e}); start one, e.g. "
+                                f"`vllm serve {model}`, or leave this URL out", options=("base_url",)) from None
             choices.append([entry["id"] for entry in listing.get("data", [])])
         wanted = adapter if adapter is not None else model
         picked = {}
@@ -117,7 +119,8 @@ class OpenAIEngine:
             else:
                 what = (f"the LoRA module {adapter!r} (vllm serve --lora-modules {adapter}=DIR)" if adapter
                         else f"{model!r}")
-                raise UserError(f"--base-url {server.url}: serves {', '.join(names) or 'no model'}, not {what}")
+                raise UserError(f"base_url {server.url}: serves {', '.join(names) or 'no model'}, not {what}",
+                                options=("base_url",))
         if len(set(picked.values())) > 1:
             raise UserError("the servers serve different models: "
                             + "; ".join(f"{url}: {name}" for url, name in picked.items()))
