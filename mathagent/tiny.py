@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mathagent.errors import UserError
 from mathagent.prompts import PROMPTS
-from mathagent.records import atomic_path
+from mathagent.records import atomic_path, publish
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -286,7 +286,7 @@ def sft_policy(
             shutil.rmtree(work_dir / "model" / "checkpoints", ignore_errors=True)
             (work_dir / "model" / "sft.json").write_text(json.dumps(
                 {"command": shlex.join(command[2:]), "demos": demos, "seed": seed, "key": key}, indent=2))
-            os.replace(work_dir / "model", built)
+            publish(work_dir / "model", built)
 
     _built_once(built, lambda: (built / "training_summary.json").is_file(), build)
     with atomic_path(Path(out), directory=True) as staging:
