@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -448,8 +449,6 @@ def publish(staging: str | os.PathLike, path: str | os.PathLike) -> None:
     never half of either. A directory already at `path` is removed first (rename cannot replace one)."""
     path = Path(path)
     if Path(staging).is_dir() and path.is_dir():
-        import shutil
-
         shutil.rmtree(path)
     os.replace(staging, path)
 
@@ -468,8 +467,6 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False, suffix: str
         publish(staging, path)
     except BaseException:
         if staging.is_dir():
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.unlink(missing_ok=True)

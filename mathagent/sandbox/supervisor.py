@@ -302,10 +302,11 @@ class Supervisor:
             error = f"SandboxError: the cell is {len(command)} bytes long, more than {self.max_command}"
             return self._reply("error", error, 0.0, lost=False, kept=True)
         oom_kills = self.memory.oom_kills() if self.memory is not None else 0
+        processes = self._processes() if self.polled is not None or not self.stopped else {}
         if self.polled is not None:
-            self.polled.start(self._processes())
+            self.polled.start(processes)
         # A stopped holder has used no CPU since the mark; a new one (trusted code so far) is read now.
-        cpu_start = self.cpu_mark if self.stopped else self._cpu_seconds(self._processes())
+        cpu_start = self.cpu_mark if self.stopped else self._cpu_seconds(processes)
         started = time.perf_counter()
         self._resume()
         try:
