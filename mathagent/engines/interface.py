@@ -7,7 +7,7 @@ the agent loop import these from here; `mathagent.engines` re-exports them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -32,6 +32,12 @@ class Completion:
     text: str  # the generated text, stop string excluded
     num_tokens: int  # generated tokens (for throughput figures)
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (cut by max_tokens)
+    # Every id the engine sampled, in order: through the end-of-turn token when the model emitted one, through
+    # the last token of the stop string when one stopped it (the agent keeps the ids of the text it keeps).
+    token_ids: list[int] = field(default_factory=list)
+    # log pi(token | context) of each of `token_ids` under the model itself: temperature 1, before temperature,
+    # top-p and penalties (vLLM's default `logprobs_mode`, "raw_logprobs"), what a trainer recomputes.
+    logprobs: list[float] | None = None
 
 
 @dataclass
