@@ -26,8 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mathagent import answers, attempts, grading, rewards
-from mathagent.chat import prompt_ids
+from mathagent import answers, attempts, grading, rewards, tokens
 from mathagent.attempts import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, Request, Sampling
 from mathagent.errors import UserError
@@ -176,12 +175,14 @@ def request_seed(seed: int, trajectory_id: str, turn: int) -> int:
 
 def execute_pending(
     trajectories: Sequence[dict[str, Any]], sandbox, observation_role: str = "user", *, release: bool = False,
-    markers: Markers = DEFAULT_MARKERS,
+    markers: Markers = DEFAULT_MARKERS, tokenizer=None,
 ) -> int:
     """Run the pending code of every trajectory that has some, in one sandbox call, and append each output as
-    an observation, with the cell's outcome (`records.observation_message`). Returns the number of cells run.
-    With `release` (`mathagent execute`: each record gets one cell) the sessions end right after their cell,
-    so a chunk never holds more sessions (and their tmpfs) than it runs at once."""
+    an observation, with the cell's outcome (`records.observation_message`) and, given the policy's
+    `tokenizer`, its token ids (`observe`). Returns the number of cells run. With `release` (`mathagent
+    execute`: each record gets one cell) the sessions end right after their cell, so a chunk never holds more
+    sessions (and their tmpfs) than it runs at once; `execute` has no tokenizer, and the next stage that has
+    one computes the ids (`tokens.complete_ids`)."""
     from mathagent.sandbox import Cell
 
     todo = [(t, code) for t in trajectories if (code := pending_code(t["messages"], markers)) is not None]
@@ -189,11 +190,19 @@ def execute_pending(
         return 0
     cells = [Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code) for t, code in todo]
     for (t, _), result in zip(todo, sandbox.run(cells), strict=True):
-        t["messages"].append(observation_message(result.output, result.status, result.cut, observation_role,
-                                                 result.escaped))
+        observe(t, result, observation_role, tokenizer)
         if release:
             sandbox.forget(str(t["id"]))
     return len(todo)
+
+
+def observe(t: dict[str, Any], result, observation_role: str, tokenizer=None) -> None:
+    """Append a cell's result to the trajectory as its observation; with the `tokenizer`, and where the
+    trajectory carries ids, the observation's ids too (`tokens.observation_ids`)."""
+    messages = t["messages"]
+    messages.append(observation_message(result.output, result.status, result.cut, observation_role, result.escaped))
+    if tokenizer is not None and tokens.PROMPT_IDS in t:
+        messages[-1][tokens.TOKEN_IDS] = tokens.observation_ids(tokenizer, messages, len(messages) - 1)
 
 
 def run_agent(
@@ -208,7 +217,9 @@ def run_agent(
     all have ended). Mutates and returns the list, in order.
 
     A trajectory that comes in ending in an observation is continued; one whose last action was cut by the
-    token limit (status `length`) gets that action continued; pending code is executed first.
+    token limit (status `length`) gets that action continued; pending code is executed first. Every trajectory
+    carries its token ids (`mathagent.tokens`): those it lacks are computed first, and each request's prompt
+    is its ids so far, never a new rendering of its messages.
     """
     H = config.max_turns
     sampling = Sampling(config.temperature, config.top_p, config.max_tokens, stop=(OBSERVATION_FENCE,))
@@ -216,6 +227,7 @@ def run_agent(
     for t in live:  # a cut action is continued once per run; other statuses are re-derived from messages
         if t.get("status") != LENGTH:
             t.pop("status", None)
+        tokens.complete_ids(engine.tokenizer, t)
     _reserve_sessions(live, sandbox, config)
     if config.schedule == "continuous" and hasattr(engine, "submit"):
         return _graded(_run_continuously(trajectories, engine, sandbox, config, sampling, on_turn), grader, config)
@@ -226,13 +238,14 @@ def run_agent(
         ended: list[dict[str, Any]] = []
         # 1. observations for the code of the last turn (or of the input)
         if config.execute:
-            report.executed = execute_pending(live, sandbox, config.observation_role, markers=config.markers)
+            report.executed = execute_pending(live, sandbox, config.observation_role, markers=config.markers,
+                                              tokenizer=engine.tokenizer)
             if turn == 2 and sandbox is not None:
                 sandbox.reserve(0)  # the first actions' cells have their sessions: start no more ahead
         # 2. which trajectories act now
         acting = []
         for t in live:
-            if _ends(t, H, config):
+            if _ends(t, H, config, engine.tokenizer):
                 ended.append(t)
             else:
                 acting.append(t)
@@ -244,7 +257,7 @@ def run_agent(
             report.seconds = engine.stats.seconds - seconds_before
             report.generated = len(acting)
             for t, completion in zip(acting, completions, strict=True):
-                if _take_action(t, completion, config.markers):
+                if _take_action(t, completion, engine.tokenizer, config.markers):
                     ended.append(t)
         for t in ended:
             _finish(t, sandbox, config)
@@ -270,14 +283,14 @@ def _reserve_sessions(trajectories: Sequence[dict[str, Any]], sandbox, config: A
         sandbox.reserve(sum(1 for t in trajectories if not executed_cells(t["messages"])))
 
 
-def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:
+def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None, tokenizer=None) -> bool:
     """Whether the trajectory ends before acting again (its status set), from its messages alone. In
     self-rewarding mode an answer is first judged by the model and a "wrong" one revised (`_self_reward`)."""
     msgs = t["messages"]
     last = msgs[-1]
     content = last["content"]
     if config is not None and config.self_reward is not None and last["role"] == "assistant":
-        move = _self_reward(t, config)
+        move = _self_reward(t, config, tokenizer)
         if move == attempts.END:
             t["status"] = ANSWERED
             return True
@@ -302,7 +315,7 @@ def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None) -> bool:
     return False
 
 
-def _self_reward(t: dict[str, Any], config: AgentConfig) -> str | None:
+def _self_reward(t: dict[str, Any], config: AgentConfig, tokenizer=None) -> str | None:
     """The self-rewarding move after the last action (`attempts.next_move`), with the verdict or revision
     request it needs appended to the messages; the trajectory records the verdict strings it was asked for."""
     markers = config.markers
@@ -325,30 +338,39 @@ def _self_reward(t: dict[str, Any], config: AgentConfig) -> str | None:
     if config.self_reward == "prompted":
         prompt = markers.verify_prompt if move == attempts.VERIFY else markers.revise_prompt
         msgs.append({"role": "user", "content": prompt})
-    elif move == attempts.VERIFY:  # the model completes the verdict after its common prefix
-        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + "\n\n" + prefix
+        if tokenizer is not None and tokens.PROMPT_IDS in t:
+            msgs[-1][tokens.TOKEN_IDS] = tokens.observation_ids(tokenizer, msgs, len(msgs) - 1)
+        return move
+    if move == attempts.VERIFY:  # the model completes the verdict after its common prefix
+        content = msgs[-1]["content"].rstrip() + "\n\n" + prefix
     else:
-        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + " " + markers.cue + "\n"
+        content = msgs[-1]["content"].rstrip() + " " + markers.cue + "\n"
+    if tokenizer is not None and tokens.TOKEN_IDS in msgs[-1]:
+        tokens.retext_action(tokenizer, msgs[-1], content)
+    else:
+        msgs[-1]["content"] = content
     return move
 
 
 def _request(t: dict[str, Any], engine: Engine, config: AgentConfig) -> Request:
     msgs = t["messages"]
-    return Request(prompt_ids(engine.tokenizer, msgs), seed=request_seed(config.seed, t["id"], len(actions(msgs))))
+    return Request(tokens.context_ids(t), seed=request_seed(config.seed, t["id"], len(actions(msgs))))
 
 
-def _take_action(t: dict[str, Any], completion, markers: Markers = DEFAULT_MARKERS) -> bool:
-    """Append the completion as the next action (or the rest of a cut one); True if that ends the trajectory
-    for this run (cut by max_tokens with neither code nor answer: status `length`)."""
+def _take_action(t: dict[str, Any], completion, tokenizer, markers: Markers = DEFAULT_MARKERS) -> bool:
+    """Append the completion as the next action (or the rest of a cut one), with the ids of the text kept
+    (`tokens.keep_sampled`); True if that ends the trajectory for this run (cut by max_tokens with neither
+    code nor answer: status `length`)."""
     msgs = t["messages"]
     if msgs[-1]["role"] == "assistant":  # continuing a cut action, or a self-evaluation within the action
         old = msgs[-1]["content"]
         # Only the new text is cut after its code: a block the action already holds (before an answer that
         # is now being judged) must not cut off what comes after it.
-        msgs[-1]["content"] = old + cut_after_code(completion.text) if extract_code(old) else cut_after_code(
-            old + completion.text)
+        kept = cut_after_code(completion.text) if extract_code(old) else cut_after_code(old + completion.text)[len(old):]
     else:
-        msgs.append({"role": "assistant", "content": cut_after_code(completion.text)})
+        kept = cut_after_code(completion.text)
+        msgs.append({"role": "assistant", "content": "", tokens.TOKEN_IDS: []})
+    tokens.extend_action(msgs[-1], tokens.keep_sampled(tokenizer, completion.token_ids, completion.logprobs, kept))
     content = attempts.after_last_verdict(msgs[-1]["content"], markers)
     if answers.extract_answer(content) is None and extract_code(content) is None and completion.finish_reason == "length":
         t["status"] = LENGTH  # ends this run; the next rollout continues the action
@@ -382,7 +404,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             if code is not None:
                 cell = Cell(session=str(t["id"]), history=executed_cells(t["messages"]), code=code)
                 cells[sandbox.submit(cell)] = key
-            elif _ends(t, config.max_turns, config):
+            elif _ends(t, config.max_turns, config, engine.tokenizer):
                 ended.append(t)
             else:
                 engine.submit(key, _request(t, engine, config), sampling)
@@ -400,7 +422,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             for key, completion in engine.step():
                 generating -= 1
                 report.generated += 1
-                ends = _take_action(keyed[key], completion, config.markers)
+                ends = _take_action(keyed[key], completion, engine.tokenizer, config.markers)
                 turn = max(turn, len(actions(keyed[key]["messages"])))
                 if ends:
                     ended.append(keyed[key])
@@ -410,10 +432,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             report.seconds = engine.stats.seconds - seconds_before
         for future in [f for f in cells if f.done()]:
             key = cells.pop(future)
-            result = future.result()
-            keyed[key]["messages"].append(
-                observation_message(result.output, result.status, result.cut, config.observation_role,
-                                    result.escaped))
+            observe(keyed[key], future.result(), config.observation_role, engine.tokenizer)
             report.executed += 1
             ready.append(key)
         for t in ended:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mathagent import losses
@@ -24,15 +24,35 @@ from mathagent.train_config import TrainConfig
 @dataclass
 class Encoded:
     """One tokenized conversation: ids and action mask (1 = a token the loss reads: the agent's actions, or a
-    PRM's labels), and, after the reference pass, log pi_ref of its actions."""
+    PRM's labels), and, after the reference pass, log pi_ref of its actions.
+
+    `more`: further sequences of the same conversation whose action log-probs add to this one's, where a
+    template that rewrites history shows each action in its own context (`chat.tokenize_per_action`).
+    `logprobs`: where the record carries them, the sampling policy's log-prob of each position's token (None
+    where none was recorded), for the trainer's engine/trainer mismatch figure."""
 
     input_ids: list[int]
     action_mask: list[int]
     ref_logp: float | None = None
+    more: list[Encoded] = field(default_factory=list)
+    logprobs: list[float | None] | None = None
+
+    def rows(self) -> list[Encoded]:
+        """The sequences a forward pass runs for it: itself, then `more`."""
+        return [self, *self.more]
 
     @property
     def actions(self) -> int:
-        return sum(self.action_mask)
+        return sum(sum(row.action_mask) for row in self.rows())
+
+    @property
+    def predicted(self) -> int:
+        """Action tokens with a token before them: those the model predicts (an NLL term's denominator)."""
+        return sum(sum(row.action_mask[1:]) for row in self.rows())
+
+    @property
+    def longest(self) -> int:
+        return max(len(row.input_ids) for row in self.rows())
 
 
 @dataclass
@@ -131,20 +151,31 @@ def forward_groups(lengths: Sequence[int], same_passes: Callable[[int], int] | N
 
 
 def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
-                   same_passes: Callable[[int], int] | None = None):
+                   same_passes: Callable[[int], int] | None = None,
+                   on_logits: Callable[[list[Encoded], Any, Any], None] | None = None):
     """Summed action log-probs [B] (with grad if enabled), action-token counts [B] and non-pad tokens.
 
-    One forward pass per length group (see `length_groups`, and `forward_groups` for `same_passes`); the
-    results are in the order of `sequences`, and a single backward pass through them all follows.
+    One forward pass per length group of the sequences' rows (see `length_groups`, and `forward_groups` for
+    `same_passes`); a sequence's log-prob sums those of its rows (`Encoded.rows`). The results are in the order
+    of `sequences`, and a single backward pass through them all follows. `on_logits(rows, logits, input_ids)`,
+    if given, sees each forward pass (the trainer's log-prob mismatch figure).
     """
     import torch
 
-    logps: list[Any] = [None] * len(sequences)
-    counts: list[Any] = [None] * len(sequences)
-    for group in forward_groups([len(s.input_ids) for s in sequences], same_passes):
-        batch = {k: v.to(device) for k, v in collate([sequences[i] for i in group], pad_id).items()}
+    rows = [(i, row) for i, s in enumerate(sequences) for row in s.rows()]
+    logps: list[Any] = [None] * len(rows)
+    counts: list[Any] = [None] * len(rows)
+    for group in forward_groups([len(row.input_ids) for _, row in rows], same_passes):
+        batch = {k: v.to(device) for k, v in collate([rows[r][1] for r in group], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        if on_logits is not None:
+            on_logits([rows[r][1] for r in group], logits, batch["input_ids"])
         group_logps, group_counts = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
-        for row, i in enumerate(group):
-            logps[i], counts[i] = group_logps[row], group_counts[row]
-    return torch.stack(logps), torch.stack(counts), sum(len(s.input_ids) for s in sequences)
+        for k, r in enumerate(group):
+            logps[r], counts[r] = group_logps[k], group_counts[k]
+    if all(not s.more for s in sequences):
+        summed, summed_counts = logps, counts
+    else:
+        summed = [sum(logps[r] for r, (i, _) in enumerate(rows) if i == j) for j in range(len(sequences))]
+        summed_counts = [sum(counts[r] for r, (i, _) in enumerate(rows) if i == j) for j in range(len(sequences))]
+    return torch.stack(summed), torch.stack(summed_counts), sum(len(row.input_ids) for _, row in rows)

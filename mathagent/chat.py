@@ -96,6 +96,16 @@ class TokenizedConversation(NamedTuple):
     straddling: int = 0  # tokens left out of an action because they also hold text outside it
 
 
+class RewrittenHistory(UserError):
+    """The template does not render the conversation as one growing text: it rewrites or drops earlier
+    content (Qwen3's, DeepSeek-R1's), or its generation prompt is not how it renders an assistant turn."""
+
+
+# Stands for an assistant message's content while the template renders it, to find what the template writes
+# around it: a private-use code point no tokenizer merges with its neighbours and no template rewrites.
+ACTION_MARK = "\ue000action\ue001"
+
+
 def _render(tokenizer, messages: Sequence[dict[str, Any]], index: int, **kwargs) -> str:
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
@@ -125,14 +135,17 @@ def _special_pattern(tokenizer) -> re.Pattern | None:
     return _SPECIALS[tokenizer]
 
 
-def literal_ranges(tokenizer, messages: Sequence[dict[str, Any]], text: str, **kwargs) -> list[tuple[int, int]]:
+def literal_ranges(tokenizer, messages: Sequence[dict[str, Any]], text: str, indices: Sequence[int] | None = None,
+                   **kwargs) -> list[tuple[int, int]]:
     """Character ranges of `text` (the rendering of `messages` with `kwargs`) that hold a message's content
     spelling a special token (a cell that prints "<|im_start|>assistant", a question that quotes "</s>"): that
     text is the message's, not the template's, and must not become the special token. Found by rendering the
-    message with a placeholder content once; empty, at no cost, when no content spells one."""
+    message with a placeholder content once; empty, at no cost, when no content spells one. `indices`: the
+    messages to look at (default: all)."""
     pattern = _special_pattern(tokenizer)
     ranges = []
-    for i, message in enumerate(messages):
+    for i in range(len(messages)) if indices is None else indices:
+        message = messages[i]
         content = message["content"]
         if pattern is None or not pattern.search(content):
             continue
@@ -204,7 +217,7 @@ def _char_layout(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, li
     for i, message in enumerate(messages):
         rendered = _render(tokenizer, messages[: i + 1], i)
         if not rendered.startswith(text):
-            raise UserError(
+            raise RewrittenHistory(
                 f"message {i}: the chat template's rendering of messages[:{i + 1}] does not extend its rendering "
                 f"of messages[:{i}], so the message has no fixed place in the token sequence"
             )
@@ -213,7 +226,7 @@ def _char_layout(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, li
             content = _render(tokenizer, messages[: i + 1], i, continue_final_message=True)
             if not (prompt.startswith(text) and rendered.startswith(prompt) and rendered.startswith(content)
                     and len(prompt) <= len(content)):
-                raise UserError(
+                raise RewrittenHistory(
                     f"message {i}: the chat template's generation prompt after messages[:{i}] is not how it renders "
                     f"assistant message {i}, so the action's start is unknown"
                 )
@@ -273,6 +286,73 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
         first_action = next((s.action_start for s in spans if s.action_start is not None), len(ids))
         mask = [0] * first_action + [1] * (len(ids) - first_action)
     return TokenizedConversation(ids, mask, spans, straddling)
+
+
+def _assistant_closing(tokenizer, messages: Sequence[dict[str, Any]], index: int) -> str:
+    """What the template writes after assistant message `index`'s content when it ends the conversation (its
+    end-of-turn text, e.g. "<|im_end|>\\n"): found by rendering a marker as that message's content."""
+    mark = ACTION_MARK
+    probe = [{"role": m["role"], "content": m["content"]} for m in messages[:index]]
+    text = _render(tokenizer, [*probe, {"role": "assistant", "content": mark}], index)
+    at = text.rfind(mark)
+    return text[at + len(mark):] if at >= 0 else ""
+
+
+def tokenize_per_action(tokenizer, messages: Sequence[dict[str, Any]]) -> list[TokenizedConversation]:
+    """A conversation under a template that rewrites its history (Qwen3 strips the reasoning of earlier turns,
+    DeepSeek-R1's drops it always), as the sequences its actions were written in: each action in the context
+    the template shows at its turn (`apply_chat_template(messages[:i], add_generation_prompt=True)`, what a
+    rollout that renders the state anew feeds the model), followed by its content as it stands and its
+    end-of-turn tokens. Consecutive actions share one sequence where the later one's context extends the
+    earlier one's sequence (the template rewrote nothing before it), so a prefix-stable template gives one.
+
+    The action mask is 1 on each sequence's own actions (their content and end-of-turn tokens through the first
+    special one) and 0 on the contexts: every action is learned once, in its own context. `spans` are empty."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("action masks need a fast (tokenizers-backed) tokenizer, for its character offsets")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("the tokenizer has no chat template")
+    special = special_token_ids(tokenizer)
+    segments: list[tuple[str, list[tuple[int, int]], list[tuple[int, int]]]] = []  # text, actions, literal
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise UserError("message 0: an action needs a prompt before it")
+        context = _render(tokenizer, messages[:i], i, add_generation_prompt=True)
+        content = message["content"]
+        literal = literal_ranges(tokenizer, messages[:i], context, add_generation_prompt=True)
+        if segments and context.startswith(segments[-1][0]):
+            ranges = segments[-1][1]
+            segments[-1] = (context + content, [*ranges, (len(context), len(context) + len(content))],
+                            [*literal, (len(context), len(context) + len(content))])
+        else:
+            segments.append((context + content, [(len(context), len(context) + len(content))],
+                             [*literal, (len(context), len(context) + len(content))]))
+        segments[-1] = (segments[-1][0] + _assistant_closing(tokenizer, messages, i), *segments[-1][1:])
+    out = []
+    for text, ranges, literal in segments:
+        ids, offsets = encode(tokenizer, text, literal)
+        starts = [s for s, _ in offsets]
+        mask = [0] * len(ids)
+        straddling = 0
+        for n, (a_start, c_end) in enumerate(ranges):
+            limit = bisect.bisect_left(starts, ranges[n + 1][0]) if n + 1 < len(ranges) else len(ids)
+            action_start = bisect.bisect_left(starts, a_start)
+            if action_start > 0 and offsets[action_start - 1][1] > a_start:
+                straddling += 1
+            end = action_start
+            while end < limit and offsets[end][1] <= c_end and offsets[end][0] < c_end:
+                end += 1
+            action_end = end
+            if end < limit and offsets[end][0] < c_end:
+                straddling += 1
+            else:
+                action_end = next((t + 1 for t in range(end, limit) if ids[t] in special), end)
+            for t in range(action_start, action_end):
+                mask[t] = 1
+        out.append(TokenizedConversation(ids, mask, [], straddling))
+    return out
 
 
 def label_positions(conversation: TokenizedConversation) -> list[int]:

@@ -22,6 +22,7 @@ from typing import Any
 from mathagent.attempts import DEFAULT_MARKERS, Markers
 from mathagent.pairs import pair_record
 from mathagent.records import group_by_problem, messages_key, problem_rng, split_prompt
+from mathagent.tokens import drop_ids
 
 FORMATS = ("sft", "pairs")  # what make-corrections writes: the demonstrations, or pairs of them
 
@@ -90,6 +91,9 @@ def build_demonstrations(trajectories: Sequence[dict[str, Any]], *, failed_share
             record = {k: v for k, v in first.items() if k not in ("messages", "status", "attempts", "id")}
             record.update(id=f"{first['id']}-{shape}", messages=demonstration(first, revision, markers),
                           verdicts={"correct": markers.correct, "wrong": markers.wrong}, shape=shape)
+            # Its assistant stream joins text from two trajectories and the grader's verdicts: no ids hold it,
+            # so training renders it (as any record without ids).
+            drop_ids(record)
             out.append(record)
             stats.shapes[shape] += 1
             made += 1

@@ -50,6 +50,7 @@ from mathagent import agent
 from mathagent.errors import UserError
 from mathagent.grading import Grader
 from mathagent.records import LENGTH, actions
+from mathagent.tokens import LOGPROBS, PROMPT_IDS, TOKEN_IDS
 
 PLUS, MINUS = "+", "-"
 STEP_MODES = ("turns", "paragraphs")
@@ -116,7 +117,9 @@ def split_steps(messages: Sequence[dict[str, str]], mode: str = "turns") -> list
                 prefix = [dict(m) for m in messages[:stop]]
                 text = "\n\n".join([content[start:].strip(), *observations])
             else:
-                prefix = [dict(m) for m in messages[:i]] + [{**messages[i], "content": content[:end]}]
+                # The cut action's ids are stale: rollout encodes the part kept (`tokens.complete_ids`).
+                cut = {k: v for k, v in messages[i].items() if k not in (TOKEN_IDS, LOGPROBS)}
+                prefix = [dict(m) for m in messages[:i]] + [{**cut, "content": content[:end]}]
                 text = piece
             steps.append(Step(prefix=prefix, text=text, partial=not last_paragraph))
             start = end
@@ -259,6 +262,8 @@ def continuation_root(step: Step, trajectory: dict[str, Any], key: str) -> dict[
     """The trajectory that M continuations branch from: the prefix, the gold answer, and status `length` when
     the prefix ends inside an action (so run_agent continues that action instead of stopping there)."""
     root = {"id": _root_id(key), "messages": [dict(m) for m in step.prefix], "answer": trajectory.get("answer")}
+    if PROMPT_IDS in trajectory:  # kept only where the engine's tokenizer renders the root's prompt the same
+        root[PROMPT_IDS] = trajectory[PROMPT_IDS]
     if step.partial:
         root["status"] = LENGTH
     return root

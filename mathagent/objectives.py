@@ -19,10 +19,12 @@ from typing import Any
 
 from mathagent import labeling, losses, prm
 from mathagent.batches import Encoded, Plan, forward_groups, sequence_logps
-from mathagent.chat import tokenize_conversation
+from mathagent.chat import RewrittenHistory, tokenize_conversation, tokenize_per_action
+from mathagent.chat import prompt_ids as chat_prompt_ids
 from mathagent.errors import UserError
 from mathagent.labeling import PLUS
-from mathagent.records import check_messages, check_prompt, first_action
+from mathagent.records import check_messages, check_prompt, first_action, messages_key, split_prompt
+from mathagent.tokens import PROMPT_IDS, TOKEN_IDS, complete_ids, conversation_from_ids
 from mathagent.train_config import TrainConfig
 
 @dataclass
@@ -38,6 +40,7 @@ class Example:
     desirable: bool = True  # kto
     prompt: list[dict[str, str]] = field(default_factory=list)  # kto: for the mismatched KL pairs
     completion: list[dict[str, str]] = field(default_factory=list)
+    prompt_ids: list[int] | None = None  # kto: the prompt's recorded ids, for the mismatched KL pairs
     plus: list[bool] = field(default_factory=list)  # prm: the hard labels, True for '+'
     q: list[float] = field(default_factory=list)  # prm: the soft labels (Q-hat)
 
@@ -75,16 +78,68 @@ class EncodeReport:
     too_long: int = 0  # examples dropped because a sequence of theirs is longer than max_length
     no_actions: int = 0  # sequences with no action token (PRM: records with no step label, left out)
     straddling: int = 0  # tokens left out of actions because they also hold template text (see chat.py)
+    from_ids: int = 0  # conversations trained on their recorded token ids (`tokens`)
+    per_action: int = 0  # conversations without ids whose template rewrites history: one context per action
 
 
-def encode_conversation(tokenizer, messages: list[dict[str, str]], config: TrainConfig,
-                        report: EncodeReport) -> Encoded:
-    """A conversation's ids and action mask (`chat.tokenize_conversation`), its oddities counted in `report`."""
-    conv = tokenize_conversation(tokenizer, messages, mask_observations=config.mask_observations)
-    report.straddling += conv.straddling
-    if not any(conv.action_mask[1:]):
-        report.no_actions += 1
-    return Encoded(conv.input_ids, conv.action_mask)
+class Encoder:
+    """How a conversation becomes training tokens, for one tokenizer.
+
+    A conversation that carries its token ids (`prompt_ids`, and `token_ids` on its messages, as rollout
+    writes them) is trained on exactly those ids, the mask 1 on its actions' (`tokens.conversation_from_ids`);
+    ids a message lacks (an observation `execute` added) are computed first, as rollout would
+    (`tokens.complete_ids`). Its `prompt_ids` must be this tokenizer's rendering of its prompt: ids from
+    another model's tokenizer would train on nonsense. A conversation without ids is rendered with the chat
+    template (`chat.tokenize_conversation`), or, where the template rewrites history, as one context per
+    action (`chat.tokenize_per_action`)."""
+
+    def __init__(self, tokenizer, config: TrainConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self._prompts: dict[str, list[int]] = {}  # prompt (as a key) -> this tokenizer's prompt_ids
+
+    def __call__(self, prompt: list[dict[str, Any]], response: list[dict[str, Any]], report: EncodeReport,
+                 prompt_ids: list[int] | None = None) -> Encoded:
+        if prompt_ids is not None:
+            return self._from_ids(prompt, response, report, prompt_ids)
+        messages = [*prompt, *response]
+        try:
+            conv = tokenize_conversation(self.tokenizer, messages, mask_observations=self.config.mask_observations)
+        except RewrittenHistory as e:
+            if not self.config.mask_observations:
+                raise UserError(f"{e}; the single-turn baseline (mask_observations off) needs one rendering of "
+                                "the whole conversation: train it on records with token ids (rollout writes "
+                                "them)", options=("mask_observations",)) from None
+            rows = tokenize_per_action(self.tokenizer, messages)
+            report.per_action += 1
+            report.straddling += sum(r.straddling for r in rows)
+            encoded = Encoded(rows[0].input_ids, rows[0].action_mask,
+                              more=[Encoded(r.input_ids, r.action_mask) for r in rows[1:]])
+        else:
+            report.straddling += conv.straddling
+            encoded = Encoded(conv.input_ids, conv.action_mask)
+        if not encoded.predicted:
+            report.no_actions += 1
+        return encoded
+
+    def _from_ids(self, prompt, response, report: EncodeReport, prompt_ids: list[int]) -> Encoded:
+        key = messages_key(prompt)
+        if key not in self._prompts:
+            self._prompts[key] = chat_prompt_ids(self.tokenizer, prompt)
+        if self._prompts[key] != list(prompt_ids):
+            raise UserError("its prompt_ids are not this tokenizer's rendering of its prompt (were its trajectories "
+                            "sampled with another model's tokenizer?): train with that model's tokenizer, or drop "
+                            "the token-id fields to have the messages rendered")
+        if any(TOKEN_IDS not in m for m in response):
+            trajectory = {PROMPT_IDS: prompt_ids, "messages": [*prompt, *(dict(m) for m in response)]}
+            complete_ids(self.tokenizer, trajectory)
+            response = trajectory["messages"][len(prompt):]
+        conv = conversation_from_ids(prompt_ids, response, mask_observations=self.config.mask_observations)
+        report.from_ids += 1
+        if not any(conv.action_mask[1:]):
+            report.no_actions += 1
+        logprobs = conv.logprobs if any(x is not None for x in conv.logprobs) else None
+        return Encoded(conv.input_ids, conv.action_mask, logprobs=logprobs)
 
 
 # ---- the objectives ----------------------------------------------------------------------------------------
@@ -133,6 +188,7 @@ class Objective:
     def setup(self, tokenizer) -> None:
         """Take the tokenizer of the model to train (the recipe loads it once the model is resolved)."""
         self.tokenizer = tokenizer
+        self.encode_conversation = Encoder(tokenizer, self.config)
 
     def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
         raise NotImplementedError
@@ -149,7 +205,7 @@ class Objective:
             except UserError as e:
                 raise UserError(f"record {record['id']}: {e}", options=e.options) from None
             for example in encoded:
-                if any(len(s.input_ids) > self.config.max_length for s in example.sequences):
+                if any(s.longest > self.config.max_length for s in example.sequences):
                     report.too_long += 1
                 else:
                     examples.append(example)
@@ -202,10 +258,11 @@ class PairObjective(Objective):
             raise UserError(f"loss {config.loss!r}: choose from {', '.join(losses.LOSSES)}", options=("loss",))
 
     def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
-        chosen = encode_conversation(self.tokenizer, record["prompt"] + record["chosen"], self.config, report)
-        rejected = encode_conversation(self.tokenizer, record["prompt"] + record["rejected"], self.config, report)
+        prompt_ids = record.get(PROMPT_IDS)
+        chosen = self.encode_conversation(record["prompt"], record["chosen"], report, prompt_ids)
+        rejected = self.encode_conversation(record["prompt"], record["rejected"], report, prompt_ids)
         # the NLL term's tokens: the chosen actions that have a token before them
-        return [Example(record["id"], [chosen, rejected], targets=chosen.actions - chosen.action_mask[0])]
+        return [Example(record["id"], [chosen, rejected], targets=chosen.predicted)]
 
     def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
         config = self.config
@@ -256,9 +313,9 @@ class KTOObjective(Objective):
     def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
         units = ([(record["chosen"], True), (record["rejected"], False)] if "chosen" in record
                  else [(record["completion"], record["label"])])
-        return [Example(record["id"],
-                        [encode_conversation(self.tokenizer, record["prompt"] + completion, self.config, report)],
-                        desirable=label, prompt=record["prompt"], completion=completion)
+        prompt_ids = record.get(PROMPT_IDS)
+        return [Example(record["id"], [self.encode_conversation(record["prompt"], completion, report, prompt_ids)],
+                        desirable=label, prompt=record["prompt"], completion=completion, prompt_ids=prompt_ids)
                 for completion, label in units]
 
     def check_plan(self, plan: Plan) -> None:
@@ -277,9 +334,10 @@ class KTOObjective(Objective):
                 for micro in per_rank:
                     for i, j in kl_partners(micro, self.prompt_keys):
                         if (i, j) not in self.partners:
-                            self.partners[i, j] = encode_conversation(
-                                self.tokenizer, examples[i].prompt + examples[j].completion, self.config,
-                                EncodeReport())
+                            # ids where both sides have them: the prompt's, then the completion's
+                            ids = examples[i].prompt_ids if examples[j].prompt_ids is not None else None
+                            self.partners[i, j] = self.encode_conversation(
+                                examples[i].prompt, examples[j].completion, EncodeReport(), ids)
                             sequences.append(self.partners[i, j])
         return sequences
 
@@ -325,8 +383,9 @@ class SFTObjective(Objective):
     name = "sft"
 
     def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
-        sequence = encode_conversation(self.tokenizer, record["messages"], self.config, report)
-        return [Example(record["id"], [sequence], targets=sequence.actions - sequence.action_mask[0])]
+        prompt, response = split_prompt(record["messages"])
+        sequence = self.encode_conversation(prompt, response, report, record.get(PROMPT_IDS))
+        return [Example(record["id"], [sequence], targets=sequence.predicted)]
 
     def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
         logps, _, tokens = sequence_logps(model, [e.sequences[0] for e in batch.examples], batch.pad_id,

@@ -74,6 +74,7 @@ from mathagent.records import (
     split_prompt,
 )
 from mathagent.rewards import REWARD_KINDS, grade_trajectories
+from mathagent.tokens import PROMPT_IDS, TOKEN_IDS, has_ids
 
 STRATEGIES = ("random", "max-min", "all")
 FORMATS = ("pairs", "kto", "sft")
@@ -236,10 +237,15 @@ def error_observation(trajectory: dict[str, Any]) -> bool:
     return observation is not None and observation_failed(observation)
 
 
-def conversation_length(tokenizer, messages: Sequence[dict[str, str]]) -> int:
-    """Tokens of the whole conversation under the tokenizer's chat template (special tokens included)."""
+def conversation_length(tokenizer, messages: Sequence[dict[str, str]], prompt_ids: Sequence[int] | None = None) -> int:
+    """Tokens of the whole conversation as training reads it: its recorded ids where it has them
+    (`prompt_ids` and every message's `token_ids`), else its rendering under the tokenizer's chat template
+    (special tokens included)."""
     from mathagent.chat import token_ids
 
+    _, response = split_prompt(messages)
+    if has_ids(prompt_ids, response):
+        return len(prompt_ids) + sum(len(m[TOKEN_IDS]) for m in response)
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     # The template already wrote any BOS it wants (as in prompt_ids); special tokens spelled inside a
     # message are plain text, as training tokenizes them.
@@ -247,7 +253,7 @@ def conversation_length(tokenizer, messages: Sequence[dict[str, str]]) -> int:
 
 
 def too_long(tokenizer, max_length: int) -> Filter:
-    return Filter("too_long", lambda t: conversation_length(tokenizer, t["messages"]) > max_length)
+    return Filter("too_long", lambda t: conversation_length(tokenizer, t["messages"], t.get(PROMPT_IDS)) > max_length)
 
 
 def ungraded(reward_threshold: float | None) -> Filter:

@@ -51,6 +51,10 @@ TOOL_CALL = "tool_call"  # the last action's code waits for its observation (`ma
 STATUSES = (ANSWERED, STOPPED, MAX_TURNS, LENGTH, TOOL_CALL)
 
 OBSERVATION_FENCE = "```output"
+# The tokens a record carries (`mathagent.tokens`): the prompt's ids, each message's, a sampled action's log-probs.
+PROMPT_IDS = "prompt_ids"
+TOKEN_IDS = "token_ids"
+LOGPROBS = "logprobs"
 OBSERVATION_ROLES = ("user", "tool")  # an observation is never the agent's own (assistant) message
 
 # How a cell ended (`outcome.status` of an observation): sandbox.STATUSES, written again because the sandbox's
@@ -193,6 +197,31 @@ def check_prompt(value: Any, name: str = "prompt") -> str | None:
     return problem
 
 
+def check_token_fields(record: dict[str, Any]) -> str | None:
+    """What is wrong with a record's token-id fields (None: nothing, or none there): `prompt_ids` and each
+    message's `token_ids` lists of ids, a message's `logprobs` as long as its `token_ids` (`mathagent.tokens`)."""
+    value = record.get(PROMPT_IDS)
+    if value is not None and not _ints(value):
+        return f"field '{PROMPT_IDS}' must be a list of token ids (integers)"
+    for name in ("messages", "chosen", "rejected", "completion"):
+        for j, m in enumerate(record.get(name) or ()):
+            if not isinstance(m, dict):
+                continue
+            if TOKEN_IDS in m and not _ints(m[TOKEN_IDS]):
+                return f"field '{name}[{j}].token_ids' must be a list of token ids (integers)"
+            lps = m.get(LOGPROBS)
+            if lps is not None:
+                if TOKEN_IDS not in m or not isinstance(lps, list) or len(lps) != len(m[TOKEN_IDS]):
+                    return f"field '{name}[{j}].logprobs' must be a list as long as its token_ids"
+                if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in lps):
+                    return f"field '{name}[{j}].logprobs' must hold numbers (or null)"
+    return None
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+
+
 @dataclass
 class InvalidCounter:
     """Counts the lines skipped under --skip-invalid, with the first few reasons."""
@@ -225,6 +254,9 @@ def _validate(record: Any, required: Sequence[str]) -> str | None:
         problem = check_messages(record.get("messages"))
         if problem is not None:
             return problem
+    problem = check_token_fields(record)
+    if problem is not None:
+        return problem
     if "status" in record and record["status"] not in STATUSES:
         return f"field 'status' is {record['status']!r}, expected one of {', '.join(STATUSES)}"
     if "id" in record and not isinstance(record["id"], (str, int)):

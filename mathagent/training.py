@@ -56,6 +56,7 @@ from typing import Any
 from mathagent.batches import Encoded, make_plan, sequence_logps
 from mathagent.checkpoints import checkpoints, save_checkpoint
 from mathagent.errors import UserError
+from mathagent.losses import token_logps
 from mathagent.metrics_log import MetricsLog
 from mathagent.objectives import MicroBatch, Objective, StepTotals, fingerprint
 from mathagent.records import write_atomic
@@ -94,6 +95,7 @@ class Recipe:
 
     def run(self, records: Sequence[dict[str, Any]], on_step: Callable[[dict[str, Any]], None] | None
             ) -> dict[str, Any]:
+        self.mismatch: dict[str, Any] | None = None
         self._setup_data(records)
         finished = self._setup_checkpoints()
         if finished is not None:
@@ -175,7 +177,7 @@ class Recipe:
             "objective": self.objective.name, "loss": config.loss, "batch_size": config.batch_size,
             "grad_accum": config.grad_accum, "world_size": self.world, "seed": config.seed,
             "examples": len(self.examples), "lora": config.lora,
-            "data": fingerprint([(s.input_ids, s.action_mask) for s in self.sequences]),
+            "data": fingerprint([[(r.input_ids, r.action_mask) for r in s.rows()] for s in self.sequences]),
             **self.objective.identity(self.examples),
         }
 
@@ -226,8 +228,13 @@ class Recipe:
         disable_dropout(ref_model)
         ref_model.to(self.device)
         batch = config.ref_batch_size or max(2, 2 * self.plan.micro_batch)
+        # The starting policy is the sampling policy of records with log-probs: its pass measures the mismatch.
+        mismatch = SamplingMismatch() if self.ref_path is None and self.start_step == 0 else None
         mine = reference_logps(ref_model, sequences, batch_size=batch, pad_id=self.pad_id, device=self.device,
-                               autocast=self.accelerator.autocast, indices=range(self.rank, len(sequences), world))
+                               autocast=self.accelerator.autocast, indices=range(self.rank, len(sequences), world),
+                               on_logits=mismatch)
+        if mismatch is not None:
+            self._report_mismatch(mismatch)
         merged: dict[int, float] = {}
         for part in (gather_object([mine]) if world > 1 else [mine]):
             merged.update(part)
@@ -250,6 +257,8 @@ class Recipe:
         if model is None:
             model = load_model(self.model_path, frozen_bf16=self.precision == "bf16" and config.lora)
         disable_dropout(model)
+        if self.mismatch is None and self.start_step == 0 and any(s.logprobs is not None for s in self.sequences):
+            self._measure_mismatch(model)
         if config.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -260,6 +269,39 @@ class Recipe:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.model = model
+
+    def _measure_mismatch(self, model) -> None:
+        """The starting policy's log-probs of sampled tokens against the recorded ones, on up to
+        MISMATCH_SEQUENCES sequences, where no reference pass measured them (SFT, a separate --ref-model):
+        before the model is wrapped, so each process runs its own share without collectives."""
+        import torch
+
+        sampled = [i for i, s in enumerate(self.sequences) if s.logprobs is not None][:MISMATCH_SEQUENCES]
+        mine = sampled[self.rank :: self.world]
+        mismatch = SamplingMismatch()
+        model.to(self.device)
+        model.eval()
+        batch = self.config.ref_batch_size or max(2, 2 * self.plan.micro_batch)
+        with torch.no_grad(), self.accelerator.autocast():
+            for lo in range(0, len(mine), batch):
+                sequence_logps(model, [self.sequences[i] for i in mine[lo : lo + batch]], self.pad_id, self.device,
+                               on_logits=mismatch)
+        model.train()
+        self._report_mismatch(mismatch)
+
+    def _report_mismatch(self, mismatch: SamplingMismatch) -> None:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([mismatch]) if self.world > 1 else [mismatch]
+        total = SamplingMismatch()
+        for part in parts:
+            total.tokens += part.tokens
+            total.abs_sum += part.abs_sum
+            total.abs_max = max(total.abs_max, part.abs_max)
+        self.mismatch = total.as_dict()
+        if total.tokens:
+            self.say(f"sampled log-probs: {total.tokens} tokens, |recorded - trainer's| mean "
+                     f"{self.mismatch['mean_abs']:.2e}, max {self.mismatch['max_abs']:.2e} per token")
 
     # 6. AdamW and the LR schedule, prepared by accelerate; the checkpoint's states on resume
     def _setup_optimizer_and_schedule(self) -> None:
@@ -378,6 +420,8 @@ class Recipe:
             "final": self.last_row, "weights_sha256": digests, "processes_agree": len(set(digests)) <= 1,
             "encoding": asdict(self.report), "run": self.identity,
         }
+        if self.mismatch is not None and self.mismatch["tokens"]:
+            summary["sampling_logprob_mismatch"] = self.mismatch
         if self.main:
             self.objective.save(self.output_dir, self.model_path, self.plan.total_steps)
             self.summary_path.write_text(json.dumps(summary, indent=2))
@@ -419,6 +463,44 @@ def save_model(accelerator, model, tokenizer, output_dir: Path, *, merge_lora: b
 
 # ---- precision, models, the reference pass, the processes --------------------------------------------------
 
+MISMATCH_SEQUENCES = 256  # sequences a separate mismatch pass reads at most (the reference pass reads all)
+
+
+class SamplingMismatch:
+    """|log pi_sample(token) - log pi(token)| over the sampled tokens of records that carry `logprobs`: the
+    engine's figure against the trainer's for the same model and the same ids (`on_logits` of
+    `batches.sequence_logps`). Large values mean the engine and the trainer disagree (another dtype, kernel or
+    model), which biases anything that weighs tokens by their ratio to the sampling policy; verl and TRL log
+    the same figure."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.abs_sum = 0.0
+        self.abs_max = 0.0
+
+    def __call__(self, rows: Sequence[Encoded], logits, input_ids) -> None:
+        import torch
+
+        per_token = None
+        for k, row in enumerate(rows):
+            if row.logprobs is None:
+                continue
+            positions = [t for t, x in enumerate(row.logprobs) if x is not None and t >= 1]
+            if not positions:
+                continue
+            if per_token is None:
+                per_token = token_logps(logits, input_ids).detach()
+            got = per_token[k, [t - 1 for t in positions]].double()
+            want = torch.tensor([row.logprobs[t] for t in positions], dtype=torch.float64, device=got.device)
+            diff = (got - want).abs()
+            self.tokens += len(positions)
+            self.abs_sum += float(diff.sum())
+            self.abs_max = max(self.abs_max, float(diff.max()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "mean_abs": self.abs_sum / self.tokens if self.tokens else None,
+                "max_abs": self.abs_max if self.tokens else None}
+
 
 def choose_precision(requested: str = "auto") -> str:
     """'bf16' (mixed precision) on a CUDA GPU that supports it, else 'fp32'; an explicit choice is kept."""
@@ -458,17 +540,18 @@ def disable_dropout(model) -> None:
 
 
 def reference_logps(model, sequences: Sequence[Encoded], *, batch_size: int, pad_id: int, device, autocast,
-                    indices: Sequence[int]) -> dict[int, float]:
-    """log pi_ref of `sequences[i]` for each i in `indices`, longest first (less padding)."""
+                    indices: Sequence[int], on_logits=None) -> dict[int, float]:
+    """log pi_ref of `sequences[i]` for each i in `indices`, longest first (less padding); `on_logits` sees
+    each forward pass (`batches.sequence_logps`)."""
     import torch
 
-    todo = sorted(indices, key=lambda i: -len(sequences[i].input_ids))
+    todo = sorted(indices, key=lambda i: -sequences[i].longest)
     out: dict[int, float] = {}
     model.eval()
     with torch.no_grad(), autocast():
         for lo in range(0, len(todo), batch_size):
             chunk = todo[lo : lo + batch_size]
-            logps, _, _ = sequence_logps(model, [sequences[i] for i in chunk], pad_id, device)
+            logps, _, _ = sequence_logps(model, [sequences[i] for i in chunk], pad_id, device, on_logits=on_logits)
             out.update(zip(chunk, logps.double().tolist()))
     return out
 
