@@ -161,3 +161,45 @@ def test_bad_token_fields_are_named():
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "token_ids": [1],
                                                           "logprobs": [-1.0, -2.0]}]})
     assert check_token_fields({"chosen": [{"role": "assistant", "content": "a", "token_ids": [1]}]}) is None
+
+
+def _with_ids(tokenizer, trajectory_id, answer, correct):
+    t = {"id": trajectory_id, "problem_id": "p", "question": "What is 2+3?", "answer": "5",
+         "messages": [*(dict(m) for m in QUESTION), {"role": "assistant", "content": "```python\nprint(2 + 3)\n```"},
+                      dict(OBSERVATION), {"role": "assistant", "content": f"So \\boxed{{{answer}}}."}],
+         "status": "answered", "pred": answer, "correct": correct, "reward": 1.0 if correct else -0.5}
+    tokens.complete_ids(tokenizer, t)
+    t["messages"][3]["logprobs"] = [-0.25] * len(t["messages"][3]["token_ids"])
+    return t
+
+
+@pytest.mark.parametrize("format", ["pairs", "kto", "sft"])
+def test_every_preference_format_carries_the_ids(tiny_tokenizer, format):
+    from mathagent.pairs import PairConfig, make_pairs
+
+    right, wrong = _with_ids(tiny_tokenizer, "p-0", "5", True), _with_ids(tiny_tokenizer, "p-1", "6", False)
+    out, _ = make_pairs([right, wrong], PairConfig(format=format))
+    for record in out:
+        assert record["prompt_ids"] == right["prompt_ids"]
+        response = record.get("chosen") or record.get("completion") or record["messages"][1:]
+        assert all("token_ids" in m for m in response)
+    if format == "pairs":
+        assert out[0]["chosen"][2]["token_ids"] == right["messages"][3]["token_ids"]
+        assert out[0]["rejected"][2]["logprobs"] == wrong["messages"][3]["logprobs"]
+
+
+def test_stages_that_rewrite_text_drop_the_ids_they_make_stale(tiny_tokenizer):
+    from mathagent.attempts import DEFAULT_MARKERS
+    from mathagent.correction import build_demonstrations
+    from mathagent.labeling import split_steps
+
+    t = _with_ids(tiny_tokenizer, "p-0", "5", True)
+    t["messages"][3]["content"] = "First.\n\nSo \\boxed{5}."
+    steps = split_steps(t["messages"], "paragraphs")
+    cut = [s for s in steps if s.partial]
+    assert cut and all("token_ids" not in s.prefix[-1] and "logprobs" not in s.prefix[-1] for s in cut)
+    assert all("token_ids" in s.prefix[1] for s in steps)  # earlier messages keep theirs
+    demonstrations, _ = build_demonstrations([t, _with_ids(tiny_tokenizer, "p-1", "6", False)], markers=DEFAULT_MARKERS)
+    assert demonstrations and all("prompt_ids" not in d and all("token_ids" not in m for m in d["messages"])
+                                  for d in demonstrations)
+    assert "token_ids" in t["messages"][1]  # the input is left as it was
