@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model (built once per session), real engines, and a scripted policy.
+"""Shared fixtures: the tiny model (built once per session), real engines, the float64 reference of the model's
+log-probs that the engines' are checked on, and a scripted policy.
 
 The scripted engine is a real `Engine` whose next action is a function of the state. It is used only where
 the logic under test is the loop's, not the model's (how many engine calls a rollout costs, how state and
@@ -40,7 +41,9 @@ def tiny_tokenizer(tiny_model):
 def vllm_engine(tiny_model):
     from mathagent.engines import open_engine
 
-    engine = open_engine("vllm", tiny_model, seed=0)
+    # float32 on every CPU: vLLM would pick bfloat16 where the CPU has bf16 instructions, and the engines'
+    # log-probs are checked against float32 transformers.
+    engine = open_engine("vllm", tiny_model, seed=0, dtype="float32")
     yield engine
     engine.close()
 
@@ -52,6 +55,84 @@ def hf_engine(tiny_model):
     engine = open_engine("hf", tiny_model, seed=0)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_model):
+    """The tiny model in transformers in float64: the reference the engines' float32 log-probs are checked on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def model_logprobs(reference_model) -> Callable[[list[int], list[int]], list[float]]:
+    """log pi(token | context) of each of `token_ids` after `prompt_ids`, teacher-forced in one forward pass of
+    the reference model: what a trainer recomputes, and so what an engine's `Completion.logprobs` must be."""
+    import torch
+
+    def logprobs(prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+        with torch.inference_mode():
+            logits = reference_model(torch.tensor([[*prompt_ids, *token_ids]])).logits[0, len(prompt_ids) - 1 : -1]
+        return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+
+    return logprobs
+
+
+EOS_SEARCH_STEPS = 16
+
+
+@pytest.fixture(scope="session")
+def eos_prompt(reference_model, tiny_tokenizer) -> list[int]:
+    """A prompt after which the tiny model's greedy decoding emits EOS within EOS_SEARCH_STEPS tokens, each
+    step's choice leading the runner-up by at least 0.01 in logit, so that no engine's float32 rounding (~1e-6)
+    changes the path.
+
+    Random weights rarely choose EOS, so it is searched for: the chat prompt followed by each ordinary token of
+    the vocabulary in turn; the one whose greedy path to EOS is longest is kept."""
+    import torch
+
+    from mathagent.chat import prompt_ids
+
+    tokenizer = tiny_tokenizer
+    chat = prompt_ids(tokenizer, [{"role": "user", "content": "What is 2+3?"}])
+    candidates = [t for t in range(len(tokenizer)) if t not in tokenizer.all_special_ids]
+    prompts = torch.tensor([[*chat, t] for t in candidates])
+    with torch.inference_mode():
+        out = reference_model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                       max_new_tokens=EOS_SEARCH_STEPS, return_dict_in_generate=True,
+                                       output_logits=True, pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=tokenizer.eos_token_id)
+    top_two = [step.topk(2, dim=-1).values for step in out.logits]
+    leads = torch.stack([values[:, 0] - values[:, 1] for values in top_two], dim=1)
+    best = None  # (length of the path to EOS, row)
+    for row, path in enumerate(out.sequences[:, prompts.shape[1] :].tolist()):
+        if tokenizer.eos_token_id in path:
+            length = path.index(tokenizer.eos_token_id) + 1
+            if leads[row, :length].min() >= 0.01 and (best is None or length > best[0]):
+                best = (length, row)
+    assert best is not None, "no prompt of the search leads the tiny model's greedy decoding to EOS"
+    return [*chat, candidates[best[1]]]
+
+
+LOGPROB_TOLERANCE = 1e-4  # float32 engines against the float64 reference differ by ~1e-6 (see test_engines)
+
+
+def check_sampled_ids(completion: Completion, prompt: list[int], tokenizer, model_logprobs, sampling: Sampling):
+    """What a completion says of the ids it sampled (`Completion.token_ids`, `.logprobs`), for every engine that
+    returns them: one log-prob per id, the model's own; the text is their decoding (up to a stop string); EOS,
+    when the model emitted it, is the last id."""
+    ids = completion.token_ids
+    assert len(ids) == len(completion.logprobs) == completion.num_tokens
+    assert tokenizer.decode(ids, skip_special_tokens=True).startswith(completion.text)
+    assert tokenizer.eos_token_id not in ids[:-1]
+    if completion.finish_reason == "length":
+        assert len(ids) == sampling.max_tokens and ids[-1] != tokenizer.eos_token_id
+    elif not sampling.stop:
+        assert ids[-1] == tokenizer.eos_token_id
+    reference = model_logprobs(prompt, ids)
+    assert max(abs(a - b) for a, b in zip(completion.logprobs, reference, strict=True)) <= LOGPROB_TOLERANCE
 
 
 class ScriptedEngine:
@@ -74,10 +155,11 @@ class ScriptedEngine:
                     text = text[: text.index(stop)]
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             finish = "length" if len(ids) > sampling.max_tokens else "stop"
+            ids = ids[: sampling.max_tokens]
             if finish == "length":
-                text = self.tokenizer.decode(ids[: sampling.max_tokens])
-            self.stats.generated_tokens += min(len(ids), sampling.max_tokens)
-            out.append(Completion(text=text, num_tokens=min(len(ids), sampling.max_tokens), finish_reason=finish))
+                text = self.tokenizer.decode(ids)
+            self.stats.generated_tokens += len(ids)
+            out.append(Completion(text=text, num_tokens=len(ids), finish_reason=finish, token_ids=ids, logprobs=None))
         return out
 
     def close(self) -> None:

@@ -1,6 +1,10 @@
-"""Both backends on the tiny model: one call completes a whole batch, with the interface's finish reasons."""
+"""Both backends on the tiny model: one call completes a whole batch, with the interface's finish reasons, and
+every completion carries the ids it sampled with their log-probs under the model."""
+
+import re
 
 import pytest
+from conftest import LOGPROB_TOLERANCE, check_sampled_ids
 
 from mathagent.chat import prompt_ids
 from mathagent.engines import Request, Sampling
@@ -35,15 +39,18 @@ def test_vllm_continuous_batching_samples_what_one_generate_call_samples(vllm_en
     ids = [prompt_ids(vllm_engine.tokenizer, [{"role": "user", "content": q}]) for q in ("What is 2+3?", "Find 7*8.")]
     sampling = Sampling(temperature=1.0, max_tokens=24, stop=("```output",))
     requests = [Request(ids[0], seed=7), Request(ids[1], seed=8), Request(ids[0], seed=9)]
-    batch = [c.text for c in vllm_engine.generate(requests, sampling)]
+    batch = vllm_engine.generate(requests, sampling)
     vllm_engine.submit("0", requests[0], sampling)
     finished = dict(vllm_engine.step())
     vllm_engine.submit("1", requests[1], sampling)
     vllm_engine.submit("2", requests[2], sampling)
     while len(finished) < 3:
         finished.update(vllm_engine.step())
-    assert [finished[key].text for key in "012"] == batch
-    assert len(set(batch)) == 3
+    assert [finished[key].text for key in "012"] == [c.text for c in batch]
+    assert [finished[key].token_ids for key in "012"] == [c.token_ids for c in batch]
+    for key, c in zip("012", batch, strict=True):
+        assert finished[key].logprobs == pytest.approx(c.logprobs, abs=LOGPROB_TOLERANCE)
+    assert len({c.text for c in batch}) == 3
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
@@ -52,6 +59,48 @@ def test_greedy_decoding_is_deterministic(backend, request):
     ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Compute 7*6."}])
     a, b = engine.generate([Request(ids), Request(ids)], Sampling(temperature=0.0, max_tokens=10))
     assert a.text == b.text
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_completions_carry_their_ids_through_eos_and_the_models_log_probs_of_them(
+        backend, temperature, request, eos_prompt, model_logprobs):
+    """The ids and log-probs of prompts of different lengths (transformers pads them on the left) sampled at
+    the agent's temperature and greedily: the log-probs are the model's at temperature 1 whatever the sampling
+    temperature, within LOGPROB_TOLERANCE of the float64 reference (the float32 engines are ~1e-6 from it; a
+    log-prob taken after the temperature is 0.01-0.3 away on the tiny model, one a position off ~0.7)."""
+    engine = request.getfixturevalue(f"{backend}_engine")
+    prompts = [prompt_ids(engine.tokenizer, [{"role": "user", "content": q}])
+               for q in ("What is 2+3?", "Find the remainder when 2024 is divided by 7, and explain each step.")]
+    prompts.append(eos_prompt)  # greedy decoding ends it with EOS
+    requests = [Request(p, seed=seed) for seed, p in enumerate(prompts)]
+    sampling = Sampling(temperature=temperature, max_tokens=24)
+    out = engine.generate(requests, sampling)
+    for r, c in zip(requests, out, strict=True):
+        check_sampled_ids(c, r.prompt_ids, engine.tokenizer, model_logprobs, sampling)
+    if temperature == 0.0:
+        assert out[-1].finish_reason == "stop" and out[-1].token_ids[-1] == engine.tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_a_stop_string_ends_the_ids_at_the_token_that_completes_it(backend, temperature, request, model_logprobs):
+    """A stop string cuts the text before it, and the ids after the token that completes it (which may run past
+    the string): they are the same sample's ids as without the stop string, up to that token."""
+    engine = request.getfixturevalue(f"{backend}_engine")
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Compute."}])
+    (full,) = engine.generate([Request(ids, seed=5)], Sampling(temperature=temperature, max_tokens=24))
+    # Three letters from the second half, so that a dozen tokens come before; letters only, since the tiny model
+    # writes stray bytes, whose characters a tokenizer decodes differently alone.
+    stop = re.search(r"[A-Za-z]{3}", full.text[len(full.text) // 2 :]).group()
+    sampling = Sampling(temperature=temperature, max_tokens=24, stop=(stop,))
+    (cut,) = engine.generate([Request(ids, seed=5)], sampling)
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+    decode = engine.tokenizer.decode
+    assert stop in decode(cut.token_ids) and stop not in decode(cut.token_ids[:-1])
+    check_sampled_ids(cut, ids, engine.tokenizer, model_logprobs, sampling)
 
 
 def test_stop_strings_are_excluded_from_the_text(hf_engine):

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import check_sampled_ids
 
 from mathagent.chat import prompt_ids
 from mathagent.engines import Request, Sampling, open_engine
@@ -20,9 +22,10 @@ from mathagent.errors import UserError
 
 class ScriptedServer:
     """An OpenAI-style endpoint serving the model `name`: each completion request gets the next status of
-    `statuses` (then 200 for good); a 200 echoes how many prompt tokens came, and costs 3 tokens."""
+    `statuses` (then 200 for good); a 200 echoes how many prompt tokens came, and costs 3 tokens. It returns no
+    token ids, as servers other than vLLM's, unless `choice` adds fields to the choice it answers."""
 
-    def __init__(self, statuses=(), name="served-tiny", idle_timeout=None):
+    def __init__(self, statuses=(), name="served-tiny", idle_timeout=None, choice=None):
         self.statuses = list(statuses)
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
@@ -55,7 +58,7 @@ class ScriptedServer:
                     self.reply(status, {"error": {"message": f"scripted {status}"}})
                     return
                 self.reply(200, {"choices": [{"index": 0, "text": f"saw {len(body['prompt'])} tokens",
-                                              "finish_reason": "length"}],
+                                              "finish_reason": "length", **(choice or {})}],
                                  "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3}})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -97,6 +100,31 @@ def test_requests_go_as_token_ids_with_their_seeds_and_token_counts_come_from_th
         ("served-tiny", 7, 0.5, 0.9, ("```output",))}
     assert (engine.stats.calls, engine.stats.requests, engine.stats.generated_tokens) == (1, 3, 9)
     assert engine.stats.prompt_tokens == 2 * len(ids) + 5
+
+
+def test_a_server_that_returns_no_token_ids_gives_the_texts_tokenization_counted_and_logged_once(
+        servers, tiny_model, caplog):
+    server = servers()
+    engine = open_engine("openai", tiny_model, base_urls=[server.url])
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Find x."}])
+    out = engine.generate([Request(ids, seed=s) for s in range(3)], Sampling(max_tokens=4))
+    engine.close()
+    text = f"saw {len(ids)} tokens"
+    assert [(c.text, c.token_ids, c.logprobs) for c in out] == [
+        (text, engine.tokenizer(text, add_special_tokens=False)["input_ids"], None)] * 3
+    assert engine.stats.retokenized == 3
+    warnings = [r for r in caplog.records if r.name == "mathagent.engines.openai"]
+    assert len(warnings) == 1 and "returns no token ids" in warnings[0].getMessage()
+    assert all(b["return_token_ids"] is True and b["logprobs"] == 0 for b in server.bodies)
+
+
+def test_token_ids_without_a_log_prob_each_are_refused_naming_the_server(servers, tiny_model):
+    server = servers(choice={"token_ids": [5, 6, 7], "logprobs": {"token_logprobs": [-1.0, -2.0]}})
+    engine = open_engine("openai", tiny_model, base_urls=[server.url])
+    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "Find x."}])
+    with pytest.raises(UserError, match=rf"^{server.url}/completions: 3 token ids came back without a log-prob"):
+        engine.generate([Request(ids, seed=1)], Sampling(max_tokens=4))
+    engine.close()
 
 
 def test_transient_errors_are_retried_and_a_server_that_went_down_is_passed_over(servers, tiny_model):
@@ -177,6 +205,44 @@ def test_the_openai_options_are_checked_before_anything_loads(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model, tmp_path_factory) -> str:
+    """vLLM's server for the tiny model on 127.0.0.1, in float32 as the `vllm_engine` fixture (the log-probs are
+    checked against float64 transformers). About 50 s to start on two cores."""
+    from mathagent.engines.vllm import local_server
+
+    kv = int(os.environ.get("MATHAGENT_VLLM_KV_BYTES", 64 * 2**20))
+    with local_server(tiny_model, log=tmp_path_factory.mktemp("server") / "server.log", kv_cache_memory_bytes=kv,
+                      dtype="float32") as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_a_vllm_server_returns_the_ids_it_sampled_and_the_models_log_probs_of_them(
+        tiny_server, tiny_model, eos_prompt, model_logprobs):
+    """The in-process engines' checks (test_engines) through the server: ids through EOS and through the token
+    that completes a stop string, and each id's log-prob under the model at temperature 1."""
+    engine = open_engine("openai", tiny_model, base_urls=[tiny_server])
+    tokenizer = engine.tokenizer
+    chat = prompt_ids(tokenizer, [{"role": "user", "content": "What is 2+3?"}])
+    for temperature in (0.7, 0.0):
+        sampling = Sampling(temperature=temperature, max_tokens=24)
+        out = engine.generate([Request(chat, seed=1), Request(eos_prompt, seed=2)], sampling)
+        for prompt, c in zip((chat, eos_prompt), out, strict=True):
+            check_sampled_ids(c, prompt, tokenizer, model_logprobs, sampling)
+    assert out[1].finish_reason == "stop" and out[1].token_ids[-1] == tokenizer.eos_token_id  # greedy
+    full = out[0]
+    stop = re.search(r"[A-Za-z]{3}", full.text[len(full.text) // 2 :]).group()  # as in test_engines
+    sampling = Sampling(temperature=0.0, max_tokens=24, stop=(stop,))
+    (cut,) = engine.generate([Request(chat, seed=1)], sampling)
+    engine.close()
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+    assert stop in tokenizer.decode(cut.token_ids) and stop not in tokenizer.decode(cut.token_ids[:-1])
+    check_sampled_ids(cut, chat, tokenizer, model_logprobs, sampling)
+    assert engine.stats.retokenized == 0
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,12 @@ Slower than vLLM but needs nothing beyond transformers, and it is the one that r
 checkpoint or a peft adapter exactly as training sees it. Rows are sorted by prompt length and generated in
 micro-batches of `batch_size` to bound padding and memory. Sampling is seeded once per call (transformers has
 no per-row generator), so a sample depends on the batch it was drawn in.
+
+A completion's `token_ids` are the ids a row sampled, through its EOS id or the token that completed its stop
+string, and `logprobs` their log-probs under the model at temperature 1, from the raw logits `generate` returns
+for each step (`output_logits`). It keeps those of every step of a micro-batch until the batch ends, in float32:
+batch_size x max_tokens x vocabulary floats (64 x 512 x 152k for a Qwen2.5 model: 20 GB), so a large
+vocabulary wants a smaller `batch_size`.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class HFEngine:
 
     def _generate_batch(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
         import torch
+        from transformers import StoppingCriteriaList
 
         width = max(len(r.prompt_ids) for r in requests)
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
@@ -89,6 +96,7 @@ class HFEngine:
         for row, r in enumerate(requests):  # left padding: every row's next token is at the same position
             input_ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             attention_mask[row, width - len(r.prompt_ids) :] = 1
+        ends = _RowEnds(self.tokenizer, self.eos_ids, sampling.stop, prompt_width=width, rows=len(requests))
         greedy = sampling.temperature <= 0
         with torch.inference_mode():
             out = self.model.generate(
@@ -99,32 +107,59 @@ class HFEngine:
                 top_p=None if greedy else sampling.top_p,
                 top_k=None,
                 max_new_tokens=sampling.max_tokens,
-                stop_strings=list(sampling.stop) or None,
-                tokenizer=self.tokenizer,
+                stopping_criteria=StoppingCriteriaList([ends]),
                 pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.eos_ids),
+                eos_token_id=sorted(self.eos_ids),  # also what makes `generate` pad the rows that ended
+                return_dict_in_generate=True,
+                output_logits=True,  # the raw logits of each step, before temperature and top-p
             )
+            sampled = out.sequences[:, width:]
+            # log pi(token | context) at temperature 1: log_softmax of each step's raw logits (float32 already,
+            # as `generate` keeps them) at the id sampled in it; a row's positions after it ended are pads.
+            logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, sampled[:, i : i + 1])[:, 0]
+                                    for i, step in enumerate(out.logits)], dim=1)
         completions = []
-        for row in out[:, width:].tolist():
-            ids, ended = [], False
-            for t in row:
-                if t in self.eos_ids:
-                    ended = True
-                    break
-                ids.append(t)
+        for row, (ids, lps) in enumerate(zip(sampled.tolist(), logprobs.tolist(), strict=True)):
+            length = ends.lengths[row]  # None: it ran to max_tokens, and so did the batch
+            ids, lps = ids[:length], lps[:length]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            for stop in sampling.stop:  # transformers keeps the stop string; the interface excludes it
+            for stop in sampling.stop:  # transformers keeps the stop string in the ids; the text excludes it
                 cut = text.find(stop)
                 if cut >= 0:
                     text = text[:cut]
-                    if not ended:
-                        # A row stopped by a string is padded after it; the pads were never generated.
-                        while ids and ids[-1] == self.pad_id:
-                            ids.pop()
-                    ended = True
-            finish = "stop" if ended or len(ids) < sampling.max_tokens else "length"
-            completions.append(Completion(text=text, num_tokens=len(ids), finish_reason=finish))
+            finish = "length" if length is None else "stop"
+            completions.append(Completion(text=text, num_tokens=len(ids), finish_reason=finish, token_ids=ids,
+                                          logprobs=lps))
         return completions
 
     def close(self) -> None:
         self.model = None
+
+
+class _RowEnds:
+    """The stopping rule of a batch's rows (an EOS id, or a stop string in the text) as a transformers stopping
+    criterion, which also notes how many tokens each row had sampled when it stopped.
+
+    `generate` pads a row after it stops, and a row can sample the pad id too, so the ids alone do not say where
+    a row ended. A stop string ends a row at the token that completes it, which may run past the string
+    (transformers' `StopStringCriteria`, which also matches a string begun in the prompt)."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop: tuple[str, ...], *, prompt_width: int, rows: int):
+        import torch
+        from transformers import StopStringCriteria
+
+        self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        self.stop_strings = StopStringCriteria(tokenizer, list(stop)) if stop else None
+        self.prompt_width = prompt_width
+        self.lengths: list[int | None] = [None] * rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.isin(input_ids[:, -1], self.eos_ids.to(input_ids.device))
+        if self.stop_strings is not None:
+            done |= self.stop_strings(input_ids, scores)
+        for row in done.nonzero()[:, 0].tolist():
+            if self.lengths[row] is None:  # a row that ended is checked again on its pads
+                self.lengths[row] = input_ids.shape[1] - self.prompt_width
+        return done

@@ -47,6 +47,9 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    # Completions whose token ids are their text's tokenization, without log-probs: from a server that does not
+    # return the ids it sampled (`engines.openai`). Zero for the in-process engines.
+    retokenized: int = 0
 
 
 class Engine(Protocol):

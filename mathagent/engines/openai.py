@@ -11,6 +11,15 @@ server that failed is passed over for the length of its back-off. After `retries
 error, the call fails with a message naming the server and what it said. Token counts are the server's
 (`usage`).
 
+A completion's `token_ids` and `logprobs` are the server's. Each request asks for them: `return_token_ids` (a
+vLLM extension) and `logprobs: 0` (the sampled token's log-prob alone), which vLLM's server returns in the choice
+as `token_ids` and `logprobs.token_logprobs`, the same as in-process vLLM gives (EOS and stop-string tokens
+included; log-probs at temperature 1 under `--logprobs-mode raw_logprobs`, vLLM's default, which
+`server_command` also sets). Ids that come back without one log-prob each are an error naming the server. A
+server that returns no ids (another implementation) gets its text's tokenization as `token_ids`, which need not
+be the ids it sampled, and `logprobs` None: such completions are counted in `stats.retokenized`, and the first
+is logged.
+
     engine = OpenAIEngine("Qwen/Qwen2.5-Math-7B-Instruct", base_urls=["http://node1:8000/v1", "http://node2:8000/v1"])
 
 The servers must serve `model` (or, with `adapter`, a LoRA module of that name: `vllm serve --lora-modules
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import random
 import threading
@@ -34,6 +44,8 @@ from mathagent.errors import UserError
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 STEP_WAIT = 0.02  # seconds a `step` waits for a request to finish before handing control back to the loop
+
+logger = logging.getLogger(__name__)
 
 
 class _Transient(Exception):
@@ -174,6 +186,8 @@ class OpenAIEngine:
             "top_p": sampling.top_p,
             "stop": list(sampling.stop),
             "n": 1,
+            "logprobs": 0,
+            "return_token_ids": True,
         }
         if request.seed is not None:
             body["seed"] = request.seed
@@ -205,13 +219,27 @@ class OpenAIEngine:
                 with self._lock:
                     server.in_flight -= 1
         choice = answer["choices"][0]
+        text = choice.get("text") or ""
         usage = answer.get("usage") or {}
         tokens = int(usage.get("completion_tokens", 0))
+        token_ids, logprobs = choice.get("token_ids"), (choice.get("logprobs") or {}).get("token_logprobs")
+        retokenized = token_ids is None
+        if retokenized:
+            token_ids, logprobs = self.tokenizer(text, add_special_tokens=False)["input_ids"], None
+        elif logprobs is None or len(logprobs) != len(token_ids) or None in logprobs:
+            raise UserError(f"{server.url}/completions: {len(token_ids)} token ids came back without a log-prob "
+                            "for each (a vLLM server returns both)")
         with self._lock:
             self.stats.prompt_tokens += int(usage.get("prompt_tokens", len(request.prompt_ids)))
             self.stats.generated_tokens += tokens
+            self.stats.retokenized += retokenized
+            first_retokenized = retokenized and self.stats.retokenized == 1
+        if first_retokenized:
+            logger.warning("%s returns no token ids: completions carry their text's tokenization and no log-probs "
+                           "(counted in the engine's stats.retokenized)", server.url)
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        return Completion(text=choice.get("text") or "", num_tokens=tokens, finish_reason=finish)
+        return Completion(text=text, num_tokens=tokens, finish_reason=finish, token_ids=[int(t) for t in token_ids],
+                          logprobs=None if logprobs is None else [float(lp) for lp in logprobs])
 
     # -- the engine interface -------------------------------------------------------------------------------
 

