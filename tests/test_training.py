@@ -496,3 +496,43 @@ def test_vllm_generates_with_the_saved_lora_adapter_as_transformers_does(tmp_pat
     assert completions["vllm", str(out)]
     assert completions["vllm", str(out)] == completions["hf", str(out)]
     assert completions["hf", str(out)] != completions["hf", None]  # the adapter is applied
+
+
+def test_sampled_trajectories_train_on_their_recorded_ids_and_the_mismatch_is_reported(tmp_path, tiny_model,
+                                                                                       hf_engine, sandbox, grader):
+    """SFT and M-DPO on trajectories the tiny model sampled (hf): the trainer reads exactly the recorded ids
+    (its first-step loss is the float64 NLL of their action tokens) and its log-probs of the sampled tokens
+    agree with the recorded ones to float32 precision; the same records without ids are rendered instead."""
+    from mathagent.agent import AgentConfig, new_trajectories, run_agent
+    from mathagent.prompts import PROMPTS
+    from mathagent.tokens import conversation_from_ids, drop_ids
+
+    problems = [{"id": f"p{i}", "question": f"What is {i} + {i + 2}?", "answer": str(2 * i + 2)} for i in range(2)]
+    trajectories = [t for p in problems for t in new_trajectories(p, 2, PROMPTS["tool"])]
+    run_agent(trajectories, hf_engine, sandbox, grader, AgentConfig(max_turns=2, max_tokens=24, temperature=1.0))
+    assert all("prompt_ids" in t and any("logprobs" in m for m in t["messages"]) for t in trajectories)
+    config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "sft"), batch_size=4, max_steps=1,
+                         learning_rate=1e-3)
+    summary = training.train(config, objectives.SFTObjective(config), trajectories, log=lambda _: None)
+    assert summary["encoding"]["from_ids"] == 4
+    mismatch = summary["sampling_logprob_mismatch"]
+    assert mismatch["tokens"] >= 4 * 2 and mismatch["max_abs"] < 1e-4, mismatch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    total, count = 0.0, 0
+    for t in trajectories:
+        conv = conversation_from_ids(t["prompt_ids"], t["messages"][1:])
+        with torch.no_grad():
+            logits = model(torch.tensor([conv.input_ids])).logits
+        per_token = losses.token_logps(logits, torch.tensor([conv.input_ids]))[0]
+        mask = torch.tensor(conv.action_mask[1:], dtype=torch.bool)
+        total -= float(per_token[mask].sum())
+        count += int(mask.sum())
+    assert metrics(tmp_path / "sft")[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+    for t in trajectories:
+        drop_ids(t)
+    config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "rendered"), batch_size=4, max_steps=1,
+                         learning_rate=1e-3)
+    summary = training.train(config, objectives.SFTObjective(config), trajectories, log=lambda _: None)
+    assert summary["encoding"]["from_ids"] == 0 and "sampling_logprob_mismatch" not in summary
