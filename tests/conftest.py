@@ -44,6 +44,9 @@ def vllm_engine(tiny_model):
     # float32 on every CPU: vLLM would pick bfloat16 where the CPU has bf16 instructions, and the engines'
     # log-probs are checked against float32 transformers.
     engine = open_engine("vllm", tiny_model, seed=0, dtype="float32")
+    # The first sampled log-probs compile part of vLLM's sampler (seconds): here, not inside a timed test.
+    engine.generate([Request([1, 2, 3], seed=0)], Sampling(temperature=1.0, max_tokens=2))
+    engine.stats = EngineStats()
     yield engine
     engine.close()
 

@@ -103,15 +103,23 @@ def test_the_model_loads_with_transformers_and_a_forward_pass_runs(family, famil
     assert logits.shape == (1, len(ids), len(tokenizer)) and torch.isfinite(logits).all()
 
 
-def test_vllm_loads_a_family_model_and_generates_a_few_tokens(family_models):
-    from mathagent.chat import prompt_ids
-    from mathagent.engines import Request, Sampling, open_engine
+def test_vllm_rolls_out_a_family_model_with_its_ids(family_models, tmp_path):
+    """In its own process: an in-process vLLM engine tears down vLLM's process groups when it closes, which
+    would break the session's engine (tests/conftest.py) for every test after this one."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    engine = open_engine("vllm", family_models["qwen3"], seed=0)
-    try:
-        ids = prompt_ids(engine.tokenizer, CONVERSATION[:1])
-        assert engine.tokenizer.decode(ids).endswith(GENERATION_PROMPTS["qwen3"])
-        [completion] = engine.generate([Request(ids, seed=1)], Sampling(temperature=1.0, max_tokens=4))
-    finally:
-        engine.close()
-    assert 1 <= completion.num_tokens <= 4 and completion.finish_reason in ("stop", "length")
+    problem = json.dumps({"id": "p", "question": "What is 2+3?", "answer": "5"}) + "\n"
+    proc = subprocess.run([sys.executable, "-m", "mathagent.cli", "rollout", "--model", family_models["qwen3"],
+                           "--max-tokens", "4", "--max-turns", "1", "--temperature", "1.0"], input=problem,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "MATHAGENT_VERBOSE": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [trajectory] = [json.loads(line) for line in proc.stdout.splitlines()]
+    [prompt, action] = trajectory["messages"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family_models["qwen3"])
+    assert tokenizer.decode(trajectory["prompt_ids"]).endswith(GENERATION_PROMPTS["qwen3"])
+    assert 1 <= len(action["token_ids"]) <= 4 and len(action["logprobs"]) == len(action["token_ids"])

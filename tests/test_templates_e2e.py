@@ -23,6 +23,7 @@ history, so templates that rewrite it (Qwen3, DeepSeek-R1, GLM-4, Phi-3.5, ...) 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,6 @@ def test_rollout_pairs_and_training_carry_the_engine_token_ids(family, tmp_path)
     assert row["logps/chosen"] == pytest.approx(summed["chosen"], rel=1e-4)
     assert row["logps/rejected"] == pytest.approx(summed["rejected"], rel=1e-4)
     assert row["nll"] == pytest.approx(-summed["chosen"] / actions["chosen"], rel=1e-4)
+    # the step's M-DPO loss: -log sigmoid(beta * (log-ratio of chosen - of rejected)) + the NLL term, the
+    # policy being its own reference before the first update (log-ratios 0)
+    assert row["loss"] == pytest.approx(math.log(2) - summed["chosen"] / actions["chosen"], rel=1e-4)

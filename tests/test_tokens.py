@@ -203,3 +203,47 @@ def test_stages_that_rewrite_text_drop_the_ids_they_make_stale(tiny_tokenizer):
     assert demonstrations and all("prompt_ids" not in d and all("token_ids" not in m for m in d["messages"])
                                   for d in demonstrations)
     assert "token_ids" in t["messages"][1]  # the input is left as it was
+
+
+def test_records_without_ids_under_a_rewriting_template_train_each_action_in_its_own_context(tmp_path):
+    """External pairs for Qwen3 (no ids): train-mdpo takes them, each action in the context Qwen3's template
+    shows at its turn; the first step's summed log-probs are those of a float64 pass over those contexts."""
+    import json
+
+    import torch
+    from families import build_family_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from mathagent.cli import app
+
+    model_dir = str(build_family_model(tmp_path / "qwen3", "qwen3"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chosen = [{"role": "assistant", "content": ACTION}, OBSERVATION, {"role": "assistant", "content": ANSWER}]
+    rejected = [{"role": "assistant", "content": ACTION}, OBSERVATION,
+                {"role": "assistant", "content": ANSWER.replace("boxed{5}", "boxed{6}")}]
+    pair = {"id": "x", "prompt": QUESTION, "chosen": chosen, "rejected": rejected}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
+    result = CliRunner().invoke(app, ["train-mdpo", str(tmp_path / "pairs.jsonl"), "--model", model_dir,
+                                      "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "1"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+
+    def summed(response):
+        messages = [*QUESTION, *response]
+        total = 0.0
+        for i in (1, 3):  # each action after its own context, then its content and <|im_end|>
+            context = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            head = tokenizer(context, add_special_tokens=False)["input_ids"]
+            action = tokenizer(messages[i]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([head + action])
+            with torch.no_grad():
+                logps = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+            total += float(logps[len(head) - 1 :].sum())
+        return total
+
+    assert row["logps/chosen"] == pytest.approx(summed(chosen), rel=1e-4)
+    assert row["logps/rejected"] == pytest.approx(summed(rejected), rel=1e-4)
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["encoding"]["per_action"] == 2 and summary["encoding"]["from_ids"] == 0

@@ -498,18 +498,21 @@ def test_vllm_generates_with_the_saved_lora_adapter_as_transformers_does(tmp_pat
     assert completions["hf", str(out)] != completions["hf", None]  # the adapter is applied
 
 
-def test_sampled_trajectories_train_on_their_recorded_ids_and_the_mismatch_is_reported(tmp_path, tiny_model,
-                                                                                       hf_engine, sandbox, grader):
-    """SFT and M-DPO on trajectories the tiny model sampled (hf): the trainer reads exactly the recorded ids
-    (its first-step loss is the float64 NLL of their action tokens) and its log-probs of the sampled tokens
-    agree with the recorded ones to float32 precision; the same records without ids are rendered instead."""
+@pytest.mark.parametrize("engine", ["hf_engine", "vllm_engine"])
+def test_sampled_trajectories_train_on_their_recorded_ids_and_the_mismatch_is_reported(tmp_path, tiny_model, engine,
+                                                                                       request, sandbox, grader):
+    """SFT on trajectories the tiny model sampled (hf, and vLLM in float32): the trainer reads exactly the
+    recorded ids (its first-step loss is the float64 NLL of their action tokens) and its log-probs of the
+    sampled tokens agree with the recorded ones to float32 precision; the same records without ids are
+    rendered instead."""
+    engine = request.getfixturevalue(engine)
     from mathagent.agent import AgentConfig, new_trajectories, run_agent
     from mathagent.prompts import PROMPTS
     from mathagent.tokens import conversation_from_ids, drop_ids
 
     problems = [{"id": f"p{i}", "question": f"What is {i} + {i + 2}?", "answer": str(2 * i + 2)} for i in range(2)]
     trajectories = [t for p in problems for t in new_trajectories(p, 2, PROMPTS["tool"])]
-    run_agent(trajectories, hf_engine, sandbox, grader, AgentConfig(max_turns=2, max_tokens=24, temperature=1.0))
+    run_agent(trajectories, engine, sandbox, grader, AgentConfig(max_turns=2, max_tokens=24, temperature=1.0))
     assert all("prompt_ids" in t and any("logprobs" in m for m in t["messages"]) for t in trajectories)
     config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "sft"), batch_size=4, max_steps=1,
                          learning_rate=1e-3)
