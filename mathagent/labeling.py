@@ -9,7 +9,7 @@ completion tau_j is graded against the reference answer:
     label_h         = '+'  if Q-hat(s_h, a_h) > 0  else '-'         (the hard label: "some completion succeeds")
 
 The talk's soft-optimal Q (the slide "Q Learning via Monte-Carlo Estimation") is the value of the
-KL-regularised target with coefficient eta, estimated from the same M completions (`--q soft-optimal --eta`):
+KL-regularised target with coefficient eta, estimated from the same M completions (`--q soft-optimal --q-eta`):
 
     Q*(s_h, a_h) = eta * log( (1/M) * sum_j exp(u_j / eta) )
 

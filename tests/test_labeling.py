@@ -312,6 +312,14 @@ def test_mc_label_refuses_an_ungraded_trajectory_with_its_line():
     assert proc.stderr.startswith("error: <stdin>:1: missing required field 'correct'")
 
 
+def test_mc_label_names_its_q_eta_flag_in_a_bad_value_and_has_no_eta_flag():
+    graded = {"id": "g", "messages": [QUESTION], "answer": "7", "correct": True}
+    proc = mathagent(["mc-label", "--q", "soft-optimal", "--q-eta", "0"], json.dumps(graded) + "\n", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --q-eta 0.0: must be a positive finite number")
+    proc = mathagent(["mc-label", "--eta", "1"], json.dumps(graded) + "\n", check=False)
+    assert proc.returncode == 2 and "No such option: --eta" in proc.stderr
+
+
 def test_self_rewarding_completions_are_judged_revised_and_graded_on_their_final_answer(scripted, sandbox, grader):
     """A prompted self-rewarding trajectory's steps: with --self-reward the completions of a step go on through
     verdicts and revisions as the rollout did, so Q-hat is the chance that the final answer is right."""
