@@ -124,7 +124,7 @@ def _main(
 
 
 # The flags of the options whose flag is not "--" + the option's name with dashes (what `UserError.options` name).
-FLAGS = {"learning_rate": "--lr", "steps_mode": "--steps"}
+FLAGS = {"learning_rate": "--lr", "steps_mode": "--steps", "eta": "--q-eta"}
 
 
 def _user_errors() -> contextlib.AbstractContextManager[None]:
@@ -342,7 +342,7 @@ def mc_label(
     max_revisions: Annotated[int, typer.Option("--max-revisions", help="R of the completions (with --self-reward).")] = 1,
     verdicts: Annotated[str, typer.Option("--verdicts", help="The two verdict strings, CORRECT|WRONG (with --self-reward).")] = f"{DEFAULT_MARKERS.correct}|{DEFAULT_MARKERS.wrong}",
     q: Annotated[QEstimate, _choose("--q", QEstimate, help="The soft label 'q': mean (Q-hat, the fraction of correct completions) or soft-optimal (Q* = eta log mean exp(u/eta), the talk's KL-regularised value; eta -> infinity gives the mean, eta -> 0 the hard label).")] = "mean",
-    eta: Annotated[float, typer.Option("--eta", help="eta of --q soft-optimal (the KL coefficient).")] = 1.0,
+    q_eta: Annotated[float, typer.Option("--q-eta", help="eta of --q soft-optimal, on the scale of the 0/1 outcome u: 1 weighs the KL term like one correct answer. Not train-mdpo's --beta (the same eta in the talk, but on the scale of the Bradley-Terry reward of its pairs): see docs/prm.md.")] = 1.0,
     format: Annotated[LabelFormat, _choose("--format", LabelFormat, help="records: every input trajectory with 'steps' added; prm: PRM training chats (user = step, assistant = '+'/'-') with 'labels' and soft labels 'q'.")] = "records",
     observation_role: ObservationRoleOpt = "user",
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories labeled together (their prefixes go to the engine together); output is written, and resumable, chunk by chunk.")] = 1024,
@@ -373,7 +373,7 @@ def mc_label(
         stages.mc_label(RecordIO(input, output, resume, skip_invalid),
                         _engine(model, backend, adapter, base_url, concurrency, seed, dtype, max_model_len),
                         SandboxOptions(workers, timeout, memory_mb, max_output_chars), config,
-                        m=m, steps=steps, prompt=prompt, q=q, eta=eta, format=format, chunk_size=chunk_size)
+                        m=m, steps=steps, prompt=prompt, q=q, eta=q_eta, format=format, chunk_size=chunk_size)
 
 
 @app.command("score-prm")

@@ -9,7 +9,7 @@ completion tau_j is graded against the reference answer:
     label_h         = '+'  if Q-hat(s_h, a_h) > 0  else '-'         (the hard label: "some completion succeeds")
 
 The talk's soft-optimal Q (the slide "Q Learning via Monte-Carlo Estimation") is the value of the
-KL-regularised target with coefficient eta, estimated from the same M completions (`--q soft-optimal --eta`):
+KL-regularised target with coefficient eta, estimated from the same M completions (`--q soft-optimal --q-eta`):
 
     Q*(s_h, a_h) = eta * log( (1/M) * sum_j exp(u_j / eta) )
 
@@ -140,15 +140,30 @@ def q_hat(outcomes: Sequence[bool]) -> float:
 
 def soft_optimal_q(outcomes: Sequence[bool], eta: float) -> float:
     """Q*(s_h, a_h) = eta * log((1/M) sum_j exp(u_j / eta)), u_j = 1[completion j is correct]: the soft-optimal
-    value of the KL-regularised target (eta -> infinity: Q-hat; eta -> 0: max_j u_j). Computed as
-    u_max + eta * log((1/M) sum_j exp((u_j - u_max) / eta)), which neither overflows nor underflows."""
+    value of the KL-regularised target (eta -> infinity: Q-hat; eta -> 0: max_j u_j).
+
+    The outcomes are binary, so with p = Q-hat (the fraction correct) and x = 1/eta it has a closed form,
+
+        Q* = eta * log(1 - p + p e^x) = log1p(p * expm1(x)) / x                      (x <= 700)
+           = 1 + eta * log(p + (1 - p) e^-x) = 1 + log1p((1 - p) * expm1(-x)) / x    (x > 700, 0 < p)
+
+    the second the max-shifted u_max + eta log mean exp((u_j - u_max) / eta), for a small eta where e^x would
+    overflow (x > 709.78). expm1 and log1p keep every digit where the naive sum does not: for [T, F, F, F],
+    1 + eta log((e^(-1/eta) + 3) / 4) loses digits as eta grows (0.2499999 at 1e9) and is 1.0 at 1e16, when
+    e^(-1/eta) rounds to 1; here Q* = p + p(1 - p) x / 2 + O(x^2) to the last digit, 0.25 at eta 1e16 and 1e300.
+    All right or all wrong gives exactly 1 or 0."""
     if not outcomes:
         raise ValueError("Q* of zero completions is undefined")
     if not eta > 0 or math.isinf(eta):
         raise ValueError(f"eta must be a positive finite number, got {eta}")
-    u = [1.0 if o else 0.0 for o in outcomes]
-    top = max(u)
-    return top + eta * math.log(sum(math.exp((x - top) / eta) for x in u) / len(u))
+    right = sum(1 for o in outcomes if o)
+    if right in (0, len(outcomes)):
+        return float(right > 0)
+    p = right / len(outcomes)
+    x = 1.0 / eta  # inf for a subnormal eta: the second form's limit, 1 + log(p) * 0
+    if x <= 700.0:
+        return math.log1p(p * math.expm1(x)) / x
+    return 1.0 + math.log1p((1.0 - p) * math.expm1(-x)) / x
 
 
 def check_estimate(estimate: str, eta: float, m: int = 1) -> None:

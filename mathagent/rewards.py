@@ -6,7 +6,8 @@ the answer:
 
     r1(tau)     = +1    if the last action gives its answer in \boxed{} and a_hat == a*
                   -0.5  if the last action gives its answer in \boxed{} and a_hat != a*
-                  -1    if the last action has no \boxed{} answer (whatever else it states)
+                  -1    if the last action has no \boxed{} answer (whatever else it states; a last box that
+                        never closes is none, not the box before it: `answers.extract_boxed`)
     binary(tau) = 1[a_hat == a*]
 
 where a* is the reference answer and "==" is mathematical equivalence (`grading.Grader.is_equivalent`). The

@@ -72,6 +72,24 @@ def test_soft_optimal_q_tends_to_the_mean_for_large_eta_and_to_the_hard_label_fo
         labeling.soft_optimal_q(outcomes, 0.0)
 
 
+def test_soft_optimal_q_keeps_every_digit_from_tiny_to_huge_eta():
+    one_in_four = [True, False, False, False]
+    # Hand values: eta -> 0, 1 + eta log(1/4) (the 3 e^(-1/eta) term is below 1e-400); eta = 1, log((e + 3) / 4);
+    # eta -> infinity, p + p (1 - p) / (2 eta) + O(eta^-2) with p = 1/4, which rounds to 0.25 from eta 1e16 on.
+    assert labeling.soft_optimal_q(one_in_four, 1e-300) == 1.0
+    assert labeling.soft_optimal_q(one_in_four, 1e-3) == pytest.approx(1 - math.log(4) / 1e3, rel=1e-15)
+    for eta in (1 / 700, 1 / 700.001):  # either side of where the closed form switches to the max-shifted one
+        assert labeling.soft_optimal_q(one_in_four, eta) == pytest.approx(1 - eta * math.log(4), rel=1e-15)
+    assert labeling.soft_optimal_q(one_in_four, 1.0) == pytest.approx(0.35737401950878853731, rel=1e-15)
+    assert labeling.soft_optimal_q(one_in_four, 1e9) == pytest.approx(0.25 + 0.09375e-9, rel=1e-15)
+    assert labeling.soft_optimal_q(one_in_four, 1e16) == 0.25
+    assert labeling.soft_optimal_q(one_in_four, 1e300) == 0.25
+    three_in_eight = [True] * 3 + [False] * 5
+    assert labeling.soft_optimal_q(three_in_eight, 1e9) == pytest.approx(0.375 + 0.375 * 0.625 / 2e9, rel=1e-15)
+    assert labeling.soft_optimal_q(three_in_eight, 1e16) == 0.375
+    assert labeling.soft_optimal_q([True] * 4, 1e300) == 1.0 and labeling.soft_optimal_q([False] * 4, 1e-300) == 0.0
+
+
 def test_a_turn_step_is_an_action_with_its_observation_and_its_prefix_ends_there():
     t = trajectory("a", [3, 5], 7, True)
     steps = split_steps(t["messages"])
@@ -292,6 +310,14 @@ def test_mc_label_refuses_an_ungraded_trajectory_with_its_line():
     proc = mathagent(["mc-label"], json.dumps(ungraded) + "\n", check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: <stdin>:1: missing required field 'correct'")
+
+
+def test_mc_label_names_its_q_eta_flag_in_a_bad_value_and_has_no_eta_flag():
+    graded = {"id": "g", "messages": [QUESTION], "answer": "7", "correct": True}
+    proc = mathagent(["mc-label", "--q", "soft-optimal", "--q-eta", "0"], json.dumps(graded) + "\n", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --q-eta 0.0: must be a positive finite number")
+    proc = mathagent(["mc-label", "--eta", "1"], json.dumps(graded) + "\n", check=False)
+    assert proc.returncode == 2 and "No such option: --eta" in proc.stderr
 
 
 def test_self_rewarding_completions_are_judged_revised_and_graded_on_their_final_answer(scripted, sandbox, grader):

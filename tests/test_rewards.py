@@ -46,6 +46,17 @@ def test_an_unboxed_matching_number_is_no_answer_under_r1(grader):
     assert answer_reward(grader, pred, "12") == -1.0
 
 
+def test_a_cut_off_last_box_is_no_answer_under_r1_not_the_box_before_it(grader):
+    for gold in ("5", "6"):
+        graded = grade_trajectory(trajectory("p", "s", "\\boxed{5} then \\boxed{6", answer=gold), grader)
+        assert (graded["pred"], graded["correct"], graded["reward"]) == (None, False, -1.0)
+    graded = grade_trajectory(trajectory("p", "s", "\\boxed{5} then \\boxed{6", answer="5"), grader,
+                              reward_kind="binary")
+    assert (graded["pred"], graded["reward"]) == (None, 0.0)
+    graded = grade_trajectory(trajectory("p", "s", "\\boxed{5 then \\boxed{6}", answer="6"), grader)
+    assert (graded["pred"], graded["correct"], graded["reward"]) == ("6", True, 1.0)
+
+
 def test_r1_gives_minus_one_to_an_unboxed_answer_even_when_another_answer_mode_reads_it(grader):
     trajectory = {"id": "t", "answer": "12", "messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "So the answer is 12."}]}
