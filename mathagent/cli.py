@@ -219,29 +219,32 @@ def execute(
 
 @app.command()
 def evaluate(
-    input: InputArg = "-",
-    k: Annotated[str, typer.Option("--k", help="Comma-separated k for pass@k and maj@k, e.g. 1,4,8 (problems with fewer than k trajectories are left out of that k).")] = "1",
+    inputs: Annotated[list[str] | None, typer.Argument(help="Input JSONL paths, or '-' for stdin (the default); each input is evaluated on its own.", show_default=False)] = None,
+    pass_at: Annotated[str, typer.Option("--pass-at", "--k", help="The k of pass@k and maj@k, comma-separated: numbers, 'n' (the most samples a problem of the input has), and '...' up to a last term (1,2,4,...,64 doubles, 1,2,...,8 is every k to 8). A problem with fewer than k samples is left out of that k (problems@k counts those in). --k is this option's former name.")] = "1,2,4,...,n",
     score_field: Annotated[str | None, typer.Option("--score-field", help="Report best-of-n: pick each problem's trajectory with the highest value of this field (e.g. a PRM's score).")] = None,
     answer_modes: Annotated[str, typer.Option("--answer-modes", help="Comma-separated answer forms to extract from the last action, tried in order: boxed, answer_is, gsm8k.")] = "boxed",
     reward: RewardOpt = "r1",
     verdict_reward: VerdictRewardOpt = 0.0,
     percent_scaling: Annotated[bool, typer.Option("--percent-scaling", help="Also accept answers off by a factor of 100 (0.5 for 50); off by default, since it grades wrong answers right.")] = False,
     grading_timeout: Annotated[float, typer.Option("--grading-timeout", help="Seconds allowed for one symbolic comparison; past it the answer grades wrong and is counted.")] = 5.0,
-    json_path: Annotated[str | None, typer.Option("--json", help="Write the JSON summary to this path instead of stdout.")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the JSON summary (indented) to this path instead of stdout; one input only.")] = None,
     graded: Annotated[str | None, typer.Option("--graded", help="Write every input record with pred, correct and reward set by this grading (JSONL, atomically).")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Draw pass@n and maj@n against n (log2 axis), one line each per input, labelled by its file name, into this PNG (written atomically).")] = None,
     skip_invalid: SkipInvalidOpt = False,
 ) -> None:
     """Re-grade trajectories from their messages and report accuracy, pass@k, maj@k, best-of-n and turn statistics.
 
     Input: trajectories {"id","problem_id","answer","messages","status",...}, several per problem. Stored pred and
     correct are ignored: pred is extracted from the last action again. A table goes to stderr, the JSON summary
-    to stdout (or --json).
+    to stdout, one line per input (or, for one input, to --json). Compare policies in the talk's Figure 2:
+
+        mathagent evaluate sft.jsonl mdpo.jsonl --pass-at 1,2,4,8 --plot fig.png
     """
     with _user_errors():
-        stages.evaluate(RecordIO(input, skip_invalid=skip_invalid), k=k, score_field=score_field,
-                        answer_modes=answer_modes, reward=reward, verdict_reward=verdict_reward,
-                        percent_scaling=percent_scaling, grading_timeout=grading_timeout, json_path=json_path,
-                        graded=graded)
+        stages.evaluate([RecordIO(path, skip_invalid=skip_invalid) for path in inputs or ["-"]], pass_at=pass_at,
+                        score_field=score_field, answer_modes=answer_modes, reward=reward,
+                        verdict_reward=verdict_reward, percent_scaling=percent_scaling,
+                        grading_timeout=grading_timeout, json_path=json_path, graded=graded, plot=plot)
 
 
 @app.command("make-pairs")

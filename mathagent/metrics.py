@@ -165,15 +165,56 @@ def correction_metrics(trajectories: Sequence[dict[str, Any]]) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------------------
 
 
-def parse_ks(text: str) -> list[int]:
-    """--k: comma-separated positive integers, sorted, each once."""
-    try:
-        ks = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        ks = []
-    if not ks or ks[0] < 1:
-        raise UserError(f"k {text!r}: expected comma-separated positive integers, e.g. 1,4,8", options=("k",))
-    return ks
+def parse_pass_at(text: str, samples: int) -> list[int]:
+    """--pass-at: the k of pass@k and maj@k, sorted, each once.
+
+    `text` is comma-separated: positive integers; `n`, the most samples a problem has (`samples`); and `...`
+    between the start of a progression and its last term. Three terms before `...` in an integer ratio set
+    that ratio (1,2,4,...,64 doubles), otherwise the last two set a step (1,2,...,8 is every k from 1 to 8).
+    A progression stops at its last term, which it includes: 1,2,4,...,n is the powers of two below n and n
+    itself, and 1 alone where every problem has one sample.
+    """
+    def error(why: str) -> UserError:
+        return UserError(f"pass_at {text!r}: {why}; expected e.g. 1,4,8 or 1,2,4,...,n", options=("pass_at",))
+
+    def term(item: str) -> int:
+        if item == "n":
+            return samples
+        if not item.isdigit() or int(item) < 1:
+            raise error(f"{item!r} is not a positive integer, n or ...")
+        return int(item)
+
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    ks: list[int] = []
+    run: list[int] = []  # the terms since the last progression: a `...` continues them
+    i = 0
+    while i < len(items):
+        if items[i] != "...":
+            run.append(term(items[i]))
+            i += 1
+            continue
+        if len(run) < 2 or i + 1 == len(items) or items[i + 1] == "...":
+            raise error("... goes between two or more terms and the last one")
+        end = term(items[i + 1])
+        a, b = run[-2], run[-1]
+        if b <= a:
+            raise error(f"the terms before ... must increase, not {a}, {b}")
+        ratio = a // run[-3] if len(run) >= 3 and a % run[-3] == 0 else 0
+        geometric = ratio >= 2 and b == a * ratio
+        start = run[-3:] if geometric else run[-2:]
+        ks += run[: len(run) - len(start)]  # terms listed before the progression stay as they are
+        progression = start
+        while progression[-1] < end:
+            if len(progression) > 10_000:
+                raise error("more than 10000 values of k")
+            progression.append(progression[-1] * ratio if geometric else progression[-1] + b - a)
+        ks += [k for k in progression if k < end] + [end]
+        run = [end]
+        i += 2
+    ks += run
+    if not ks:
+        raise error("no k given")
+    return sorted(set(ks))
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -188,11 +229,13 @@ def _group_metrics(groups: dict[str, list[dict[str, Any]]], ks: Sequence[int], e
         "accuracy": _mean([1.0 if t["correct"] else 0.0 for t in samples]),
         "pass@k": {},
         "maj@k": {},
+        "problems@k": {},  # the problems with at least k samples, over which pass@k and maj@k are averaged
     }
     if any(t.get("attempts") for t in samples):  # self-rewarding correction: the paper's table
         report["correction"] = correction_metrics(samples)
     for k in ks:
         eligible = [ts for ts in groups.values() if len(ts) >= k]
+        report["problems@k"][str(k)] = len(eligible)
         report["pass@k"][str(k)] = _mean([pass_at_k(len(ts), sum(bool(t["correct"]) for t in ts), k) for ts in eligible])
         report["maj@k"][str(k)] = _mean(
             [1.0 if maj_at_k([t["pred"] for t in ts], str(ts[0]["answer"]), k, equal) else 0.0 for ts in eligible]
@@ -306,6 +349,10 @@ def format_report(report: dict[str, Any]):
     if "best_of_n" in report:
         b = report["best_of_n"]
         lines.append(f"best-of-n by {b['score_field']}: {pct(b['accuracy'])} % over {b['problems']} problems")
+    short = {k: n for k, n in report.get("problems@k", {}).items() if n < report["problems"]}
+    if short:  # pass@k needs n >= k
+        lines.append(f"pass@k and maj@k over the problems with at least k samples: "
+                     f"{', '.join(f'k={k}: {n}' for k, n in short.items())} of {report['problems']} problems")
     t = report["turns"]
     lines.append(
         f"turns: {t['actions_mean'] or 0:.2f} actions and {t['tool_calls_mean'] or 0:.2f} tool calls per trajectory; "

@@ -319,38 +319,122 @@ def execute(io: RecordIO, sandbox_options: SandboxOptions, *, observation_role: 
 # --------------------------------------------------------------------------------------------------------
 
 
-def evaluate(io: RecordIO, *, k: str, score_field: str | None, answer_modes: str, reward: str,
+def evaluate(ios: Sequence[RecordIO], *, pass_at: str, score_field: str | None, answer_modes: str, reward: str,
              verdict_reward: float, percent_scaling: bool, grading_timeout: float, json_path: str | None,
-             graded: str | None) -> None:
-    """Re-grade trajectories and report the metrics: a table on stderr, the JSON summary to stdout or a file."""
+             graded: str | None, plot: str | None) -> None:
+    """Re-grade the trajectories of each input and report its metrics: a table on stderr, the JSON summary as
+    one line per input on stdout (or, for one input, to --json), and with --plot pass@n and maj@n against n.
+
+    The k of pass@k and maj@k are resolved per input (`metrics.parse_pass_at`): `n` is the most samples one
+    of its problems has."""
+    from collections import Counter
+
+    from rich.markup import escape
+
     from mathagent import metrics, rewards
     from mathagent.grading import Grader
 
-    ks = metrics.parse_ks(k)
+    metrics.parse_pass_at(pass_at, samples=1)  # its mistakes before any work
     modes = parse_answer_modes(answer_modes)
     if not (math.isfinite(verdict_reward) and verdict_reward >= 0):
         raise UserError(f"--verdict-reward {verdict_reward}: must be 0 or positive")
     if not (grading_timeout > 0 and math.isfinite(grading_timeout)):
         raise UserError(f"--grading-timeout {grading_timeout}: must be a positive number of seconds")
+    if len(ios) > 1:
+        for option, value in (("--json", json_path), ("--graded", graded)):
+            if value is not None:
+                raise UserError(f"{option} takes one input, not {len(ios)}: with several, each input's summary "
+                                "is one line on stdout")
+        if sum(io.input == "-" for io in ios) > 1:
+            raise UserError("'-' (stdin) is named more than once: it can be read only once")
+    if plot is not None and not plot.endswith(".png"):
+        raise UserError(f"--plot {plot}: the plot is a PNG; name a path ending in .png")
+    for path in (graded, json_path, plot):
+        if path not in (None, "-"):
+            check_output_path(path)
+    labels = input_labels([io.input for io in ios])
+    summaries: list[dict[str, Any]] = []
     with Grader(percent_scaling=percent_scaling, timeout=grading_timeout) as grader:
-        for path in (graded, json_path):
-            if path not in (None, "-"):
-                check_output_path(path)
-        records = io.read(("id", "problem_id", "messages"))
-        graded_records = rewards.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward,
-                                                    verdict_reward=verdict_reward)
-        summary = metrics.evaluate(graded_records, ks=ks, score_field=score_field, equal=grader.is_equivalent)
-        summary["grading"] = grader.stats.as_dict()
+        for io in ios:
+            records = io.read(("id", "problem_id", "messages"))
+            before = grader.stats.as_dict()
+            graded_records = rewards.grade_trajectories(records, grader, answer_modes=modes, reward_kind=reward,
+                                                        verdict_reward=verdict_reward)
+            per_problem = Counter(str(r["problem_id"]) for r in graded_records if r.get("correct") is not None)
+            ks = metrics.parse_pass_at(pass_at, samples=max(per_problem.values(), default=1))
+            summary = {"input": io.input, **metrics.evaluate(graded_records, ks=ks, score_field=score_field,
+                                                              equal=grader.is_equivalent)}
+            # the one grader's counts, this input's share of them
+            summary["grading"] = {key: count - before[key] for key, count in grader.stats.as_dict().items()}
+            summaries.append(summary)
     if graded is not None:
         with RecordWriter(graded) as writer:
             for record in graded_records:
                 writer.write(record)
-    for line in metrics.format_report(summary):
-        log(line)
-    if json_path is None:
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    for label, summary in zip(labels, summaries, strict=True):
+        if len(ios) > 1:
+            log(f"{escape(label)}:")
+        for line in metrics.format_report(summary):
+            log(line)
+    if json_path is not None:
+        write_json(json_path, summaries[0])
     else:
-        write_json(json_path, summary)
+        for summary in summaries:
+            sys.stdout.write(json.dumps(summary) + "\n")
+    if plot is not None:
+        plot_pass_at(summaries, labels, plot)
+        log(f"plot: {plot}")
+
+
+def input_labels(paths: Sequence[str]) -> list[str]:
+    """Names for inputs in a legend: each path's last parts, as few as keep them apart ('-' is <stdin>), so
+    runs/it1/sampled.jsonl and runs/it2/sampled.jsonl are it1/sampled.jsonl and it2/sampled.jsonl."""
+    parts = [("<stdin>",) if path == "-" else Path(path).parts for path in paths]
+    for depth in range(1, max((len(p) for p in parts), default=0) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(paths)  # a path named twice
+
+
+def plot_pass_at(summaries: Sequence[dict[str, Any]], labels: Sequence[str], path: str) -> None:
+    """pass@n (solid) and maj@n (dashed) against n on a log2 axis, one colour per evaluated input (the talk's
+    Figure 2), written atomically to the PNG `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: draw to a file
+    import matplotlib.pyplot as plt
+    from rich.markup import escape
+
+    from mathagent.records import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ticks: set[int] = set()
+    for i, (summary, label) in enumerate(zip(summaries, labels, strict=True)):
+        drawn = False
+        for metric, name, style in (("pass@k", "pass@n", "o-"), ("maj@k", "maj@n", "s--")):
+            points = sorted((int(k), 100 * value) for k, value in summary[metric].items() if value is not None)
+            if points:
+                ax.plot(*zip(*points), style, color=f"C{i % 10}", label=f"{label} {name}")
+                ticks.update(k for k, _ in points)
+                drawn = True
+        if not drawn:
+            log(f"plot: nothing to draw for {escape(label)} (no problem with a reference answer and k samples)")
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    if ticks:
+        ax.set_xticks(sorted(ticks), [str(k) for k in sorted(ticks)])
+        ax.legend(fontsize="small")
+    ax.set_xlabel("n (samples per problem)")
+    ax.set_ylabel("problems solved (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title("pass@n and maj@n against n")
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".tmp.png") as staging:
+            fig.savefig(staging)
+    finally:
+        plt.close(fig)
 
 
 def make_pairs(io: RecordIO, config, *, tokenizer: str | None, stats_path: str | None) -> None:

@@ -8,12 +8,14 @@ from math import comb
 
 import pytest
 
+from mathagent.errors import UserError
 from mathagent.grading import Grader
 from mathagent.metrics import (
     best_of_n,
     evaluate,
     maj_at_k,
     majority_answer,
+    parse_pass_at,
     pass_at_k,
     turn_statistics,
 )
@@ -212,3 +214,43 @@ def test_trajectories_without_a_reference_answer_count_only_in_turns(grader):
     report = evaluate(graded, equal=grader.is_equivalent)
     assert report["ungraded"] == 1 and report["trajectories"] == 0 and report["accuracy"] is None
     assert report["turns"]["trajectories"] == 1
+
+
+def test_evaluate_sweeps_k_up_to_the_samples_each_problem_has(grader):
+    # p1: n=4, c=1, the correct answer first; p2: n=2, both correct.
+    records = [trajectory("p1", i, rf"\boxed{{{x}}}") for i, x in enumerate(["12", "8", "8", "9"])]
+    records += [trajectory("p2", i, r"\boxed{12}") for i in range(2)]
+    graded = grade_trajectories(records, grader)
+    report = evaluate(graded, ks=parse_pass_at("1,2,4,...,n", samples=4) + [8], equal=grader.is_equivalent)
+    # p1 alone: pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1/2, pass@4 = 1; p2: 1 for every k it has.
+    assert pass_at_k(4, 1, 1) == 0.25 and pass_at_k(4, 1, 2) == 0.5 and pass_at_k(4, 1, 4) == 1.0
+    assert report["pass@k"] == {"1": pytest.approx((0.25 + 1) / 2), "2": pytest.approx((0.5 + 1) / 2), "4": 1.0,
+                                "8": None}
+    # maj@k votes among the first k answers: 12 | 12, 8 (tie: the first) | 12, 8, 8, 9 (8 wins).
+    assert report["maj@k"] == {"1": 1.0, "2": 1.0, "4": 0.0, "8": None}
+    # k > n: a problem with fewer than k samples is left out of that k, and the count says so.
+    assert report["problems@k"] == {"1": 2, "2": 2, "4": 1, "8": 0}
+
+
+@pytest.mark.parametrize("text, samples, ks", [
+    ("1,4,8", 8, [1, 4, 8]),
+    ("8, 1,4,4", 8, [1, 4, 8]),
+    ("1,2,4,...,n", 8, [1, 2, 4, 8]),
+    ("1,2,4,...,n", 6, [1, 2, 4, 6]),  # the last term is always in
+    ("1,2,4,...,n", 1, [1]),  # a greedy file: pass@1 only
+    ("1,2,4,...,64", 1, [1, 2, 4, 8, 16, 32, 64]),
+    ("1,2,...,5", 1, [1, 2, 3, 4, 5]),  # two terms set a step
+    ("2,4,...,8", 1, [2, 4, 6, 8]),
+    ("1,3,9,...,n", 30, [1, 3, 9, 27, 30]),
+    ("1,n", 16, [1, 16]),
+    ("16,1,2,4,...,8", 1, [1, 2, 4, 8, 16]),  # terms listed before a progression stay
+])
+def test_pass_at_lists_numbers_n_and_progressions(text, samples, ks):
+    assert parse_pass_at(text, samples) == ks
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,x", "-1", "1,...,8", "1,2,...", "4,2,...,8", "1,2,...,...,8",
+                                  "1,2,...,100000"])
+def test_pass_at_refuses_what_is_not_a_list_of_k(text):
+    with pytest.raises(UserError, match="pass_at"):
+        parse_pass_at(text, samples=4)
