@@ -139,8 +139,8 @@ $(IT)/sampled.jsonl: $(TRAINED) $(EVAL_SAMPLED)
 	    --resume -o $@
 
 $(IT)/eval.json: $(IT)/heldout.jsonl $(IT)/sampled.jsonl
-	$(Q)$(STAGE) $(MATHAGENT) evaluate $(IT)/heldout.jsonl --k 1 --json $(IT)/greedy.json
-	$(Q)$(STAGE) $(MATHAGENT) evaluate $(IT)/sampled.jsonl --k 1,$(N_EVAL) --json $(IT)/sampled.json
+	$(Q)$(STAGE) $(MATHAGENT) evaluate $(IT)/heldout.jsonl --pass-at 1 --json $(IT)/greedy.json
+	$(Q)$(STAGE) $(MATHAGENT) evaluate $(IT)/sampled.jsonl --pass-at 1,$(N_EVAL) --json $(IT)/sampled.json
 	@$(LOOP) eval-json $(IT)
 
 $(IT)/manifest.json: $(IT)/eval.json

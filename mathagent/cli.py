@@ -220,7 +220,7 @@ def execute(
 @app.command()
 def evaluate(
     inputs: Annotated[list[str] | None, typer.Argument(help="Input JSONL paths, or '-' for stdin (the default); each input is evaluated on its own.", show_default=False)] = None,
-    pass_at: Annotated[str, typer.Option("--pass-at", "--k", help="The k of pass@k and maj@k, comma-separated: numbers, 'n' (the most samples a problem of the input has), and '...' up to a last term (1,2,4,...,64 doubles, 1,2,...,8 is every k to 8). A problem with fewer than k samples is left out of that k (problems@k counts those in). --k is this option's former name.")] = "1,2,4,...,n",
+    pass_at: Annotated[str, typer.Option("--pass-at", help="The k of pass@k and maj@k, comma-separated: numbers, 'n' (the most samples a problem of the input has), and '...' up to a last term (1,2,4,...,64 doubles, 1,2,...,8 is every k to 8). A problem with fewer than k samples is left out of that k (problems@k counts those in).")] = "1,2,4,...,n",
     score_field: Annotated[str | None, typer.Option("--score-field", help="Report best-of-n: pick each problem's trajectory with the highest value of this field (e.g. a PRM's score).")] = None,
     answer_modes: Annotated[str, typer.Option("--answer-modes", help="Comma-separated answer forms to extract from the last action, tried in order: boxed, answer_is, gsm8k.")] = "boxed",
     reward: RewardOpt = "r1",

@@ -38,7 +38,7 @@ INPUT = "".join(json.dumps(r) + "\n" for r in RECORDS)
 
 def test_evaluate_regrades_from_messages_and_reports(tmp_path):
     graded_path = tmp_path / "graded.jsonl"
-    proc = run(["evaluate", "-", "--k", "1,2", "--score-field", "score", "--graded", str(graded_path)], INPUT)
+    proc = run(["evaluate", "-", "--pass-at", "1,2", "--score-field", "score", "--graded", str(graded_path)], INPUT)
     summary = json.loads(proc.stdout)
     assert summary["accuracy"] == 0.5
     assert summary["pass@k"] == {"1": 0.5, "2": 0.5}
@@ -62,7 +62,7 @@ def test_evaluate_answer_modes_and_json_path(tmp_path):
 
 
 def test_evaluate_user_errors_exit_2():
-    assert run(["evaluate", "-", "--k", "0"], INPUT, check=False).returncode == 2
+    assert run(["evaluate", "-", "--pass-at", "0"], INPUT, check=False).returncode == 2
     assert run(["evaluate", "-", "--answer-modes", "last_number"], INPUT, check=False).returncode == 2
     bad = run(["evaluate", "-"], '{"id": "x", "messages": []}\n', check=False)
     assert bad.returncode == 2 and "<stdin>:1" in bad.stderr
@@ -125,7 +125,7 @@ def test_the_default_sweep_is_pass_at_1_for_one_sample_and_k_is_its_former_name(
     greedy = write(tmp_path / "greedy.jsonl", sampled("p1", ["12"], "12") + sampled("p2", ["1"], "3"))
     summary = json.loads(run(["evaluate", greedy]).stdout)
     assert summary["pass@k"] == {"1": 0.5} and summary["problems@k"] == {"1": 2}
-    assert json.loads(run(["evaluate", "-", "--k", "1,2,...,n"], INPUT).stdout)["pass@k"] == {"1": 0.5, "2": 0.5}
+    assert json.loads(run(["evaluate", "-", "--pass-at", "1,2,...,n"], INPUT).stdout)["pass@k"] == {"1": 0.5, "2": 0.5}
     # a k no problem has enough samples for is reported as null, over 0 problems
     summary = json.loads(run(["evaluate", "-", "--pass-at", "1,8"], INPUT).stdout)
     assert summary["pass@k"]["8"] is None and summary["problems@k"] == {"1": 2, "8": 0}
