@@ -20,13 +20,17 @@ recorded cell outcome is not ok (error, memory, timeout, killed; `records.observ
 observation from elsewhere without an outcome, one that reads as a Python traceback or timeout; a cut
 observation had its output cut to the sandbox's cap; a max-turn hit has status "max_turns".
 
-The self-rewarding correction metrics (Xiong et al. 2025; `attempts.py`), over trajectories with a reference
-answer, c_j = 1[y_j is correct]:
+The self-rewarding correction metrics (Xiong et al. 2025; `attempts.py`), over the trajectories `accuracy` is
+over (those with a reference answer), c_j = 1[y_j is correct]:
 
-    turn-1 accuracy  = mean c_1             final accuracy = mean c_J
+    turn-1 accuracy  = mean c_1             final accuracy = mean c_J   (= accuracy)
     improvement      = final - turn-1       = wrong->correct - correct->wrong
     wrong->correct   = mean 1[not c_1 and c_J]          correct->wrong = mean 1[c_1 and not c_J]
     verification     = P(v_j = correct | c_j) and P(v_j = wrong | not c_j), over judged attempts
+
+A trajectory without attempts (no \\boxed{} answer and no verdict anywhere) counts as one answer never judged:
+c_1 = c_J = its `correct`, 0 when it gave no answer. Leaving it out would report the accuracy of the answered
+trajectories only, above the `accuracy` of the same run.
 
 `evaluate` computes the report from graded records (`rewards.grade_trajectories` re-grades them from their
 messages: stored pred/correct are never trusted).
@@ -133,9 +137,11 @@ def turn_statistics(messages: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 def correction_metrics(trajectories: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The paper's correction metrics (module docstring) over graded trajectories that carry `attempts` with
-    `correct` set (`rewards.grade_trajectory` adds them to self-rewarding trajectories)."""
-    rows = [t["attempts"] for t in trajectories if t.get("attempts") and t["attempts"][0]["correct"] is not None]
+    """The paper's correction metrics (module docstring) over graded trajectories (`correct` set): their
+    `attempts`, with `correct` set (`rewards.grade_trajectory` adds them to self-rewarding trajectories); one
+    without attempts counts as a single unjudged answer graded `correct` (wrong when it gave none)."""
+    graded = [t for t in trajectories if t.get("correct") is not None]
+    rows = [t.get("attempts") or [{"verdict": None, "correct": t["correct"]}] for t in graded]
     first = [bool(a[0]["correct"]) for a in rows]
     final = [bool(a[-1]["correct"]) for a in rows]
     judged_attempts = [a for attempts in rows for a in attempts if a["verdict"] is not None]
@@ -231,7 +237,9 @@ def _group_metrics(groups: dict[str, list[dict[str, Any]]], ks: Sequence[int], e
         "maj@k": {},
         "problems@k": {},  # the problems with at least k samples, over which pass@k and maj@k are averaged
     }
-    if any(t.get("attempts") for t in samples):  # self-rewarding correction: the paper's table
+    # Self-rewarding correction (the paper's table): trajectories with attempts, or that a self-rewarding rollout
+    # asked for verdicts (`verdicts`), though none of them gave an answer.
+    if any(t.get("attempts") or t.get("verdicts") is not None for t in samples):
         report["correction"] = correction_metrics(samples)
     for k in ks:
         eligible = [ts for ts in groups.values() if len(ts) >= k]

@@ -4,6 +4,7 @@ training data (mathagent/correction.py)."""
 import pytest
 
 from mathagent import correction
+from mathagent.attempts import DEFAULT_MARKERS
 from mathagent.grading import Grader
 from mathagent.metrics import evaluate
 from mathagent.rewards import grade_trajectory
@@ -56,6 +57,80 @@ def test_the_papers_metrics_match_hand_computed_values_overall_and_per_subject()
     assert (geometry["turn1_accuracy"], geometry["final_accuracy"]) == (0.0, 0.0)
     assert geometry["verification"]["wrong_given_wrong"] == pytest.approx(1 / 2)
     assert report["accuracy"] == pytest.approx(2 / 5)  # the final answers
+
+
+# The talk's Table 1 (gold 20.39): the first answer 7.58, a self-check that recomputes and boxes 20.39 before its
+# (faithful) "wrong", then the revision to 20.39 -- inline, as a trained model writes it, and prompted.
+TABLE1_ANSWER = "The total cost is 3.79 * 2 = 7.58 dollars, so the answer is \\boxed{7.58}."
+TABLE1_CHECK = ("Let me check: the question asks for the price of 5 items, 3.79 * 5 + 1.44 = 20.39. "
+                "So the final answer is: \\boxed{20.39}. The solution above computed something else. [VERIFY] wrong.")
+TABLE1_REVISION = "The price of 5 items plus the fee is 3.79 * 5 + 1.44 = 20.39, so \\boxed{20.39}."
+TABLE1 = {
+    "inline": [Q, said(f"{TABLE1_ANSWER}\n\n{TABLE1_CHECK} Let's correct it step by step.\n{TABLE1_REVISION}\n\n"
+                       "[VERIFY] correct.")],
+    "prompted": [Q, said(TABLE1_ANSWER), {"role": "user", "content": DEFAULT_MARKERS.verify_prompt},
+                 said(TABLE1_CHECK), {"role": "user", "content": DEFAULT_MARKERS.revise_prompt},
+                 said(TABLE1_REVISION), {"role": "user", "content": DEFAULT_MARKERS.verify_prompt},
+                 said("[VERIFY] correct.")],
+}
+
+
+# What a self-rewarding rollout records in every trajectory, answered or not.
+ASKED = {"verdicts": {"correct": "[VERIFY] correct", "wrong": "[VERIFY] wrong"}}
+
+
+@pytest.mark.parametrize("mode", ["inline", "prompted"])
+def test_the_talks_table_1_judges_the_first_answer_not_the_one_its_self_check_recomputes(mode):
+    t = {"id": "t1", "problem_id": "t1", "answer": "20.39", "messages": TABLE1[mode]}
+    with Grader() as grader:
+        g = grade_trajectory(t, grader, verdict_reward=0.5)
+        report = evaluate([g], equal=grader.is_equivalent)
+    assert g["attempts"] == [{"index": 0, "answer": "7.58", "verdict": "wrong", "correct": False},
+                             {"index": 1, "answer": "20.39", "verdict": "correct", "correct": True}]
+    assert (g["pred"], g["correct"]) == ("20.39", True)
+    assert g["reward"] == 1.0 + 0.5 * 1.0  # r1 of the final answer, and both verdicts faithful
+    c = report["correction"]
+    assert (c["turn1_accuracy"], c["final_accuracy"], c["improvement"]) == (0.0, 1.0, 1.0)
+    assert (c["wrong_to_correct"], c["correct_to_wrong"]) == (1.0, 0.0)
+    v = c["verification"]
+    assert (v["accuracy"], v["turn1_accuracy"]) == (1.0, 1.0)  # "wrong" of 7.58 is faithful, "correct" of 20.39 too
+    assert (v["wrong_given_wrong"], v["correct_given_correct"]) == (1.0, 1.0)
+
+
+def test_a_trajectory_that_gives_no_answer_counts_as_wrong_at_turn_1_and_at_the_end():
+    # p1 right, judged correct; p2 gave no answer (a self-rewarding rollout's, so it carries `verdicts`).
+    with Grader() as grader:
+        graded = [grade_trajectory({**trajectory("p1", "algebra", "\\boxed{42} [VERIFY] correct."), **ASKED}, grader),
+                  grade_trajectory({**trajectory("p2", "geometry", "I could not finish."), **ASKED}, grader)]
+        report = evaluate(graded, equal=grader.is_equivalent)
+    assert "attempts" not in graded[1] and graded[1]["correct"] is False
+    c = report["correction"]
+    assert c["trajectories"] == 2
+    assert (c["turn1_accuracy"], c["final_accuracy"]) == (0.5, 0.5) and report["accuracy"] == 0.5
+    assert (c["improvement"], c["wrong_to_correct"], c["correct_to_wrong"], c["revisions_mean"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (c["verification"]["attempts"], c["verification"]["accuracy"]) == (1, 1.0)  # the unanswered judged nothing
+    # A subject whose every trajectory gave no answer still reports its correction metrics: all wrong.
+    geometry = report["by_subject"]["geometry"]["correction"]
+    assert (geometry["trajectories"], geometry["turn1_accuracy"], geometry["final_accuracy"]) == (1, 0.0, 0.0)
+    assert geometry["verification"]["attempts"] == 0 and geometry["verification"]["accuracy"] is None
+
+
+def test_with_unanswered_trajectories_the_papers_metrics_match_hand_computed_values():
+    # p1 right "correct"; p2 wrong "wrong" -> right "correct"; p3 right "wrong" -> wrong "wrong"; p4 and p5 no
+    # answer. Over 5: turn 1 = (p1, p3) 2/5, final = (p1, p2) 2/5, wrong->correct = correct->wrong = 1/5.
+    texts = ["\\boxed{42} [VERIFY] correct.", "\\boxed{41} [VERIFY] wrong. \\boxed{42} [VERIFY] correct.",
+             "\\boxed{42} [VERIFY] wrong. \\boxed{43} [VERIFY] wrong.", "Hmm.", "```python\nprint(6 * 7)\n```"]
+    with Grader() as grader:
+        graded = [grade_trajectory({**trajectory(f"p{k}", "x", text), **ASKED}, grader)
+                  for k, text in enumerate(texts, 1)]
+        report = evaluate(graded, equal=grader.is_equivalent)
+    c = report["correction"]
+    assert c["trajectories"] == 5
+    assert (c["turn1_accuracy"], c["final_accuracy"]) == pytest.approx((2 / 5, 2 / 5))
+    assert c["final_accuracy"] == pytest.approx(report["accuracy"])
+    assert (c["wrong_to_correct"], c["correct_to_wrong"]) == pytest.approx((1 / 5, 1 / 5))
+    assert c["revisions_mean"] == pytest.approx(2 / 5)
+    assert c["verification"]["attempts"] == 5 and c["verification"]["accuracy"] == pytest.approx(4 / 5)
 
 
 def test_a_report_without_verdicts_has_no_correction_section():
@@ -171,7 +246,9 @@ def test_a_tiny_model_warm_started_on_self_rewarding_demonstrations_judges_and_r
         assert any("```output" in m["content"] for m in r["messages"])  # the revision used the tool
         assert r["pred"] == r["attempts"][-1]["answer"]
     summary = json.loads(run("evaluate", stdin=rollout))
-    assert summary["correction"]["trajectories"] == len([r for r in records if r.get("attempts")])
+    # Every trajectory counts, one that gave no answer as wrong: the final accuracy is evaluate's own.
+    assert summary["correction"]["trajectories"] == len(records)
+    assert summary["correction"]["final_accuracy"] == pytest.approx(summary["accuracy"])
     assert summary["correction"]["revisions_mean"] > 0
     pairs = run("make-pairs", "--reward-threshold", "-0.75", "--keep-unfinished", stdin=rollout)
     assert all(json.loads(line)["prompt"][0]["role"] == "user" for line in pairs.splitlines())
