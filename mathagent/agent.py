@@ -227,7 +227,7 @@ def run_agent(
     for t in live:  # a cut action is continued once per run; other statuses are re-derived from messages
         if t.get("status") != LENGTH:
             t.pop("status", None)
-        tokens.complete_ids(engine.tokenizer, t)
+        tokens.complete_ids(engine.tokenizer, t, continuing=t.get("status") == LENGTH)
     _reserve_sessions(live, sandbox, config)
     if config.schedule == "continuous" and hasattr(engine, "submit"):
         return _graded(_run_continuously(trajectories, engine, sandbox, config, sampling, on_turn), grader, config)

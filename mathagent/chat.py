@@ -288,7 +288,7 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
     return TokenizedConversation(ids, mask, spans, straddling)
 
 
-def _assistant_closing(tokenizer, messages: Sequence[dict[str, Any]], index: int) -> str:
+def assistant_closing(tokenizer, messages: Sequence[dict[str, Any]], index: int) -> str:
     """What the template writes after assistant message `index`'s content when it ends the conversation (its
     end-of-turn text, e.g. "<|im_end|>\\n"): found by rendering a marker as that message's content."""
     mark = ACTION_MARK
@@ -329,7 +329,7 @@ def tokenize_per_action(tokenizer, messages: Sequence[dict[str, Any]]) -> list[T
         else:
             segments.append((context + content, [(len(context), len(context) + len(content))],
                              [*literal, (len(context), len(context) + len(content))]))
-        segments[-1] = (segments[-1][0] + _assistant_closing(tokenizer, messages, i), *segments[-1][1:])
+        segments[-1] = (segments[-1][0] + assistant_closing(tokenizer, messages, i), *segments[-1][1:])
     out = []
     for text, ranges, literal in segments:
         ids, offsets = encode(tokenizer, text, literal)

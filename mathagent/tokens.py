@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from mathagent.chat import ACTION_MARK, encode, literal_ranges, prompt_ids, special_token_ids
+from mathagent.chat import ACTION_MARK, assistant_closing, encode, literal_ranges, prompt_ids, special_token_ids
 from mathagent.errors import UserError
 from mathagent.records import LOGPROBS, PROMPT_IDS, TOKEN_IDS, first_action
 
@@ -115,9 +115,11 @@ def observation_ids(tokenizer, messages: Sequence[dict[str, Any]], index: int) -
     return encode(tokenizer, delta, literal)[0]
 
 
-def complete_ids(tokenizer, trajectory: dict[str, Any]) -> None:
+def complete_ids(tokenizer, trajectory: dict[str, Any], *, continuing: bool = False) -> None:
     """Give the trajectory the ids it lacks, in place: `prompt_ids` from its prompt, an action without ids its
-    text's (given, so no `logprobs`), an observation without ids its rendering delta.
+    text's (given, so no `logprobs`), an observation without ids its rendering delta. A given last action
+    that ends its trajectory (not `continuing`: rollout goes on with a cut action) also gets the end-of-turn
+    token the template closes it with, as a model that wrote it would have: trained on, it learns to stop.
 
     The ids it has are kept when its `prompt_ids` are this tokenizer's rendering of its prompt; otherwise
     (none, another model's tokenizer, a prompt written anew) none of them can be trusted, and all are made
@@ -137,6 +139,18 @@ def complete_ids(tokenizer, trajectory: dict[str, Any]) -> None:
         m.pop(LOGPROBS, None)
         m[TOKEN_IDS] = given_action_ids(tokenizer, messages, i) if m["role"] == "assistant" else observation_ids(
             tokenizer, messages, i)
+        if m["role"] == "assistant" and i == len(messages) - 1 and not continuing:
+            m[TOKEN_IDS] = m[TOKEN_IDS] + end_of_turn_ids(tokenizer, messages, i)
+
+
+def end_of_turn_ids(tokenizer, messages: Sequence[dict[str, Any]], index: int) -> list[int]:
+    """The id a model ends assistant message `index` with: the first special token of what the template writes
+    after its content (`<|im_end|>`, `<|eot_id|>`, `<｜end▁of▁sentence｜>`); none where the template closes an
+    assistant turn with no special token (GLM-4's turn ends where the next one starts)."""
+    closing = assistant_closing(tokenizer, messages, index)
+    special = special_token_ids(tokenizer)
+    ids = tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
+    return next(([t] for t in ids if t in special), [])
 
 
 def given_action_ids(tokenizer, messages: Sequence[dict[str, Any]], index: int) -> list[int]:

@@ -75,7 +75,7 @@ def test_a_given_action_does_not_repeat_what_the_generation_prompt_opened(r1):
     t = trajectory({"role": "assistant", "content": ANSWER})
     tokens.complete_ids(r1, t)
     sequence = r1.decode(tokens.context_ids(t), skip_special_tokens=False)
-    assert sequence.count("<think>") == 1 and sequence.endswith("The answer is $\\boxed{5}$.")
+    assert sequence.count("<think>") == 1 and sequence.endswith("The answer is $\\boxed{5}$.<｜end▁of▁sentence｜>")
     assert t["messages"][1]["content"] == ANSWER  # the text stays as given
 
 
@@ -85,7 +85,9 @@ def test_ids_are_kept_only_with_this_tokenizers_prompt(tiny_tokenizer):
     t["messages"][1].update(token_ids=[7, 7], logprobs=[-1.0, -2.0])
     tokens.complete_ids(tiny_tokenizer, t)
     assert t["prompt_ids"] == prompt_ids(tiny_tokenizer, QUESTION)
-    assert t["messages"][1]["token_ids"] == tiny_tokenizer("abc")["input_ids"] and "logprobs" not in t["messages"][1]
+    eos = [tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert t["messages"][1]["token_ids"] == tiny_tokenizer("abc")["input_ids"] + eos
+    assert "logprobs" not in t["messages"][1]
     kept = {**t, "messages": [dict(m) for m in t["messages"]]}
     kept["messages"][1].update(token_ids=[9, 9], logprobs=[-1.0, -2.0])
     tokens.complete_ids(tiny_tokenizer, kept)
@@ -247,3 +249,16 @@ def test_records_without_ids_under_a_rewriting_template_train_each_action_in_its
     assert row["logps/rejected"] == pytest.approx(summed(rejected), rel=1e-4)
     summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
     assert summary["encoding"]["per_action"] == 2 and summary["encoding"]["from_ids"] == 0
+
+
+def test_a_given_final_action_is_closed_as_a_model_closes_it_unless_it_goes_on(tiny_tokenizer, qwen3):
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    final = trajectory({"role": "assistant", "content": "So \\boxed{5}."})
+    tokens.complete_ids(tiny_tokenizer, final)
+    assert final["messages"][1]["token_ids"][-1] == im_end  # trained on, it learns to stop
+    cut = trajectory({"role": "assistant", "content": "So the answer"})
+    tokens.complete_ids(tiny_tokenizer, cut, continuing=True)
+    assert im_end not in cut["messages"][1]["token_ids"]  # rollout continues it
+    with_code = trajectory({"role": "assistant", "content": ACTION}, OBSERVATION)
+    tokens.complete_ids(qwen3, with_code)  # before an observation, the closing is the observation's
+    assert qwen3.convert_tokens_to_ids("<|im_end|>") not in with_code["messages"][1]["token_ids"]
