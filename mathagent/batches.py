@@ -173,9 +173,9 @@ def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
         group_logps, group_counts = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
         for k, r in enumerate(group):
             logps[r], counts[r] = group_logps[k], group_counts[k]
-    if all(not s.more for s in sequences):
-        summed, summed_counts = logps, counts
-    else:
-        summed = [sum(logps[r] for r, (i, _) in enumerate(rows) if i == j) for j in range(len(sequences))]
-        summed_counts = [sum(counts[r] for r, (i, _) in enumerate(rows) if i == j) for j in range(len(sequences))]
+    summed: list[Any] = [None] * len(sequences)
+    summed_counts: list[Any] = [None] * len(sequences)
+    for r, (i, _) in enumerate(rows):  # a sequence's rows, summed (one row: its own values, unchanged)
+        summed[i] = logps[r] if summed[i] is None else summed[i] + logps[r]
+        summed_counts[i] = counts[r] if summed_counts[i] is None else summed_counts[i] + counts[r]
     return torch.stack(summed), torch.stack(summed_counts), sum(len(row.input_ids) for _, row in rows)

@@ -236,6 +236,30 @@ def _char_layout(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, li
     return text, ends, actions
 
 
+class _Placed(NamedTuple):
+    start: int  # the action's first token
+    content_end: int  # past its content's last token
+    end: int  # past its end-of-turn tokens
+    straddling: int  # tokens at its edges that also hold text outside it (0, 1 or 2)
+
+
+def _place_action(ids: Sequence[int], offsets: Sequence[tuple[int, int]], starts: Sequence[int], special: set[int],
+                  a_start: int, c_end: int, limit: int) -> _Placed:
+    """The tokens of an action whose content is the characters [a_start, c_end) of the tokenized text: those
+    wholly inside it, then the end-of-turn tokens through the first special one, none at or past `limit`.
+    A token that begins before a_start or runs past c_end also holds text that is not the action: it is
+    left out and counted as straddling (and then no end-of-turn tokens follow)."""
+    start = bisect.bisect_left(starts, a_start)
+    straddling = int(start > 0 and offsets[start - 1][1] > a_start)
+    content_end = start
+    while content_end < limit and offsets[content_end][1] <= c_end and offsets[content_end][0] < c_end:
+        content_end += 1
+    if content_end < limit and offsets[content_end][0] < c_end:
+        return _Placed(start, content_end, content_end, straddling + 1)
+    end = next((t + 1 for t in range(content_end, limit) if ids[t] in special), content_end)
+    return _Placed(start, content_end, end, straddling)
+
+
 def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
                           mask_observations: bool = True) -> TokenizedConversation:
     """Token ids, action mask and per-message spans of a conversation under the tokenizer's chat template.
@@ -259,27 +283,11 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
         last = bisect.bisect_left(starts, ends[i])
         span = MessageSpan(i, message["role"], first, last)
         if i in actions:
-            a_start, c_end = actions[i]
-            # Tokens wholly inside [a_start, c_end) are the content; one that begins before a_start or runs
-            # past c_end also holds text that is not the action.
-            action_start = bisect.bisect_left(starts, a_start)
-            if action_start > 0 and offsets[action_start - 1][1] > a_start:
-                straddling += 1
-            content_end = action_start
-            while content_end < last and offsets[content_end][1] <= c_end and offsets[content_end][0] < c_end:
-                content_end += 1
-            action_end = content_end
-            if content_end < last and offsets[content_end][0] < c_end:
-                straddling += 1  # a token runs from the content into the scaffolding: not an action
-            else:
-                # The end-of-turn tokens, through the first special one.
-                for t in range(content_end, last):
-                    if ids[t] in special:
-                        action_end = t + 1
-                        break
-            for t in range(action_start, action_end):
+            placed = _place_action(ids, offsets, starts, special, *actions[i], last)
+            straddling += placed.straddling
+            for t in range(placed.start, placed.end):
                 mask[t] = 1
-            span = MessageSpan(i, message["role"], first, last, action_start, content_end, action_end)
+            span = MessageSpan(i, message["role"], first, last, placed.start, placed.content_end, placed.end)
         spans.append(span)
         begin = ends[i]
     if not mask_observations:
@@ -338,18 +346,9 @@ def tokenize_per_action(tokenizer, messages: Sequence[dict[str, Any]]) -> list[T
         straddling = 0
         for n, (a_start, c_end) in enumerate(ranges):
             limit = bisect.bisect_left(starts, ranges[n + 1][0]) if n + 1 < len(ranges) else len(ids)
-            action_start = bisect.bisect_left(starts, a_start)
-            if action_start > 0 and offsets[action_start - 1][1] > a_start:
-                straddling += 1
-            end = action_start
-            while end < limit and offsets[end][1] <= c_end and offsets[end][0] < c_end:
-                end += 1
-            action_end = end
-            if end < limit and offsets[end][0] < c_end:
-                straddling += 1
-            else:
-                action_end = next((t + 1 for t in range(end, limit) if ids[t] in special), end)
-            for t in range(action_start, action_end):
+            placed = _place_action(ids, offsets, starts, special, a_start, c_end, limit)
+            straddling += placed.straddling
+            for t in range(placed.start, placed.end):
                 mask[t] = 1
         out.append(TokenizedConversation(ids, mask, [], straddling))
     return out

@@ -136,10 +136,11 @@ class Encoder:
             response = trajectory["messages"][len(prompt):]
         conv = conversation_from_ids(prompt_ids, response, mask_observations=self.config.mask_observations)
         report.from_ids += 1
-        if not any(conv.action_mask[1:]):
-            report.no_actions += 1
         logprobs = conv.logprobs if any(x is not None for x in conv.logprobs) else None
-        return Encoded(conv.input_ids, conv.action_mask, logprobs=logprobs)
+        encoded = Encoded(conv.input_ids, conv.action_mask, logprobs=logprobs)
+        if not encoded.predicted:
+            report.no_actions += 1
+        return encoded
 
 
 # ---- the objectives ----------------------------------------------------------------------------------------

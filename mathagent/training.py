@@ -227,7 +227,7 @@ class Recipe:
         ref_model = load_model(self.ref_path or self.model_path, frozen_bf16=frozen_bf16)
         disable_dropout(ref_model)
         ref_model.to(self.device)
-        batch = config.ref_batch_size or max(2, 2 * self.plan.micro_batch)
+        batch = self._ref_batch_size()
         # The starting policy is the sampling policy of records with log-probs: its pass measures the mismatch.
         mismatch = SamplingMismatch() if self.ref_path is None and self.start_step == 0 else None
         mine = reference_logps(ref_model, sequences, batch_size=batch, pad_id=self.pad_id, device=self.device,
@@ -281,13 +281,17 @@ class Recipe:
         mismatch = SamplingMismatch()
         model.to(self.device)
         model.eval()
-        batch = self.config.ref_batch_size or max(2, 2 * self.plan.micro_batch)
+        batch = self._ref_batch_size()
         with torch.no_grad(), self.accelerator.autocast():
             for lo in range(0, len(mine), batch):
                 sequence_logps(model, [self.sequences[i] for i in mine[lo : lo + batch]], self.pad_id, self.device,
                                on_logits=mismatch)
         model.train()
         self._report_mismatch(mismatch)
+
+    def _ref_batch_size(self) -> int:
+        """Sequences per no-grad forward pass (the reference pass, the mismatch pass)."""
+        return self.config.ref_batch_size or max(2, 2 * self.plan.micro_batch)
 
     def _report_mismatch(self, mismatch: SamplingMismatch) -> None:
         from accelerate.utils import gather_object
