@@ -296,14 +296,22 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
     return TokenizedConversation(ids, mask, spans, straddling)
 
 
+def marked_rendering(tokenizer, messages: Sequence[dict[str, Any]], index: int, **kwargs) -> tuple[str, int | None]:
+    """The rendering of `messages` (roles and contents only) with message `index`'s content replaced by
+    ACTION_MARK, and where the text after the marker begins (None if the template does not write the content):
+    what the template writes around a message, whatever it does to the rest."""
+    probe = [{"role": m["role"], "content": m["content"]} for m in messages]
+    probe[index]["content"] = ACTION_MARK
+    text = _render(tokenizer, probe, len(messages) - 1, **kwargs)
+    at = text.rfind(ACTION_MARK)
+    return text, at + len(ACTION_MARK) if at >= 0 else None
+
+
 def assistant_closing(tokenizer, messages: Sequence[dict[str, Any]], index: int) -> str:
     """What the template writes after assistant message `index`'s content when it ends the conversation (its
-    end-of-turn text, e.g. "<|im_end|>\\n"): found by rendering a marker as that message's content."""
-    mark = ACTION_MARK
-    probe = [{"role": m["role"], "content": m["content"]} for m in messages[:index]]
-    text = _render(tokenizer, [*probe, {"role": "assistant", "content": mark}], index)
-    at = text.rfind(mark)
-    return text[at + len(mark):] if at >= 0 else ""
+    end-of-turn text, e.g. "<|im_end|>\\n")."""
+    text, begin = marked_rendering(tokenizer, [*messages[:index], {"role": "assistant", "content": ""}], index)
+    return text[begin:] if begin is not None else ""
 
 
 def tokenize_per_action(tokenizer, messages: Sequence[dict[str, Any]]) -> list[TokenizedConversation]:

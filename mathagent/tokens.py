@@ -37,11 +37,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from mathagent.chat import ACTION_MARK, assistant_closing, encode, literal_ranges, prompt_ids, special_token_ids
+from mathagent.chat import (ACTION_MARK, assistant_closing, encode, literal_ranges, marked_rendering, prompt_ids,
+                            special_token_ids)
 from mathagent.errors import UserError
 from mathagent.records import LOGPROBS, PROMPT_IDS, TOKEN_IDS, first_action
-
-
 
 
 def has_ids(prompt: Any, response: Sequence[dict[str, Any]]) -> bool:
@@ -91,17 +90,10 @@ def observation_ids(tokenizer, messages: Sequence[dict[str, Any]], index: int) -
     if previous < 0 or messages[previous]["role"] != "assistant":
         raise UserError(f"message {index}: token ids are built one observation after each action, and this message "
                         "does not follow an action")
-    marked = [{"role": m["role"], "content": m["content"]} for m in messages[: index + 1]]
-    marked[previous]["content"] = ACTION_MARK
-    try:
-        text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # jinja's TemplateError: roles the template refuses
-        raise UserError(f"message {index}: the chat template cannot render the conversation up to it: {e}") from None
-    at = text.rfind(ACTION_MARK)
-    if at < 0:
+    text, begin = marked_rendering(tokenizer, messages[: index + 1], previous, add_generation_prompt=True)
+    if begin is None:
         raise UserError(f"message {previous}: the chat template does not write an assistant message's content, so "
                         "the tokens of the observation after it have no place")
-    begin = at + len(ACTION_MARK)
     delta = text[begin:]
     action = messages[previous].get(TOKEN_IDS) or []
     if action and action[-1] in special_token_ids(tokenizer):
@@ -110,6 +102,8 @@ def observation_ids(tokenizer, messages: Sequence[dict[str, Any]], index: int) -
             delta, begin = delta[len(written):], begin + len(written)
     if not getattr(tokenizer, "is_fast", False):
         return tokenizer(delta, add_special_tokens=False)["input_ids"]
+    marked = [{"role": m["role"], "content": m["content"]} for m in messages[: index + 1]]
+    marked[previous]["content"] = ACTION_MARK  # as marked_rendering rendered it
     literal = [(a - begin, b - begin)
                for a, b in literal_ranges(tokenizer, marked, text, [index], add_generation_prompt=True)]
     return encode(tokenizer, delta, literal)[0]
