@@ -71,7 +71,8 @@ MAX_TURNS ?= 4
 MAX_TOKENS?= 64#          per action
 CHUNK     ?= 128#          trajectories a rollout advances together (and holds sandbox sessions for)
 PAIRS_ARGS?= --strategy random --k 2
-TRAIN_ARGS?= --lr 5e-5 --beta 0.1 --nll-weight 1 --epochs 2 --batch-size 8
+NLL       ?= 1#           train-mdpo --nll-weight: the NLL term on the chosen actions (action tokens in both arms)
+TRAIN_ARGS?= --lr 5e-5 --beta 0.1 --nll-weight $(NLL) --epochs 2 --batch-size 8
 TRAINER   ?= $(VENV)/bin/mathagent#  or: accelerate launch --config_file configs/accelerate/ddp.yaml -m mathagent.cli
 VERBOSE   ?= 0#           1: every stage's own progress bars and logs on the terminal
 
@@ -87,7 +88,8 @@ MATHAGENT := $(VENV)/bin/mathagent
 STAGE      = $(LOOP) stage $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --
 Q         := $(if $(filter 1,$(VERBOSE)),,@)#  recipes echo their commands only with VERBOSE=1
 
-.PHONY: iteration iterations cron demo demo-data demo-chains demo-mdpo demo-dpo demo-fresh _iteration _iterations
+.PHONY: iteration iterations cron demo demo-data demo-chains demo-mdpo demo-dpo demo-fresh demo-ablation \
+        demo-ablation-chains demo-mdpo-nll0 demo-dpo-nll0 _iteration _iterations
 
 # One process per RUN at a time: flock exits 75 at once when another one holds the lock; -o keeps the lock
 # out of the stages, so nothing a killed run leaves behind holds it.
@@ -195,6 +197,21 @@ demo-mdpo:
 	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/mdpo $(DEMO_VARS) MASK=1 START=0
 demo-dpo:
 	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/dpo $(DEMO_VARS) MASK=0 START=1
+
+# The NLL term's share of the comparison: both methods also without it (NLL=0), from the same SFT policy, and
+# the four runs side by side (DEMO/ablation-nll.{json,png}).
+demo-ablation: install
+	@$(MAKE) --no-print-directory demo-data
+	@$(MAKE) --no-print-directory -j2 demo-chains demo-ablation-chains
+	@$(LOOP) compare --start $(DEMO)/mdpo --title "$(DEMO): the NLL term (--nll-weight 1 or 0)" \
+	    "M-DPO=$(DEMO)/mdpo" "M-DPO, no NLL=$(DEMO)/mdpo-nll0" "single-turn DPO=$(DEMO)/dpo" \
+	    "single-turn DPO, no NLL=$(DEMO)/dpo-nll0" --plot $(DEMO)/ablation-nll.png --json $(DEMO)/ablation-nll.json
+demo-ablation-chains: export OMP_NUM_THREADS = 1
+demo-ablation-chains: demo-mdpo-nll0 demo-dpo-nll0
+demo-mdpo-nll0:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/mdpo-nll0 $(DEMO_VARS) MASK=1 NLL=0 START=1
+demo-dpo-nll0:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/dpo-nll0 $(DEMO_VARS) MASK=0 NLL=0 START=1
 
 # The gain on problems the demo never saw: the SFT policy and both methods' last models, greedy, on fresh
 # held-out problems from another generator seed (FRESH).

@@ -13,7 +13,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mathagent import losses
 from mathagent.chat import right_pad
@@ -29,13 +29,17 @@ class Encoded:
     `more`: further sequences of the same conversation whose action log-probs add to this one's, where a
     template that rewrites history shows each action in its own context (`chat.tokenize_per_action`).
     `logprobs`: where the record carries them, the sampling policy's log-prob of each position's token (None
-    where none was recorded), for the trainer's engine/trainer mismatch figure."""
+    where none was recorded), for the trainer's engine/trainer mismatch figure.
+    `nll_mask`: where the loss reads more than the actions (the single-turn baseline, `chat.completion_mask`),
+    1 on the actions alone: the tokens an NLL term reads, the same in both arms of the M-DPO comparison.
+    None: the action mask."""
 
     input_ids: list[int]
     action_mask: list[int]
     ref_logp: float | None = None
     more: list[Encoded] = field(default_factory=list)
     logprobs: list[float | None] | None = None
+    nll_mask: list[int] | None = None
 
     def rows(self) -> list[Encoded]:
         """The sequences a forward pass runs for it: itself, then `more`."""
@@ -49,6 +53,11 @@ class Encoded:
     def predicted(self) -> int:
         """Action tokens with a token before them: those the model predicts (an NLL term's denominator)."""
         return sum(sum(row.action_mask[1:]) for row in self.rows())
+
+    @property
+    def nll_targets(self) -> int:
+        """The tokens of an NLL term on it (`nll_mask`) with a token before them."""
+        return sum(sum((row.action_mask if row.nll_mask is None else row.nll_mask)[1:]) for row in self.rows())
 
     @property
     def longest(self) -> int:
@@ -108,10 +117,21 @@ def make_plan(n_examples: int, config: TrainConfig, world: int) -> Plan:
 
 
 def collate(sequences: Sequence[Encoded], pad_id: int):
-    """Right-padded input_ids, attention_mask and action_mask tensors."""
+    """Right-padded input_ids, attention_mask and action_mask tensors, and nll_mask where a sequence has one."""
     ids, attention = right_pad([s.input_ids for s in sequences], pad_id)
     actions, _ = right_pad([s.action_mask for s in sequences], 0)
-    return {"input_ids": ids, "attention_mask": attention, "action_mask": actions}
+    batch = {"input_ids": ids, "attention_mask": attention, "action_mask": actions}
+    if any(s.nll_mask is not None for s in sequences):
+        batch["nll_mask"], _ = right_pad([s.action_mask if s.nll_mask is None else s.nll_mask for s in sequences], 0)
+    return batch
+
+
+class SequenceLogps(NamedTuple):
+    """What `sequence_logps` returns, in the order of its sequences."""
+
+    actions: Any  # [B] summed log-probs of the action tokens (the loss mask)
+    nll: Any  # [B] summed log-probs of each sequence's `nll_mask` tokens (`actions` where it has none)
+    tokens: int  # the non-pad tokens of the forward passes
 
 
 # A micro-batch is run as groups of similar length: a sequence joins the current group (longest first) while
@@ -153,7 +173,8 @@ def forward_groups(lengths: Sequence[int], same_passes: Callable[[int], int] | N
 def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
                    same_passes: Callable[[int], int] | None = None,
                    on_logits: Callable[[list[Encoded], Any, Any], None] | None = None):
-    """Summed action log-probs [B] (with grad if enabled), action-token counts [B] and non-pad tokens.
+    """Summed action log-probs [B] (with grad if enabled), those of the NLL tokens [B] and the non-pad tokens
+    (`SequenceLogps`).
 
     One forward pass per length group of the sequences' rows (see `length_groups`, and `forward_groups` for
     `same_passes`); a sequence's log-prob sums those of its rows (`Encoded.rows`). The results are in the order
@@ -164,18 +185,20 @@ def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
 
     rows = [(i, row) for i, s in enumerate(sequences) for row in s.rows()]
     logps: list[Any] = [None] * len(rows)
-    counts: list[Any] = [None] * len(rows)
+    nlls: list[Any] = [None] * len(rows)
     for group in forward_groups([len(row.input_ids) for _, row in rows], same_passes):
         batch = {k: v.to(device) for k, v in collate([rows[r][1] for r in group], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         if on_logits is not None:
             on_logits([rows[r][1] for r in group], logits, batch["input_ids"])
-        group_logps, group_counts = losses.action_logps(logits, batch["input_ids"], batch["action_mask"])
+        per_token = losses.token_logps(logits, batch["input_ids"])
+        group_logps = losses.masked_sum(per_token, batch["action_mask"])
+        group_nll = losses.masked_sum(per_token, batch["nll_mask"]) if "nll_mask" in batch else group_logps
         for k, r in enumerate(group):
-            logps[r], counts[r] = group_logps[k], group_counts[k]
+            logps[r], nlls[r] = group_logps[k], group_nll[k]
     summed: list[Any] = [None] * len(sequences)
-    summed_counts: list[Any] = [None] * len(sequences)
+    summed_nll: list[Any] = [None] * len(sequences)
     for r, (i, _) in enumerate(rows):  # a sequence's rows, summed (one row: its own values, unchanged)
         summed[i] = logps[r] if summed[i] is None else summed[i] + logps[r]
-        summed_counts[i] = counts[r] if summed_counts[i] is None else summed_counts[i] + counts[r]
-    return torch.stack(summed), torch.stack(summed_counts), sum(len(row.input_ids) for _, row in rows)
+        summed_nll[i] = nlls[r] if summed_nll[i] is None else summed_nll[i] + nlls[r]
+    return SequenceLogps(torch.stack(summed), torch.stack(summed_nll), sum(len(row.input_ids) for _, row in rows))

@@ -290,10 +290,14 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict[str, Any]], *,
             span = MessageSpan(i, message["role"], first, last, placed.start, placed.content_end, placed.end)
         spans.append(span)
         begin = ends[i]
-    if not mask_observations:
-        first_action = next((s.action_start for s in spans if s.action_start is not None), len(ids))
-        mask = [0] * first_action + [1] * (len(ids) - first_action)
-    return TokenizedConversation(ids, mask, spans, straddling)
+    return TokenizedConversation(ids, mask if mask_observations else completion_mask(mask), spans, straddling)
+
+
+def completion_mask(action_mask: Sequence[int]) -> list[int]:
+    """The single-turn baseline's loss mask from an action mask: 1 on every token from the first action
+    token to the end (observations and the later turns' scaffolding included), 0 before it."""
+    first = next((t for t, m in enumerate(action_mask) if m), len(action_mask))
+    return [0] * first + [1] * (len(action_mask) - first)
 
 
 def marked_rendering(tokenizer, messages: Sequence[dict[str, Any]], index: int, **kwargs) -> tuple[str, int | None]:

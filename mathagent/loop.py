@@ -10,6 +10,7 @@ is what the Makefile should not write in shell:
     python -m mathagent.loop eval-json DIR                        DIR/eval.json from its two evaluations
     python -m mathagent.loop manifest DIR KEY=VALUE...            DIR/manifest.json
     python -m mathagent.loop report DIR                           the paper's table, a plot, summary.json
+    python -m mathagent.loop compare A=DIR B=DIR --plot X.png     runs side by side (an ablation), a plot
 
 Every file it writes is written beside and renamed, so a killed run never leaves half a file that make would
 take as finished. A user's mistake is one line on stderr and exit code 2, as in `mathagent` (`errors.user_errors`).
@@ -362,24 +363,91 @@ def report(
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    start = next(r for r in rows if r["method"] == "sft")
+    series = []
+    for method, label, style in (("mdpo", "M-DPO (observations masked)", "o-"),
+                                 ("dpo", "single-turn DPO (no mask)", "s--")):
+        points = [start] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["iteration"])
+        if len(points) > 1:
+            series.append({"label": label, "style": style, "iterations": points})
+    _plot_series(series, path, "Online iterative preference learning on the arith task",
+                 xlabel="iteration (0 = the SFT policy)")
+
+
+# ---- compare: several runs side by side -------------------------------------------------------------------
+
+
+@command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="LABEL=DIR: a run's directory (iter*/ with manifests) and its name in the table and plot.")],
+    start: Annotated[str | None, typer.Option("--start", help="A run whose iter0 is every run's iteration 0 (the shared starting policy), for runs that started at iteration 1.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Also draw held-out greedy accuracy against iteration, one line per run, into this PNG.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the runs' metrics per iteration to this file.")] = None,
+    title: Annotated[str, typer.Option("--title", help="The table's and the plot's title.")] = "Held-out accuracy against iteration",
+) -> None:
+    """Runs of the loop side by side (an ablation: the NLL term, the sampling strategy): held-out greedy
+    accuracy per iteration, and the last iteration's sampled pass@1, maj@k and pairs."""
+    shared = dict(_iterations(Path(start))).get(0) if start else None
+    if start and shared is None:
+        raise UserError(f"{start}/iter0/manifest.json (the starting policy's evaluation) is missing")
+    series: list[dict[str, Any]] = []
+    for spec in runs:
+        label, sep, directory = spec.partition("=")
+        if not sep or not label or not directory:
+            raise UserError(f"run {spec!r}: give LABEL=DIR")
+        iterations = dict(_iterations(Path(directory)))
+        if 0 not in iterations and shared is not None:
+            iterations[0] = shared
+        if not [k for k in iterations if k > 0]:
+            raise UserError(f"{directory}: no finished iteration (iter*/manifest.json)")
+        points = [{"iteration": k, "accuracy": m["metrics"]["accuracy"], "pass@1": m["metrics"]["pass@1"],
+                   "maj@k": m["metrics"]["maj@k"], "k": m["metrics"]["k"], "pairs": m["metrics"].get("pairs")}
+                  for k, m in sorted(iterations.items())]
+        series.append({"label": label, "run": directory, "iterations": points})
+
+    last = max(p["iteration"] for s in series for p in s["iterations"])
+    k = series[0]["iterations"][-1]["k"]
+    table = Table(title=title)
+    table.add_column("run", no_wrap=True)
+    for iteration in range(last + 1):
+        table.add_column(f"iter {iteration}", justify="right")
+    for column in ("sampled pass@1", f"maj@{k}", "pairs"):
+        table.add_column(column, justify="right")
+    for s in series:
+        by_iteration = {p["iteration"]: p for p in s["iterations"]}
+        final = s["iterations"][-1]
+        table.add_row(s["label"], *(_percent(by_iteration[i]["accuracy"]) if i in by_iteration else "-"
+                                    for i in range(last + 1)),
+                      _percent(final["pass@1"]), _percent(final["maj@k"]),
+                      "-" if final["pairs"] is None else str(final["pairs"]))
+    console.print(table)
+    if json_out:
+        write_atomic(Path(json_out), json.dumps({"title": title, "runs": series}, indent=2) + "\n")
+    if plot:
+        _plot_series(series, Path(plot), title)
+        console.print(f"plot: {plot}")
+
+
+def _plot_series(series: list[dict[str, Any]], path: Path, title: str,
+                 xlabel: str = "iteration (0 = the starting policy)") -> None:
+    """Held-out greedy accuracy against iteration, one line per series ({"label", "iterations": [{"iteration",
+    "accuracy"}, ...]}, and a matplotlib "style" if it has one), into the PNG `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    start = next(r for r in rows if r["method"] == "sft")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, label, style in (("mdpo", "M-DPO (observations masked)", "o-"),
-                                 ("dpo", "single-turn DPO (no mask)", "s--")):
-        points = [start] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["iteration"])
-        if len(points) > 1:
-            ax.plot([r["iteration"] for r in points], [100 * r["accuracy"] for r in points], style, label=label)
-    ax.set_xlabel("iteration (0 = the SFT policy)")
+    for s, marker in zip(series, "os^vDP*X" * len(series)):
+        points = s["iterations"]
+        ax.plot([p["iteration"] for p in points], [100 * p["accuracy"] for p in points], s.get("style", f"{marker}-"),
+                label=s["label"])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out greedy accuracy (%)")
-    ax.set_xticks(sorted({r["iteration"] for r in rows}))
+    ax.set_xticks(sorted({p["iteration"] for s in series for p in s["iterations"]}))
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Online iterative preference learning on the arith task")
+    ax.set_title(title)
     fig.tight_layout()
     with atomic_path(path, suffix=".tmp.png") as staging:
         fig.savefig(staging)

@@ -21,6 +21,8 @@ r(tau) = beta * (log pi(tau) - log pi_ref(tau)) (beta is the paper's eta, the KL
                       prompt of completion j: the KL baseline, a constant (no gradient), estimated from the
                       micro-batches of all processes and clamped once, after their mean
     nll (optional):   -sum of log pi over the chosen action tokens / their number, added with --nll-weight
+                      (action tokens also where the loss reads every token after the prompt: the single-turn
+                      baseline's NLL term is the same as M-DPO's)
 
 Every function returns per-example values; the caller reduces them (mean over the pairs of an optimizer step).
 """
@@ -55,9 +57,14 @@ def action_logps(
     prompt, scaffolding, padding) are selected away by `torch.where`, so the loss has exactly zero gradient
     with respect to their logits.
     """
-    mask = action_mask[:, 1:].bool()
-    per_token = token_logps(logits, input_ids)
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1), mask.sum(-1)
+    return masked_sum(token_logps(logits, input_ids), action_mask), action_mask[:, 1:].sum(-1)
+
+
+def masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of `token_logps`' values [B, T-1] at the positions whose token is 1 in `mask` [B, T],
+    by `torch.where` (zero gradient elsewhere)."""
+    selected = mask[:, 1:].bool()
+    return torch.where(selected, per_token, torch.zeros_like(per_token)).sum(-1)
 
 
 def rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 
 from mathagent import labeling, losses, prm
 from mathagent.batches import Encoded, Plan, forward_groups, sequence_logps
-from mathagent.chat import RewrittenHistory, tokenize_conversation, tokenize_per_action
+from mathagent.chat import RewrittenHistory, completion_mask, tokenize_conversation, tokenize_per_action
 from mathagent.chat import prompt_ids as chat_prompt_ids
 from mathagent.errors import UserError
 from mathagent.labeling import PLUS
@@ -104,7 +104,7 @@ class Encoder:
             return self._from_ids(prompt, response, report, prompt_ids)
         messages = [*prompt, *response]
         try:
-            conv = tokenize_conversation(self.tokenizer, messages, mask_observations=self.config.mask_observations)
+            conv = tokenize_conversation(self.tokenizer, messages)
         except RewrittenHistory as e:
             if not self.config.mask_observations:
                 raise UserError(f"{e}; the single-turn baseline (mask_observations off) needs one rendering of "
@@ -117,7 +117,7 @@ class Encoder:
                               more=[Encoded(r.input_ids, r.action_mask) for r in rows[1:]])
         else:
             report.straddling += conv.straddling
-            encoded = Encoded(conv.input_ids, conv.action_mask)
+            encoded = self._masked(conv.input_ids, conv.action_mask)
         if not encoded.predicted:
             report.no_actions += 1
         return encoded
@@ -134,13 +134,20 @@ class Encoder:
             trajectory = {PROMPT_IDS: prompt_ids, "messages": [*prompt, *(dict(m) for m in response)]}
             complete_ids(self.tokenizer, trajectory)
             response = trajectory["messages"][len(prompt):]
-        conv = conversation_from_ids(prompt_ids, response, mask_observations=self.config.mask_observations)
+        conv = conversation_from_ids(prompt_ids, response)
         report.from_ids += 1
         logprobs = conv.logprobs if any(x is not None for x in conv.logprobs) else None
-        encoded = Encoded(conv.input_ids, conv.action_mask, logprobs=logprobs)
+        encoded = self._masked(conv.input_ids, conv.action_mask, logprobs)
         if not encoded.predicted:
             report.no_actions += 1
         return encoded
+
+    def _masked(self, input_ids: list[int], actions: list[int], logprobs=None) -> Encoded:
+        """The sequence with its loss mask: the actions, or under the single-turn baseline every token from the
+        first action on, its NLL term still on the actions alone (`Encoded.nll_mask`)."""
+        if self.config.mask_observations:
+            return Encoded(input_ids, actions, logprobs=logprobs)
+        return Encoded(input_ids, completion_mask(actions), logprobs=logprobs, nll_mask=actions)
 
 
 # ---- the objectives ----------------------------------------------------------------------------------------
@@ -244,10 +251,11 @@ class PairObjective(Objective):
     IPO and hinge losses on the same summed action log-ratios (`losses.pair_loss`).
 
     Departures from the paper: `--label-smoothing` (conservative DPO) and `--nll-weight` (an NLL term on the
-    chosen actions, averaged over the step's chosen action tokens, as in RPO) are additions, off by default;
-    IPO's margin is on summed log-ratios, as in the IPO paper (TRL averages them per token); pi_ref's
-    log-probs are computed once before training, not in each step (the same values: pi_ref is fixed);
-    dropout is off in both passes (as TRL does).
+    chosen actions, averaged over the step's chosen action tokens, as in RPO; on the action tokens also under
+    `--no-mask-observations`, so that both arms of the comparison get the same term) are additions, off by
+    default; IPO's margin is on summed log-ratios, as in the IPO paper (TRL averages them per token); pi_ref's
+    log-probs are computed once before training, not in each step (the same values: pi_ref is fixed); dropout
+    is off in both passes (as TRL does).
     """
 
     name = "pairs"
@@ -263,19 +271,19 @@ class PairObjective(Objective):
         chosen = self.encode_conversation(record["prompt"], record["chosen"], report, prompt_ids)
         rejected = self.encode_conversation(record["prompt"], record["rejected"], report, prompt_ids)
         # the NLL term's tokens: the chosen actions that have a token before them
-        return [Example(record["id"], [chosen, rejected], targets=chosen.predicted)]
+        return [Example(record["id"], [chosen, rejected], targets=chosen.nll_targets)]
 
     def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
         config = self.config
         sequences = [e.sequences[0] for e in batch.examples] + [e.sequences[1] for e in batch.examples]
-        logps, _, tokens = sequence_logps(model, sequences, batch.pad_id, batch.device, batch.same_passes)
+        logps, nlls, tokens = sequence_logps(model, sequences, batch.pad_id, batch.device, batch.same_passes)
         refs = _reference(sequences, logps)
         m = len(batch.examples)
         pc, pr, rc, rr = logps[:m], logps[m:], refs[:m], refs[m:]
         ell = losses.pair_loss(pc, pr, rc, rr, beta=config.beta, loss=config.loss,
                                label_smoothing=config.label_smoothing)
         loss = ell.sum() / batch.totals.examples
-        nll = losses.nll_loss(pc, batch.totals.targets)
+        nll = losses.nll_loss(nlls[:m], batch.totals.targets)
         if config.nll_weight:
             loss = loss + config.nll_weight * nll
         chosen, rejected = losses.rewards(pc, rc, config.beta), losses.rewards(pr, rr, config.beta)

@@ -37,8 +37,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from mathagent.chat import (ACTION_MARK, assistant_closing, encode, literal_ranges, marked_rendering, prompt_ids,
-                            special_token_ids)
+from mathagent.chat import (ACTION_MARK, assistant_closing, completion_mask, encode, literal_ranges, marked_rendering,
+                            prompt_ids, special_token_ids)
 from mathagent.errors import UserError
 from mathagent.records import LOGPROBS, PROMPT_IDS, TOKEN_IDS, first_action
 
@@ -259,7 +259,7 @@ def conversation_from_ids(prompt: Sequence[int], response: Sequence[dict[str, An
         tokens = m[TOKEN_IDS]
         ids += tokens
         is_action = m["role"] == "assistant"
-        mask += [int(is_action or not mask_observations)] * len(tokens)
+        mask += [int(is_action)] * len(tokens)
         recorded = m.get(LOGPROBS) if is_action else None
         logprobs += list(recorded) if recorded is not None else [None] * len(tokens)
-    return IdConversation(ids, mask, logprobs)
+    return IdConversation(ids, mask if mask_observations else completion_mask(mask), logprobs)

@@ -177,7 +177,8 @@ class Recipe:
             "objective": self.objective.name, "loss": config.loss, "batch_size": config.batch_size,
             "grad_accum": config.grad_accum, "world_size": self.world, "seed": config.seed,
             "examples": len(self.examples), "lora": config.lora,
-            "data": fingerprint([[(r.input_ids, r.action_mask) for r in s.rows()] for s in self.sequences]),
+            "data": fingerprint([[(r.input_ids, r.action_mask, *([] if r.nll_mask is None else [r.nll_mask]))
+                                  for r in s.rows()] for s in self.sequences]),
             **self.objective.identity(self.examples),
         }
 

@@ -141,6 +141,32 @@ def test_report_writes_the_papers_table_a_plot_and_summary_json_in_the_documente
     assert (demo / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _manifests(root, accuracy):
+    for (run, k), value in accuracy.items():
+        folder = root / run / f"iter{k}"
+        folder.mkdir(parents=True)
+        metrics = {"accuracy": value, "pass@1": value / 2, "maj@k": value, "k": 4, "pairs": None if k == 0 else 50 + k}
+        (folder / "manifest.json").write_text(json.dumps({"directory": str(folder), "metrics": metrics}))
+
+
+def test_compare_puts_runs_side_by_side_with_the_shared_start_as_their_iteration_0(tmp_path):
+    _manifests(tmp_path, {("a", 0): 0.2, ("a", 1): 0.3, ("a", 2): 0.45, ("b", 1): 0.25, ("b", 2): 0.275})
+    out = tmp_path / "c.json"
+    proc = subprocess.run([sys.executable, "-m", "mathagent.loop", "compare", f"with NLL={tmp_path / 'a'}",
+                           f"no NLL={tmp_path / 'b'}", "--start", str(tmp_path / "a"), "--json", str(out),
+                           "--plot", str(tmp_path / "c.png")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in proc.stderr.splitlines() if line.count("│") > 3}
+    assert rows["no NLL"] == ["20.0", "25.0", "27.5", "13.8", "27.5", "52"]  # iteration 0 is a's, the shared start
+    assert rows["with NLL"] == ["20.0", "30.0", "45.0", "22.5", "45.0", "52"]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["with NLL", "no NLL"]
+    assert [p["accuracy"] for p in runs[1]["iterations"]] == [0.2, 0.25, 0.275]
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["problems", "--task", "arith", "-o", "x.jsonl"], "--task arith needs --n (at least 1)"),
     (["problems", "--task", "arith", "--n", "2", "--demos", "--prompt", "nope", "-o", "x.jsonl"],
@@ -150,6 +176,8 @@ def test_report_writes_the_papers_table_a_plot_and_summary_json_in_the_documente
     (["eval-json", "."], ". needs greedy.json and sampled.json"),
     (["manifest", ".", "RUN"], "'RUN': expected KEY=VALUE"),
     (["report", "."], "./mdpo/iter0/manifest.json (the SFT policy's evaluation) is missing"),
+    (["compare", "a"], "run 'a': give LABEL=DIR"),
+    (["compare", "a=nowhere"], "nowhere: no finished iteration (iter*/manifest.json)"),
 ])
 def test_a_user_mistake_is_one_line_and_exit_2_as_in_the_main_command_line(args, message, tmp_path, monkeypatch):
     from typer.testing import CliRunner

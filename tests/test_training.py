@@ -124,7 +124,7 @@ def _log_sigmoid(x: float) -> float:
 
 
 @pytest.mark.parametrize("mask_observations,label_smoothing,nll_weight", [(True, 0.0, 0.0), (False, 0.0, 0.0),
-                                                                          (True, 0.1, 0.5)])
+                                                                          (True, 0.1, 0.5), (False, 0.0, 0.5)])
 def test_the_loss_equals_a_float64_computation_from_per_token_log_probs(tmp_path, tiny_model, tiny_tokenizer,
                                                                          ref_model, mask_observations,
                                                                          label_smoothing, nll_weight):
@@ -142,9 +142,9 @@ def test_the_loss_equals_a_float64_computation_from_per_token_log_probs(tmp_path
         want_losses.append(-(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h))
         chosen.append(beta * (lp["chosen"] - ref["chosen"]))
         rejected.append(beta * (lp["rejected"] - ref["rejected"]))
-        nll -= lp["chosen"]
-        nll_tokens += sum(tokenize_conversation(tiny_tokenizer, pair["prompt"] + pair["chosen"],
-                                                mask_observations=mask_observations).action_mask[1:])
+        # the NLL term is on the chosen actions alone in both arms, observations masked or not
+        nll -= float64_logps(tiny_model, tiny_tokenizer, pair["prompt"] + pair["chosen"])
+        nll_tokens += sum(tokenize_conversation(tiny_tokenizer, pair["prompt"] + pair["chosen"]).action_mask[1:])
     assert row["loss"] == pytest.approx(sum(want_losses) / 2 + nll_weight * nll / nll_tokens, abs=1e-5)
     assert row["rewards/chosen"] == pytest.approx(sum(chosen) / 2, abs=1e-5)
     assert row["rewards/rejected"] == pytest.approx(sum(rejected) / 2, abs=1e-5)
