@@ -63,6 +63,9 @@ EVAL      ?= $(RUNS)/demo/heldout.jsonl#  held-out problems, never trained on (g
 EVAL_SAMPLED ?= $(EVAL)#  held-out problems for sampled pass@1 and maj@k
 N_SAMPLES ?= 4#           samples per training problem
 TEMPERATURE ?= 0.7#       of the training samples and of the sampled evaluation
+SAMPLING  ?= $(TEMPERATURE)#  the training samples' strategy: a temperature, or a mixture of [POLICY:]TEMPERATURE
+#                           components ("0.7,1.0"; "current:0.7,previous:0.7"), N_SAMPLES split evenly among them;
+#                           POLICY: current (pi_{k-1}), previous (pi_{k-2}, pi_0 before iteration 3) or sft (MODEL)
 N_EVAL    ?= 4#           samples per held-out problem for pass@1 and maj@k
 LOSS      ?= sigmoid#     train-mdpo --loss: sigmoid (M-DPO), ipo, hinge, kto (M-KTO)
 MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after the prompt (single-turn DPO)
@@ -79,17 +82,19 @@ VERBOSE   ?= 0#           1: every stage's own progress bars and logs on the ter
 IT        := $(RUNS)/$(RUN)/iter$(ITER)
 PREV      := $(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 1)))
 POLICY    := $(if $(filter 0 1,$(ITER)),$(MODEL),$(PREV)/model)#         pi_{k-1}
+EARLIER   := $(if $(filter 0 1 2,$(ITER)),$(MODEL),$(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 2)))/model)#  pi_{k-2}
 REF_MODEL := $(if $(filter previous,$(REF)),$(POLICY),$(MODEL))
-GREEDY_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature 0 --n 1 --chunk-size $(CHUNK)
-SAMPLE_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --temperature $(TEMPERATURE) \
-               --chunk-size $(CHUNK)
+ROLLOUT_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --chunk-size $(CHUNK)
+GREEDY_ARGS := $(ROLLOUT_ARGS) --temperature 0 --n 1
+SAMPLE_ARGS := $(ROLLOUT_ARGS) --temperature $(TEMPERATURE)
 LOOP      := $(PY) -m mathagent.loop
 MATHAGENT := $(VENV)/bin/mathagent
 STAGE      = $(LOOP) stage $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --
 Q         := $(if $(filter 1,$(VERBOSE)),,@)#  recipes echo their commands only with VERBOSE=1
 
 .PHONY: iteration iterations cron demo demo-data demo-chains demo-mdpo demo-dpo demo-fresh demo-ablation \
-        demo-ablation-chains demo-mdpo-nll0 demo-dpo-nll0 _iteration _iterations
+        demo-ablation-chains demo-mdpo-nll0 demo-dpo-nll0 demo-sampling demo-sampling-chains demo-t1.0 demo-t-mix \
+        demo-previous _iteration _iterations
 
 # One process per RUN at a time: flock exits 75 at once when another one holds the lock; -o keeps the lock
 # out of the stages, so nothing a killed run leaves behind holds it.
@@ -122,9 +127,11 @@ endif
 $(PREV)/manifest.json:
 	@echo "mathagent: $@ is missing: run the iterations before $(ITER) first (make iterations N=$(ITER))" >&2; exit 2
 
+# one rollout per component of SAMPLING (mathagent.loop sample), merged
 $(IT)/trajectories.jsonl: $(PROBLEMS)
-	$(Q)$(STAGE) $(MATHAGENT) rollout $(PROBLEMS) --model $(POLICY) --backend $(BACKEND) $(SAMPLE_ARGS) --n $(N_SAMPLES) \
-	    --seed $(SEED)$(ITER) --resume -o $@
+	$(Q)$(LOOP) sample $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --mixture "$(SAMPLING)" --n $(N_SAMPLES) \
+	    --seed $(SEED)$(ITER) --policy current=$(POLICY) --policy previous=$(EARLIER) --policy sft=$(MODEL) -o $@ -- \
+	    $(MATHAGENT) rollout $(PROBLEMS) --backend $(BACKEND) $(ROLLOUT_ARGS)
 
 $(IT)/pairs.jsonl: $(IT)/trajectories.jsonl
 	$(Q)$(STAGE) $(MATHAGENT) make-pairs $< $(PAIRS_ARGS) --seed $(SEED)$(ITER) --stats $(IT)/pairs.stats.json -o $@
@@ -147,6 +154,7 @@ $(IT)/eval.json: $(IT)/heldout.jsonl $(IT)/sampled.jsonl
 
 $(IT)/manifest.json: $(IT)/eval.json
 	@$(LOOP) manifest $(IT) RUN=$(RUN) ITER=$(ITER) SEED=$(SEED) MODEL=$(MODEL) POLICY=$(EVAL_MODEL) REF=$(REF) TEMPERATURE=$(TEMPERATURE) \
+	    "SAMPLING=$(SAMPLING)" \
 	    REF_MODEL=$(REF_MODEL) BACKEND=$(BACKEND) PROBLEMS=$(PROBLEMS) EVAL=$(EVAL) N_SAMPLES=$(N_SAMPLES) \
 	    EVAL_SAMPLED=$(EVAL_SAMPLED) N_EVAL=$(N_EVAL) LOSS=$(LOSS) MASK=$(MASK) "PAIRS_ARGS=$(PAIRS_ARGS)" "TRAIN_ARGS=$(TRAIN_ARGS)" \
 	    "GREEDY_ARGS=$(GREEDY_ARGS)" "SAMPLE_ARGS=$(SAMPLE_ARGS)" \
@@ -212,6 +220,25 @@ demo-mdpo-nll0:
 	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/mdpo-nll0 $(DEMO_VARS) MASK=1 NLL=0 START=1
 demo-dpo-nll0:
 	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/dpo-nll0 $(DEMO_VARS) MASK=0 NLL=0 START=1
+
+# The sampling strategy (Xiong et al. 2024, Figure 4): M-DPO from the same SFT policy with its training samples
+# at temperature 1.0, half at 0.7 and half at 1.0, and half from the current and half from the earlier policy,
+# beside the demo's 0.7 (DEMO/sampling.{json,png}). Each is one `make iterations SAMPLING=...`.
+demo-sampling: install
+	@$(MAKE) --no-print-directory demo-data
+	@$(MAKE) --no-print-directory -j2 demo-mdpo demo-sampling-chains
+	@$(LOOP) compare --start $(DEMO)/mdpo --title "$(DEMO): M-DPO's sampling strategy (SAMPLING)" \
+	    "temperature 0.7=$(DEMO)/mdpo" "temperature 1.0=$(DEMO)/sampling-t1.0" \
+	    "half 0.7, half 1.0=$(DEMO)/sampling-t-mix" "half pi_k-1, half pi_k-2 (0.7)=$(DEMO)/sampling-previous" --plot $(DEMO)/sampling.png --json $(DEMO)/sampling.json
+demo-sampling-chains: export OMP_NUM_THREADS = 1
+demo-sampling-chains: demo-t1.0 demo-t-mix demo-previous
+demo-t1.0:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/sampling-t1.0 $(DEMO_VARS) MASK=1 START=1 SAMPLING=1.0
+demo-t-mix:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/sampling-t-mix $(DEMO_VARS) MASK=1 START=1 SAMPLING=0.7,1.0
+demo-previous:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/sampling-previous $(DEMO_VARS) MASK=1 START=1 \
+	    SAMPLING=current:0.7,previous:0.7
 
 # The gain on problems the demo never saw: the SFT policy and both methods' last models, greedy, on fresh
 # held-out problems from another generator seed (FRESH).

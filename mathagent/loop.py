@@ -5,6 +5,7 @@ grade, pair, train pi_k with M-DPO, evaluate pi_k on held-out problems, each sta
 is what the Makefile should not write in shell:
 
     python -m mathagent.loop stage DIR -- mathagent rollout ...   run one stage, log it, record argv and time
+    python -m mathagent.loop sample DIR --mixture 0.7,1.0 ... -- mathagent rollout ...   one sampling strategy
     python -m mathagent.loop problems --task arith --split train --n 256 --seed 1 -o train.jsonl
     python -m mathagent.loop policy --out DIR                     the demo's warm-start SFT policy (cached)
     python -m mathagent.loop eval-json DIR                        DIR/eval.json from its two evaluations
@@ -29,14 +30,14 @@ import time
 from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mathagent.errors import UserError, user_errors
-from mathagent.records import atomic_path, write_atomic
+from mathagent.records import atomic_path, read_records, write_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Bookkeeping of the Makefile's online iterative loop.")
@@ -106,12 +107,20 @@ def stage(
     """Run COMMAND (after `--`) as one stage: its stderr goes to DIR/logs/NAME.log (or the terminal with
     --verbose), one line per stage to the terminal, and on success {stage, command, seconds} to
     DIR/stages.jsonl. Exits with the command's exit code; a failure shows the end of its log."""
-    command = list(ctx.args)
+    _run_stage(Path(directory), _after_dashes(ctx.args), name, verbose)
+
+
+def _after_dashes(args: list[str]) -> list[str]:
+    command = list(args)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise UserError("no command after --")
-    folder = Path(directory)
+    return command
+
+
+def _run_stage(folder: Path, command: list[str], name: str | None, verbose: bool) -> None:
+    """`stage`'s work: run `command`, log it under folder/logs/, record it in folder/stages.jsonl."""
     stage_name = name or stage_name_of(command)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     log_path = folder / "logs" / f"{stage_name}.log"
@@ -138,6 +147,105 @@ def stage(
              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with open(folder / STAGES_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+# ---- sample: an iteration's training samples, one strategy ------------------------------------------------
+
+POLICY_ROLES = ("current", "previous", "sft")
+
+
+class Component(NamedTuple):
+    policy: str  # one of POLICY_ROLES
+    temperature: float
+    n: int  # samples per problem
+
+
+def parse_mixture(spec: str, n: int) -> list[Component]:
+    """A sampling strategy: comma-separated `[POLICY:]TEMPERATURE` components (POLICY current, previous or
+    sft; current when left out), the n samples of each problem split evenly among them, in order."""
+    items = [item.strip() for item in spec.split(",")]
+    if not all(items):
+        raise UserError(f"--mixture {spec!r}: give [POLICY:]TEMPERATURE components separated by commas")
+    if n % len(items):
+        raise UserError(f"--mixture {spec!r}: {len(items)} components do not split --n {n} samples evenly")
+    components = []
+    for item in items:
+        role, _, temperature = item.rpartition(":")
+        role = role or "current"
+        if role not in POLICY_ROLES:
+            raise UserError(f"--mixture {spec!r}: policy {role!r}: choose from {', '.join(POLICY_ROLES)}")
+        try:
+            value = float(temperature)
+        except ValueError:
+            raise UserError(f"--mixture {spec!r}: temperature {temperature!r} is not a number") from None
+        if value <= 0:
+            raise UserError(f"--mixture {spec!r}: temperature {temperature}: sampling needs one above 0")
+        components.append(Component(role, value, n // len(items)))
+    return components
+
+
+def merge_samples(parts: list[tuple[Component, str, Path]], n: int) -> list[dict[str, Any]]:
+    """The parts' trajectories as one rollout of n samples per problem, problem by problem in the first part's
+    order: ids renumbered `{problem_id}-{k}` across the parts, and each one's `sampler` (policy, model,
+    temperature) recorded."""
+    by_problem: dict[str, list[dict[str, Any]]] = {}
+    for component, model, path in parts:
+        for record in read_records(str(path), required=("id", "problem_id")):
+            record["sampler"] = {"policy": component.policy, "model": model, "temperature": component.temperature}
+            by_problem.setdefault(str(record["problem_id"]), []).append(record)
+    merged = []
+    for problem_id, records in by_problem.items():
+        if len(records) != n:
+            raise UserError(f"problem {problem_id}: {len(records)} samples in the parts, expected {n}")
+        for k, record in enumerate(records):
+            record["id"] = f"{problem_id}-{k}"
+            merged.append(record)
+    return merged
+
+
+@command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sample(
+    ctx: typer.Context,
+    directory: Annotated[str, typer.Argument(help="The iteration's directory (stage logs, as `stage`).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The iteration's trajectories (JSONL, written atomically).")],
+    mixture: Annotated[str, typer.Option("--mixture", help="The strategy: [POLICY:]TEMPERATURE components, comma-separated (POLICY: current, previous or sft).")],
+    n: Annotated[int, typer.Option("--n", help="Samples per problem, split evenly among the components.")],
+    seed: Annotated[int, typer.Option("--seed", help="The rollout seed (component i: seed + 1000 i).")],
+    policies: Annotated[list[str], typer.Option("--policy", help="ROLE=MODEL for current (pi_{k-1}), previous (pi_{k-2}) and sft (pi_0).")],
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet", envvar="VERBOSE", help="As `stage`.")] = False,
+) -> None:
+    """Sample an iteration's training trajectories with one strategy (Xiong et al. 2024, Figure 4): run
+    COMMAND (a `mathagent rollout` without --model, --temperature, --n, --seed and -o, after `--`) once per
+    component of --mixture, each resumable, then merge them into --output (`merge_samples`). One component
+    (a plain temperature) is a single rollout straight into --output."""
+    command = _after_dashes(ctx.args)
+    models = {}
+    for item in policies:
+        role, sep, model = item.partition("=")
+        if not sep or role not in POLICY_ROLES or not model:
+            raise UserError(f"--policy {item!r}: give ROLE=MODEL, ROLE one of {', '.join(POLICY_ROLES)}")
+        models[role] = model
+    components = parse_mixture(mixture, n)
+    missing = sorted({c.policy for c in components} - set(models))
+    if missing:
+        raise UserError(f"--mixture {mixture!r} samples {', '.join(missing)}: give --policy {missing[0]}=MODEL")
+    folder = Path(directory)
+    if len(components) == 1:
+        only = components[0]
+        _run_stage(folder, [*command, "--model", models[only.policy], "--temperature", str(only.temperature),
+                            "--n", str(n), "--seed", str(seed), "--resume", "-o", output], None, verbose)
+        return
+    parts = []
+    for i, component in enumerate(components):
+        part = Path(output).with_suffix(f".part{i}.jsonl")
+        _run_stage(folder, [*command, "--model", models[component.policy], "--temperature",
+                            str(component.temperature), "--n", str(component.n), "--seed", str(seed + 1000 * i),
+                            "--resume", "-o", str(part)], f"rollout-{i}", verbose)
+        parts.append((component, models[component.policy], part))
+    write_atomic(output, "".join(json.dumps(r) + "\n" for r in merge_samples(parts, n)))
+    for _, _, part in parts:
+        part.unlink()
+    console.print(f"{output}: {n} samples per problem from {mixture}")
 
 
 # ---- problems and the warm-start policy -------------------------------------------------------------------

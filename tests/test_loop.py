@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,62 @@ def test_a_failed_stage_is_not_recorded_and_keeps_its_exit_code(tmp_path):
     assert bad.returncode == 3 and "boom" in bad.stderr
     assert [s["stage"] for s in stages(tmp_path)] == [Path(sys.executable).name]
     assert "records" in (tmp_path / "logs" / f"{Path(sys.executable).name}.log").read_text()
+
+
+def test_a_mixture_splits_the_samples_evenly_in_its_order():
+    assert loop.parse_mixture("0.7", 4) == [loop.Component("current", 0.7, 4)]
+    assert loop.parse_mixture("0.7, 1.0", 4) == [loop.Component("current", 0.7, 2), loop.Component("current", 1.0, 2)]
+    assert loop.parse_mixture("current:0.7,previous:0.7,sft:1", 6) == [
+        loop.Component("current", 0.7, 2), loop.Component("previous", 0.7, 2), loop.Component("sft", 1.0, 2)]
+
+
+@pytest.mark.parametrize(("spec", "n", "message"), [
+    ("0.7,1.0", 3, "2 components do not split --n 3 samples evenly"),
+    ("0.7,", 4, "give [POLICY:]TEMPERATURE components separated by commas"),
+    ("older:0.7", 1, "policy 'older': choose from current, previous, sft"),
+    ("hot", 1, "temperature 'hot' is not a number"),
+    ("0", 1, "temperature 0: sampling needs one above 0"),
+])
+def test_a_bad_mixture_is_named(spec, n, message):
+    with pytest.raises(loop.UserError, match=re.escape(message)):
+        loop.parse_mixture(spec, n)
+
+
+def test_merged_parts_are_one_rollout_of_n_samples_per_problem_with_their_sampler(tmp_path):
+    parts = []
+    for i, (role, temperature) in enumerate((("current", 0.7), ("previous", 1.0))):
+        path = Path(write_jsonl(tmp_path / f"p{i}.jsonl", [
+            {"id": f"{p}-{k}", "problem_id": p, "tag": (i, k)} for p in ("b", "a") for k in range(2)]))
+        parts.append((loop.Component(role, temperature, 2), f"model-{role}", path))
+    merged = loop.merge_samples(parts, 4)
+    assert [r["id"] for r in merged] == ["b-0", "b-1", "b-2", "b-3", "a-0", "a-1", "a-2", "a-3"]
+    assert [tuple(r["tag"]) for r in merged[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert merged[2]["sampler"] == {"policy": "previous", "model": "model-previous", "temperature": 1.0}
+    with pytest.raises(loop.UserError, match="problem b: 4 samples in the parts, expected 6"):
+        loop.merge_samples(parts, 6)
+
+
+@pytest.mark.slow
+def test_sample_runs_one_resumable_rollout_per_component_and_merges_them(tmp_path, tiny_model):
+    problems = write_jsonl(tmp_path / "train.jsonl", arith.make_problems(3, seed=21, split="train"))
+    out = tmp_path / "it" / "trajectories.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "mathagent.loop", "sample", str(tmp_path / "it"), "--mixture",
+                           "current:0.5,sft:1.0", "--n", "4", "--seed", "3", "--policy", f"current={tiny_model}",
+                           "--policy", "sft=" + tiny_model, "-o", str(out), "--",
+                           str(REPO / ".venv" / "bin" / "mathagent"), "rollout", problems, "--backend", "hf",
+                           "--prompt", "tool", "--max-turns", "2", "--max-tokens", "16"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 12 and len({r["id"] for r in records}) == 12
+    for k, record in enumerate(records):
+        assert record["id"] == f"{record['problem_id']}-{k % 4}"
+        assert record["sampler"]["temperature"] == (0.5 if k % 4 < 2 else 1.0)
+    ran = stages(tmp_path / "it")
+    assert [s["stage"] for s in ran] == ["rollout-0", "rollout-1"]
+    assert "--temperature 0.5 --n 2 --seed 3 --resume" in ran[0]["command"]
+    assert "--temperature 1.0 --n 2 --seed 1003 --resume" in ran[1]["command"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["logs", "stages.jsonl", "trajectories.jsonl"]
 
 
 def make(*args: str, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
