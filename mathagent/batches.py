@@ -24,7 +24,7 @@ from mathagent.train_config import TrainConfig
 @dataclass
 class Encoded:
     """One tokenized conversation: ids and action mask (1 = a token the loss reads: the agent's actions, or a
-    PRM's labels), and, after the reference pass, log pi_ref of its actions.
+    PRM's labels), and, after the reference pass, log pi_ref of its actions (summed, or per token).
 
     `more`: further sequences of the same conversation whose action log-probs add to this one's, where a
     template that rewrites history shows each action in its own context (`chat.tokenize_per_action`).
@@ -40,6 +40,7 @@ class Encoded:
     more: list[Encoded] = field(default_factory=list)
     logprobs: list[float | None] | None = None
     nll_mask: list[int] | None = None
+    ref_token_logps: list[float] | None = None  # log pi_ref of each action token, where the objective asks
 
     def rows(self) -> list[Encoded]:
         """The sequences a forward pass runs for it: itself, then `more`."""
@@ -202,3 +203,52 @@ def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
         summed[i] = logps[r] if summed[i] is None else summed[i] + logps[r]
         summed_nll[i] = nlls[r] if summed_nll[i] is None else summed_nll[i] + nlls[r]
     return SequenceLogps(torch.stack(summed), torch.stack(summed_nll), sum(len(row.input_ids) for _, row in rows))
+
+
+class ActionTokenLogps(NamedTuple):
+    """What `action_token_logps` returns, in the order of its sequences."""
+
+    logps: list[Any]  # per sequence, [its action tokens]: log pi of each (with grad if enabled), rows in order
+    entropies: list[Any]  # per sequence, the policy's entropy at each of those positions (no grad)
+    tokens: int  # the non-pad tokens of the forward passes
+
+
+def action_token_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
+                       same_passes: Callable[[int], int] | None = None) -> ActionTokenLogps:
+    """Per-token log-probs and entropies of the sequences' action tokens (token t >= 1 with action_mask 1, in
+    order, a sequence's rows one after another), from one forward pass per length group as `sequence_logps`.
+    The softmax runs only at the positions that predict an action token."""
+    import torch
+
+    rows = [(i, row) for i, s in enumerate(sequences) for row in s.rows()]
+    logps: list[Any] = [None] * len(rows)
+    entropies: list[Any] = [None] * len(rows)
+    for group in forward_groups([len(row.input_ids) for _, row in rows], same_passes):
+        batch = {k: v.to(device) for k, v in collate([rows[r][1] for r in group], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        selected = batch["action_mask"][:, 1:].bool()
+        b, t = selected.nonzero(as_tuple=True)  # row-major: each row's positions in order
+        scores = logits[:, :-1][b, t].float().log_softmax(-1)  # [tokens, vocab]
+        token_logps = scores.gather(-1, batch["input_ids"][:, 1:][b, t].unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            token_entropies = -(scores.exp() * scores).sum(-1)
+        counts = selected.sum(-1).tolist()
+        for k, (lp, h) in enumerate(zip(token_logps.split(counts), token_entropies.split(counts), strict=True)):
+            logps[group[k]], entropies[group[k]] = lp, h
+    by_sequence: list[list[int]] = [[] for _ in sequences]
+    for r, (i, _) in enumerate(rows):
+        by_sequence[i].append(r)
+    return ActionTokenLogps([torch.cat([logps[r] for r in mine]) for mine in by_sequence],
+                            [torch.cat([entropies[r] for r in mine]) for mine in by_sequence],
+                            sum(len(row.input_ids) for _, row in rows))
+
+
+def recorded_action_logprobs(sequence: Encoded) -> list[float | None]:
+    """The recorded sampling log-prob of each of the sequence's action tokens, in `action_token_logps`' order
+    (None where none was recorded)."""
+    out: list[float | None] = []
+    for row in sequence.rows():
+        for t in range(1, len(row.input_ids)):
+            if row.action_mask[t]:
+                out.append(row.logprobs[t] if row.logprobs is not None else None)
+    return out

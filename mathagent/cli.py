@@ -464,14 +464,16 @@ def training_command(name: str, **defaults: Any) -> Callable[[Callable[..., None
 
 def _train(name: str, options: dict[str, Any], objective: Callable[[Any], Any],
            check: Callable[[dict[str, Any]], str | None], *, required: tuple[str, ...] = ("id",),
-           evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None, **own: Any) -> None:
+           evaluate: Callable[[dict[str, Any]], dict[str, Any]] | None = None, flags: dict[str, str] | None = None,
+           **own: Any) -> None:
     """A training command's one call: the shared options and its own make the `train_config.TrainConfig`, from
-    which `objective` (an `objectives` class) is built; both go to the recipe."""
+    which `objective` (an `objectives` class) is built; both go to the recipe. `flags`: the command's own
+    flags of config fields (as `FLAGS`)."""
     from mathagent.train_config import TrainConfig
 
     options = dict(options)
     io = RecordIO(options.pop("input"), skip_invalid=options.pop("skip_invalid"))
-    with _user_errors():
+    with user_errors({**FLAGS, **(flags or {})}):
         config = TrainConfig(**options, **own)
         stages.train(io, name, config, objective(config), check, required=required, evaluate=evaluate)
 
@@ -503,6 +505,43 @@ def train_mdpo(
            objectives.check_kto if kto else objectives.check_pair, ref_model=ref_model, loss=loss, beta=beta, label_smoothing=label_smoothing,
            nll_weight=nll_weight, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
            mask_observations=mask_observations)
+
+
+@training_command("train-grpo", output_dir="grpo", learning_rate=1e-6)
+def train_grpo(
+    options: dict[str, Any],
+    loss_type: Annotated[str, typer.Option("--loss-type", help="grpo (each trajectory's token mean, then the mean over trajectories), dapo (the mean over all the step's action tokens) or dr-grpo (their sum over trajectories x --max-completion-length), as TRL's GRPOTrainer loss_type.")] = "dapo",
+    scale_rewards: Annotated[str, typer.Option("--scale-rewards", help="group: advantage = (reward - group mean) / (group std + 1e-4); none: reward - group mean (Dr. GRPO).")] = "group",
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Clip the importance ratio below at 1 - epsilon (and above at 1 + epsilon unless --epsilon-high).")] = 0.2,
+    epsilon_high: Annotated[float | None, typer.Option("--epsilon-high", help="Clip the ratio above at 1 + epsilon-high (DAPO's clip-higher, e.g. 0.28); default: --epsilon.")] = None,
+    beta: Annotated[float, typer.Option("--beta", help="Weight of the per-token k3 KL to the reference policy (0: none, and no reference pass).")] = 0.0,
+    ref_model: Annotated[str | None, typer.Option("--ref-model", help="The reference policy of --beta (default: the starting policy --model).")] = None,
+    num_iterations: Annotated[int, typer.Option("--num-iterations", help="Optimizer passes over the rollout batch (TRL's num_iterations, the mu of GRPO); the same as --epochs.")] = 1,
+    max_completion_length: Annotated[int | None, typer.Option("--max-completion-length", help="dr-grpo's length constant (default: the most action tokens of any trajectory of the input).")] = None,
+) -> None:
+    """Online RL with rule-based rewards: GRPO on multi-turn trajectories, the policy gradient on the agent's
+    action tokens only (observations masked, as in M-DPO), the importance ratio against the log-probs rollout
+    recorded, clipped.
+
+    Input: rollout trajectories with "reward", grouped by "problem_id" (a group: the --n samples of a
+    problem); groups whose rewards are all equal carry no signal and are dropped (counted). One row per optimizer
+    step goes to OUTPUT_DIR/metrics.jsonl (loss, advantage, clip_ratio/low and /high, entropy, kl with --beta,
+    logprob_diff: |recorded - recomputed| per token, tokens_per_second); a JSON summary to stdout. Same recipe
+    as train-mdpo: checkpoints, --resume, LoRA, torchrun / accelerate launch.
+    """
+    from mathagent import objectives
+
+    if num_iterations < 1:
+        raise typer.BadParameter(f"{num_iterations}: must be at least 1", param_hint="--num-iterations")
+    if num_iterations != 1:
+        if options["epochs"] != 1.0:
+            raise typer.BadParameter("give --num-iterations or --epochs, not both (they are the same)",
+                                     param_hint="--num-iterations")
+        options = {**options, "epochs": float(num_iterations)}
+    _train("train-grpo", options, objectives.GRPOObjective, objectives.check_rewarded,
+           required=("id", "problem_id", "messages"), ref_model=ref_model, loss=loss_type,
+           scale_rewards=scale_rewards, epsilon=epsilon, epsilon_high=epsilon_high, kl_beta=beta,
+           max_completion_length=max_completion_length, flags={"loss": "--loss-type", "kl_beta": "--beta"})
 
 
 @training_command("train-sft", output_dir="sft", learning_rate=1e-5)

@@ -24,6 +24,17 @@ r(tau) = beta * (log pi(tau) - log pi_ref(tau)) (beta is the paper's eta, the KL
                       (action tokens also where the loss reads every token after the prompt: the single-turn
                       baseline's NLL term is the same as M-DPO's)
 
+GRPO (train-grpo) is a policy gradient on the same action tokens. A trajectory i of a group (the samples of
+one problem) has the advantage A_i = r_i - mean(r) (divided by std(r) + 1e-4 with --scale-rewards group, the
+std with Bessel's correction, as TRL's); each of its action tokens t the ratio rho_t = pi(y_t) / pi_old(y_t)
+against the sampling policy's recorded log-prob, and the loss
+
+    l_t = -min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A_i) + beta k3_t,
+    k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (the KL estimator; beta = 0 by default)
+
+reduced by --loss-type: grpo, each trajectory's mean over its tokens, then the mean over trajectories; dapo,
+the mean over all the step's tokens; dr-grpo, the sum over tokens divided by trajectories x a constant length.
+
 Every function returns per-example values; the caller reduces them (mean over the pairs of an optimizer step).
 """
 
@@ -38,6 +49,8 @@ from mathagent.errors import UserError
 
 PAIR_LOSSES = ("sigmoid", "ipo", "hinge")
 LOSSES = PAIR_LOSSES + ("kto",)
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr-grpo")
+REWARD_SCALES = ("group", "none")
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -137,3 +150,30 @@ def kto_loss(
 def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor | int) -> torch.Tensor:
     """Mean negative log-likelihood per chosen action token: -sum logp / number of tokens."""
     return -chosen_logps.sum() / chosen_tokens
+
+
+def group_advantages(rewards: list[float], *, scale: bool) -> list[float]:
+    """GRPO's advantages of one group's rewards: reward minus the group mean, divided by the group's std (with
+    Bessel's correction) + 1e-4 when `scale`. A group needs two samples or more."""
+    n = len(rewards)
+    mean = sum(rewards) / n
+    centred = [r - mean for r in rewards]
+    if not scale:
+        return centred
+    std = (sum(c * c for c in centred) / (n - 1)) ** 0.5
+    return [c / (std + 1e-4) for c in centred]
+
+
+def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantage: torch.Tensor | float, *,
+                      epsilon: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token clipped policy-gradient loss -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A), and
+    the ratios rho = exp(logps - old_logps) (old_logps: the sampling policy's, no gradient)."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    return -torch.min(ratio * advantage, clipped * advantage), ratio
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from samples of pi: exp(d) - d - 1, d = log pi_ref - log pi."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1

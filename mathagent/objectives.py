@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from mathagent import labeling, losses, prm
-from mathagent.batches import Encoded, Plan, forward_groups, sequence_logps
+from mathagent.batches import (Encoded, Plan, action_token_logps, forward_groups, recorded_action_logprobs,
+                               sequence_logps)
 from mathagent.chat import RewrittenHistory, completion_mask, tokenize_conversation, tokenize_per_action
 from mathagent.chat import prompt_ids as chat_prompt_ids
 from mathagent.errors import UserError
 from mathagent.labeling import PLUS
-from mathagent.records import check_messages, check_prompt, first_action, messages_key, split_prompt
+from mathagent.records import (check_messages, check_prompt, first_action, group_by_problem, messages_key,
+                               split_prompt)
 from mathagent.tokens import PROMPT_IDS, TOKEN_IDS, complete_ids, conversation_from_ids
 from mathagent.train_config import TrainConfig
 
@@ -42,6 +44,7 @@ class Example:
     completion: list[dict[str, str]] = field(default_factory=list)
     prompt_ids: list[int] | None = None  # kto: the prompt's recorded ids, for the mismatched KL pairs
     plus: list[bool] = field(default_factory=list)  # prm: the hard labels, True for '+'
+    advantage: float = 0.0  # grpo: of its group
     q: list[float] = field(default_factory=list)  # prm: the soft labels (Q-hat)
 
 
@@ -65,6 +68,16 @@ def check_kto(record: dict[str, Any]) -> str | None:
             or check_messages(record.get("completion"), "completion", starts_with_action=True))
 
 
+def check_rewarded(record: dict[str, Any]) -> str | None:
+    """GRPO reads rollout trajectories with a numeric `reward` and their `problem_id` (the group)."""
+    reward = record.get("reward")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or reward != reward:
+        return "field 'reward' must be a number (rollout writes it where the problem has an answer)"
+    if "problem_id" not in record:
+        return "field 'problem_id' is missing: GRPO groups a problem's samples by it"
+    return check_trajectory(record)
+
+
 def check_trajectory(record: dict[str, Any]) -> str | None:
     """SFT reads trajectories {"id", "messages"} with at least one action."""
     problem = check_messages(record.get("messages"))
@@ -80,6 +93,7 @@ class EncodeReport:
     straddling: int = 0  # tokens left out of actions because they also hold template text (see chat.py)
     from_ids: int = 0  # conversations trained on their recorded token ids (`tokens`)
     per_action: int = 0  # conversations without ids whose template rewrites history: one context per action
+    flat_groups: int = 0  # GRPO: groups (problems) whose rewards are all equal, or of one sample: no signal, dropped
 
 
 class Encoder:
@@ -180,7 +194,8 @@ class Objective:
 
     - `name`: the objective in the run's identity (a checkpoint resumes only a run of the same one).
     - `encode(record, report)`: the record's training examples (token ids and masks from the chat template).
-    - `needs_reference`: whether log pi_ref of its sequences is computed, once, before training.
+    - `needs_reference`: whether log pi_ref of its sequences is computed, once, before training (summed over
+      the actions, or with `reference_tokens` per action token).
     - `loss(model, batch)`: the micro-batch's forward pass and its share of the step's loss, a sum over its
       examples divided by the step's totals (so the step's loss is exact however it is split across
       micro-batches and processes), with the micro-batch's metric sums ('tokens': its non-pad tokens).
@@ -189,6 +204,7 @@ class Objective:
 
     name = ""
     needs_reference = False
+    reference_tokens = False  # the reference pass keeps each action token's log pi_ref (`Encoded.ref_token_logps`)
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -400,6 +416,115 @@ class SFTObjective(Objective):
         logps, _, tokens = sequence_logps(model, [e.sequences[0] for e in batch.examples], batch.pad_id,
                                           batch.device, batch.same_passes)
         return losses.nll_loss(logps, batch.totals.targets), {"tokens": tokens}
+
+class GRPOObjective(Objective):
+    """GRPO (Shao et al. 2024, DeepSeekMath) on multi-turn trajectories: the clipped policy gradient of
+    `losses.clipped_surrogate` on the action tokens only, observations masked as in M-DPO, the importance ratio
+    against the log-probs the rollout recorded, with the loss types of TRL's GRPOTrainer (grpo, dapo, dr-grpo:
+    see `losses`) and DAPO's clip-higher (`epsilon_high`).
+
+    Departures: the old policy is the sampling policy itself (its recorded log-probs, so a pass over the batch
+    and the next see the same ratio denominators, as in TRL with vLLM's log-probs); a token without a recorded
+    log-prob (one the agent wrote, or a trajectory of another source) has ratio 1; groups whose rewards are all
+    equal carry no signal and are dropped before batching (DAPO's dynamic-sampling filter), so they count in no
+    denominator; the dr-grpo length constant is `max_completion_length`, by default the most action tokens of
+    any trajectory of the run."""
+
+    name = "grpo"
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        if config.loss not in losses.GRPO_LOSS_TYPES:
+            raise UserError(f"loss {config.loss!r}: choose from {', '.join(losses.GRPO_LOSS_TYPES)}",
+                            options=("loss",))
+        if config.scale_rewards not in losses.REWARD_SCALES:
+            raise UserError(f"scale_rewards {config.scale_rewards!r}: choose from {', '.join(losses.REWARD_SCALES)}",
+                            options=("scale_rewards",))
+        self.needs_reference = config.kl_beta > 0
+        self.reference_tokens = True
+        self.epsilon_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
+        self.length = config.max_completion_length
+
+    def encode_records(self, records: Sequence[dict[str, Any]]) -> tuple[list[Example], EncodeReport]:
+        report = EncodeReport()
+        advantages: dict[str, float] = {}
+        for group in group_by_problem(records).values():
+            rewards = [float(r["reward"]) for r in group]
+            if len(group) < 2 or max(rewards) == min(rewards):
+                report.flat_groups += 1
+                continue
+            scaled = losses.group_advantages(rewards, scale=self.config.scale_rewards == "group")
+            advantages.update((str(r["id"]), a) for r, a in zip(group, scaled, strict=True))
+        kept = [r for r in records if str(r["id"]) in advantages]
+        if not kept:
+            raise UserError(f"no group has rewards that differ ({report.flat_groups} group(s), by problem_id): "
+                            "nothing to learn; sample more per problem (rollout --n) or harder problems")
+        examples, encoded = super().encode_records(kept)
+        for name in ("too_long", "no_actions", "straddling", "from_ids", "per_action"):
+            setattr(report, name, getattr(encoded, name))
+        for example in examples:
+            example.advantage = advantages[example.id]
+        if self.length is None and examples:
+            self.length = max(e.sequences[0].predicted for e in examples)
+        return examples, report
+
+    def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
+        prompt, response = split_prompt(record["messages"])
+        sequence = self.encode_conversation(prompt, response, report, record.get(PROMPT_IDS))
+        return [Example(str(record["id"]), [sequence], targets=sequence.predicted)]
+
+    def identity(self, examples: list[Example]) -> dict[str, Any]:
+        return {"advantages": fingerprint([e.advantage for e in examples]), "length": self.length,
+                "epsilon": [self.config.epsilon, self.epsilon_high], "kl_beta": self.config.kl_beta}
+
+    def loss(self, model, batch: MicroBatch) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        config, totals = self.config, batch.totals
+        sequences = [e.sequences[0] for e in batch.examples]
+        out = action_token_logps(model, sequences, batch.pad_id, batch.device, batch.same_passes)
+        loss = out.logps[0].new_zeros(())
+        sums = {name: 0.0 for name in ("advantage", "clip/low", "clip/high", "entropy", "action_tokens", "kl",
+                                       "logprob_diff", "recorded_tokens")}
+        for example, sequence, logps, entropy in zip(batch.examples, sequences, out.logps, out.entropies,
+                                                     strict=True):
+            recorded = torch.tensor([float("nan") if x is None else x for x in recorded_action_logprobs(sequence)],
+                                    device=logps.device, dtype=logps.dtype)
+            has = ~torch.isnan(recorded)
+            old = torch.where(has, recorded, logps.detach())
+            per_token, ratio = losses.clipped_surrogate(logps, old, example.advantage, epsilon=config.epsilon,
+                                                        epsilon_high=self.epsilon_high)
+            if config.kl_beta:
+                kl = losses.k3_kl(logps, torch.tensor(sequence.ref_token_logps, device=logps.device,
+                                                       dtype=logps.dtype))
+                per_token = per_token + config.kl_beta * kl
+                sums["kl"] += kl.detach().sum()
+            n = logps.numel()
+            if config.loss == "grpo":
+                loss = loss + per_token.sum() / max(n, 1) / totals.examples
+            elif config.loss == "dapo":
+                loss = loss + per_token.sum() / totals.targets
+            else:  # dr-grpo
+                loss = loss + per_token.sum() / (totals.examples * self.length)
+            with torch.no_grad():
+                sums["advantage"] += example.advantage
+                sums["clip/low"] += ((ratio < 1 - config.epsilon) & (example.advantage < 0)).sum()
+                sums["clip/high"] += ((ratio > 1 + self.epsilon_high) & (example.advantage > 0)).sum()
+                sums["entropy"] += entropy.sum()
+                sums["action_tokens"] += n
+                sums["logprob_diff"] += (logps.detach() - old).abs()[has].sum()
+                sums["recorded_tokens"] += has.sum()
+        return loss, {"tokens": out.tokens, **sums}
+
+    def metrics(self, sums: dict[str, float], totals: StepTotals) -> dict[str, Any]:
+        tokens = max(sums["action_tokens"], 1)
+        row = {"advantage": sums["advantage"] / totals.examples, "clip_ratio/low": sums["clip/low"] / tokens,
+               "clip_ratio/high": sums["clip/high"] / tokens, "entropy": sums["entropy"] / tokens,
+               "logprob_diff": sums["logprob_diff"] / sums["recorded_tokens"] if sums["recorded_tokens"] else None}
+        if self.config.kl_beta:
+            row["kl"] = sums["kl"] / tokens
+        return row
+
 
 class PRMObjective(Objective):
     """The generative PRM's objective (train-prm): the loss on the '+'/'-' label tokens of PRM chats

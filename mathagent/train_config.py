@@ -35,6 +35,11 @@ class TrainConfig:
     nll_weight: float = 0.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    scale_rewards: str = "group"  # grpo: divide the advantages by the group's std (group) or not (none)
+    epsilon: float = 0.2  # grpo: the ratio's clip range below 1 (and above, unless epsilon_high)
+    epsilon_high: float | None = None  # grpo: the clip range above 1 (DAPO's clip-higher); None: epsilon
+    kl_beta: float = 0.0  # grpo: the weight of the k3 KL to the reference (0: no reference pass)
+    max_completion_length: int | None = None  # grpo dr-grpo: the length constant (None: the longest actions)
     labels: str = "hard"  # prm: hard (cross-entropy on the label token) or soft (BCE of P('+') against Q-hat)
     steps_mode: str = "turns"  # prm: what a step of a trajectory is (labeling.STEP_MODES)
     learning_rate: float = 5e-7
@@ -78,7 +83,8 @@ class TrainConfig:
                             options=("learning_rate",))
         if not (_finite(self.epochs) and self.epochs > 0):
             raise UserError(f"epochs {self.epochs}: must be a positive number", options=("epochs",))
-        for name in ("nll_weight", "weight_decay", "max_grad_norm", "desirable_weight", "undesirable_weight"):
+        for name in ("nll_weight", "weight_decay", "max_grad_norm", "desirable_weight", "undesirable_weight",
+                     "epsilon", "kl_beta"):
             value = getattr(self, name)
             if not (_finite(value) and value >= 0):
                 raise UserError(f"{name} {value}: must be a number >= 0", options=(name,))
@@ -87,6 +93,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value < low:
                 raise UserError(f"{name} {value}: must be at least {low}", options=(name,))
+        if self.epsilon_high is not None and not (_finite(self.epsilon_high) and self.epsilon_high >= 0):
+            raise UserError(f"epsilon_high {self.epsilon_high}: must be a number >= 0", options=("epsilon_high",))
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise UserError(f"max_completion_length {self.max_completion_length}: must be at least 1",
+                            options=("max_completion_length",))
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"max_steps {self.max_steps}: must be at least 1", options=("max_steps",))
         if self.merge_lora and not self.lora:

@@ -53,7 +53,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mathagent.batches import Encoded, make_plan, sequence_logps
+from mathagent.batches import Encoded, action_token_logps, make_plan, sequence_logps
 from mathagent.checkpoints import checkpoints, save_checkpoint
 from mathagent.errors import UserError
 from mathagent.losses import token_logps
@@ -162,6 +162,9 @@ class Recipe:
                      f"dropped (never cut: that would cut off answers), {report.no_actions} sequence(s) with no "
                      f"action token, {report.straddling} token(s) straddling an action boundary left out of the "
                      "actions")
+        if report.flat_groups:
+            self.say(f"grpo: {report.flat_groups} group(s) whose rewards are all equal (or of one sample) dropped: "
+                     "no signal")
         if not self.examples and report.too_long:
             raise UserError(f"every example is longer than max_length {config.max_length} tokens: raise it",
                             options=("max_length",))
@@ -206,19 +209,23 @@ class Recipe:
 
     # 4. the reference pass, before training: one model in memory at a time
     def _setup_reference(self):
-        """Set each sequence's `ref_logp`; return the model that scored them if it is the policy to train."""
+        """Set each sequence's `ref_logp` (or, for an objective with `reference_tokens`, `ref_token_logps`); return
+        the model that scored them if it is the policy to train."""
         import torch
         from accelerate.utils import gather_object
 
         if not self.objective.needs_reference:
             return None
         config, sequences, world = self.config, self.sequences, self.world
+        per_token = self.objective.reference_tokens
+        field = "ref_token_logps" if per_token else "ref_logp"
         cache_path = self.output_dir / "reference_logps.json"
-        key = fingerprint(self.identity["data"], self.ref_path or self.model_path, self.precision)
+        key = fingerprint(self.identity["data"], self.ref_path or self.model_path, self.precision,
+                          *(["per token"] if per_token else []))
         cached = json.loads(cache_path.read_text()) if cache_path.exists() else None
         if cached is not None and cached.get("key") == key:
             for sequence, logp in zip(sequences, cached["logps"], strict=True):
-                sequence.ref_logp = logp
+                setattr(sequence, field, logp)
             self.say(f"reference log-probs: {len(sequences)} from {cache_path}")
             return None
         started = time.perf_counter()
@@ -229,20 +236,23 @@ class Recipe:
         disable_dropout(ref_model)
         ref_model.to(self.device)
         batch = self._ref_batch_size()
-        # The starting policy is the sampling policy of records with log-probs: its pass measures the mismatch.
-        mismatch = SamplingMismatch() if self.ref_path is None and self.start_step == 0 else None
-        mine = reference_logps(ref_model, sequences, batch_size=batch, pad_id=self.pad_id, device=self.device,
-                               autocast=self.accelerator.autocast, indices=range(self.rank, len(sequences), world),
-                               on_logits=mismatch)
-        if mismatch is not None:
-            self._report_mismatch(mismatch)
-        merged: dict[int, float] = {}
+        scoring = dict(batch_size=batch, pad_id=self.pad_id, device=self.device, autocast=self.accelerator.autocast,
+                       indices=range(self.rank, len(sequences), world))
+        if per_token:  # the mismatch is measured by the policy's own pass (`_setup_model`)
+            mine = reference_token_logps(ref_model, sequences, **scoring)
+        else:
+            # The starting policy is the sampling policy of records with log-probs: its pass measures the mismatch.
+            mismatch = SamplingMismatch() if self.ref_path is None and self.start_step == 0 else None
+            mine = reference_logps(ref_model, sequences, **scoring, on_logits=mismatch)
+            if mismatch is not None:
+                self._report_mismatch(mismatch)
+        merged: dict[int, Any] = {}
         for part in (gather_object([mine]) if world > 1 else [mine]):
             merged.update(part)
         for i, sequence in enumerate(sequences):
-            sequence.ref_logp = merged[i]
+            setattr(sequence, field, merged[i])
         if self.main:
-            write_atomic(cache_path, json.dumps({"key": key, "logps": [s.ref_logp for s in sequences]}))
+            write_atomic(cache_path, json.dumps({"key": key, "logps": [getattr(s, field) for s in sequences]}))
         self.say(f"reference log-probs: {len(sequences)} sequences in {time.perf_counter() - started:.1f} s")
         if self.ref_path is None:
             return ref_model
@@ -558,6 +568,22 @@ def reference_logps(model, sequences: Sequence[Encoded], *, batch_size: int, pad
             chunk = todo[lo : lo + batch_size]
             logps, _, _ = sequence_logps(model, [sequences[i] for i in chunk], pad_id, device, on_logits=on_logits)
             out.update(zip(chunk, logps.double().tolist()))
+    return out
+
+
+def reference_token_logps(model, sequences: Sequence[Encoded], *, batch_size: int, pad_id: int, device, autocast,
+                          indices: Sequence[int]) -> dict[int, list[float]]:
+    """`reference_logps` per action token, in `batches.action_token_logps`' order."""
+    import torch
+
+    todo = sorted(indices, key=lambda i: -sequences[i].longest)
+    out: dict[int, list[float]] = {}
+    model.eval()
+    with torch.no_grad(), autocast():
+        for lo in range(0, len(todo), batch_size):
+            chunk = todo[lo : lo + batch_size]
+            logps = action_token_logps(model, [sequences[i] for i in chunk], pad_id, device).logps
+            out.update(zip(chunk, (lp.double().tolist() for lp in logps)))
     return out
 
 

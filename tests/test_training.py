@@ -80,22 +80,6 @@ def metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def ref_model(tiny_model, tmp_path_factory) -> str:
-    """A reference policy different from the tiny model: its weights plus noise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    out = tmp_path_factory.mktemp("ref")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return str(out)
-
-
 _F64: dict[str, object] = {}
 
 
