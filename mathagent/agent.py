@@ -117,6 +117,9 @@ class AgentConfig:
     seed: int = 0
     observation_role: str = "user"
     execute: bool = True  # False: stop at a tool call (status tool_call) and leave the code to `execute`
+    # False: plain reasoning without the tool (DeepSeek-R1-Zero's runs): an action is not cut after a python
+    # block, generation does not stop at "```output", nothing is executed (execute is then False too).
+    tools: bool = True
     reward: str = "r1"
     # "turns": all live trajectories advance together, one engine call and one sandbox call per turn.
     # "continuous": each goes on as soon as its own observation is back, on an engine that batches continuously
@@ -134,6 +137,8 @@ class AgentConfig:
     markers: Markers = DEFAULT_MARKERS
 
     def __post_init__(self) -> None:
+        if not self.tools:
+            self.execute = False
         if self.max_turns < 1 or self.max_tokens < 1:
             raise UserError("n, max_turns, max_tokens and chunk_size must be at least 1",
                             options=("n", "max_turns", "max_tokens", "chunk_size"))
@@ -222,7 +227,8 @@ def run_agent(
     is its ids so far, never a new rendering of its messages.
     """
     H = config.max_turns
-    sampling = Sampling(config.temperature, config.top_p, config.max_tokens, stop=(OBSERVATION_FENCE,))
+    sampling = Sampling(config.temperature, config.top_p, config.max_tokens,
+                        stop=(OBSERVATION_FENCE,) if config.tools else ())
     live = list(trajectories)
     for t in live:  # a cut action is continued once per run; other statuses are re-derived from messages
         if t.get("status") != LENGTH:
@@ -257,7 +263,7 @@ def run_agent(
             report.seconds = engine.stats.seconds - seconds_before
             report.generated = len(acting)
             for t, completion in zip(acting, completions, strict=True):
-                if _take_action(t, completion, engine.tokenizer, config.markers):
+                if _take_action(t, completion, engine.tokenizer, config.markers, tools=config.tools):
                     ended.append(t)
         for t in ended:
             _finish(t, sandbox, config)
@@ -305,7 +311,7 @@ def _ends(t: dict[str, Any], H: int, config: AgentConfig | None = None, tokenize
     elif answers.extract_answer(content) is not None:
         t["status"] = ANSWERED
         return True
-    elif extract_code(content) is not None:  # pending code, left for `execute`
+    elif (config is None or config.tools) and extract_code(content) is not None:  # pending code, for `execute`
         t["status"] = TOOL_CALL
         return True
     elif t.get("status") != LENGTH:
@@ -357,22 +363,28 @@ def _request(t: dict[str, Any], engine: Engine, config: AgentConfig) -> Request:
     return Request(tokens.context_ids(t), seed=request_seed(config.seed, t["id"], len(actions(msgs))))
 
 
-def _take_action(t: dict[str, Any], completion, tokenizer, markers: Markers = DEFAULT_MARKERS) -> bool:
+def _take_action(t: dict[str, Any], completion, tokenizer, markers: Markers = DEFAULT_MARKERS, *,
+                 tools: bool = True) -> bool:
     """Append the completion as the next action (or the rest of a cut one), with the ids of the text kept
-    (`tokens.keep_sampled`); True if that ends the trajectory for this run (cut by max_tokens with neither
-    code nor answer: status `length`)."""
+    (`tokens.keep_sampled`; without `tools` the whole text); True if that ends the trajectory for this run (cut
+    by max_tokens with neither code nor answer: status `length`)."""
     msgs = t["messages"]
-    if msgs[-1]["role"] == "assistant":  # continuing a cut action, or a self-evaluation within the action
+    continuing = msgs[-1]["role"] == "assistant"  # a cut action, or a self-evaluation within the action
+    if not tools:
+        kept = completion.text
+    elif continuing:
         old = msgs[-1]["content"]
         # Only the new text is cut after its code: a block the action already holds (before an answer that
         # is now being judged) must not cut off what comes after it.
         kept = cut_after_code(completion.text) if extract_code(old) else cut_after_code(old + completion.text)[len(old):]
     else:
         kept = cut_after_code(completion.text)
+    if not continuing:
         msgs.append({"role": "assistant", "content": "", tokens.TOKEN_IDS: []})
     tokens.extend_action(msgs[-1], tokens.keep_sampled(tokenizer, completion.token_ids, completion.logprobs, kept))
     content = attempts.after_last_verdict(msgs[-1]["content"], markers)
-    if answers.extract_answer(content) is None and extract_code(content) is None and completion.finish_reason == "length":
+    has_code = tools and extract_code(content) is not None
+    if answers.extract_answer(content) is None and not has_code and completion.finish_reason == "length":
         t["status"] = LENGTH  # ends this run; the next rollout continues the action
         return True
     return False
@@ -422,7 +434,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
             for key, completion in engine.step():
                 generating -= 1
                 report.generated += 1
-                ends = _take_action(keyed[key], completion, engine.tokenizer, config.markers)
+                ends = _take_action(keyed[key], completion, engine.tokenizer, config.markers, tools=config.tools)
                 turn = max(turn, len(actions(keyed[key]["messages"])))
                 if ends:
                     ended.append(keyed[key])

@@ -156,6 +156,7 @@ def rollout(
     system: Annotated[str | None, typer.Option("--system", help="An optional system message for new trajectories.")] = None,
     observation_role: ObservationRoleOpt = "user",
     execute: Annotated[bool, typer.Option("--execute/--no-execute", help="Run code between turns; --no-execute stops each trajectory at its next tool call (status tool_call) for `mathagent execute`.")] = True,
+    tools: Annotated[bool, typer.Option("--tools/--no-tools", help="Tool-integrated reasoning (python blocks end an action and run); --no-tools: plain reasoning, as DeepSeek-R1-Zero's runs (nothing cut at a python block or executed, no sandbox; one action per trajectory unless --max-tokens cuts it).")] = True,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: take only every N-th input record starting at I (split the input across machines).")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories advanced together; output is written (and resumable) chunk by chunk.")] = 1024,
     reward: RewardOpt = "r1",
@@ -184,7 +185,7 @@ def rollout(
     with _user_errors():
         config = agent.AgentConfig(
             max_turns=max_turns, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-            observation_role=observation_role, execute=execute, reward=reward, schedule=schedule,
+            observation_role=observation_role, execute=execute, tools=tools, reward=reward, schedule=schedule,
             self_reward=self_reward, max_revisions=max_revisions, verdict_reward=verdict_reward,
             markers=stages.markers_from_options(verdicts, revision_cue, verify_prompt, revise_prompt))
         stages.rollout(RecordIO(input, output, resume, skip_invalid),

@@ -91,6 +91,23 @@ def test_a_turn_without_code_ends_the_trajectory_as_stopped(scripted, sandbox, g
     assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("stopped", None, False, -1.0)
 
 
+def test_without_tools_an_action_is_the_whole_text_and_nothing_runs(scripted, grader):
+    text = CODE_ACTION + "\n```output\n42\n```\nSo \\boxed{42}."  # the model writes its own 'output'
+    trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "42"}, 2, PROMPTS["cot"])
+    engine = scripted(lambda s, t: text)
+    config = AgentConfig(tools=False)
+    assert not config.execute
+    run_agent(trajectories, engine, None, grader, config)  # no sandbox at all
+    t = trajectories[0]
+    assert [m["role"] for m in t["messages"]] == ["user", "assistant"]
+    assert t["messages"][1]["content"] == text  # neither cut after its code nor stopped at "```output"
+    assert (t["status"], t["pred"], t["correct"], t["reward"]) == ("answered", "42", True, 1.0)
+    assert engine.stats.calls == 1
+    unanswered = agent.new_trajectories({"id": "q", "question": "q", "answer": "1"}, 1, PROMPTS["cot"])
+    run_agent(unanswered, scripted(lambda s, t: CODE_ACTION), None, grader, config)
+    assert unanswered[0]["status"] == "stopped"  # code without a tool is text: no tool_call, no observation
+
+
 def test_a_cut_action_has_status_length_and_the_next_rollout_continues_it(scripted, sandbox, grader):
     long_text = "word " * 40 + "\\boxed{3}"
     trajectories = agent.new_trajectories({"id": "p", "question": "q", "answer": "3"}, 1, PROMPTS["tool"])
