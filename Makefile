@@ -41,7 +41,8 @@ test: install
 #
 #   trajectories.jsonl   sample N_SAMPLES trajectories per training problem with the current policy pi_{k-1}
 #   pairs.jsonl          grade them and pair correct with incorrect trajectories of the same problem
-#   model/               train pi_k from pi_{k-1} with M-DPO (MASK=1) or single-turn DPO (MASK=0) against REF
+#   model/               train pi_k from pi_{k-1} with M-DPO (MASK=1) or single-turn DPO (MASK=0) against REF;
+#                        ALGO=grpo: with GRPO on the graded samples themselves (no pairs)
 #   heldout.jsonl        pi_k on the held-out problems, greedy (sampled.jsonl: N_EVAL samples each)
 #   eval.json            accuracy, pass@1 and maj@k of those (mathagent evaluate)
 #   manifest.json        the commands, configuration, input hashes, metrics and wall time of the iteration
@@ -69,6 +70,8 @@ SAMPLING  ?= $(TEMPERATURE)#  the training samples' strategy: a temperature, or 
 N_EVAL    ?= 4#           samples per held-out problem for pass@1 and maj@k
 LOSS      ?= sigmoid#     train-mdpo --loss: sigmoid (M-DPO), ipo, hinge, kto (M-KTO)
 MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after the prompt (single-turn DPO)
+ALGO      ?= mdpo#        the update: mdpo (make-pairs, then train-mdpo: M-DPO, DPO, M-KTO) or grpo (train-grpo)
+GRPO_ARGS ?= --loss-type dapo --lr 2e-5 --batch-size 32 --epsilon-high 0.28#  train-grpo's options (ALGO=grpo)
 REF       ?= sft#         pi_ref: sft (MODEL, fixed) or previous (pi_{k-1})
 MAX_TURNS ?= 4
 MAX_TOKENS?= 64#          per action
@@ -136,9 +139,17 @@ $(IT)/trajectories.jsonl: $(PROBLEMS)
 $(IT)/pairs.jsonl: $(IT)/trajectories.jsonl
 	$(Q)$(STAGE) $(MATHAGENT) make-pairs $< $(PAIRS_ARGS) --seed $(SEED)$(ITER) --stats $(IT)/pairs.stats.json -o $@
 
+ifeq ($(ALGO),grpo)
+$(IT)/model/training_summary.json: $(IT)/trajectories.jsonl
+	$(Q)$(STAGE) $(TRAINER) train-grpo $< --model $(POLICY) --output-dir $(IT)/model $(GRPO_ARGS) --seed $(SEED) \
+	    --save-every 10 --resume
+else ifeq ($(ALGO),mdpo)
 $(IT)/model/training_summary.json: $(IT)/pairs.jsonl
 	$(Q)$(STAGE) $(TRAINER) train-mdpo $< --model $(POLICY) --ref-model $(REF_MODEL) --output-dir $(IT)/model --loss $(LOSS) \
 	    $(if $(filter 0,$(MASK)),--no-mask-observations) $(TRAIN_ARGS) --seed $(SEED) --save-every 10 --resume
+else
+$(error ALGO=$(ALGO): choose mdpo or grpo)
+endif
 
 $(IT)/heldout.jsonl: $(TRAINED) $(EVAL)
 	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL) --model $(EVAL_MODEL) --backend $(BACKEND) $(GREEDY_ARGS) --seed $(SEED) --resume -o $@
@@ -156,7 +167,8 @@ $(IT)/manifest.json: $(IT)/eval.json
 	@$(LOOP) manifest $(IT) RUN=$(RUN) ITER=$(ITER) SEED=$(SEED) MODEL=$(MODEL) POLICY=$(EVAL_MODEL) REF=$(REF) TEMPERATURE=$(TEMPERATURE) \
 	    "SAMPLING=$(SAMPLING)" \
 	    REF_MODEL=$(REF_MODEL) BACKEND=$(BACKEND) PROBLEMS=$(PROBLEMS) EVAL=$(EVAL) N_SAMPLES=$(N_SAMPLES) \
-	    EVAL_SAMPLED=$(EVAL_SAMPLED) N_EVAL=$(N_EVAL) LOSS=$(LOSS) MASK=$(MASK) "PAIRS_ARGS=$(PAIRS_ARGS)" "TRAIN_ARGS=$(TRAIN_ARGS)" \
+	    EVAL_SAMPLED=$(EVAL_SAMPLED) N_EVAL=$(N_EVAL) LOSS=$(LOSS) MASK=$(MASK) ALGO=$(ALGO) "PAIRS_ARGS=$(PAIRS_ARGS)" "TRAIN_ARGS=$(TRAIN_ARGS)" \
+	    "GRPO_ARGS=$(GRPO_ARGS)" \
 	    "GREEDY_ARGS=$(GREEDY_ARGS)" "SAMPLE_ARGS=$(SAMPLE_ARGS)" \
 	    --input $(PROBLEMS) --input $(EVAL) --input $(EVAL_SAMPLED) --input $(if $(filter 0,$(ITER)),$(MODEL),$(POLICY))
 	@echo "$(IT): done, held-out accuracy $$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"]["accuracy"])' $@)" >&2

@@ -382,6 +382,7 @@ def manifest(
         "pairs": _first(pair_stats, "written"),
         "train_loss": _first(_first(training, "final"), "loss"),
         "train_steps": _first(training, "steps"),
+        "train_examples": _first(training, "examples"),
     }
     if (folder / "trajectories.jsonl").is_file():
         rows = [json.loads(line) for line in (folder / "trajectories.jsonl").read_text().splitlines() if line.strip()]

@@ -110,7 +110,8 @@ def make(*args: str, timeout: float = 900, **kwargs) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent_run(tmp_path):
+@pytest.mark.parametrize("algo", ["mdpo", "grpo"])
+def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent_run(tmp_path, algo):
     from mathagent.tiny import build_tiny_model
 
     # A policy that writes the agent's format (boxed answers, python cells), rarely right: winners are the
@@ -123,8 +124,11 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
         f"RUNS={runs}", "RUN=chain", f"MODEL={model}", "BACKEND=hf", "PROMPT=tool", f"PROBLEMS={problems}",
         f"EVAL={heldout}", "N_SAMPLES=4", "N_EVAL=2", "MAX_TURNS=3", "MAX_TOKENS=40", "START=1", "N=2",
         "PAIRS_ARGS=--strategy random --k 2 --reward-threshold -0.75 --keep-unfinished --keep-errors",
-        "TRAIN_ARGS=--lr 1e-4 --batch-size 2 --max-steps 3",
+        "TRAIN_ARGS=--lr 1e-4 --batch-size 2 --max-steps 3", f"ALGO={algo}",
+        "GRPO_ARGS=--lr 1e-4 --batch-size 2 --max-steps 3",
     ]
+    trainer = f"train-{algo}"
+    before_training = ["rollout", "make-pairs"] if algo == "mdpo" else ["rollout"]
     iter1, iter2 = runs / "chain" / "iter1", runs / "chain" / "iter2"
 
     first = subprocess.Popen(["make", "--no-print-directory", "iterations", *settings], cwd=REPO,
@@ -132,7 +136,7 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
     try:
         # Wait until iteration 1 is training: its rollout and pairs are finished files.
         deadline = time.monotonic() + 600
-        while not (iter1 / "logs" / "train-mdpo.log").exists():
+        while not (iter1 / "logs" / f"{trainer}.log").exists():
             assert first.poll() is None, "the first run ended before training"
             assert time.monotonic() < deadline, "iteration 1 never reached training"
             time.sleep(0.2)
@@ -148,21 +152,25 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
             except ProcessLookupError:
                 break
             time.sleep(0.1)
-    done = {name: (iter1 / name).stat().st_mtime_ns for name in ("trajectories.jsonl", "pairs.jsonl")}
-    assert [s["stage"] for s in stages(iter1)] == ["rollout", "make-pairs"]
+    done = {name: (iter1 / name).stat().st_mtime_ns for name in ("trajectories.jsonl", "pairs.jsonl")[:len(before_training)]}
+    assert [s["stage"] for s in stages(iter1)] == before_training
 
     rerun = make("iterations", *settings)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert {name: (iter1 / name).stat().st_mtime_ns for name in done} == done
     # every stage of each iteration ran exactly once, the killed training included (after the kill)
-    expected = ["rollout", "make-pairs", "train-mdpo", "rollout", "rollout", "evaluate", "evaluate"]
+    expected = [*before_training, trainer, "rollout", "rollout", "evaluate", "evaluate"]
     assert sorted(s["stage"] for s in stages(iter1)) == sorted(expected)
     assert sorted(s["stage"] for s in stages(iter2)) == sorted(expected)
 
     manifest = json.loads((iter2 / "manifest.json").read_text())
     assert manifest["config"]["POLICY"] == str(iter2 / "model")
     assert str(iter1 / "model") in manifest["inputs"]  # pi_1, the policy iteration 2 sampled from, by hash
-    assert manifest["metrics"]["pairs"] >= 1 and 0 <= manifest["metrics"]["accuracy"] <= 1
+    assert 0 <= manifest["metrics"]["accuracy"] <= 1 and manifest["config"]["ALGO"] == algo
+    if algo == "mdpo":
+        assert manifest["metrics"]["pairs"] >= 1
+    else:  # trained on the groups whose rewards differ, with no pairs
+        assert manifest["metrics"]["pairs"] is None and manifest["metrics"]["train_examples"] >= 2
     assert any(f"--model {iter1 / 'model'}" in s["command"] for s in manifest["stages"] if s["stage"] == "rollout")
 
     again = make("iterations", *settings)  # everything is finished: nothing runs
