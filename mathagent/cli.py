@@ -389,18 +389,23 @@ def score_prm(
     aggregate: Annotated[str, typer.Option("--aggregate", help="Trajectory score from its step scores: min (Math-Shepherd's), prod (PRM800K's), mean (RLHFlow's) or last; docs/prm.md compares them.")] = "min",
     field: Annotated[str, typer.Option("--field", help="Field the aggregate is written to (for `mathagent evaluate --score-field`).")] = "score",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Trajectories per forward pass.")] = 8,
+    implicit: Annotated[bool, typer.Option("--implicit", help="PRIME's implicit process reward instead of a trained PRM: --model is a policy trained with train-mdpo (M-DPO, M-KTO) and --ref-model its reference; step h scores beta x the sum of log pi/pi_ref over action h's tokens. Aggregates: min, mean, last, sum.")] = False,
+    ref_model: Annotated[str | None, typer.Option("--ref-model", help="With --implicit: the reference policy pi_ref.")] = None,
+    beta: Annotated[float, typer.Option("--beta", help="With --implicit: the beta of the log-ratio (train-mdpo's --beta).")] = 0.1,
     dtype: DtypeOpt = "auto",
     resume: ResumeOpt = False,
     skip_invalid: SkipInvalidOpt = False,
 ) -> None:
-    """Score every step of trajectories with a PRM: one forward pass per trajectory reads P('+') at every step.
+    """Score every step of trajectories with a PRM: one forward pass per trajectory reads P('+') at every step
+    (or, with --implicit, the policy's and the reference's log-probs of every action token).
 
-    Writes each input record with "step_scores" (P('+') per step) and the aggregate in --field ("score"), in
-    order. Then `mathagent evaluate --score-field score` reports best-of-n.
+    Writes each input record with "step_scores" (P('+') per step, or the implicit rewards) and the aggregate in
+    --field ("score"), in order. Then `mathagent evaluate --score-field score` reports best-of-n.
     """
     with _user_errors():
         stages.score_prm(RecordIO(input, output, resume, skip_invalid), model=model, steps=steps,
-                         aggregate=aggregate, field=field, batch_size=batch_size, dtype=dtype)
+                         aggregate=aggregate, field=field, batch_size=batch_size, dtype=dtype, implicit=implicit,
+                         ref_model=ref_model, beta=beta)
 
 
 # --------------------------------------------------------------------------------------------------------

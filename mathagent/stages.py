@@ -547,18 +547,31 @@ def mc_label(io: RecordIO, engine_options: EngineOptions, sandbox_options: Sandb
 
 
 def score_prm(io: RecordIO, *, model: str, steps: str | None, aggregate: str, field: str, batch_size: int,
-              dtype: str) -> None:
-    """Score every step of trajectories with a PRM (`prm.score_trajectories`), in input order, resumable."""
-    from mathagent import labeling, prm
+              dtype: str, implicit: bool = False, ref_model: str | None = None, beta: float = 0.1) -> None:
+    """Score every step of trajectories with a PRM (`prm.score_trajectories`), or with the implicit reward of a
+    policy against its reference (`implicit_prm`), in input order, resumable."""
+    from mathagent import implicit_prm, labeling, prm
 
     check_model("--model", model)
     model = resolve_model(model)
-    if steps is None:  # score steps as the PRM was taught to see them
-        steps = prm.trained_steps_mode(model)
-    if steps not in labeling.STEP_MODES:  # from prm.json
-        raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
-    if aggregate not in prm.AGGREGATES:
-        raise UserError(f"--aggregate {aggregate!r}: choose from {', '.join(prm.AGGREGATES)}")
+    if implicit:
+        if ref_model is None:
+            raise UserError("--implicit needs --ref-model: the reference policy the --model policy was trained against")
+        check_model("--ref-model", ref_model)
+        ref_model = resolve_model(ref_model)
+        if steps not in (None, "turns"):
+            raise UserError(f"--steps {steps}: an implicit reward is a step's action tokens, so --implicit scores turns")
+        if aggregate not in implicit_prm.AGGREGATES:
+            raise UserError(f"--aggregate {aggregate!r}: choose from {', '.join(implicit_prm.AGGREGATES)} with --implicit")
+        if not (math.isfinite(beta) and beta > 0):
+            raise UserError(f"--beta {beta}: must be a positive number")
+    else:
+        if steps is None:  # score steps as the PRM was taught to see them
+            steps = prm.trained_steps_mode(model)
+        if steps not in labeling.STEP_MODES:  # from prm.json
+            raise UserError(f"--steps {steps!r}: choose from {', '.join(labeling.STEP_MODES)}")
+        if aggregate not in prm.AGGREGATES:
+            raise UserError(f"--aggregate {aggregate!r}: choose from {', '.join(prm.AGGREGATES)}")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     records = io.read(("id", "messages"), unique_ids=True)
@@ -566,7 +579,12 @@ def score_prm(io: RecordIO, *, model: str, steps: str | None, aggregate: str, fi
     todo = [r for r in records if r["id"] not in finished]
     report = prm.ScoreReport()
     with io.writer() as writer:
-        if todo:
+        if todo and implicit:
+            policy, tokenizer = prm.load_prm(model, dtype=dtype)
+            reference, _ = prm.load_prm(ref_model, dtype=dtype)
+            report = implicit_prm.score_trajectories(policy, reference, tokenizer, todo, beta=beta, how=aggregate,
+                                                     field=field, batch_size=batch_size)
+        elif todo:
             prm_model, tokenizer = prm.load_prm(model, dtype=dtype)
             report = prm.score_trajectories(prm_model, tokenizer, todo, mode=steps, how=aggregate, field=field,
                                             batch_size=batch_size)
