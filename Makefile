@@ -71,7 +71,7 @@ N_EVAL    ?= 4#           samples per held-out problem for pass@1 and maj@k
 LOSS      ?= sigmoid#     train-mdpo --loss: sigmoid (M-DPO), ipo, hinge, kto (M-KTO)
 MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after the prompt (single-turn DPO)
 ALGO      ?= mdpo#        the update: mdpo (make-pairs, then train-mdpo: M-DPO, DPO, M-KTO) or grpo (train-grpo)
-GRPO_ARGS ?= --loss-type dapo --lr 2e-5 --batch-size 32 --epsilon-high 0.28#  train-grpo's options (ALGO=grpo)
+GRPO_ARGS ?= --loss-type dapo --lr 1e-3 --batch-size 32 --num-iterations 2#  train-grpo's options (ALGO=grpo)
 REF       ?= sft#         pi_ref: sft (MODEL, fixed) or previous (pi_{k-1})
 MAX_TURNS ?= 4
 MAX_TOKENS?= 64#          per action
@@ -97,7 +97,7 @@ Q         := $(if $(filter 1,$(VERBOSE)),,@)#  recipes echo their commands only 
 
 .PHONY: iteration iterations cron demo demo-data demo-chains demo-mdpo demo-dpo demo-fresh demo-ablation \
         demo-ablation-chains demo-mdpo-nll0 demo-dpo-nll0 demo-sampling demo-sampling-chains demo-t1.0 demo-t-mix \
-        demo-previous _iteration _iterations
+        demo-previous demo-r1 demo-grpo _iteration _iterations
 
 # One process per RUN at a time: flock exits 75 at once when another one holds the lock; -o keeps the lock
 # out of the stages, so nothing a killed run leaves behind holds it.
@@ -251,6 +251,18 @@ demo-t-mix:
 demo-previous:
 	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/sampling-previous $(DEMO_VARS) MASK=1 START=1 \
 	    SAMPLING=current:0.7,previous:0.7
+
+# The talk's R1 comparison on the demo task: GRPO (rule-based reward, observations masked) from the same SFT
+# policy, with the same samples per iteration as M-DPO and single-turn DPO, the three side by side
+# (DEMO/r1.{json,png}).
+demo-r1: install
+	@$(MAKE) --no-print-directory demo-data
+	@$(MAKE) --no-print-directory -j2 demo-chains demo-grpo
+	@$(LOOP) compare --start $(DEMO)/mdpo --title "$(DEMO): M-DPO, single-turn DPO and GRPO" \
+	    "M-DPO=$(DEMO)/mdpo" "single-turn DPO=$(DEMO)/dpo" "GRPO=$(DEMO)/grpo" --plot $(DEMO)/r1.png --json $(DEMO)/r1.json
+demo-grpo: export OMP_NUM_THREADS = 1
+demo-grpo:
+	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/grpo $(DEMO_VARS) ALGO=grpo START=1
 
 # The gain on problems the demo never saw: the SFT policy and both methods' last models, greedy, on fresh
 # held-out problems from another generator seed (FRESH).
