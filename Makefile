@@ -58,6 +58,8 @@ START     ?= 0#           the first iteration `make iterations` runs (0: evaluat
 SEED      ?= 0
 MODEL     ?= $(RUNS)/demo/sft/model#   pi_0, the starting (SFT) policy: a local path or a hub id
 BACKEND   ?= vllm
+BASE_URLS ?=#             BACKEND=openai: the servers, space-separated ("http://node1:8000/v1 http://node2:8000/v1");
+#                           a LoRA policy (TRAIN_ARGS/GRPO_ARGS --lora) is loaded into them every iteration
 PROMPT    ?= bare#        rollout --prompt (tool or cot for a model not trained on the demo's format)
 PROBLEMS  ?= $(RUNS)/demo/train.jsonl#    training prompts, sampled every iteration
 EVAL      ?= $(RUNS)/demo/heldout.jsonl#  held-out problems, never trained on (greedy accuracy)
@@ -87,6 +89,7 @@ PREV      := $(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 1)))
 POLICY    := $(if $(filter 0 1,$(ITER)),$(MODEL),$(PREV)/model)#         pi_{k-1}
 EARLIER   := $(if $(filter 0 1 2,$(ITER)),$(MODEL),$(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 2)))/model)#  pi_{k-2}
 REF_MODEL := $(if $(filter previous,$(REF)),$(POLICY),$(MODEL))
+SERVERS   := $(foreach url,$(BASE_URLS),--base-url $(url))
 ROLLOUT_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --chunk-size $(CHUNK)
 GREEDY_ARGS := $(ROLLOUT_ARGS) --temperature 0 --n 1
 SAMPLE_ARGS := $(ROLLOUT_ARGS) --temperature $(TEMPERATURE)
@@ -134,7 +137,7 @@ $(PREV)/manifest.json:
 $(IT)/trajectories.jsonl: $(PROBLEMS)
 	$(Q)$(LOOP) sample $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --mixture "$(SAMPLING)" --n $(N_SAMPLES) \
 	    --seed $(SEED)$(ITER) --policy current=$(POLICY) --policy previous=$(EARLIER) --policy sft=$(MODEL) -o $@ -- \
-	    $(MATHAGENT) rollout $(PROBLEMS) --backend $(BACKEND) $(ROLLOUT_ARGS)
+	    $(MATHAGENT) rollout $(PROBLEMS) --backend $(BACKEND) $(SERVERS) $(ROLLOUT_ARGS)
 
 $(IT)/pairs.jsonl: $(IT)/trajectories.jsonl
 	$(Q)$(STAGE) $(MATHAGENT) make-pairs $< $(PAIRS_ARGS) --seed $(SEED)$(ITER) --stats $(IT)/pairs.stats.json -o $@
@@ -152,10 +155,10 @@ $(error ALGO=$(ALGO): choose mdpo or grpo)
 endif
 
 $(IT)/heldout.jsonl: $(TRAINED) $(EVAL)
-	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL) --model $(EVAL_MODEL) --backend $(BACKEND) $(GREEDY_ARGS) --seed $(SEED) --resume -o $@
+	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL) --model $(EVAL_MODEL) --backend $(BACKEND) $(SERVERS) $(GREEDY_ARGS) --seed $(SEED) --resume -o $@
 
 $(IT)/sampled.jsonl: $(TRAINED) $(EVAL_SAMPLED)
-	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL_SAMPLED) --model $(EVAL_MODEL) --backend $(BACKEND) $(SAMPLE_ARGS) --n $(N_EVAL) --seed $(SEED) \
+	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL_SAMPLED) --model $(EVAL_MODEL) --backend $(BACKEND) $(SERVERS) $(SAMPLE_ARGS) --n $(N_EVAL) --seed $(SEED) \
 	    --resume -o $@
 
 $(IT)/eval.json: $(IT)/heldout.jsonl $(IT)/sampled.jsonl

@@ -26,6 +26,7 @@ from rich.console import Console
 from mathagent.answers import ANSWER_MODES
 from mathagent.attempts import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, open_engine
+from mathagent.engines.openai import is_adapter_dir
 from mathagent.errors import UserError
 from mathagent.prompts import load_prompt
 from mathagent.records import (
@@ -101,7 +102,6 @@ class EngineOptions:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        check_model("--model", self.model)
         if self.backend == "openai":
             if not self.base_urls:
                 raise UserError("--backend openai needs --base-url (a server's endpoint, e.g. http://127.0.0.1:8000/v1)")
@@ -109,7 +109,18 @@ class EngineOptions:
                 raise UserError("--concurrency must be at least 1")
             if self.dtype != "auto" or self.max_model_len is not None:
                 raise UserError("--dtype and --max-model-len are the servers' settings with --backend openai")
-            return  # --adapter names a LoRA module of the servers, not a directory here
+            # --model may be a peft adapter directory (on the base model the servers serve), --adapter a directory
+            # (loaded into the servers) or the name of a LoRA module they serve: see engines.openai
+            if is_adapter_dir(self.model):
+                if self.adapter is not None:
+                    raise UserError(f"--model {self.model} is a peft adapter: give its base model as --model to "
+                                    "use --adapter")
+            else:
+                check_model("--model", self.model)
+            if self.adapter is not None and os.path.exists(self.adapter):
+                check_model("--adapter", self.adapter, adapter=True)
+            return
+        check_model("--model", self.model)
         if self.base_urls:
             raise UserError(f"--base-url is for --backend openai, not --backend {self.backend}")
         check_model("--adapter", self.adapter, adapter=True)

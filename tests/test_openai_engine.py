@@ -23,11 +23,15 @@ from mathagent.errors import UserError
 class ScriptedServer:
     """An OpenAI-style endpoint serving the model `name`: each completion request gets the next status of
     `statuses` (then 200 for good); a 200 echoes how many prompt tokens came, and costs 3 tokens. It returns no
-    token ids, as servers other than vLLM's, unless `choice` adds fields to the choice it answers."""
+    token ids, as servers other than vLLM's, unless `choice` adds fields to the choice it answers. A LoRA load
+    (`/load_lora_adapter`) gets `load_status`: 200 lists the adapter in /models from then on, as vLLM does;
+    404 is vLLM's answer where runtime loading is off (the route does not exist)."""
 
-    def __init__(self, statuses=(), name="served-tiny", idle_timeout=None, choice=None):
+    def __init__(self, statuses=(), name="served-tiny", idle_timeout=None, choice=None, load_status=200):
         self.statuses = list(statuses)
         self.bodies: list[dict] = []
+        self.loads: list[dict] = []
+        self.models = [{"id": name, "object": "model", "parent": None}]
         self.lock = threading.Lock()
         owner = self
 
@@ -47,10 +51,19 @@ class ScriptedServer:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self.reply(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
+                with owner.lock:
+                    self.reply(200, {"object": "list", "data": list(owner.models)})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.endswith("/load_lora_adapter"):
+                    with owner.lock:
+                        owner.loads.append(body)
+                        if load_status == 200:
+                            owner.models.append({"id": body["lora_name"], "object": "model", "root": body["lora_path"],
+                                                 "parent": name})
+                    self.reply(load_status, {"detail": "Not Found"} if load_status == 404 else "Success")
+                    return
                 with owner.lock:
                     owner.bodies.append(body)
                     status = owner.statuses.pop(0) if owner.statuses else 200
@@ -193,6 +206,73 @@ def test_opening_names_a_server_that_is_down_and_a_model_that_is_not_served(serv
         open_engine("openai", tiny_model, base_urls=[server.url, other.url])
 
 
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model, tmp_path_factory) -> str:
+    """A peft LoRA adapter of the tiny model as train-mdpo --lora saves one (rank 8 on every linear layer, the
+    tokenizer beside it), its B weights moved off zero so that it changes what the model generates."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    path = tmp_path_factory.mktemp("adapter") / "model"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return str(path)
+
+
+def test_an_adapter_directory_is_loaded_into_each_server_once_under_a_name_from_its_contents(
+        servers, tiny_model, lora_dir, tmp_path):
+    import shutil
+
+    from mathagent.engines.openai import adapter_name
+
+    first, second = servers(), servers()
+    engine = open_engine("openai", tiny_model, base_urls=[first.url, second.url], adapter=lora_dir)
+    name = adapter_name(lora_dir)
+    assert re.fullmatch(r"mathagent-[0-9a-f]{12}", name) and engine.served_model == name
+    assert first.loads == second.loads == [{"lora_name": name, "lora_path": os.path.abspath(lora_dir)}]
+    engine.generate([Request([1, 2, 3], seed=1)], Sampling(max_tokens=4))
+    engine.close()
+    assert [b["model"] for b in first.bodies + second.bodies] == [name]
+
+    # --model DIR: the tokenizer from it, the servers' one base model with it; already loaded, so not again
+    again = open_engine("openai", lora_dir, base_urls=[first.url, second.url])
+    again.close()
+    assert again.served_model == name and len(first.loads) == len(second.loads) == 1
+
+    retrained = tmp_path / "iter2-model"  # what the next iteration saves: other contents, another name
+    shutil.copytree(lora_dir, retrained)
+    config = json.loads((retrained / "adapter_config.json").read_text())
+    (retrained / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
+    newer = open_engine("openai", str(retrained), base_urls=[first.url])
+    newer.close()
+    assert newer.served_model != name and first.loads[-1]["lora_path"] == str(retrained)
+    assert newer.served_model in [m["id"] for m in first.models] and len(first.loads) == 2
+
+
+def test_a_server_that_cannot_load_adapters_is_named_in_one_line_with_how_to_start_it(servers, tiny_model,
+                                                                                      lora_dir, tmp_path):
+    server = servers(load_status=404)  # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING: no such route
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "p", "question": "1+1?", "answer": "2"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "mathagent.cli", "rollout", str(problems), "--model", tiny_model,
+                           "--adapter", lora_dir, "--backend", "openai", "--base-url", server.url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"error: --base-url {server.url}: cannot load the LoRA adapter {lora_dir} (HTTP 404: ")
+    for advice in ("--enable-lora --max-lora-rank 8", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "same filesystem"):
+        assert advice in line
+    assert server.loads and not server.bodies  # nothing was sampled
+
+
 def test_the_openai_options_are_checked_before_anything_loads(tmp_path):
     problems = tmp_path / "p.jsonl"
     problems.write_text(json.dumps({"id": "p", "question": "1+1?", "answer": "2"}) + "\n")
@@ -210,12 +290,13 @@ def test_the_openai_options_are_checked_before_anything_loads(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model, tmp_path_factory) -> str:
     """vLLM's server for the tiny model on 127.0.0.1, in float32 as the `vllm_engine` fixture (the log-probs are
-    checked against float64 transformers). About 50 s to start on two cores."""
+    checked against float64 transformers), loading LoRA adapters of rank 8 at most at runtime. About 50 s to
+    start on two cores."""
     from mathagent.engines.vllm import local_server
 
     kv = int(os.environ.get("MATHAGENT_VLLM_KV_BYTES", 64 * 2**20))
     with local_server(tiny_model, log=tmp_path_factory.mktemp("server") / "server.log", kv_cache_memory_bytes=kv,
-                      dtype="float32") as url:
+                      dtype="float32", max_lora_rank=8) as url:
         yield url
 
 
@@ -243,6 +324,35 @@ def test_a_vllm_server_returns_the_ids_it_sampled_and_the_models_log_probs_of_th
     assert stop in tokenizer.decode(cut.token_ids) and stop not in tokenizer.decode(cut.token_ids[:-1])
     check_sampled_ids(cut, chat, tokenizer, model_logprobs, sampling)
     assert engine.stats.retokenized == 0
+
+
+@pytest.mark.slow
+def test_a_vllm_server_loads_an_adapter_directory_once_and_generates_with_it_as_transformers_does(
+        tiny_server, tiny_model, lora_dir):
+    """One server for the whole online loop: each iteration's adapter directory is loaded into it at runtime,
+    and greedy completions with it are transformers' with the adapter (not the base model's)."""
+    import urllib.request
+
+    def served() -> list[str]:
+        with urllib.request.urlopen(tiny_server + "/models", timeout=10) as answer:
+            return [m["id"] for m in json.load(answer)["data"]]
+
+    before = served()
+    engine = open_engine("openai", tiny_model, base_urls=[tiny_server], adapter=lora_dir)
+    assert engine.served_model not in before and served() == [*before, engine.served_model]
+    again = open_engine("openai", lora_dir, base_urls=[tiny_server])  # --model DIR: the same adapter, not reloaded
+    assert again.served_model == engine.served_model and served() == [*before, engine.served_model]
+    base = open_engine("openai", tiny_model, base_urls=[tiny_server])
+    hf = open_engine("hf", tiny_model, adapter=lora_dir)
+    prompts = [Request(prompt_ids(engine.tokenizer, [{"role": "user", "content": q}]), seed=1)
+               for q in ("What is 2+3?", "Find x if 2x = 8.")]
+    greedy = Sampling(temperature=0.0, max_tokens=12)
+    outs = {name: [c.token_ids for c in e.generate(prompts, greedy)]
+            for name, e in (("adapter", engine), ("again", again), ("base", base), ("hf", hf))}
+    for e in (engine, again, base, hf):
+        e.close()
+    assert outs["adapter"] == outs["again"] == outs["hf"]
+    assert all(a != b for a, b in zip(outs["adapter"], outs["base"], strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,9 @@ def open_engine(
     """Create the engine of `backend` for `model` (a local path or a hub id) and an optional peft LoRA.
 
     "openai" talks to servers that already run (`base_urls=[...]`, `concurrency`: see `engines.openai`):
-    `model` is where the tokenizer and chat template come from and the name the servers serve, `adapter` the
-    name of a LoRA module they serve; dtype and context length are the servers' own settings. A command's
+    `model` is where the tokenizer and chat template come from and the name the servers serve (or a peft
+    adapter directory on the base model they serve), `adapter` the name of a LoRA module they serve or a peft
+    adapter directory they load; dtype and context length are the servers' own settings. A command's
     options are checked where they are parsed (`stages.EngineOptions`); a wrong call here is a bug."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")

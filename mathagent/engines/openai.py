@@ -22,13 +22,22 @@ is logged.
 
     engine = OpenAIEngine("Qwen/Qwen2.5-Math-7B-Instruct", base_urls=["http://node1:8000/v1", "http://node2:8000/v1"])
 
-The servers must serve `model` (or, with `adapter`, a LoRA module of that name: `vllm serve --lora-modules
-NAME=DIR`). Per-request seeds give the in-process engine's samples where the server runs the same engine with
-the same settings (`mathagent.engines.vllm.server_command`), up to batch-dependent numerics.
+The servers must serve `model`. `adapter` is a LoRA on it: the name of a module the servers serve (`vllm serve
+--lora-modules NAME=DIR`), or a peft adapter directory, which is loaded into every server that does not list it
+yet (vLLM's runtime LoRA loading: `vllm serve MODEL --enable-lora --max-lora-rank R` with
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; the server reads the directory, so it must see the same path). It is
+loaded under a name from its contents (`adapter_name`), so that a second engine on the same adapter loads
+nothing and a retrained adapter gets a name of its own: one server lasts the whole online loop, one adapter per
+iteration. `model` may itself be an adapter directory: the tokenizer comes from it and the servers are to serve
+its base model (`base_model_name_or_path` of its adapter_config.json).
+
+Per-request seeds give the in-process engine's samples where the server runs the same engine with the same
+settings (`mathagent.engines.vllm.server_command`), up to batch-dependent numerics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import logging
@@ -38,6 +47,7 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 
 from mathagent.engines.interface import Completion, EngineStats, Request, Sampling
 from mathagent.errors import UserError
@@ -73,6 +83,38 @@ class _Server:
         return kind(self.parts.hostname, self.parts.port, timeout=timeout)
 
 
+def is_adapter_dir(path: str) -> bool:
+    """A peft adapter directory (its adapter_config.json), rather than a model or a LoRA module's name."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def base_model(adapter: str) -> str:
+    """The model a peft adapter directory was trained on (its `base_model_name_or_path`)."""
+    path = Path(adapter, "adapter_config.json")
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except ValueError as e:
+        raise UserError(f"{path}: not JSON ({e})") from None
+    if not base:
+        raise UserError(f"{path}: no base_model_name_or_path: give the base model as --model and this as --adapter")
+    return base
+
+
+def adapter_name(adapter: str) -> str:
+    """The name a peft adapter directory is loaded under: `mathagent-` and the start of the sha256 of its weights
+    and its adapter_config.json, so that the same adapter keeps its name and a retrained one gets another."""
+    digest = hashlib.sha256()
+    weights = [Path(adapter, f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
+    weights = [path for path in weights if path.is_file()]
+    if not weights:
+        raise UserError(f"{adapter}: no adapter_model.safetensors in it (the weights of a peft adapter)")
+    for path in (weights[0], Path(adapter, "adapter_config.json")):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+    return f"mathagent-{digest.hexdigest()[:12]}"
+
+
 class OpenAIEngine:
     def __init__(
         self,
@@ -101,8 +143,13 @@ class OpenAIEngine:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self._lock = threading.Lock()
         self._local = threading.local()  # one keep-alive connection per (thread, server)
+        tokenizer_from = model
+        if is_adapter_dir(model):  # the servers' base model with this adapter
+            if adapter is not None:
+                raise ValueError(f"model {model} is a peft adapter: a second one ({adapter}) cannot go on it")
+            model, adapter = base_model(model), model
         self.served_model = self._served_model(model, adapter)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
         self.stats = EngineStats()
         self._pool = ThreadPoolExecutor(max_workers=concurrency * len(self.servers), thread_name_prefix="openai")
         self._running: dict[Future, tuple[str, Request]] = {}
@@ -111,35 +158,69 @@ class OpenAIEngine:
     # -- the servers ----------------------------------------------------------------------------------------
 
     def _served_model(self, model: str, adapter: str | None) -> str:
-        """The model name every server is asked for: `adapter` if given, else `model` if served, else the one
-        model a server serves."""
-        choices = []
-        for server in self.servers:
-            try:
-                listing = self._call(server, "GET", "/models", None, timeout=30.0)
-            except _Transient as e:
-                raise UserError(f"base_url {server.url}: no server answers ({e}); start one, e.g. "
-                                f"`vllm serve {model}`, or leave this URL out", options=("base_url",)) from None
-            choices.append([entry["id"] for entry in listing.get("data", [])])
-        wanted = adapter if adapter is not None else model
+        """The model name every server is asked for: the LoRA module `adapter`, or an adapter directory once
+        loaded (`_load_adapter`), or `model` if served, else the one base model a server serves."""
+        listings = [self._models(server, model) for server in self.servers]
+        if adapter is not None and not is_adapter_dir(adapter):  # a module the servers were started with
+            for server, models in zip(self.servers, listings, strict=True):
+                if adapter not in models:
+                    raise UserError(f"base_url {server.url}: serves {', '.join(models) or 'no model'}, not the LoRA "
+                                    f"module {adapter!r} (vllm serve --lora-modules {adapter}=DIR)",
+                                    options=("base_url",))
+            return adapter
         picked = {}
-        for server, names in zip(self.servers, choices, strict=True):
-            if wanted in names:
-                picked[server.url] = wanted
-            elif adapter is None and len(names) == 1:  # served under another name (--served-model-name)
-                picked[server.url] = names[0]
+        for server, models in zip(self.servers, listings, strict=True):
+            bases = [name for name, parent in models.items() if parent is None]
+            if model in bases:
+                picked[server.url] = model
+            elif len(bases) == 1:  # served under another name (--served-model-name)
+                picked[server.url] = bases[0]
             else:
-                what = (f"the LoRA module {adapter!r} (vllm serve --lora-modules {adapter}=DIR)" if adapter
-                        else f"{model!r}")
-                raise UserError(f"base_url {server.url}: serves {', '.join(names) or 'no model'}, not {what}",
+                raise UserError(f"base_url {server.url}: serves {', '.join(bases) or 'no model'}, not {model!r}"
+                                + (f" (the base model of the adapter {adapter})" if adapter else ""),
                                 options=("base_url",))
         if len(set(picked.values())) > 1:
             raise UserError("the servers serve different models: "
                             + "; ".join(f"{url}: {name}" for url, name in picked.items()))
-        return next(iter(picked.values()))
+        if adapter is None:
+            return next(iter(picked.values()))
+        name = adapter_name(adapter)
+        for server, models in zip(self.servers, listings, strict=True):
+            if name not in models:
+                self._load_adapter(server, name, adapter, model)
+        return name
 
-    def _call(self, server: _Server, method: str, path: str, body: dict | None, *, timeout: float) -> dict:
-        """One HTTP exchange; `_Transient` for what may pass, `UserError` for what will not."""
+    def _models(self, server: _Server, model: str) -> dict[str, str | None]:
+        """The names a server serves (`/models`), each with its parent: None for a base model, the base model
+        for a LoRA module."""
+        try:
+            listing = self._call(server, "GET", "/models", None, timeout=30.0)
+        except _Transient as e:
+            raise UserError(f"base_url {server.url}: no server answers ({e}); start one, e.g. "
+                            f"`vllm serve {model}`, or leave this URL out", options=("base_url",)) from None
+        return {entry["id"]: entry.get("parent") for entry in listing.get("data", [])}
+
+    def _load_adapter(self, server: _Server, name: str, adapter: str, model: str) -> None:
+        """vLLM's runtime LoRA loading: the server reads the adapter directory itself, by its absolute path."""
+        path = os.path.abspath(adapter)
+        try:
+            status, payload = self._exchange(server, "POST", "/load_lora_adapter",
+                                             {"lora_name": name, "lora_path": path}, timeout=self.request_timeout)
+            said = f"HTTP {status}: {' '.join(payload[:300].decode('utf-8', 'replace').split())}"
+        except _Transient as e:
+            status, said = None, str(e)
+        if status == 200:
+            return
+        if status is not None and name in self._models(server, model):
+            return  # another engine loaded it meanwhile (vLLM: HTTP 400, "has already been loaded")
+        rank = json.loads(Path(adapter, "adapter_config.json").read_text()).get("r", "R")
+        raise UserError(f"base_url {server.url}: cannot load the LoRA adapter {path} ({said}); start the server with "
+                        f"`--enable-lora --max-lora-rank {rank}` (at least) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                        "in its environment, where it can read that path (the same filesystem)", options=("base_url",))
+
+    def _exchange(self, server: _Server, method: str, path: str, body: dict | None, *,
+                  timeout: float) -> tuple[int, bytes]:
+        """One HTTP exchange: the status and the body; `_Transient` where no answer came."""
         connections = self._local.__dict__.setdefault("connections", {})
         data = None if body is None else json.dumps(body)
         while True:
@@ -150,18 +231,21 @@ class OpenAIEngine:
             try:
                 connection.request(method, server.parts.path + path, body=data, headers=self.headers)
                 response = connection.getresponse()
-                payload = response.read()
-                break
+                return response.status, response.read()
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut off
                 connection.close()
                 del connections[server.url]
                 if reused and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
                     continue  # a kept-alive connection the server closed while idle: again on a new one, at once
                 raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
-        if response.status in TRANSIENT_STATUS:
-            raise _Transient(f"HTTP {response.status}: {payload[:300].decode('utf-8', 'replace')}")
-        if response.status != 200:
-            raise UserError(f"{server.url}{path}: HTTP {response.status}: {payload[:1000].decode('utf-8', 'replace')}")
+
+    def _call(self, server: _Server, method: str, path: str, body: dict | None, *, timeout: float) -> dict:
+        """One HTTP exchange for a JSON answer; `_Transient` for what may pass, `UserError` for what will not."""
+        status, payload = self._exchange(server, method, path, body, timeout=timeout)
+        if status in TRANSIENT_STATUS:
+            raise _Transient(f"HTTP {status}: {payload[:300].decode('utf-8', 'replace')}")
+        if status != 200:
+            raise UserError(f"{server.url}{path}: HTTP {status}: {payload[:1000].decode('utf-8', 'replace')}")
         try:
             return json.loads(payload)
         except ValueError:

