@@ -26,7 +26,6 @@ from rich.console import Console
 from mathagent.answers import ANSWER_MODES
 from mathagent.attempts import DEFAULT_MARKERS, Markers
 from mathagent.engines import Engine, open_engine
-from mathagent.engines.openai import is_adapter_dir
 from mathagent.errors import UserError
 from mathagent.prompts import load_prompt
 from mathagent.records import (
@@ -39,7 +38,7 @@ from mathagent.records import (
     record_stream,
     split_finished,
 )
-from mathagent.tiny import check_model, resolve_model
+from mathagent.tiny import base_model, check_model, is_adapter_dir, resolve_model
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -120,9 +119,15 @@ class EngineOptions:
             if self.adapter is not None and os.path.exists(self.adapter):
                 check_model("--adapter", self.adapter, adapter=True)
             return
-        check_model("--model", self.model)
         if self.base_urls:
             raise UserError(f"--base-url is for --backend openai, not --backend {self.backend}")
+        if is_adapter_dir(self.model):  # generated with the adapter on its base model (see `open`)
+            if self.adapter is not None:
+                raise UserError(f"--model {self.model} is a peft adapter: give its base model as --model to use "
+                                "--adapter")
+            check_model("--model", base_model(self.model))
+            return
+        check_model("--model", self.model)
         check_model("--adapter", self.adapter, adapter=True)
 
     @contextmanager
@@ -132,7 +137,10 @@ class EngineOptions:
             options = {"base_urls": list(self.base_urls), "concurrency": self.concurrency}
         else:
             options = {"seed": self.seed, "dtype": self.dtype, "max_model_len": self.max_model_len}
-        engine = open_engine(self.backend, resolve_model(self.model), adapter=self.adapter, **options)
+        model, adapter = self.model, self.adapter
+        if self.backend != "openai" and is_adapter_dir(model):  # an iteration trained with --lora
+            model, adapter = base_model(model), model
+        engine = open_engine(self.backend, resolve_model(model), adapter=adapter, **options)
         try:
             yield engine
         finally:

@@ -193,16 +193,35 @@ def tiny_model_dir() -> Path:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def check_model(option: str, name: str | None, *, adapter: bool = False) -> None:
+def is_adapter_dir(path: str) -> bool:
+    """A peft adapter directory (its adapter_config.json), rather than a model or a LoRA module's name."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def base_model(adapter: str) -> str:
+    """The model a peft adapter directory was trained on (its `base_model_name_or_path`)."""
+    path = Path(adapter, "adapter_config.json")
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except ValueError as e:
+        raise UserError(f"{path}: not JSON ({e})") from None
+    if not base:
+        raise UserError(f"{path}: no base_model_name_or_path: give the base model as --model and this as --adapter")
+    return base
+
+
+def check_model(option: str, name: str | None, *, adapter: bool = False, or_adapter: bool = False) -> None:
     """A model (or adapter) is 'tiny', an existing directory, or something shaped like a hub id
     ("org/name"); a path that does not exist is refused before anything loads. `option` is the command's flag
-    that gave it."""
+    that gave it; `or_adapter`: a peft adapter's directory is a model too (training loads it on its base)."""
     if name is None or (name == TINY_NAME and not adapter):
         return
     if os.path.exists(name):
         if not os.path.isdir(name):
             raise UserError(f"{option} {name}: is a file; give the model's directory")
         wanted = "adapter_config.json" if adapter else "config.json"
+        if or_adapter and os.path.isfile(os.path.join(name, "adapter_config.json")):
+            return
         if not os.path.isfile(os.path.join(name, wanted)):
             raise UserError(f"{option} {name}: no {wanted} in it: not a {'peft adapter' if adapter else 'model'} "
                             "directory")

@@ -107,7 +107,7 @@ class TrainConfig:
 
         for name in ("model", "ref_model"):
             try:
-                check_model(name, getattr(self, name))
+                check_model(name, getattr(self, name), or_adapter=True)
             except UserError as e:
                 raise UserError(str(e), options=(name,)) from None
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):

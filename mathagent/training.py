@@ -232,7 +232,9 @@ class Recipe:
         # Without --ref-model the reference is the starting policy: this very model is then trained (under LoRA
         # its base stays frozen, in bf16 where that is the precision).
         frozen_bf16 = self.precision == "bf16" and (config.lora or self.ref_path is not None)
-        ref_model = load_model(self.ref_path or self.model_path, frozen_bf16=frozen_bf16)
+        # (an adapter policy stays the trainable adapter when this model is the one then trained)
+        ref_model = load_model(self.ref_path or self.model_path, frozen_bf16=frozen_bf16,
+                               keep_adapter=config.lora and self.ref_path is None)
         disable_dropout(ref_model)
         ref_model.to(self.device)
         batch = self._ref_batch_size()
@@ -266,11 +268,12 @@ class Recipe:
     def _setup_model(self, model) -> None:
         config = self.config
         if model is None:
-            model = load_model(self.model_path, frozen_bf16=self.precision == "bf16" and config.lora)
+            model = load_model(self.model_path, frozen_bf16=self.precision == "bf16" and config.lora,
+                               keep_adapter=config.lora)
         disable_dropout(model)
         if self.mismatch is None and self.start_step == 0 and any(s.logprobs is not None for s in self.sequences):
             self._measure_mismatch(model)
-        if config.lora:
+        if config.lora and not hasattr(model, "peft_config"):  # (an adapter policy is already one)
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
@@ -528,13 +531,28 @@ def choose_precision(requested: str = "auto") -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def load_model(path: str, *, frozen_bf16: bool = False):
-    """A causal LM in fp32 (trained weights stay fp32 under mixed precision), or bf16 where it stays frozen."""
+def load_model(path: str, *, frozen_bf16: bool = False, keep_adapter: bool = False):
+    """A causal LM in fp32 (trained weights stay fp32 under mixed precision), or bf16 where it stays frozen.
+
+    A peft adapter's directory (an iteration trained with --lora) loads on its base model: as the trainable
+    adapter with `keep_adapter` (the loop's next iteration goes on training the same adapter, so every
+    iteration's policy is a small adapter of one base a server keeps loaded), else merged into the base."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from mathagent.tiny import base_model, is_adapter_dir
+
+    dtype = torch.bfloat16 if frozen_bf16 else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+        if is_adapter_dir(path):
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(base_model(path), dtype=dtype)
+            model = PeftModel.from_pretrained(base, path, is_trainable=keep_adapter)
+            if not keep_adapter:  # peft froze the base: a merged policy is trained in full
+                model = model.merge_and_unload().requires_grad_(True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
         raise UserError(f"model {path}: cannot load: {e}", options=("model",)) from None
     model.config.use_cache = False

@@ -306,6 +306,39 @@ def test_lora_saves_an_adapter_or_the_merged_model(tmp_path, tiny_model):
         assert not torch.allclose(base(ids).logits, merged(ids).logits, atol=1e-4)
 
 
+def test_an_adapter_policy_goes_on_training_as_the_same_adapter_of_the_same_base(tmp_path, tiny_model):
+    """The loop's next iteration from an iteration trained with --lora: the adapter directory is the policy, it
+    stays an adapter of the first base model, and its reference at step 1 is itself (log-ratios 0)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    first = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "iter1"), batch_size=4, max_steps=2,
+                        learning_rate=1e-2, lora=True, lora_rank=4, lora_alpha=8)
+    training.train(first, objectives.PairObjective(first), toy_pairs(4), log=lambda _: None)
+    second = TrainConfig(model=str(tmp_path / "iter1"), output_dir=str(tmp_path / "iter2"), batch_size=4,
+                         max_steps=2, learning_rate=1e-2, lora=True, lora_rank=4, lora_alpha=8)
+    summary = training.train(second, objectives.PairObjective(second), toy_pairs(4), log=lambda _: None)
+    assert summary["saved"] == "adapter"
+    config = json.loads((tmp_path / "iter2" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model
+    assert metrics(tmp_path / "iter2")[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[1, 5, 9, 20, 30]])
+    with torch.no_grad():
+        one = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "iter1"))(ids)
+        two = PeftModel.from_pretrained(base, str(tmp_path / "iter2"))(ids)
+    assert not torch.allclose(one.logits, two.logits, atol=1e-5)  # trained on from iter1's weights
+    # without --lora the adapter policy is merged and trained in full
+    full = TrainConfig(model=str(tmp_path / "iter1"), output_dir=str(tmp_path / "full"), batch_size=4, max_steps=1,
+                       learning_rate=1e-2)
+    assert training.train(full, objectives.PairObjective(full), toy_pairs(4), log=lambda _: None)["saved"] == "model"
+    # and rollout samples the adapter policy on its base (`--model iterK/model`, as the loop passes it)
+    from mathagent.stages import EngineOptions
+
+    with EngineOptions(model=str(tmp_path / "iter2"), backend="hf").open() as engine:
+        assert isinstance(engine.model, PeftModel)
+
+
 def test_a_second_run_into_the_same_directory_needs_resume(tmp_path, tiny_model):
     config = TrainConfig(model=tiny_model, output_dir=str(tmp_path / "run"), batch_size=2, max_steps=1)
     training.train(config, objectives.PairObjective(config), HAND_PAIRS, log=lambda _: None)

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from mathagent.engines.interface import Completion, EngineStats, Request, Sampling
 from mathagent.errors import UserError
+from mathagent.tiny import base_model, is_adapter_dir
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 STEP_WAIT = 0.02  # seconds a `step` waits for a request to finish before handing control back to the loop
@@ -81,23 +82,6 @@ class _Server:
     def connect(self, timeout: float) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
         return kind(self.parts.hostname, self.parts.port, timeout=timeout)
-
-
-def is_adapter_dir(path: str) -> bool:
-    """A peft adapter directory (its adapter_config.json), rather than a model or a LoRA module's name."""
-    return os.path.isfile(os.path.join(path, "adapter_config.json"))
-
-
-def base_model(adapter: str) -> str:
-    """The model a peft adapter directory was trained on (its `base_model_name_or_path`)."""
-    path = Path(adapter, "adapter_config.json")
-    try:
-        base = json.loads(path.read_text()).get("base_model_name_or_path")
-    except ValueError as e:
-        raise UserError(f"{path}: not JSON ({e})") from None
-    if not base:
-        raise UserError(f"{path}: no base_model_name_or_path: give the base model as --model and this as --adapter")
-    return base
 
 
 def adapter_name(adapter: str) -> str:
