@@ -73,7 +73,7 @@ N_EVAL    ?= 4#           samples per held-out problem for pass@1 and maj@k
 LOSS      ?= sigmoid#     train-mdpo --loss: sigmoid (M-DPO), ipo, hinge, kto (M-KTO)
 MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after the prompt (single-turn DPO)
 ALGO      ?= mdpo#        the update: mdpo (make-pairs, then train-mdpo: M-DPO, DPO, M-KTO) or grpo (train-grpo)
-GRPO_ARGS ?= --loss-type dapo --lr 1e-3 --batch-size 32 --num-iterations 2#  train-grpo's options (ALGO=grpo)
+GRPO_ARGS ?= --loss-type dapo --lr 5e-4 --batch-size 32#  train-grpo's options (ALGO=grpo)
 REF       ?= sft#         pi_ref: sft (MODEL, fixed) or previous (pi_{k-1})
 MAX_TURNS ?= 4
 MAX_TOKENS?= 64#          per action
