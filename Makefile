@@ -100,7 +100,7 @@ Q         := $(if $(filter 1,$(VERBOSE)),,@)#  recipes echo their commands only 
 
 .PHONY: iteration iterations cron demo demo-data demo-chains demo-mdpo demo-dpo demo-fresh demo-ablation \
         demo-ablation-chains demo-mdpo-nll0 demo-dpo-nll0 demo-sampling demo-sampling-chains demo-t1.0 demo-t-mix \
-        demo-previous demo-r1 demo-grpo _iteration _iterations
+        demo-previous demo-r1 demo-grpo demo-prm _iteration _iterations
 
 # One process per RUN at a time: flock exits 75 at once when another one holds the lock; -o keeps the lock
 # out of the stages, so nothing a killed run leaves behind holds it.
@@ -266,6 +266,31 @@ demo-r1: install
 demo-grpo: export OMP_NUM_THREADS = 1
 demo-grpo:
 	@$(MAKE) --no-print-directory iterations RUN=$(DEMO_RUN)/grpo $(DEMO_VARS) ALGO=grpo START=1
+
+# Best-of-8 on the held-out problems with a Monte-Carlo-trained PRM and with PRIME's implicit reward (M-DPO
+# iterations 1 and 3 against the SFT policy, no PRM trained): the SFT policy's 8 samples per problem, the PRM
+# trained on Monte-Carlo labels (M=4) of iteration 1's training samples (DEMO/prm/).
+PRM_DIR := $(DEMO)/prm
+demo-prm: install
+	@$(MAKE) --no-print-directory demo-data demo-mdpo
+	@mkdir -p $(PRM_DIR)
+	@test -f $(PRM_DIR)/samples.jsonl || $(MATHAGENT) rollout $(DEMO)/heldout.jsonl --model $(DEMO)/sft/model $(ROLLOUT_ARGS) \
+	    --n 8 --temperature 0.7 --seed $(SEED)5 -o $(PRM_DIR)/samples.jsonl
+	@test -f $(PRM_DIR)/labeled.jsonl || $(MATHAGENT) mc-label $(DEMO)/mdpo/iter1/trajectories.jsonl --model $(DEMO)/sft/model \
+	    --m 4 --temperature 0.7 --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --seed $(SEED)6 -o $(PRM_DIR)/labeled.jsonl
+	@test -f $(PRM_DIR)/model/training_summary.json || $(MATHAGENT) train-prm $(PRM_DIR)/labeled.jsonl \
+	    --model $(DEMO)/sft/model --output-dir $(PRM_DIR)/model --lr 1e-3 --epochs 2 --batch-size 16 --seed 0 > /dev/null
+	@test -f $(PRM_DIR)/scored.jsonl || $(MATHAGENT) score-prm $(PRM_DIR)/samples.jsonl --model $(PRM_DIR)/model \
+	    --aggregate min --field prm -o $(PRM_DIR)/scored.jsonl
+	@for k in 1 3; do \
+	    test -f $(PRM_DIR)/implicit$$k.jsonl || $(MATHAGENT) score-prm $(PRM_DIR)/scored.jsonl --implicit \
+	        --model $(DEMO)/mdpo/iter$$k/model --ref-model $(DEMO)/sft/model --beta 0.1 --aggregate sum --field implicit \
+	        -o $(PRM_DIR)/implicit$$k.jsonl || exit $$?; \
+	    for f in prm implicit; do \
+	        echo "best-of-8 by $$f (implicit: M-DPO iteration $$k): $$($(MATHAGENT) evaluate $(PRM_DIR)/implicit$$k.jsonl \
+	            --pass-at 1,8 --score-field $$f 2>/dev/null | $(PY) -c 'import json,sys; r=json.load(sys.stdin); print(r["best_of_n"]["accuracy"], "pass@1", r["pass@k"]["1"], "maj@8", r["maj@k"]["8"], "pass@8", r["pass@k"]["8"])')" >&2; \
+	    done; \
+	done
 
 # The gain on problems the demo never saw: the SFT policy and both methods' last models, greedy, on fresh
 # held-out problems from another generator seed (FRESH).
