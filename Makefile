@@ -72,6 +72,8 @@ SAMPLING  ?= $(TEMPERATURE)#  the training samples' strategy: a temperature, or 
 N_EVAL    ?= 4#           samples per held-out problem for pass@1 and maj@k
 LOSS      ?= sigmoid#     train-mdpo --loss: sigmoid (M-DPO), ipo, hinge, kto (M-KTO)
 MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after the prompt (single-turn DPO)
+GROUPS    ?= 0#           >0: sample problems in rounds until this many have samples that disagree (DAPO's dynamic
+#                           sampling: PROBLEMS is then a pool, larger than an iteration needs); 0: every problem
 ALGO      ?= mdpo#        the update: mdpo (make-pairs, then train-mdpo: M-DPO, DPO, M-KTO) or grpo (train-grpo)
 GRPO_ARGS ?= --loss-type dapo --lr 5e-4 --batch-size 32#  train-grpo's options (ALGO=grpo)
 REF       ?= sft#         pi_ref: sft (MODEL, fixed) or previous (pi_{k-1})
@@ -133,11 +135,11 @@ endif
 $(PREV)/manifest.json:
 	@echo "mathagent: $@ is missing: run the iterations before $(ITER) first (make iterations N=$(ITER))" >&2; exit 2
 
-# one rollout per component of SAMPLING (mathagent.loop sample), merged
+# one rollout per component of SAMPLING (mathagent.loop sample), merged; with GROUPS, in rounds of problems
 $(IT)/trajectories.jsonl: $(PROBLEMS)
-	$(Q)$(LOOP) sample $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --mixture "$(SAMPLING)" --n $(N_SAMPLES) \
-	    --seed $(SEED)$(ITER) --policy current=$(POLICY) --policy previous=$(EARLIER) --policy sft=$(MODEL) -o $@ -- \
-	    $(MATHAGENT) rollout $(PROBLEMS) --backend $(BACKEND) $(SERVERS) $(ROLLOUT_ARGS)
+	$(Q)$(LOOP) sample $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) --problems $(PROBLEMS) --mixture "$(SAMPLING)" \
+	    --n $(N_SAMPLES) --groups $(GROUPS) --seed $(SEED)$(ITER) --policy current=$(POLICY) --policy previous=$(EARLIER) \
+	    --policy sft=$(MODEL) -o $@ -- $(MATHAGENT) rollout --backend $(BACKEND) $(SERVERS) $(ROLLOUT_ARGS)
 
 $(IT)/pairs.jsonl: $(IT)/trajectories.jsonl
 	$(Q)$(STAGE) $(MATHAGENT) make-pairs $< $(PAIRS_ARGS) --seed $(SEED)$(ITER) --stats $(IT)/pairs.stats.json -o $@
@@ -168,7 +170,7 @@ $(IT)/eval.json: $(IT)/heldout.jsonl $(IT)/sampled.jsonl
 
 $(IT)/manifest.json: $(IT)/eval.json
 	@$(LOOP) manifest $(IT) RUN=$(RUN) ITER=$(ITER) SEED=$(SEED) MODEL=$(MODEL) POLICY=$(EVAL_MODEL) REF=$(REF) TEMPERATURE=$(TEMPERATURE) \
-	    "SAMPLING=$(SAMPLING)" \
+	    "SAMPLING=$(SAMPLING)" GROUPS=$(GROUPS) \
 	    REF_MODEL=$(REF_MODEL) BACKEND=$(BACKEND) PROBLEMS=$(PROBLEMS) EVAL=$(EVAL) N_SAMPLES=$(N_SAMPLES) \
 	    EVAL_SAMPLED=$(EVAL_SAMPLED) N_EVAL=$(N_EVAL) LOSS=$(LOSS) MASK=$(MASK) ALGO=$(ALGO) "PAIRS_ARGS=$(PAIRS_ARGS)" "TRAIN_ARGS=$(TRAIN_ARGS)" \
 	    "GRPO_ARGS=$(GRPO_ARGS)" \

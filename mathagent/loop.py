@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
+import random
 import shlex
 import subprocess
 import sys
@@ -203,21 +205,42 @@ def merge_samples(parts: list[tuple[Component, str, Path]], n: int) -> list[dict
     return merged
 
 
+def informative_groups(path: str | os.PathLike) -> int:
+    """The problems of a rollout whose samples' rewards differ: the groups GRPO learns from."""
+    rewards: dict[str, set] = {}
+    for record in read_records(str(path), required=("id", "problem_id")):
+        rewards.setdefault(str(record["problem_id"]), set()).add(record.get("reward"))
+    return sum(1 for values in rewards.values() if len(values) > 1 and None not in values)
+
+
+def next_round(wanted: int, found: int, taken: int) -> int:
+    """How many more problems a round of `sample --groups` takes: enough for the groups still wanted at the
+    rate found so far (at least 1 in 8 assumed), the first round `wanted`."""
+    if taken == 0:
+        return wanted
+    rate = max(found / taken, 1 / 8)
+    return math.ceil((wanted - found) / rate)
+
+
 @command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sample(
     ctx: typer.Context,
     directory: Annotated[str, typer.Argument(help="The iteration's directory (stage logs, as `stage`).")],
+    problems: Annotated[str, typer.Option("--problems", help="The training problems the rollout reads.")],
     output: Annotated[str, typer.Option("--output", "-o", help="The iteration's trajectories (JSONL, written atomically).")],
     mixture: Annotated[str, typer.Option("--mixture", help="The strategy: [POLICY:]TEMPERATURE components, comma-separated (POLICY: current, previous or sft).")],
     n: Annotated[int, typer.Option("--n", help="Samples per problem, split evenly among the components.")],
     seed: Annotated[int, typer.Option("--seed", help="The rollout seed (component i: seed + 1000 i).")],
     policies: Annotated[list[str], typer.Option("--policy", help="ROLE=MODEL for current (pi_{k-1}), previous (pi_{k-2}) and sft (pi_0).")],
+    groups: Annotated[int, typer.Option("--groups", help="Sample problems (in a seeded order, round after round) until this many have samples whose rewards differ, or the problems run out (DAPO's dynamic sampling); 0: every problem, once.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", envvar="VERBOSE", help="As `stage`.")] = False,
 ) -> None:
     """Sample an iteration's training trajectories with one strategy (Xiong et al. 2024, Figure 4): run
-    COMMAND (a `mathagent rollout` without --model, --temperature, --n, --seed and -o, after `--`) once per
-    component of --mixture, each resumable, then merge them into --output (`merge_samples`). One component
-    (a plain temperature) is a single rollout straight into --output."""
+    COMMAND (a `mathagent rollout` without its input, --model, --temperature, --n, --seed and -o, after `--`)
+    once per component of --mixture on --problems, each resumable, then merge them into --output
+    (`merge_samples`). One component (a plain temperature) is a single rollout straight into --output. With
+    --groups G the problems are taken in rounds (`next_round`) until G of them have samples that disagree,
+    each round's rollouts kept beside --output, so a killed stage resumes its round."""
     command = _after_dashes(ctx.args)
     models = {}
     for item in policies:
@@ -229,23 +252,56 @@ def sample(
     missing = sorted({c.policy for c in components} - set(models))
     if missing:
         raise UserError(f"--mixture {mixture!r} samples {', '.join(missing)}: give --policy {missing[0]}=MODEL")
+    if groups < 0:
+        raise UserError(f"--groups {groups}: must be 0 (every problem) or more")
     folder = Path(directory)
+    if not groups:
+        _sample_with(folder, command, problems, output, components, models, n, seed, "", verbose)
+        return
+    pool = list(read_records(problems, required=("id",)))
+    random.Random(f"{seed}/groups").shuffle(pool)
+    rounds: list[Path] = []
+    taken = found = 0
+    while found < groups and taken < len(pool):
+        batch = pool[taken : taken + next_round(groups, found, taken)]
+        r = len(rounds)
+        part = Path(output).with_suffix(f".round{r}.jsonl")
+        if not part.exists():
+            subset = part.with_suffix(".problems.jsonl")
+            write_atomic(subset, "".join(json.dumps(p) + "\n" for p in batch))
+            _sample_with(folder, command, str(subset), str(part), components, models, n, seed + 100_000 * r,
+                         f"-round{r}", verbose)
+            subset.unlink()
+        rounds.append(part)
+        taken += len(batch)
+        found += informative_groups(part)
+    write_atomic(output, "".join(part.read_text(encoding="utf-8") for part in rounds))
+    for part in rounds:
+        part.unlink()
+    console.print(f"{output}: {taken} problems in {len(rounds)} round(s), {found} of them with samples that "
+                  f"disagree ({groups} wanted)")
+
+
+def _sample_with(folder: Path, command: list[str], problems: str, output: str, components: list[Component],
+                 models: dict[str, str], n: int, seed: int, suffix: str, verbose: bool) -> None:
+    """`sample`'s one strategy on one problem file: a rollout per component, merged into `output`."""
     if len(components) == 1:
         only = components[0]
-        _run_stage(folder, [*command, "--model", models[only.policy], "--temperature", str(only.temperature),
-                            "--n", str(n), "--seed", str(seed), "--resume", "-o", output], None, verbose)
+        _run_stage(folder, [*command, problems, "--model", models[only.policy], "--temperature",
+                            str(only.temperature), "--n", str(n), "--seed", str(seed), "--resume", "-o", output],
+                   f"rollout{suffix}" if suffix else None, verbose)
         return
     parts = []
     for i, component in enumerate(components):
         part = Path(output).with_suffix(f".part{i}.jsonl")
-        _run_stage(folder, [*command, "--model", models[component.policy], "--temperature",
+        _run_stage(folder, [*command, problems, "--model", models[component.policy], "--temperature",
                             str(component.temperature), "--n", str(component.n), "--seed", str(seed + 1000 * i),
-                            "--resume", "-o", str(part)], f"rollout-{i}", verbose)
+                            "--resume", "-o", str(part)], f"rollout{suffix}-{i}", verbose)
         parts.append((component, models[component.policy], part))
     write_atomic(output, "".join(json.dumps(r) + "\n" for r in merge_samples(parts, n)))
     for _, _, part in parts:
         part.unlink()
-    console.print(f"{output}: {n} samples per problem from {mixture}")
+    console.print(f"{output}: {n} samples per problem from {', '.join(f'{c.policy}:{c.temperature}' for c in components)}")
 
 
 # ---- problems and the warm-start policy -------------------------------------------------------------------

@@ -84,10 +84,10 @@ def test_merged_parts_are_one_rollout_of_n_samples_per_problem_with_their_sample
 def test_sample_runs_one_resumable_rollout_per_component_and_merges_them(tmp_path, tiny_model):
     problems = write_jsonl(tmp_path / "train.jsonl", arith.make_problems(3, seed=21, split="train"))
     out = tmp_path / "it" / "trajectories.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "mathagent.loop", "sample", str(tmp_path / "it"), "--mixture",
-                           "current:0.5,sft:1.0", "--n", "4", "--seed", "3", "--policy", f"current={tiny_model}",
-                           "--policy", "sft=" + tiny_model, "-o", str(out), "--",
-                           str(REPO / ".venv" / "bin" / "mathagent"), "rollout", problems, "--backend", "hf",
+    proc = subprocess.run([sys.executable, "-m", "mathagent.loop", "sample", str(tmp_path / "it"), "--problems",
+                           problems, "--mixture", "current:0.5,sft:1.0", "--n", "4", "--seed", "3", "--policy",
+                           f"current={tiny_model}", "--policy", "sft=" + tiny_model, "-o", str(out), "--",
+                           str(REPO / ".venv" / "bin" / "mathagent"), "rollout", "--backend", "hf",
                            "--prompt", "tool", "--max-turns", "2", "--max-tokens", "16"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,6 +101,42 @@ def test_sample_runs_one_resumable_rollout_per_component_and_merges_them(tmp_pat
     assert "--temperature 0.5 --n 2 --seed 3 --resume" in ran[0]["command"]
     assert "--temperature 1.0 --n 2 --seed 1003 --resume" in ran[1]["command"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["logs", "stages.jsonl", "trajectories.jsonl"]
+
+
+def test_a_round_of_groups_takes_what_the_rate_so_far_asks_for():
+    assert loop.next_round(8, 0, 0) == 8  # the first round: as many problems as groups wanted
+    assert loop.next_round(8, 4, 8) == 8  # half of them disagreed: 4 more groups need 8 more problems
+    assert loop.next_round(8, 0, 8) == 64  # none did: at least 1 in 8 is assumed
+
+
+def test_sample_takes_rounds_of_problems_until_enough_groups_disagree(tmp_path):
+    """--groups with a stand-in rollout (a script whose samples disagree on every problem of even number): the
+    rounds stop once enough groups disagree; a group with an ungraded sample does not count."""
+    script = tmp_path / "stand_in_rollout.py"
+    script.write_text(
+        "import json, sys\n"
+        "args = sys.argv[1:]; out = args[args.index('-o') + 1]; n = int(args[args.index('--n') + 1])\n"
+        "with open(out, 'w') as f:\n"
+        "    for p in map(json.loads, open(args[0])):\n"
+        "        for k in range(n):\n"
+        "            r = 1.0 if int(p['id'][1:]) % 2 == 0 and k == 0 else -1.0\n"
+        "            f.write(json.dumps({'id': p['id'] + '-' + str(k), 'problem_id': p['id'], 'reward': r}) + '\\n')\n")
+    problems = write_jsonl(tmp_path / "pool.jsonl", [{"id": f"q{i}", "question": "?"} for i in range(40)])
+    out = tmp_path / "it" / "trajectories.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "mathagent.loop", "sample", str(tmp_path / "it"), "--problems",
+                           problems, "--mixture", "0.7", "--n", "2", "--seed", "1", "--groups", "6", "--policy",
+                           "current=m", "-o", str(out), "--", sys.executable, str(script)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    sampled = {json.loads(line)["problem_id"] for line in out.read_text().splitlines()}
+    disagree = {p for p in sampled if int(p[1:]) % 2 == 0}
+    assert len(disagree) >= 6 and len(sampled) < 40  # enough informative groups, and it stopped early
+    assert [s["stage"] for s in stages(tmp_path / "it")][0] == "rollout-round0"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["logs", "stages.jsonl", "trajectories.jsonl"]
+    assert loop.informative_groups(out) == len(disagree)
+    ungraded = write_jsonl(tmp_path / "u.jsonl", [{"id": "a-0", "problem_id": "a", "reward": 1.0},
+                                                  {"id": "a-1", "problem_id": "a", "reward": None}])
+    assert loop.informative_groups(ungraded) == 0
 
 
 def make(*args: str, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
