@@ -74,6 +74,8 @@ LOSS      ?= sigmoid#     train-mdpo --loss: sigmoid (M-DPO), ipo, hinge, kto (M
 MASK      ?= 1#           1: observations masked (M-DPO); 0: every token after the prompt (single-turn DPO)
 GROUPS    ?= 0#           >0: sample problems in rounds until this many have samples that disagree (DAPO's dynamic
 #                           sampling: PROBLEMS is then a pool, larger than an iteration needs); 0: every problem
+TOOLS     ?= 1#           0: plain reasoning, no python (rollout --no-tools): the talk's R1-Zero runs, e.g.
+#                           ALGO=grpo TOOLS=0 PROMPT=cot (GRPO-R1-Zero), MASK=0 TOOLS=0 PROMPT=cot (DPO-R1-Zero)
 ALGO      ?= mdpo#        the update: mdpo (make-pairs, then train-mdpo: M-DPO, DPO, M-KTO) or grpo (train-grpo)
 GRPO_ARGS ?= --loss-type dapo --lr 5e-4 --batch-size 32#  train-grpo's options (ALGO=grpo)
 REF       ?= sft#         pi_ref: sft (MODEL, fixed) or previous (pi_{k-1})
@@ -92,7 +94,8 @@ POLICY    := $(if $(filter 0 1,$(ITER)),$(MODEL),$(PREV)/model)#         pi_{k-1
 EARLIER   := $(if $(filter 0 1 2,$(ITER)),$(MODEL),$(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 2)))/model)#  pi_{k-2}
 REF_MODEL := $(if $(filter previous,$(REF)),$(POLICY),$(MODEL))
 SERVERS   := $(foreach url,$(BASE_URLS),--base-url $(url))
-ROLLOUT_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --chunk-size $(CHUNK)
+ROLLOUT_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --chunk-size $(CHUNK) \
+                $(if $(filter 0,$(TOOLS)),--no-tools)
 GREEDY_ARGS := $(ROLLOUT_ARGS) --temperature 0 --n 1
 SAMPLE_ARGS := $(ROLLOUT_ARGS) --temperature $(TEMPERATURE)
 LOOP      := $(PY) -m mathagent.loop
