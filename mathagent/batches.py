@@ -171,6 +171,16 @@ def forward_groups(lengths: Sequence[int], same_passes: Callable[[int], int] | N
     return groups
 
 
+def _forward_passes(model, rows: Sequence[tuple[int, Encoded]], pad_id: int, device,
+                    same_passes: Callable[[int], int] | None):
+    """Each forward pass over (sequence index, row) pairs, one per length group (`forward_groups`): the group's
+    indices into `rows`, its collated batch on `device`, and the logits."""
+    for group in forward_groups([len(row.input_ids) for _, row in rows], same_passes):
+        batch = {k: v.to(device) for k, v in collate([rows[r][1] for r in group], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        yield group, batch, logits
+
+
 def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
                    same_passes: Callable[[int], int] | None = None,
                    on_logits: Callable[[list[Encoded], Any, Any], None] | None = None):
@@ -187,9 +197,7 @@ def sequence_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
     rows = [(i, row) for i, s in enumerate(sequences) for row in s.rows()]
     logps: list[Any] = [None] * len(rows)
     nlls: list[Any] = [None] * len(rows)
-    for group in forward_groups([len(row.input_ids) for _, row in rows], same_passes):
-        batch = {k: v.to(device) for k, v in collate([rows[r][1] for r in group], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    for group, batch, logits in _forward_passes(model, rows, pad_id, device, same_passes):
         if on_logits is not None:
             on_logits([rows[r][1] for r in group], logits, batch["input_ids"])
         per_token = losses.token_logps(logits, batch["input_ids"])
@@ -223,9 +231,7 @@ def action_token_logps(model, sequences: Sequence[Encoded], pad_id: int, device,
     rows = [(i, row) for i, s in enumerate(sequences) for row in s.rows()]
     logps: list[Any] = [None] * len(rows)
     entropies: list[Any] = [None] * len(rows)
-    for group in forward_groups([len(row.input_ids) for _, row in rows], same_passes):
-        batch = {k: v.to(device) for k, v in collate([rows[r][1] for r in group], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    for group, batch, logits in _forward_passes(model, rows, pad_id, device, same_passes):
         selected = batch["action_mask"][:, 1:].bool()
         b, t = selected.nonzero(as_tuple=True)  # row-major: each row's positions in order
         scores = logits[:, :-1][b, t].float().log_softmax(-1)  # [tokens, vocab]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Example:
     prompt_ids: list[int] | None = None  # kto: the prompt's recorded ids, for the mismatched KL pairs
     plus: list[bool] = field(default_factory=list)  # prm: the hard labels, True for '+'
     advantage: float = 0.0  # grpo: of its group
+    recorded: list[float] = field(default_factory=list)  # grpo: each action token's sampling log-prob (nan: none)
     q: list[float] = field(default_factory=list)  # prm: the soft labels (Q-hat)
 
 
@@ -446,32 +447,31 @@ class GRPOObjective(Objective):
         self.length = config.max_completion_length
 
     def encode_records(self, records: Sequence[dict[str, Any]]) -> tuple[list[Example], EncodeReport]:
-        report = EncodeReport()
+        flat = 0
         advantages: dict[str, float] = {}
         for group in group_by_problem(records).values():
             rewards = [float(r["reward"]) for r in group]
             if len(group) < 2 or max(rewards) == min(rewards):
-                report.flat_groups += 1
+                flat += 1
                 continue
             scaled = losses.group_advantages(rewards, scale=self.config.scale_rewards == "group")
             advantages.update((str(r["id"]), a) for r, a in zip(group, scaled, strict=True))
         kept = [r for r in records if str(r["id"]) in advantages]
         if not kept:
-            raise UserError(f"no group has rewards that differ ({report.flat_groups} group(s), by problem_id): "
-                            "nothing to learn; sample more per problem (rollout --n) or harder problems")
-        examples, encoded = super().encode_records(kept)
-        for name in ("too_long", "no_actions", "straddling", "from_ids", "per_action"):
-            setattr(report, name, getattr(encoded, name))
+            raise UserError(f"no group has rewards that differ ({flat} group(s), by problem_id): nothing to "
+                            "learn; sample more per problem (rollout --n) or harder problems")
+        examples, report = super().encode_records(kept)
         for example in examples:
             example.advantage = advantages[example.id]
         if self.length is None and examples:
             self.length = max(e.sequences[0].predicted for e in examples)
-        return examples, report
+        return examples, replace(report, flat_groups=flat)
 
     def encode(self, record: dict[str, Any], report: EncodeReport) -> list[Example]:
         prompt, response = split_prompt(record["messages"])
         sequence = self.encode_conversation(prompt, response, report, record.get(PROMPT_IDS))
-        return [Example(str(record["id"]), [sequence], targets=sequence.predicted)]
+        recorded = [float("nan") if x is None else x for x in recorded_action_logprobs(sequence)]
+        return [Example(str(record["id"]), [sequence], targets=sequence.predicted, recorded=recorded)]
 
     def identity(self, examples: list[Example]) -> dict[str, Any]:
         return {"advantages": fingerprint([e.advantage for e in examples]), "length": self.length,
@@ -488,8 +488,7 @@ class GRPOObjective(Objective):
                                        "logprob_diff", "recorded_tokens")}
         for example, sequence, logps, entropy in zip(batch.examples, sequences, out.logps, out.entropies,
                                                      strict=True):
-            recorded = torch.tensor([float("nan") if x is None else x for x in recorded_action_logprobs(sequence)],
-                                    device=logps.device, dtype=logps.dtype)
+            recorded = torch.tensor(example.recorded, device=logps.device, dtype=logps.dtype)
             has = ~torch.isnan(recorded)
             old = torch.where(has, recorded, logps.detach())
             per_token, ratio = losses.clipped_surrogate(logps, old, example.advantage, epsilon=config.epsilon,

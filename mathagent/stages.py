@@ -101,6 +101,9 @@ class EngineOptions:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
+        if is_adapter_dir(self.model) and self.adapter is not None:
+            raise UserError(f"--model {self.model} is a peft adapter: give its base model as --model to use "
+                            "--adapter")
         if self.backend == "openai":
             if not self.base_urls:
                 raise UserError("--backend openai needs --base-url (a server's endpoint, e.g. http://127.0.0.1:8000/v1)")
@@ -110,11 +113,7 @@ class EngineOptions:
                 raise UserError("--dtype and --max-model-len are the servers' settings with --backend openai")
             # --model may be a peft adapter directory (on the base model the servers serve), --adapter a directory
             # (loaded into the servers) or the name of a LoRA module they serve: see engines.openai
-            if is_adapter_dir(self.model):
-                if self.adapter is not None:
-                    raise UserError(f"--model {self.model} is a peft adapter: give its base model as --model to "
-                                    "use --adapter")
-            else:
+            if not is_adapter_dir(self.model):
                 check_model("--model", self.model)
             if self.adapter is not None and os.path.exists(self.adapter):
                 check_model("--adapter", self.adapter, adapter=True)
@@ -122,9 +121,6 @@ class EngineOptions:
         if self.base_urls:
             raise UserError(f"--base-url is for --backend openai, not --backend {self.backend}")
         if is_adapter_dir(self.model):  # generated with the adapter on its base model (see `open`)
-            if self.adapter is not None:
-                raise UserError(f"--model {self.model} is a peft adapter: give its base model as --model to use "
-                                "--adapter")
             check_model("--model", base_model(self.model))
             return
         check_model("--model", self.model)
