@@ -94,6 +94,14 @@ POLICY    := $(if $(filter 0 1,$(ITER)),$(MODEL),$(PREV)/model)#         pi_{k-1
 EARLIER   := $(if $(filter 0 1 2,$(ITER)),$(MODEL),$(RUNS)/$(RUN)/iter$(shell echo $$(($(ITER) - 2)))/model)#  pi_{k-2}
 REF_MODEL := $(if $(filter previous,$(REF)),$(POLICY),$(MODEL))
 SERVERS   := $(foreach url,$(BASE_URLS),--base-url $(url))
+NEXT_ITER := $(shell echo $$(($(ITER) + 1)))
+NEXT      := $(RUNS)/$(RUN)/iter$(NEXT_ITER)
+comma     := ,
+# Iteration k+1 samples its training trajectories with pi_k, the model iteration k evaluates: with one current-
+# policy temperature (SAMPLING) and every problem (GROUPS=0) they are drawn in the evaluation's engine start,
+# unless k is the last iteration (N) or they exist. A mixture or GROUPS samples them in iteration k+1 (loop sample).
+SHARE_NEXT := $(and $(shell test $(ITER) -lt $(N) && echo 1),$(filter 0,$(GROUPS)),$(if $(findstring :,$(SAMPLING))$(findstring $(comma),$(SAMPLING)),,1),$(if $(wildcard $(NEXT)/trajectories.jsonl),,1))
+NEXT_JOB  := $(if $(SHARE_NEXT),--job "$(PROBLEMS) -o $(NEXT)/trajectories.jsonl --temperature $(SAMPLING) --n $(N_SAMPLES) --seed $(SEED)$(NEXT_ITER)")
 ROLLOUT_ARGS := --prompt $(PROMPT) --max-turns $(MAX_TURNS) --max-tokens $(MAX_TOKENS) --chunk-size $(CHUNK) \
                 $(if $(filter 0,$(TOOLS)),--no-tools)
 GREEDY_ARGS := $(ROLLOUT_ARGS) --temperature 0 --n 1
@@ -159,12 +167,13 @@ else
 $(error ALGO=$(ALGO): choose mdpo or grpo)
 endif
 
-$(IT)/heldout.jsonl: $(TRAINED) $(EVAL)
-	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL) --model $(EVAL_MODEL) --backend $(BACKEND) $(SERVERS) $(GREEDY_ARGS) --seed $(SEED) --resume -o $@
-
-$(IT)/sampled.jsonl: $(TRAINED) $(EVAL_SAMPLED)
-	$(Q)$(STAGE) $(MATHAGENT) rollout $(EVAL_SAMPLED) --model $(EVAL_MODEL) --backend $(BACKEND) $(SERVERS) $(SAMPLE_ARGS) --n $(N_EVAL) --seed $(SEED) \
-	    --resume -o $@
+# pi_k's greedy and sampled evaluations, and (SHARE_NEXT) iteration k+1's training samples, which pi_k draws too:
+# one rollout, one engine start (rollout --job); the next iteration finds its trajectories.jsonl made.
+$(IT)/heldout.jsonl $(IT)/sampled.jsonl &: $(TRAINED) $(EVAL) $(EVAL_SAMPLED)
+	$(Q)$(LOOP) stage $(IT) $(if $(filter 1,$(VERBOSE)),--verbose) $(if $(NEXT_JOB),--also $(NEXT)) -- \
+	    $(MATHAGENT) rollout $(EVAL) --model $(EVAL_MODEL) --backend $(BACKEND) $(SERVERS) $(GREEDY_ARGS) --seed $(SEED) \
+	    --resume -o $(IT)/heldout.jsonl \
+	    --job "$(EVAL_SAMPLED) -o $(IT)/sampled.jsonl --temperature $(TEMPERATURE) --n $(N_EVAL) --seed $(SEED)" $(NEXT_JOB)
 
 $(IT)/eval.json: $(IT)/heldout.jsonl $(IT)/sampled.jsonl
 	$(Q)$(STAGE) $(MATHAGENT) evaluate $(IT)/heldout.jsonl --pass-at 1 --json $(IT)/greedy.json

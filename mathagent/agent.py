@@ -123,9 +123,9 @@ class AgentConfig:
     reward: str = "r1"
     # "turns": all live trajectories advance together, one engine call and one sandbox call per turn.
     # "continuous": each goes on as soon as its own observation is back, on an engine that batches continuously
-    # (vLLM; others fall back to turns). On a 2-core CPU the engine and the cells then fight for the cores and it
-    # was slower (benchmarks/rollout.py), so turns are the default.
-    schedule: str = "turns"
+    # (vLLM, servers; others fall back to turns). "auto": what `benchmarks/rollout.py` measured to win where the
+    # engine runs (`resolve_schedule`).
+    schedule: str = "auto"
     # Self-rewarding correction (`mathagent.attempts`): after an answer the model's own verdict is asked for,
     # and a "wrong" one leads to a revision, up to `max_revisions`. "prompted": the verdict and the revision are
     # asked for in user turns (markers.verify_prompt / revise_prompt); "inline": the model's message goes on
@@ -157,7 +157,20 @@ class AgentConfig:
             raise UserError(f"verdict_reward {self.verdict_reward}: must be 0 or positive", options=("verdict_reward",))
 
 
-SCHEDULES = ("turns", "continuous")
+SCHEDULES = ("auto", "turns", "continuous")
+
+
+def resolve_schedule(schedule: str, engine: Engine) -> str:
+    """The schedule "auto" stands for: continuous on an engine that batches continuously and does not generate
+    on this machine's CPU (a CUDA vLLM, servers: `engine.on_cpu` False), where a turn's barrier leaves the
+    accelerator idle while the slowest action or cell finishes; turns on a CPU engine, where every core the
+    cells take is taken from generation and one batch per turn used the cores best (benchmarks/rollout.py,
+    both regimes)."""
+    if schedule != "auto":
+        return schedule
+    if not hasattr(engine, "submit"):
+        return "turns"
+    return "turns" if getattr(engine, "on_cpu", True) else "continuous"
 SELF_REWARD_MODES = ("prompted", "inline")
 
 
@@ -235,7 +248,7 @@ def run_agent(
             t.pop("status", None)
         tokens.complete_ids(engine.tokenizer, t, continuing=t.get("status") == LENGTH)
     _reserve_sessions(live, sandbox, config)
-    if config.schedule == "continuous" and hasattr(engine, "submit"):
+    if resolve_schedule(config.schedule, engine) == "continuous" and hasattr(engine, "submit"):
         return _graded(_run_continuously(trajectories, engine, sandbox, config, sampling, on_turn), grader, config)
     turn = 0
     while live:

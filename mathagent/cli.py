@@ -97,7 +97,7 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Per-cell wall-cloc
 MemoryOpt = Annotated[int, typer.Option("--memory-mb", help="Memory budget of each trajectory's session (all its processes, memfds and files), in MiB.")]
 MaxOutputOpt = Annotated[int, typer.Option("--max-output-chars", help="Observation text beyond this is cut, with a marker saying how much.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Sandbox worker processes (default: the number of cores).")]
-ScheduleOpt = Annotated[Schedule, _choose("--schedule", Schedule, help="turns: all live trajectories advance together, one engine call per turn; continuous (vLLM): each goes on as soon as its own observation is back.")]
+ScheduleOpt = Annotated[Schedule, _choose("--schedule", Schedule, help="turns: all live trajectories advance together, one engine call per turn; continuous (vLLM, servers): each goes on as soon as its own observation is back; auto: continuous where the engine does not generate on this machine's CPU (CUDA vLLM, --backend openai), else turns (benchmarks/rollout.py measures both).")]
 VerdictRewardOpt = Annotated[float, typer.Option("--verdict-reward", help="w: a self-rewarding trajectory's reward also gets w x the mean of +1 per faithful verdict and -1 per false one (docs/self-rewarding.md). 0: the final answer's reward only.")]
 DtypeOpt = Annotated[Dtype, _choose("--dtype", Dtype, help="Model dtype: auto, bfloat16, float16, float32.")]
 RewardOpt = Annotated[Reward, _choose("--reward", Reward, help="Reward rule: r1 (DeepSeek-R1's rule: +1 boxed and correct, -0.5 boxed and wrong, -1 no boxed answer) or binary (1/0).")]
@@ -160,7 +160,7 @@ def rollout(
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: take only every N-th input record starting at I (split the input across machines).")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Trajectories advanced together; output is written (and resumable) chunk by chunk.")] = 1024,
     reward: RewardOpt = "r1",
-    schedule: ScheduleOpt = "turns",
+    schedule: ScheduleOpt = "auto",
     self_reward: Annotated[SelfReward | None, _choose("--self-reward", SelfReward, help="Self-rewarding correction (docs/self-rewarding.md): after an answer the model's own verdict ('[VERIFY] correct' ends, '[VERIFY] wrong' leads to a revision). prompted: asked for in user turns; inline: the model's message goes on, as a trained model writes it. Off by default.")] = None,
     max_revisions: Annotated[int, typer.Option("--max-revisions", help="R: the most revisions after 'wrong' verdicts (with --self-reward).")] = 1,
     verdict_reward: VerdictRewardOpt = 0.0,
@@ -176,11 +176,13 @@ def rollout(
     max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="vLLM context length (default: the model's).")] = None,
     resume: ResumeOpt = False,
     skip_invalid: SkipInvalidOpt = False,
+    job: Annotated[list[str] | None, typer.Option("--job", help="'INPUT -o OUTPUT [--n N] [--temperature T] [--top-p P] [--seed S]': one more input sampled in the same engine start (repeatable), after INPUT; every other option is shared. The loop samples an iteration's held-out evaluations and the next iteration's training samples this way.")] = None,
 ) -> None:
     """Sample multi-turn tool-integrated trajectories: text + ```python -> run -> ```output -> ... -> \\boxed{}.
 
     Input: problems {"id","question","answer"?}, or trajectories to continue (ending in an observation, in
     pending code, or in an action cut by --max-tokens). Output: trajectories with status, pred, correct, reward.
+    With --job, several inputs (each with its own output, samples, temperature and seed) share one engine start.
     """
     with _user_errors():
         config = agent.AgentConfig(
@@ -188,10 +190,11 @@ def rollout(
             observation_role=observation_role, execute=execute, tools=tools, reward=reward, schedule=schedule,
             self_reward=self_reward, max_revisions=max_revisions, verdict_reward=verdict_reward,
             markers=stages.markers_from_options(verdicts, revision_cue, verify_prompt, revise_prompt))
-        stages.rollout(RecordIO(input, output, resume, skip_invalid),
+        first = stages.RolloutJob(RecordIO(input, output, resume, skip_invalid), config, n)
+        stages.rollout([first, *(stages.parse_job(spec, first) for spec in job or ())],
                        _engine(model, backend, adapter, base_url, concurrency, seed, dtype, max_model_len),
-                       SandboxOptions(workers, timeout, memory_mb, max_output_chars), config,
-                       n=n, prompt=prompt, system=system, shard=shard, chunk_size=chunk_size)
+                       SandboxOptions(workers, timeout, memory_mb, max_output_chars),
+                       prompt=prompt, system=system, shard=shard, chunk_size=chunk_size)
 
 
 @app.command()
@@ -341,7 +344,7 @@ def mc_label(
     seed: SeedOpt = 0,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Continue under this prompt instead of each trajectory's own first user message: 'tool', 'cot', or a file with a {question} placeholder (needs the field 'question'). Default: the trajectory's own.")] = None,
     steps: StepsOpt = "turns",
-    schedule: ScheduleOpt = "turns",
+    schedule: ScheduleOpt = "auto",
     self_reward: Annotated[SelfReward | None, _choose("--self-reward", SelfReward, help="Continue self-rewarding trajectories in their mode (prompted or inline, as rollout --self-reward): completions are judged and revised, and graded on their final answer.")] = None,
     max_revisions: Annotated[int, typer.Option("--max-revisions", help="R of the completions (with --self-reward).")] = 1,
     verdicts: Annotated[str, typer.Option("--verdicts", help="The two verdict strings, CORRECT|WRONG (with --self-reward).")] = f"{DEFAULT_MARKERS.correct}|{DEFAULT_MARKERS.wrong}",

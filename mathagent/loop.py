@@ -105,11 +105,12 @@ def stage(
     directory: Annotated[str, typer.Argument(help="The iteration's directory: the log and stages.jsonl go there.")],
     name: Annotated[str | None, typer.Option("--name", help="Stage name (default: the mathagent subcommand).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", envvar="VERBOSE", help="Show the command's own stderr (progress bars, per-step lines) instead of logging it.")] = False,
+    also: Annotated[list[str] | None, typer.Option("--also", help="Another iteration's directory the command also writes for (a rollout --job): the stage is recorded there too, its seconds counted in DIR only.")] = None,
 ) -> None:
     """Run COMMAND (after `--`) as one stage: its stderr goes to DIR/logs/NAME.log (or the terminal with
     --verbose), one line per stage to the terminal, and on success {stage, command, seconds} to
     DIR/stages.jsonl. Exits with the command's exit code; a failure shows the end of its log."""
-    _run_stage(Path(directory), _after_dashes(ctx.args), name, verbose)
+    _run_stage(Path(directory), _after_dashes(ctx.args), name, verbose, [Path(d) for d in also or ()])
 
 
 def _after_dashes(args: list[str]) -> list[str]:
@@ -121,10 +122,11 @@ def _after_dashes(args: list[str]) -> list[str]:
     return command
 
 
-def _run_stage(folder: Path, command: list[str], name: str | None, verbose: bool) -> None:
+def _run_stage(folder: Path, command: list[str], name: str | None, verbose: bool, also: list[Path] = ()) -> None:
     """`stage`'s work: run `command`, log it under folder/logs/, record it in folder/stages.jsonl."""
     stage_name = name or stage_name_of(command)
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    for directory in (folder / "logs", *also):  # the command writes into them
+        directory.mkdir(parents=True, exist_ok=True)
     log_path = folder / "logs" / f"{stage_name}.log"
     label = f"{folder}  {stage_name}"
     if verbose or console.is_terminal:  # on a terminal the line is overwritten by the result
@@ -149,6 +151,9 @@ def _run_stage(folder: Path, command: list[str], name: str | None, verbose: bool
              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with open(folder / STAGES_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
+    for other in also:
+        with open(other / STAGES_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**entry, "seconds": 0.0, "shared_with": str(folder), "shared_seconds": entry["seconds"]}) + "\n")
 
 
 # ---- sample: an iteration's training samples, one strategy ------------------------------------------------

@@ -350,6 +350,8 @@ def _stale_temp_files(path: str) -> list[str]:
     """Temporary files a killed run left beside `path` (see RecordWriter)."""
     directory = os.path.dirname(os.path.abspath(path))
     prefix = f".{os.path.basename(path)}."
+    if not os.path.isdir(directory):  # nothing was ever written there (the writer then says why it cannot)
+        return []
     return sorted(
         os.path.join(directory, name)
         for name in os.listdir(directory)

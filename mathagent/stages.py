@@ -10,9 +10,11 @@ options into these calls.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -275,36 +277,95 @@ class AgentProgress:
         self.progress.update(self.task, advance=done, turn=report.turn, tps=tps, cells=self.cells)
 
 
-def rollout(io: RecordIO, engine_options: EngineOptions, sandbox_options: SandboxOptions, config, *, n: int,
+@dataclass(frozen=True)
+class RolloutJob:
+    """One input of a rollout, its output and how it is sampled. The command's own INPUT and -o are its first
+    job; each --job adds one that shares its engine start, sandbox and grader (`rollout`)."""
+
+    io: RecordIO
+    config: Any  # agent.AgentConfig
+    n: int
+
+
+# What a --job may set; every other option is the command's, shared by all its jobs.
+JOB_OPTIONS = {"--output": "output", "-o": "output", "--n": "n", "--temperature": "temperature",
+               "--top-p": "top_p", "--seed": "seed"}
+
+
+def parse_job(spec: str, first: RolloutJob) -> RolloutJob:
+    """--job 'INPUT -o OUTPUT [--n N] [--temperature T] [--top-p P] [--seed S]': another input sampled by the
+    same engine, with the first job's settings where the spec gives none."""
+    try:
+        words = shlex.split(spec)
+    except ValueError as e:
+        raise UserError(f"--job {spec!r}: {e}") from None
+    if not words or words[0].startswith("-"):
+        raise UserError(f"--job {spec!r}: start with the job's INPUT (a path, or '-')")
+    values: dict[str, str] = {}
+    for option, value in zip(words[1::2], [*words[2::2], None]):
+        if option not in JOB_OPTIONS:
+            raise UserError(f"--job {spec!r}: {option!r}: a job sets only {', '.join(sorted(set(JOB_OPTIONS) - {'--output'}))}")
+        if value is None:
+            raise UserError(f"--job {spec!r}: {option} needs a value")
+        values[JOB_OPTIONS[option]] = value
+    if "output" not in values:
+        raise UserError(f"--job {spec!r}: give its output (-o PATH)")
+    try:
+        n = int(values.pop("n", first.n))
+        changes = {k: (int(v) if k == "seed" else float(v)) for k, v in values.items() if k != "output"}
+    except ValueError as e:
+        raise UserError(f"--job {spec!r}: {e}") from None
+    io = RecordIO(words[0], values["output"], first.io.resume, first.io.skip_invalid)
+    return RolloutJob(io, dataclasses.replace(first.config, **changes), n)
+
+
+def rollout(jobs: Sequence[RolloutJob], engine_options: EngineOptions, sandbox_options: SandboxOptions, *,
             prompt: str, system: str | None, shard: str | None, chunk_size: int) -> None:
     """Sample n trajectories of every problem (or continue every trajectory), chunk by chunk, resumable by
-    input: an input is done when all its trajectories are."""
+    input: an input is done when all its trajectories are. Several jobs (inputs sampled their own way, as an
+    iteration's held-out evaluations and the next iteration's training samples of one policy) are read and
+    checked first, then run one after another in one engine start, each into its own output; the engine opens
+    only if some job has work."""
     from mathagent import agent
     from mathagent.grading import Grader
 
-    check_agent_config(config, chunk_size=chunk_size, n=n)
+    for what, paths in (("output", [job.io.output for job in jobs]), ("input", [job.io.input for job in jobs])):
+        for path in paths:
+            if paths.count(path) > 1 and (what == "output" or path == "-"):
+                raise UserError(f"{path}: the {what} of {paths.count(path)} jobs: give each job its own")
     template = load_prompt("--prompt", prompt)
     shard_index, shard_count = parse_shard(shard)
-    records = io.read(check=check_problem_or_trajectory, unique_ids=True)
-    units = [agent.branch(r, n) if "messages" in r else agent.new_trajectories(r, n, template, system)
-             for i, r in enumerate(records) if i % shard_count == shard_index]  # (an input's trajectories)
-    kept: list[dict[str, Any]] = []
-    if io.resume and io.output != "-":
-        kept, todo = split_finished(units, io.finished())
-        log(f"resume: {len(units) - len(todo)} of {len(units)} inputs already done")
-        units = todo
-    trajectories = [t for unit in units for t in unit]
-    with io.writer(keep=kept) as writer:
-        if not trajectories:
-            return
-        with (engine_options.open() as engine, sandbox_options.open() if config.execute else nothing() as sandbox,
-              Grader() as grader, AgentProgress(units) as progress):
-            start = time.perf_counter()
-            for chunk in chunks(trajectories, chunk_size):
-                for t in agent.run_agent(chunk, engine, sandbox, grader, config, on_turn=progress.on_turn):
-                    writer.write(t)
-        log(f"rollout: {len(trajectories)} trajectories, {engine.stats.calls} engine calls, "
-            f"{engine.stats.generated_tokens} tokens in {time.perf_counter() - start:.1f} s; {grader.stats.summary()}")
+    planned = []
+    for job in jobs:
+        check_agent_config(job.config, chunk_size=chunk_size, n=job.n)
+        records = job.io.read(check=check_problem_or_trajectory, unique_ids=True)
+        units = [agent.branch(r, job.n) if "messages" in r else agent.new_trajectories(r, job.n, template, system)
+                 for i, r in enumerate(records) if i % shard_count == shard_index]  # (an input's trajectories)
+        kept: list[dict[str, Any]] = []
+        if job.io.resume and job.io.output != "-":
+            kept, todo = split_finished(units, job.io.finished())
+            log(f"resume: {len(units) - len(todo)} of {len(units)} inputs of {job.io.input} already done")
+            units = todo
+        planned.append((job, units, kept))
+    work = any(units for _, units, _ in planned)
+    executes = any(job.config.execute for job in jobs)
+    with (engine_options.open() if work else nothing() as engine,
+          sandbox_options.open() if work and executes else nothing() as sandbox,
+          Grader() if work else nothing() as grader):
+        for job, units, kept in planned:
+            trajectories = [t for unit in units for t in unit]
+            with job.io.writer(keep=kept) as writer:
+                if not trajectories:
+                    continue
+                calls, tokens, start = engine.stats.calls, engine.stats.generated_tokens, time.perf_counter()
+                with AgentProgress(units) as progress:
+                    for chunk in chunks(trajectories, chunk_size):
+                        for t in agent.run_agent(chunk, engine, sandbox if job.config.execute else None, grader,
+                                                 job.config, on_turn=progress.on_turn):
+                            writer.write(t)
+            log(f"rollout{f' of {job.io.input}' if len(jobs) > 1 else ''}: {len(trajectories)} trajectories, "
+                f"{engine.stats.calls - calls} engine calls, {engine.stats.generated_tokens - tokens} tokens in "
+                f"{time.perf_counter() - start:.1f} s; {grader.stats.summary()}")
 
 
 def execute(io: RecordIO, sandbox_options: SandboxOptions, *, observation_role: str, chunk_size: int) -> None:

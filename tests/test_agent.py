@@ -323,3 +323,18 @@ def test_a_model_that_answers_again_instead_of_judging_is_asked_for_a_verdict_on
     t = trajectories[0]
     assert engine.stats.calls == 2 and t["status"] == "answered"
     assert [a["verdict"] for a in t["attempts"]] == [None] * len(t["attempts"])
+
+
+def test_auto_schedule_is_continuous_only_where_generation_leaves_the_cpu_to_the_cells():
+    from types import SimpleNamespace
+
+    from mathagent.agent import resolve_schedule
+
+    continuous_gpu = SimpleNamespace(submit=None, on_cpu=False)  # a CUDA vLLM, or servers
+    continuous_cpu = SimpleNamespace(submit=None, on_cpu=True)  # vLLM on this CPU
+    batch_only = SimpleNamespace(on_cpu=False)  # the hf engine: one batch per call
+    assert resolve_schedule("auto", continuous_gpu) == "continuous"
+    assert resolve_schedule("auto", continuous_cpu) == "turns"
+    assert resolve_schedule("auto", batch_only) == "turns"
+    assert resolve_schedule("turns", continuous_gpu) == "turns"
+    assert resolve_schedule("continuous", continuous_cpu) == "continuous"

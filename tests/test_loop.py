@@ -194,10 +194,14 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
     rerun = make("iterations", *settings)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert {name: (iter1 / name).stat().st_mtime_ns for name in done} == done
-    # every stage of each iteration ran exactly once, the killed training included (after the kill)
-    expected = [*before_training, trainer, "rollout", "rollout", "evaluate", "evaluate"]
+    # every stage of each iteration ran exactly once, the killed training included (after the kill); pi_1's
+    # evaluations and iteration 2's training samples were one rollout, recorded in both iterations
+    expected = [*before_training, trainer, "rollout", "evaluate", "evaluate"]
     assert sorted(s["stage"] for s in stages(iter1)) == sorted(expected)
     assert sorted(s["stage"] for s in stages(iter2)) == sorted(expected)
+    shared = [s for s in stages(iter2) if s.get("shared_with") == str(iter1)]
+    assert len(shared) == 1 and f"-o {iter2 / 'trajectories.jsonl'}" in shared[0]["command"]
+    assert shared[0]["seconds"] == 0 and shared[0]["shared_seconds"] > 0
 
     manifest = json.loads((iter2 / "manifest.json").read_text())
     assert manifest["config"]["POLICY"] == str(iter2 / "model")

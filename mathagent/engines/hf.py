@@ -58,6 +58,7 @@ class HFEngine:
         self.seed = seed
         self.batch_size = batch_size
         self.stats = EngineStats()
+        self.on_cpu = self.device == "cpu"
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id

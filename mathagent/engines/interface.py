@@ -60,6 +60,7 @@ class Engine(Protocol):
 
     tokenizer: object  # a transformers tokenizer with the model's chat template
     stats: EngineStats
+    on_cpu: bool  # generates on this machine's CPU, beside the cells (the default schedule: agent.resolve_schedule)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]: ...
 

@@ -135,6 +135,7 @@ class OpenAIEngine:
         self.served_model = self._served_model(model, adapter)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
         self.stats = EngineStats()
+        self.on_cpu = False  # the servers generate on their own accelerators (agent.resolve_schedule)
         self._pool = ThreadPoolExecutor(max_workers=concurrency * len(self.servers), thread_name_prefix="openai")
         self._running: dict[Future, tuple[str, Request]] = {}
         self._busy_since: float | None = None

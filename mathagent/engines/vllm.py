@@ -138,6 +138,7 @@ class VLLMEngine:
             options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         self.llm = LLM(model=model, seed=seed, **options, **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
+        self.on_cpu = not _has_cuda()  # generation shares this machine's cores with the cells (agent.resolve_schedule)
         self.lora = LoRARequest("adapter", 1, adapter) if adapter is not None else None
         self.stats = EngineStats()
         self._queued: list[tuple[str, Request, Sampling]] = []
