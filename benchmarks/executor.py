@@ -7,7 +7,7 @@ two concurrent subprocesses, one per core, as the sandbox gets `workers=2`.
     .venv/bin/python benchmarks/executor.py [--trajectories 32] [--workers 2] [--sessions 512]
 
 It also measures the sandbox's own cost: 512 new trajectories of two trivial cells each, the wall time and
-the machine's CPU time per session and per warm cell.
+the CPU time per session (the machine's, and the sandbox's processes' and the caller's alone) and per warm cell.
 
 Prints a table to stderr and a JSON summary to stdout.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -157,13 +158,34 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def own_cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """A process's CPU time with that of the children it has collected (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_sessions(workers: int, sessions: int) -> dict:
     """The sandbox's own cost, without the cells' work: `sessions` new trajectories of two trivial cells each
-    (a session start, then a warm cell), through `run` in one call per turn as a rollout makes them."""
+    (a session start, then a warm cell), through `run` in one call per turn as a rollout makes them.
+
+    Two measures of the CPU: the machine's (/proc/stat, the figure of earlier rounds: it counts whatever else
+    the machine runs meanwhile) and the sandbox's own, exact on a busy machine: every process of the sandbox
+    is collected by its parent up to the zygote, which this process collects at `close`, so RUSAGE_CHILDREN
+    holds them all (sessions' exits included); minus what the zygote had used before the measured turns
+    (its imports, the warm-up session), plus the caller's own CPU time in the turns and the `forget`s."""
+    children_before = own_cpu_seconds(resource.RUSAGE_CHILDREN)
     with Sandbox(workers=workers, timeout=10) as sandbox:
         sandbox.run([Cell("warm-up", (), "1")])
         sandbox.forget("warm-up")
         time.sleep(0.5)
+        zygote_before = process_cpu_seconds(sandbox.zygote_pid)
+        caller_before = own_cpu_seconds(resource.RUSAGE_SELF)
         cpu, started = machine_cpu_seconds(), time.perf_counter()
         first = sandbox.run([Cell(f"s{i}", (), "x = 1") for i in range(sessions)])
         middle_cpu, middle = machine_cpu_seconds(), time.perf_counter()
@@ -173,10 +195,15 @@ def bench_sessions(workers: int, sessions: int) -> dict:
         assert all(r.output == "2" for r in second) and all(r.status == "ok" for r in first)
         for i in range(sessions):
             sandbox.forget(f"s{i}")
+        caller = own_cpu_seconds(resource.RUSAGE_SELF) - caller_before
+    sandbox_processes = own_cpu_seconds(resource.RUSAGE_CHILDREN) - children_before - zygote_before
     return {
         "sessions": sessions,
         "wall_s": wall,
         "cpu_ms_per_session": 1000 * cpu_total / sessions,  # a start, two cells and their replies
+        # the same from the sandbox's processes and the caller alone, their ends included
+        "own_cpu_ms_per_session": 1000 * (sandbox_processes + caller) / sessions,
+        "caller_cpu_ms_per_session": 1000 * caller / sessions,
         "cpu_ms_per_warm_cell": 1000 * warm_cpu / sessions,
         "warm_cells_per_s": sessions / warm_wall,
     }
@@ -253,7 +280,9 @@ def main() -> None:
     )
     print(
         f"sandbox's own cost, {sessions['sessions']} sessions x 2 trivial cells: {sessions['wall_s']:.2f} s, "
-        f"{sessions['cpu_ms_per_session']:.1f} ms of CPU per session (start and both cells), "
+        f"{sessions['cpu_ms_per_session']:.1f} ms of the machine's CPU per session (start and both cells; "
+        f"{sessions['own_cpu_ms_per_session']:.1f} ms its own, the caller's {sessions['caller_cpu_ms_per_session']:.1f} "
+        f"ms of it), "
         f"{sessions['cpu_ms_per_warm_cell']:.2f} ms per warm cell ({sessions['warm_cells_per_s']:.0f} cells/s)",
         file=sys.stderr,
     )
