@@ -47,7 +47,7 @@ from mathagent.engines import Request, Sampling, open_engine, quiet_engines  # n
 from mathagent.engines.vllm import local_server  # noqa: E402
 from mathagent.grading import Grader  # noqa: E402
 from mathagent.prompts import PROMPTS  # noqa: E402
-from mathagent.records import OBSERVATION_FENCE, observation_message  # noqa: E402
+from mathagent.records import OBSERVATION_FENCE, actions, observation_message  # noqa: E402
 from mathagent.sandbox import Sandbox  # noqa: E402
 from mathagent.tasks.arith import make_problems  # noqa: E402
 from mathagent.tiny import resolve_model  # noqa: E402
@@ -95,42 +95,87 @@ def _exec_history(cells: list[str]) -> str:
         signal.alarm(0)
 
 
-def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig) -> int:
-    """The toolkit's loop on our records; returns the number of cells run."""
+def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig, workers: int | None = None) -> int:
+    """The toolkit's loop on our records; returns the number of cells run. Per turn: the code of every last
+    action runs, its whole history re-exec'ed in the pool, then one `generate` for the trajectories that go on.
+    A trajectory may come with actions (the long-tailed workload's first one, its code pending)."""
     sampling = Sampling(config.temperature, config.top_p, config.max_tokens, stop=(OBSERVATION_FENCE,))
     cells = 0
-    with ProcessPoolExecutor(max_workers=os.cpu_count(), initializer=_warm_worker) as pool:
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_warm_worker) as pool:
         live = list(trajectories)
-        for turn in range(config.max_turns):
-            requests = [Request(prompt_ids(engine.tokenizer, t["messages"]),
-                                seed=agent.request_seed(config.seed, t["id"], turn)) for t in live]
-            completions = engine.generate(requests, sampling)
-            running = []
-            for t, completion in zip(live, completions):
-                action = agent.cut_after_code(completion.text)
-                t["messages"].append({"role": "assistant", "content": action})
-                if agent.pending_code(t["messages"]) is not None:
-                    running.append(t)
+        while live:
+            running = [t for t in live if agent.pending_code(t["messages"]) is not None]
             histories = [[*agent.executed_cells(t["messages"]), agent.pending_code(t["messages"])] for t in running]
             for t, output in zip(running, pool.map(_exec_history, histories, chunksize=4)):
                 t["messages"].append(observation_message(output, "ok", False, config.observation_role))
             cells += len(running)
-            live = running if turn + 1 < config.max_turns else []
+            # Those that go on: a fresh prompt, or an observation just appended, and actions left.
+            live = [t for t in live if t["messages"][-1]["role"] != "assistant"
+                    and len(actions(t["messages"])) < config.max_turns]
+            if not live:
+                break
+            requests = [Request(prompt_ids(engine.tokenizer, t["messages"]),
+                                seed=agent.request_seed(config.seed, t["id"], len(actions(t["messages"]))))
+                        for t in live]
+            for t, completion in zip(live, engine.generate(requests, sampling)):
+                t["messages"].append({"role": "assistant", "content": agent.cut_after_code(completion.text)})
     with Grader() as grader:
         for t in trajectories:
             agent.grade(t, grader, config.reward)
     return cells
 
 
+def run_loop(design: str, trajectories: list[dict], engine, config: agent.AgentConfig,
+             workers: int | None = None) -> int:
+    """One design's rollout of `trajectories` on `engine`, cells on `workers` (default: one per core): the
+    toolkit's loop and its pool, or mathagent's with its sandbox (every isolation property on). Returns the
+    number of cells run."""
+    if design == "toolkit":
+        return toolkit_loop(trajectories, engine, config, workers)
+    turns = []
+    with Sandbox(workers=workers) as sandbox, Grader() as grader:
+        agent.run_agent(trajectories, engine, sandbox, grader, config, on_turn=turns.append)
+    return sum(r.executed for r in turns)
+
+
+# -- the workloads -------------------------------------------------------------------------------------------
+
+
+def plain_workload(args, schedule: str = "turns") -> tuple[list[dict], agent.AgentConfig]:
+    """The issue's: args.problems arithmetic problems x args.n samples, up to args.max_turns turns."""
+    problems = make_problems(args.problems, seed=123)
+    trajectories = [t for p in problems for t in agent.new_trajectories(p, args.n, PROMPTS[args.prompt])]
+    config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=0,
+                               schedule=schedule)
+    return trajectories, config
+
+
+def tail_workload(args, schedule: str = "turns", slow: str = "wait") -> tuple[list[dict], agent.AgentConfig]:
+    """Trajectories whose first action is given, its code pending: one in 16 is slow for SLOW_CELL seconds
+    (`slow`: "compute", on the CPU, or "wait", off it); then up to 3 more actions sampled at temperature 1, whose
+    lengths spread from a few tokens to the 160-token cap."""
+    problems = make_problems(args.tail_problems, seed=321)
+    trajectories = []
+    for i, p in enumerate(problems):
+        (t,) = agent.new_trajectories(p, 1, PROMPTS[args.prompt])
+        if i % 16:
+            code = f"print({i} * 3)"
+        elif slow == "compute":
+            code = (f"import time\nend = time.process_time() + {SLOW_CELL}\nwhile time.process_time() < end:\n"
+                    f"    pass\nprint({i})")
+        else:
+            code = f"import time\ntime.sleep({SLOW_CELL})\nprint({i})"
+        t["messages"].append({"role": "assistant", "content": f"Let me compute.\n```python\n{code}\n```"})
+        trajectories.append(t)
+    config = agent.AgentConfig(max_turns=4, max_tokens=160, temperature=1.0, seed=1, schedule=schedule)
+    return trajectories, config
+
+
 # -- the two, side by side -----------------------------------------------------------------------------------
 
 
 def run(design: str, model: str, args, base_url: str | None = None) -> dict:
-    problems = make_problems(args.problems, seed=123)
-    trajectories = [t for p in problems for t in agent.new_trajectories(p, args.n, PROMPTS[args.prompt])]
-    schedule = "continuous" if design.endswith("continuous") else "turns"
-    config = agent.AgentConfig(max_turns=args.max_turns, max_tokens=args.max_tokens, temperature=0.7, seed=0,
-                               schedule=schedule)
+    trajectories, config = plain_workload(args, "continuous" if design.endswith("continuous") else "turns")
     start = time.perf_counter()
     if design == "mathagent-server":  # the server already runs: "start" is the client's
         engine = open_engine("openai", model, base_urls=[base_url], concurrency=args.concurrency)
@@ -138,13 +183,7 @@ def run(design: str, model: str, args, base_url: str | None = None) -> dict:
         engine = open_engine("vllm", model, seed=0)
     started = time.perf_counter()
     try:
-        if design == "toolkit":
-            cells = toolkit_loop(trajectories, engine, config)
-        else:
-            turns = []
-            with Sandbox() as sandbox, Grader() as grader:
-                agent.run_agent(trajectories, engine, sandbox, grader, config, on_turn=turns.append)
-            cells = sum(r.executed for r in turns)
+        cells = run_loop("toolkit" if design == "toolkit" else "mathagent", trajectories, engine, config)
         end = time.perf_counter()
     finally:
         engine.close()
@@ -167,23 +206,8 @@ def run(design: str, model: str, args, base_url: str | None = None) -> dict:
 
 
 def long_tailed(engine, args, schedule: str, slow: str) -> dict:
-    """Trajectories whose first action is given, its code pending: one in 16 is slow for SLOW_CELL seconds
-    (`slow`: "compute", on the CPU, or "wait", off it); then up to 3 more actions sampled at temperature 1, whose
-    lengths spread from a few tokens to the 160-token cap."""
-    problems = make_problems(args.tail_problems, seed=321)
-    trajectories = []
-    for i, p in enumerate(problems):
-        (t,) = agent.new_trajectories(p, 1, PROMPTS[args.prompt])
-        if i % 16:
-            code = f"print({i} * 3)"
-        elif slow == "compute":
-            code = (f"import time\nend = time.process_time() + {SLOW_CELL}\nwhile time.process_time() < end:\n"
-                    f"    pass\nprint({i})")
-        else:
-            code = f"import time\ntime.sleep({SLOW_CELL})\nprint({i})"
-        t["messages"].append({"role": "assistant", "content": f"Let me compute.\n```python\n{code}\n```"})
-        trajectories.append(t)
-    config = agent.AgentConfig(max_turns=4, max_tokens=160, temperature=1.0, seed=1, schedule=schedule)
+    """mathagent's loop on the long-tailed workload (`tail_workload`) with one schedule."""
+    trajectories, config = tail_workload(args, schedule, slow)
     # Waiting cells model a GPU node, where the engine leaves the CPU to the cells and the sandbox has a worker
     # per core of many: the slow ones run side by side, not two at a time.
     with Sandbox(workers=SLOW_WORKERS if slow == "wait" else None) as sandbox, Grader() as grader:
