@@ -12,21 +12,26 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Benchmarks run more than once, each time with these arguments, under these names; a file without a
+# `__main__` block is a benchmark's component (gpu_standin.py), not a benchmark.
+RUNS = {"rollout": {"rollout": [], "rollout-gpu": ["--regime", "gpu"]}}
 
 
 def main() -> int:
-    names = sys.argv[1:] or sorted(p.stem for p in HERE.glob("*.py") if p.stem != "run_all")
+    names = sys.argv[1:] or sorted(p.stem for p in HERE.glob("*.py")
+                                   if p.stem != "run_all" and "__main__" in p.read_text(encoding="utf-8"))
+    runs = [(label, name, args) for name in names for label, args in RUNS.get(name, {name: []}).items()]
     results, failed = {}, []
-    for name in names:
-        print(f"== benchmarks/{name}.py", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(HERE / f"{name}.py")], stdout=subprocess.PIPE, text=True)
+    for label, name, args in runs:
+        print(f"== benchmarks/{name}.py {' '.join(args)}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *args], stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
-            failed.append(name)
+            failed.append(label)
             continue
         try:
-            results[name] = json.loads(proc.stdout)
+            results[label] = json.loads(proc.stdout)
         except json.JSONDecodeError:
-            results[name] = {"stdout": proc.stdout[-2000:]}
+            results[label] = {"stdout": proc.stdout[-2000:]}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     if failed:
