@@ -316,7 +316,11 @@ def parse_job(spec: str, first: RolloutJob) -> RolloutJob:
     except ValueError as e:
         raise UserError(f"--job {spec!r}: {e}") from None
     io = RecordIO(words[0], values["output"], first.io.resume, first.io.skip_invalid)
-    return RolloutJob(io, dataclasses.replace(first.config, **changes), n)
+    try:
+        config = dataclasses.replace(first.config, **changes)  # checked as the command's own options are
+    except UserError as e:
+        raise UserError(f"--job {spec!r}: {e}", options=e.options) from None
+    return RolloutJob(io, config, n)
 
 
 def rollout(jobs: Sequence[RolloutJob], engine_options: EngineOptions, sandbox_options: SandboxOptions, *,
@@ -344,7 +348,8 @@ def rollout(jobs: Sequence[RolloutJob], engine_options: EngineOptions, sandbox_o
         kept: list[dict[str, Any]] = []
         if job.io.resume and job.io.output != "-":
             kept, todo = split_finished(units, job.io.finished())
-            log(f"resume: {len(units) - len(todo)} of {len(units)} inputs of {job.io.input} already done")
+            log(f"resume: {len(units) - len(todo)} of {len(units)} inputs already done"
+                + (f" ({job.io.input} -> {job.io.output})" if len(jobs) > 1 else ""))
             units = todo
         planned.append((job, units, kept))
     work = any(units for _, units, _ in planned)

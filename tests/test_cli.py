@@ -173,27 +173,28 @@ def test_jobs_share_one_engine_start_and_write_what_separate_rollouts_write(tmp_
     from mathagent.cli import app
     from typer.testing import CliRunner
 
+    def rollout(*args: str) -> None:
+        result = CliRunner().invoke(app, ["rollout", *args, "--model", tiny_model, "--backend", "hf", "--max-turns",
+                                          "2", "--max-tokens", "12"])
+        assert result.exit_code == 0, result.output
+
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"id": f"a{i}", "question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
                          for i in range(3)))
     b.write_text(PROBLEM)
-    common = ["--model", tiny_model, "--backend", "hf", "--max-turns", "2", "--max-tokens", "12"]
-    run(["rollout", str(a), "-o", str(tmp_path / "a1.jsonl"), *common, "--temperature", "0"])
-    run(["rollout", str(b), "-o", str(tmp_path / "b1.jsonl"), *common, "--n", "3", "--temperature", "1.0",
-         "--seed", "7"])
+    rollout(str(a), "-o", str(tmp_path / "a1.jsonl"), "--temperature", "0")
+    rollout(str(b), "-o", str(tmp_path / "b1.jsonl"), "--n", "3", "--temperature", "1.0", "--seed", "7")
     opened = []
     open_engine = stages.EngineOptions.open
     monkeypatch.setattr(stages.EngineOptions, "open", lambda self: opened.append(self) or open_engine(self))
-    result = CliRunner().invoke(app, ["rollout", str(a), "-o", str(tmp_path / "a2.jsonl"), *common, "--temperature",
-                                      "0", "--job", f"{b} -o {tmp_path / 'b2.jsonl'} --n 3 --temperature 1.0 --seed 7"])
-    assert result.exit_code == 0, result.output
+    rollout(str(a), "-o", str(tmp_path / "a2.jsonl"), "--temperature", "0",
+            "--job", f"{b} -o {tmp_path / 'b2.jsonl'} --n 3 --temperature 1.0 --seed 7")
     assert len(opened) == 1
     for name in ("a", "b"):
         assert (tmp_path / f"{name}1.jsonl").read_text() == (tmp_path / f"{name}2.jsonl").read_text()
     # resumed with everything done, no job opens an engine
-    again = CliRunner().invoke(app, ["rollout", str(a), "-o", str(tmp_path / "a2.jsonl"), *common, "--resume",
-                                     "--job", f"{b} -o {tmp_path / 'b2.jsonl'} --n 3"])
-    assert again.exit_code == 0 and len(opened) == 1
+    rollout(str(a), "-o", str(tmp_path / "a2.jsonl"), "--resume", "--job", f"{b} -o {tmp_path / 'b2.jsonl'} --n 3")
+    assert len(opened) == 1
 
 
 @pytest.mark.parametrize(("job", "message"), [
@@ -203,13 +204,23 @@ def test_jobs_share_one_engine_start_and_write_what_separate_rollouts_write(tmp_
     ("b.jsonl -o x.jsonl --n", "--n needs a value"),
     ("b.jsonl -o x.jsonl --temperature hot", "could not convert"),
     ("b.jsonl -o x.jsonl --temperature -1", "temperature -1.0: must be 0 (greedy) or positive"),
-    ("b.jsonl -o a.out", "a.out: the output of 2 jobs"),
+    ("'b.jsonl -o x.jsonl", "No closing quotation"),
 ])
-def test_a_bad_job_is_one_line_naming_it(tmp_path, job, message):
+def test_a_bad_job_spec_is_refused_naming_it(job, message):
+    from mathagent.agent import AgentConfig
+    from mathagent.errors import UserError
+    from mathagent.stages import RecordIO, RolloutJob, parse_job
+
+    with pytest.raises(UserError) as error:
+        parse_job(job, RolloutJob(RecordIO("a.jsonl", "a.out"), AgentConfig(), 1))
+    assert message in str(error.value) and job in str(error.value)
+
+
+def test_jobs_writing_one_output_stop_before_any_work(tmp_path):
     (tmp_path / "a.jsonl").write_text(PROBLEM)
     (tmp_path / "b.jsonl").write_text(PROBLEM)
-    proc = run(["rollout", "a.jsonl", "-o", "a.out", "--job", job], check=False, cwd=tmp_path)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    proc = run(["rollout", "a.jsonl", "-o", "a.out", "--job", "b.jsonl -o a.out"], check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "a.out: the output of 2 jobs" in proc.stderr, proc.stderr
     assert not (tmp_path / "a.out").exists()
 
 
