@@ -158,7 +158,9 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
     runs = tmp_path / "runs"
     settings = [
         f"RUNS={runs}", "RUN=chain", f"MODEL={model}", "BACKEND=hf", "PROMPT=tool", f"PROBLEMS={problems}",
-        f"EVAL={heldout}", "N_SAMPLES=4", "N_EVAL=2", "MAX_TURNS=3", "MAX_TOKENS=40", "START=1", "N=2",
+        f"EVAL={heldout}", "N_SAMPLES=4", "N_EVAL=2", "MAX_TURNS=3", "MAX_TOKENS=40", "START=1",
+        # GRPO's own part is its update; the iterations around it are the Makefile's, run twice with M-DPO
+        f"N={2 if algo == 'mdpo' else 1}",
         "PAIRS_ARGS=--strategy random --k 2 --reward-threshold -0.75 --keep-unfinished --keep-errors",
         "TRAIN_ARGS=--lr 1e-4 --batch-size 2 --max-steps 3", f"ALGO={algo}",
         "GRPO_ARGS=--lr 1e-4 --batch-size 2 --max-steps 3",
@@ -198,14 +200,19 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
     # evaluations and iteration 2's training samples were one rollout, recorded in both iterations
     expected = [*before_training, trainer, "rollout", "evaluate", "evaluate"]
     assert sorted(s["stage"] for s in stages(iter1)) == sorted(expected)
-    assert sorted(s["stage"] for s in stages(iter2)) == sorted(expected)
-    shared = [s for s in stages(iter2) if s.get("shared_with") == str(iter1)]
-    assert len(shared) == 1 and f"-o {iter2 / 'trajectories.jsonl'}" in shared[0]["command"]
-    assert shared[0]["seconds"] == 0 and shared[0]["shared_seconds"] > 0
+    last = iter2 if algo == "mdpo" else iter1
+    if algo == "mdpo":
+        assert sorted(s["stage"] for s in stages(iter2)) == sorted(expected)
+        shared = [s for s in stages(iter2) if s.get("shared_with") == str(iter1)]
+        assert len(shared) == 1 and f"-o {iter2 / 'trajectories.jsonl'}" in shared[0]["command"]
+        assert shared[0]["seconds"] == 0 and shared[0]["shared_seconds"] > 0
+    else:  # iteration 1 is the last (N=1): its evaluation samples nothing for an iteration 2
+        assert not iter2.exists() and not any("iter2" in s["command"] for s in stages(iter1))
 
-    manifest = json.loads((iter2 / "manifest.json").read_text())
-    assert manifest["config"]["POLICY"] == str(iter2 / "model")
-    assert str(iter1 / "model") in manifest["inputs"]  # pi_1, the policy iteration 2 sampled from, by hash
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert manifest["config"]["POLICY"] == str(last / "model")
+    if algo == "mdpo":
+        assert str(iter1 / "model") in manifest["inputs"]  # pi_1, the policy iteration 2 sampled from, by hash
     assert 0 <= manifest["metrics"]["accuracy"] <= 1 and manifest["config"]["ALGO"] == algo
     if algo == "mdpo":
         assert manifest["metrics"]["pairs"] >= 1
@@ -214,7 +221,8 @@ def test_two_iterations_resume_after_a_kill_redo_nothing_and_refuse_a_concurrent
     assert any(f"--model {iter1 / 'model'}" in s["command"] for s in manifest["stages"] if s["stage"] == "rollout")
 
     again = make("iterations", *settings)  # everything is finished: nothing runs
-    assert again.returncode == 0 and len(stages(iter1)) == len(expected) and len(stages(iter2)) == len(expected)
+    assert again.returncode == 0 and len(stages(iter1)) == len(expected)
+    assert algo != "mdpo" or len(stages(iter2)) == len(expected)
 
 
 def test_report_writes_the_papers_table_a_plot_and_summary_json_in_the_documented_shape(tmp_path):
