@@ -13,7 +13,8 @@ engine call, then one sandbox call per turn. "continuous", with an engine that b
 each trajectory goes on as soon as its own observation is back, its next request joining the running batch
 while others still generate or run code, so no one waits for the slowest action or cell of a turn. Samples
 are seeded per request (`request_seed`), so a trajectory's actions do not depend on the schedule, up to the
-engine's batch-dependent numerics.
+engine's batch-dependent numerics. "auto" (the default) is continuous where the engine does not generate on
+this machine's CPU and turns where it does (`resolve_schedule`), as benchmarks/rollout.py measured.
 """
 
 from __future__ import annotations
