@@ -159,20 +159,20 @@ class AgentConfig:
 
 
 SCHEDULES = ("auto", "turns", "continuous")
+SELF_REWARD_MODES = ("prompted", "inline")
 
 
 def resolve_schedule(schedule: str, engine: Engine) -> str:
-    """The schedule "auto" stands for: continuous on an engine that batches continuously and does not generate
-    on this machine's CPU (a CUDA vLLM, servers: `engine.on_cpu` False), where a turn's barrier leaves the
-    accelerator idle while the slowest action or cell finishes; turns on a CPU engine, where every core the
-    cells take is taken from generation and one batch per turn used the cores best (benchmarks/rollout.py,
-    both regimes)."""
-    if schedule != "auto":
-        return schedule
+    """The schedule `run_agent` runs: turns on an engine without continuous batching (no `submit`), whatever
+    was asked; for "auto", continuous on one that does not generate on this machine's CPU (a CUDA vLLM,
+    servers: `engine.on_cpu` False), where a turn's barrier leaves the accelerator idle while the slowest action
+    or cell finishes, and turns on a CPU engine, where every core the cells take is taken from generation and
+    one batch per turn used the cores best (benchmarks/rollout.py, both regimes)."""
     if not hasattr(engine, "submit"):
         return "turns"
+    if schedule != "auto":
+        return schedule
     return "turns" if getattr(engine, "on_cpu", True) else "continuous"
-SELF_REWARD_MODES = ("prompted", "inline")
 
 
 @dataclass
@@ -249,7 +249,7 @@ def run_agent(
             t.pop("status", None)
         tokens.complete_ids(engine.tokenizer, t, continuing=t.get("status") == LENGTH)
     _reserve_sessions(live, sandbox, config)
-    if resolve_schedule(config.schedule, engine) == "continuous" and hasattr(engine, "submit"):
+    if resolve_schedule(config.schedule, engine) == "continuous":
         return _graded(_run_continuously(trajectories, engine, sandbox, config, sampling, on_turn), grader, config)
     turn = 0
     while live:

@@ -87,9 +87,14 @@ class GradingStats:
         d["failures"] = d["timeouts"] + d["errors"] + d["oversize"]
         return d
 
-    def summary(self) -> str:
-        """One line for a command's report: the comparisons, and the answers that could not be graded."""
-        d = self.as_dict()
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """The counts added after `before` (an earlier `as_dict()`): one input's share of a grader it shares."""
+        return {key: count - before[key] for key, count in self.as_dict().items()}
+
+    def summary(self, counts: dict[str, int] | None = None) -> str:
+        """One line for a command's report: the comparisons, and the answers that could not be graded (of
+        `counts`, as `as_dict` or `since` gives them; default: all so far)."""
+        d = counts if counts is not None else self.as_dict()
         line = f"grading: {d['comparisons']} comparisons"
         if d["failures"]:
             line += (f", {d['failures']} answers could not be graded and count as wrong ({d['timeouts']} timeouts, "

@@ -304,7 +304,8 @@ def parse_job(spec: str, first: RolloutJob) -> RolloutJob:
     values: dict[str, str] = {}
     for option, value in zip(words[1::2], [*words[2::2], None]):
         if option not in JOB_OPTIONS:
-            raise UserError(f"--job {spec!r}: {option!r}: a job sets only {', '.join(sorted(set(JOB_OPTIONS) - {'--output'}))}")
+            settable = ", ".join(sorted(set(JOB_OPTIONS) - {"--output"}))
+            raise UserError(f"--job {spec!r}: {option!r}: a job sets only {settable}")
         if value is None:
             raise UserError(f"--job {spec!r}: {option} needs a value")
         values[JOB_OPTIONS[option]] = value
@@ -333,10 +334,12 @@ def rollout(jobs: Sequence[RolloutJob], engine_options: EngineOptions, sandbox_o
     from mathagent import agent
     from mathagent.grading import Grader
 
-    for what, paths in (("output", [job.io.output for job in jobs]), ("input", [job.io.input for job in jobs])):
-        for path in paths:
-            if paths.count(path) > 1 and (what == "output" or path == "-"):
-                raise UserError(f"{path}: the {what} of {paths.count(path)} jobs: give each job its own")
+    outputs, stdin = [job.io.output for job in jobs], [job.io.input for job in jobs].count("-")
+    for path in outputs:
+        if outputs.count(path) > 1:
+            raise UserError(f"{path}: the output of {outputs.count(path)} jobs: give each job its own")
+    if stdin > 1:
+        raise UserError(f"-: the input of {stdin} jobs: give each job its own")
     template = load_prompt("--prompt", prompt)
     shard_index, shard_count = parse_shard(shard)
     planned = []
@@ -353,9 +356,9 @@ def rollout(jobs: Sequence[RolloutJob], engine_options: EngineOptions, sandbox_o
             units = todo
         planned.append((job, units, kept))
     work = any(units for _, units, _ in planned)
-    executes = any(job.config.execute for job in jobs)
+    # (a job sets only its sampling: whether code runs is the command's, the same for every job)
     with (engine_options.open() if work else nothing() as engine,
-          sandbox_options.open() if work and executes else nothing() as sandbox,
+          sandbox_options.open() if work and jobs[0].config.execute else nothing() as sandbox,
           Grader() if work else nothing() as grader):
         for job, units, kept in planned:
             trajectories = [t for unit in units for t in unit]
@@ -363,14 +366,14 @@ def rollout(jobs: Sequence[RolloutJob], engine_options: EngineOptions, sandbox_o
                 if not trajectories:
                     continue
                 calls, tokens, start = engine.stats.calls, engine.stats.generated_tokens, time.perf_counter()
+                graded = grader.stats.as_dict()
                 with AgentProgress(units) as progress:
                     for chunk in chunks(trajectories, chunk_size):
-                        for t in agent.run_agent(chunk, engine, sandbox if job.config.execute else None, grader,
-                                                 job.config, on_turn=progress.on_turn):
+                        for t in agent.run_agent(chunk, engine, sandbox, grader, job.config, on_turn=progress.on_turn):
                             writer.write(t)
             log(f"rollout{f' of {job.io.input}' if len(jobs) > 1 else ''}: {len(trajectories)} trajectories, "
                 f"{engine.stats.calls - calls} engine calls, {engine.stats.generated_tokens - tokens} tokens in "
-                f"{time.perf_counter() - start:.1f} s; {grader.stats.summary()}")
+                f"{time.perf_counter() - start:.1f} s; {grader.stats.summary(grader.stats.since(graded))}")
 
 
 def execute(io: RecordIO, sandbox_options: SandboxOptions, *, observation_role: str, chunk_size: int) -> None:
@@ -445,8 +448,7 @@ def evaluate(ios: Sequence[RecordIO], *, pass_at: str, score_field: str | None, 
             ks = metrics.parse_pass_at(pass_at, samples=max(per_problem.values(), default=1))
             summary = {"input": io.input, **metrics.evaluate(graded_records, ks=ks, score_field=score_field,
                                                               equal=grader.is_equivalent)}
-            # the one grader's counts, this input's share of them
-            summary["grading"] = {key: count - before[key] for key, count in grader.stats.as_dict().items()}
+            summary["grading"] = grader.stats.since(before)  # this input's share of the one grader's counts
             summaries.append(summary)
     if graded is not None:
         with RecordWriter(graded) as writer:

@@ -220,7 +220,7 @@ def check_model(option: str, name: str | None, *, adapter: bool = False, or_adap
         if not os.path.isdir(name):
             raise UserError(f"{option} {name}: is a file; give the model's directory")
         wanted = "adapter_config.json" if adapter else "config.json"
-        if or_adapter and os.path.isfile(os.path.join(name, "adapter_config.json")):
+        if or_adapter and is_adapter_dir(name):
             return
         if not os.path.isfile(os.path.join(name, wanted)):
             raise UserError(f"{option} {name}: no {wanted} in it: not a {'peft adapter' if adapter else 'model'} "
