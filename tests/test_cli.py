@@ -1,4 +1,6 @@
-"""The command line as a user runs it: real subprocesses, the tiny model, pipes between stages."""
+"""The command line as a user runs it: real subprocesses, the tiny model, pipes between stages. The option
+checks, which end before any work, run the same app in-process (`invoke`): a Python start each would be most of
+their time."""
 
 from __future__ import annotations
 
@@ -19,6 +21,17 @@ def run(args, stdin="", check=True, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def invoke(args, stdin, cwd, monkeypatch) -> subprocess.CompletedProcess:
+    """`run` without a process of its own: the app in ours, in `cwd`, its streams captured apart."""
+    from typer.testing import CliRunner
+
+    from mathagent.cli import app
+
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(app, args, input=stdin)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def records(stdout: str) -> list[dict]:
@@ -266,8 +279,8 @@ PAIR = ('{"id": "x", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"
     (["train-sft", "-", "--merge-lora"], PENDING, "--merge-lora needs --lora"),
     (["train-mdpo", "-", "--loss", "kto", "--nll-weight", "1"], PAIR, "--nll-weight applies to the pair losses"),
 ])
-def test_a_bad_option_is_one_line_and_exit_2_before_any_work(args, stdin, named, tmp_path):
-    proc = run(args, stdin, check=False, cwd=tmp_path)
+def test_a_bad_option_is_one_line_and_exit_2_before_any_work(args, stdin, named, tmp_path, monkeypatch):
+    proc = invoke(args, stdin, tmp_path, monkeypatch)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []

@@ -223,7 +223,7 @@ def test_a_tiny_model_warm_started_on_self_rewarding_demonstrations_judges_and_r
     from mathagent.tasks.arith import make_problems
     from mathagent.tiny import build_tiny_model
 
-    model = build_tiny_model(tmp_path / "model", seed=0, warmup_steps=500, warmup="self-rewarding")
+    model = build_tiny_model(tmp_path / "model", seed=0, warmup_steps=300, warmup="self-rewarding")
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join(json.dumps(p) + "\n" for p in make_problems(16, seed=7, split="heldout")))
 

@@ -274,6 +274,10 @@ def test_a_server_that_cannot_load_adapters_is_named_in_one_line_with_how_to_sta
 
 
 def test_the_openai_options_are_checked_before_anything_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from mathagent.cli import app
+
     problems = tmp_path / "p.jsonl"
     problems.write_text(json.dumps({"id": "p", "question": "1+1?", "answer": "2"}) + "\n")
     for args, message in ((["--backend", "openai"], "--backend openai needs --base-url"),
@@ -281,10 +285,9 @@ def test_the_openai_options_are_checked_before_anything_loads(tmp_path):
                           (["--backend", "openai", "--base-url", "ftp://x"], "expected an http(s) URL"),
                           (["--backend", "openai", "--base-url", "http://127.0.0.1:9", "--dtype", "float16"],
                            "the servers' settings")):
-        proc = subprocess.run([sys.executable, "-m", "mathagent.cli", "rollout", str(problems), *args],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr
+        result = CliRunner().invoke(app, ["rollout", str(problems), *args])  # in-process: nothing starts
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr
 
 
 @pytest.fixture(scope="module")
