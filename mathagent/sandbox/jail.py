@@ -4,10 +4,12 @@ outside it. Beside it: `budgets` (the memory budget and CPU quota) and `syscalls
 Each mechanism is applied by the process the sandbox's chain puts in charge of it (see `zygote`, `supervisor`):
 
     zygote      the session's uid, from a machine-wide pool (`UidPool`), and its cgroups (`budgets`)
+    zygote      read_only_template, once, as root: a mount namespace with every mount read-only (and the
+                Python installation reachable), which each session's mount namespace starts as a copy of
     launcher    enter_namespaces: pid, mount, IPC and network namespaces (a user namespace first where we
                 are not root), each tried alone where the OS refuses them together
-    supervisor  isolate: every mount read-only, a private tmpfs for /tmp and /dev/shm, a /proc and a devpts
-                of our own
+    supervisor  isolate: every mount read-only (done already where the session copied the template), a
+                private tmpfs for /tmp and /dev/shm, a /proc and a devpts of our own
     holder      drop_privileges: a uid of its own, no capabilities, no_new_privs, the rlimits; then the
                 system-call filter (`syscalls`)
 
@@ -109,10 +111,14 @@ def keep_only_fds(keep: set[int]) -> None:
 # -- namespaces: the launcher ---------------------------------------------------------------------------------
 
 
-def enter_namespaces(network: bool, *, only: int | None = None, exclude: int = 0, strict: bool = False) -> int:
+def enter_namespaces(network: bool, *, only: int | None = None, exclude: int = 0, strict: bool = False,
+                     template: int | None = None) -> int:
     """Move the calling process into new namespaces (its next child is the first process of the pid one);
     the CLONE_NEW* flags of those the OS allowed. `only`/`exclude`: of the namespaces a session wants, just
-    these / all but these; `strict`: raise OSError unless the OS allows them all."""
+    these / all but these; `strict`: raise OSError unless the OS allows them all; `template`: a mount
+    namespace (`read_only_template`) whose copy the new mount namespace is, instead of a copy of ours."""
+    if template is not None:
+        setns(template, _CLONE_NEWNS)  # unshare(CLONE_NEWNS) below then copies the template, not the host
     # IPC: SysV shared memory, semaphores and message queues and POSIX message queues are per namespace, so
     # no session reads another's segment by key, and all of them go when the session's last process exits.
     wanted = [CLONE_NEWPID, _CLONE_NEWNS, _CLONE_NEWIPC] + ([] if network else [_CLONE_NEWNET])
@@ -139,6 +145,45 @@ def enter_namespaces(network: bool, *, only: int | None = None, exclude: int = 0
             os.write(fd, text.encode())
             os.close(fd)
     return namespaces
+
+
+def read_only_template() -> tuple[int, bool]:
+    """A mount namespace in which every mount is read-only and the Python installation reachable by any uid,
+    made once (by a child of ours, which exits): (an fd that holds it, whether every mount took read-only).
+
+    A session copies it (`enter_namespaces(template=...)`) instead of remounting each of the host's mounts
+    itself: the remounts are the larger part of a session's mount work, and a copy keeps their flags."""
+    ready_read, ready_write = os.pipe()
+    hold_read, hold_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        answer = b"-"
+        try:
+            os.close(ready_read)
+            os.close(hold_write)
+            _unshare(_CLONE_NEWNS)
+            _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing we mount reaches the host
+            if os.geteuid() == 0:
+                _expose_python()
+            answer = b"1" if _remount_read_only() else b"0"
+        except BaseException:
+            pass
+        try:
+            os.write(ready_write, answer)
+            os.read(hold_read, 1)  # until our parent holds the namespace
+        finally:
+            os._exit(0)
+    os.close(ready_write)
+    os.close(hold_read)
+    try:
+        answer = os.read(ready_read, 1)
+        if answer not in (b"0", b"1"):
+            raise OSError(errno.EPERM, "the read-only mount namespace could not be made")
+        return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC), answer == b"1"
+    finally:
+        os.close(ready_read)
+        os.close(hold_write)
+        os.waitpid(pid, 0)
 
 
 def host_workdir(namespaces: int, uid: int) -> str | None:
@@ -233,9 +278,12 @@ def isolate(config: dict, uid: int, namespaces: int, workdir: str | None) -> tup
     drop_uid = os.geteuid() == 0 and not namespaces & _CLONE_NEWUSER
     if namespaces & _CLONE_NEWNS:
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing we mount reaches the host
-        if drop_uid:
-            _expose_python()
-        report["read_only_root"] = _remount_read_only()
+        if config.get("mount_template") is not None:  # a copy of read_only_template's: done already
+            report["read_only_root"] = config["mount_template_read_only"]
+        else:
+            if drop_uid:
+                _expose_python()
+            report["read_only_root"] = _remount_read_only()
         workdir = "/tmp"
         owner = f",uid={uid},gid={uid}" if drop_uid else ""
         size = 4 * config["max_file_mb"]

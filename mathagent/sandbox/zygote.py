@@ -29,6 +29,7 @@ from mathagent.sandbox.jail import (
     host_workdir,
     keep_only_fds,
     prctl,
+    read_only_template,
     reap,
     set_process_name,
     setns,
@@ -81,6 +82,14 @@ def zygote_main(config: dict) -> None:
     # unshare(CLONE_NEWPID) works once per pid namespace we are in: after each fork we go back to our own
     # (setns), or the next unshare fails and every later session would share the first one's namespace.
     own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if direct else None
+    # Each session's mount namespace a copy of one made read-only here once, not remounted mount by mount.
+    template, config["mount_template"] = None, None
+    if direct:
+        try:
+            template, config["mount_template_read_only"] = read_only_template()
+            config["mount_template"] = template
+        except OSError:
+            pass  # each session remounts its own
     owned: dict[int, list[SessionCgroup]] = {}  # S's pid -> its session's cgroups, removed when S is collected
     # A session that ends (its trajectory forgotten) is collected at once, not at the next request: SIGCHLD
     # wakes the loop below through this pipe.
@@ -115,7 +124,8 @@ def zygote_main(config: dict) -> None:
                 caller_end.close()
                 if not direct:
                     _launcher_main(config, session_end, uid, n)
-                namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID)
+                namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID,
+                                                             template=template)
                 Supervisor(config, session_end, uid, namespaces, None, cgroups, notes).serve()
             except BaseException:
                 traceback.print_exc()
