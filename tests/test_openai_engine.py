@@ -369,9 +369,12 @@ def agent_model(tmp_path_factory) -> str:
 def assert_same_records(got: str, expected: str) -> None:
     """The same JSONL records, in order, equal but for log-probs, which may differ by float32 rounding."""
 
+    from mathagent.records import LOGPROBS
+
     def split(value, logprobs: list):
+        """`value` with each list of log-probs taken out into `logprobs`, a marker in its place."""
         if isinstance(value, dict):
-            return {k: (logprobs.append(v) or "<logprobs>") if k == "logprobs" and v is not None else split(v, logprobs)
+            return {k: (logprobs.append(v) or LOGPROBS) if k == LOGPROBS and v is not None else split(v, logprobs)
                     for k, v in value.items()}
         return [split(v, logprobs) for v in value] if isinstance(value, list) else value
 

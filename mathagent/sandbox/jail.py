@@ -163,9 +163,7 @@ def read_only_template() -> tuple[int, bool]:
             os.close(hold_write)
             _unshare(_CLONE_NEWNS)
             _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing we mount reaches the host
-            if os.geteuid() == 0:
-                _expose_python()
-            answer = b"1" if _remount_read_only() else b"0"
+            answer = b"1" if _read_only_view(expose_python=os.geteuid() == 0) else b"0"
         except BaseException:
             pass
         try:
@@ -278,12 +276,10 @@ def isolate(config: dict, uid: int, namespaces: int, workdir: str | None) -> tup
     drop_uid = os.geteuid() == 0 and not namespaces & _CLONE_NEWUSER
     if namespaces & _CLONE_NEWNS:
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing we mount reaches the host
-        if config.get("mount_template") is not None:  # a copy of read_only_template's: done already
-            report["read_only_root"] = config["mount_template_read_only"]
+        if config.get("read_only_template") is not None:  # a copy of read_only_template's: done already
+            report["read_only_root"] = config["read_only_template"]
         else:
-            if drop_uid:
-                _expose_python()
-            report["read_only_root"] = _remount_read_only()
+            report["read_only_root"] = _read_only_view(expose_python=drop_uid)
         workdir = "/tmp"
         owner = f",uid={uid},gid={uid}" if drop_uid else ""
         size = 4 * config["max_file_mb"]
@@ -315,6 +311,14 @@ def _own_devpts() -> str:
     except OSError as e:
         return f"the host's (a devpts of our own was refused: {e.strerror})"
     return f"own devpts, at most {MAX_PTYS}"
+
+
+def _read_only_view(expose_python: bool) -> bool:
+    """In a private mount namespace: the Python installation reachable by any uid where `expose_python`,
+    then every mount read-only; False where one refused."""
+    if expose_python:
+        _expose_python()
+    return _remount_read_only()
 
 
 def _remount_read_only() -> bool:

@@ -82,12 +82,12 @@ def zygote_main(config: dict) -> None:
     # unshare(CLONE_NEWPID) works once per pid namespace we are in: after each fork we go back to our own
     # (setns), or the next unshare fails and every later session would share the first one's namespace.
     own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if direct else None
-    # Each session's mount namespace a copy of one made read-only here once, not remounted mount by mount.
-    template, config["mount_template"] = None, None
+    # Each session's mount namespace a copy of one made read-only here once, not remounted mount by mount;
+    # config["read_only_template"]: whether every mount of it took read-only, None where there is none.
+    template, config["read_only_template"] = None, None
     if direct:
         try:
-            template, config["mount_template_read_only"] = read_only_template()
-            config["mount_template"] = template
+            template, config["read_only_template"] = read_only_template()
         except OSError:
             pass  # each session remounts its own
     owned: dict[int, list[SessionCgroup]] = {}  # S's pid -> its session's cgroups, removed when S is collected
