@@ -12,8 +12,8 @@ the same kernel work per session as the sandbox's own code (`jail`, `budgets`, `
 sandbox: no output memfd, no replay, no successor holder, no polled budget.
 
 Both run the same sequence: N sessions one after another, two trivial cells each, then the session ends. The
-machine's CPU time (/proc/stat, every core, kernel threads included) per session, the two run alternately.
-As root only (the shape's namespaces are made without a user namespace).
+machine's CPU time per session (`executor.machine_cpu_seconds`: /proc/stat, every core, kernel threads
+included), the two run alternately. As root only (the shape's namespaces are made without a user namespace).
 
     .venv/bin/python benchmarks/session_shape.py [--sessions 300] [--rounds 2]
 """
@@ -21,7 +21,6 @@ As root only (the shape's namespaces are made without a user namespace).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -47,27 +46,18 @@ from mathagent.sandbox.jail import (  # noqa: E402
 )
 from mathagent.sandbox.supervisor import _RECV_CALLS  # noqa: E402
 
+from benchmarks.executor import machine_cpu_seconds  # noqa: E402
+
 CELLS = ("x = 1", "print(x + 1)")
 # The system call an idle holder is blocked in, as the supervisor reads it (None: an architecture without it).
 RECVFROM = _RECV_CALLS.get(platform.machine())
-
-
-def machine_seconds() -> float:
-    """Busy CPU time of the whole machine so far: user, nice, system, irq, softirq, steal."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
-    return sum(int(x) for x in fields[:3] + fields[5:8]) / os.sysconf("SC_CLK_TCK")
 
 
 class OneSupervisor:
     """This process as the zygote and the supervisor of the other shape."""
 
     def __init__(self):
-        for name in zygote.PRELOADED_MODULES:
-            __import__(name)
-        zygote._warm_up()
-        gc.freeze()
-        zygote._huge_pages()
+        zygote.preload()
         self.config = {"network": False, "max_file_mb": 16, "memory_mb": 2048, "max_processes": 64, "cgroup": True,
                        "cpus": 1, "zygote": os.getpid()}  # fmt: skip
         self.filter, _ = syscalls.syscall_filter()
@@ -95,7 +85,10 @@ class OneSupervisor:
         theirs.close()
         for cgroup in cgroups:
             cgroup.close_files()
-        directories = [os.path.join(hierarchy[0], cgroup.name) for (hierarchy, _), cgroup in zip(self.hierarchies, cgroups)]
+        directories = [os.path.join(hierarchy[0], cgroup.name)
+                       for (hierarchy, _), cgroup in zip(self.hierarchies, cgroups)]  # fmt: skip
+        cpu_files = [os.path.join(d, name) for d in directories for name in ("cpu.stat", "cpuacct.usage")
+                     if os.path.exists(os.path.join(d, name))]  # fmt: skip
         for code in CELLS:
             kill(pid, signal.SIGCONT)
             mine.send(code.encode())
@@ -103,15 +96,14 @@ class OneSupervisor:
             while not self._idle(pid):
                 time.sleep(0.0001)
             kill(pid, signal.SIGSTOP)
-            for directory in directories:  # every other process of the session, and its CPU time
+            for directory in directories:  # every other process of the session
                 with open(os.path.join(directory, "cgroup.procs")) as f:
                     for other in f.read().split():
                         if int(other) != pid:
                             kill(int(other))
-                for name in ("cpu.stat", "cpuacct.usage"):
-                    if os.path.exists(os.path.join(directory, name)):
-                        with open(os.path.join(directory, name)) as f:
-                            f.read()
+            for path in cpu_files:  # and its CPU time
+                with open(path) as f:
+                    f.read()
         kill(pid, signal.SIGCONT)
         mine.close()  # the holder exits at EOF, and its namespaces with it
         os.waitpid(pid, 0)
@@ -149,25 +141,23 @@ class OneSupervisor:
             return f.read().split()[0] == RECVFROM
 
 
-def run_shipped(sandbox: Sandbox, sessions: int, round_: int) -> float:
-    start = machine_seconds()
-    for n in range(sessions):
-        name = f"r{round_}-{n}"
-        history: tuple[str, ...] = ()
-        for code in CELLS:
-            sandbox.run([Cell(session=name, history=history, code=code)])
-            history += (code,)
-        sandbox.forget(name)
+def run_shipped(sandbox: Sandbox, n: int) -> None:
+    """Session `n` of the shipped sandbox: its cells one after another, then forgotten."""
+    name = f"s{n}"
+    history: tuple[str, ...] = ()
+    for code in CELLS:
+        sandbox.run([Cell(session=name, history=history, code=code)])
+        history += (code,)
+    sandbox.forget(name)
+
+
+def machine_ms_per_session(session, numbers: range) -> float:
+    """The machine's CPU time per session of `session(n)` for each of `numbers`, the last exits included."""
+    start = machine_cpu_seconds()
+    for n in numbers:
+        session(n)
     time.sleep(0.3)  # the last sessions' exits
-    return (machine_seconds() - start) / sessions * 1e3
-
-
-def run_shape(shape: OneSupervisor, sessions: int, round_: int) -> float:
-    start = machine_seconds()
-    for n in range(sessions):
-        shape.session(round_ * sessions + n)
-    time.sleep(0.3)
-    return (machine_seconds() - start) / sessions * 1e3
+    return (machine_cpu_seconds() - start) / len(numbers) * 1e3
 
 
 def main() -> None:
@@ -187,8 +177,9 @@ def main() -> None:
         sandbox.run([Cell(session="warm", history=(), code="x = 1")])
         sandbox.forget("warm")
         for round_ in range(args.rounds):
-            shipped.append(round(run_shipped(sandbox, args.sessions, round_), 2))
-            other.append(round(run_shape(shape, args.sessions, round_), 2))
+            numbers = range(round_ * args.sessions, (round_ + 1) * args.sessions)
+            shipped.append(round(machine_ms_per_session(lambda n: run_shipped(sandbox, n), numbers), 2))
+            other.append(round(machine_ms_per_session(shape.session, numbers), 2))
     from rich.console import Console
     from rich.table import Table
 

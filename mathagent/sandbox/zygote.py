@@ -52,13 +52,7 @@ def zygote_main(config: dict) -> None:
     control = socket.socket(fileno=config["control_fd"])
     set_process_name(b"sandbox-zygote")
     started = time.perf_counter()
-    for name in PRELOADED_MODULES:
-        __import__(name)
-    _warm_up()
-    import gc
-
-    gc.freeze()  # forked sessions then do not copy pages for the collector's bookkeeping
-    _huge_pages()
+    preload()
     try:
         control.send(json.dumps({"import_seconds": round(time.perf_counter() - started, 3)}).encode())
     except (BrokenPipeError, ConnectionResetError):
@@ -190,6 +184,19 @@ def zygote_main(config: dict) -> None:
         caller_end = spares.popleft() if spares else launch()
         socket.send_fds(control, [b"session"], [caller_end.fileno()])
         caller_end.close()
+
+
+def preload() -> None:
+    """Make this process what sessions are forked from: the math modules imported and warmed up, the objects
+    frozen out of the collector's reach (forked sessions then do not copy pages for its bookkeeping), the
+    heap in huge pages."""
+    import gc
+
+    for name in PRELOADED_MODULES:
+        __import__(name)
+    _warm_up()
+    gc.freeze()
+    _huge_pages()
 
 
 def _warm_up() -> None:
