@@ -1,15 +1,16 @@
-"""What a sandbox session costs the machine as shipped, against the shape issue 27 names as the next lever:
-one supervisor for every session, each holder the init of its own namespaces.
+"""What a sandbox session costs the machine as shipped, against the least the same shape can cost: one
+supervisor for every session, each holder the init of its own namespaces.
 
-Shipped, a session is two Python processes forked from the sympy-loaded zygote: S (root, the init of the
-session's pid namespace, which mounts the session's file system and supervises) and the holder S forks (the
-cells' process). In the other shape the zygote's process forks the holder straight into new pid, mount, IPC
-and network namespaces, the holder mounts its own view (the same read-only template, tmpfs, /proc, devpts)
-before it drops its uid and installs the system-call filter, and one process supervises every session from
-outside: it ends each cell as S does (the holder idle in its receive, SIGSTOP, every other process of the
-session's cgroup killed, the session's CPU read from the cgroup). This is a measurement of that shape, with
-the same kernel work per session as the sandbox's own code (`jail`, `budgets`, `syscalls`); it is not the
-sandbox: no output memfd, no replay, no successor holder, no polled budget.
+Shipped (as root with cgroups), a session is one Python process forked from the sympy-loaded zygote: the
+holder, the init of new pid, mount, IPC and network namespaces, which mounts its own view and drops its uid,
+supervised by a thread of the shared supervisor (`supervisor.CgroupSupervisor`) through its cgroups; before
+issue 27 it was two (S, the init, and the holder S forked). The other is that shape stripped to its kernel
+work, with the sandbox's own functions (`jail`, `budgets`, `syscalls`): the zygote's process forks the holder
+into the namespaces, the holder mounts the same read-only template, tmpfs, /proc and devpts, drops its uid and
+installs the system-call filter, and this process ends each cell as the supervisor does (the holder idle in
+its receive, SIGSTOP, every other process of the session's cgroup killed, the cgroup's CPU read). It is not
+the sandbox: no caller socket, output memfd, replay, thread stop or ready report, no client. What is left
+between the two is the sandbox's own Python and its protocol.
 
 Both run the same sequence: N sessions one after another, two trivial cells each, then the session ends. The
 machine's CPU time per session (`executor.machine_cpu_seconds`: /proc/stat, every core, kernel threads
@@ -62,7 +63,7 @@ class OneSupervisor:
                        "cpus": 1, "zygote": os.getpid()}  # fmt: skip
         self.filter, _ = syscalls.syscall_filter()
         self.template, self.config["read_only_template"] = read_only_template()
-        self.hierarchies = [(h, os.open(h[0], os.O_RDONLY | os.O_DIRECTORY)) for h in zygote._hierarchies(self.config)]
+        self.hierarchies = [(h, os.open(h[0], os.O_RDONLY | os.O_DIRECTORY)) for h in zygote._hierarchies(self.config, cpu_time=False)]
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.uids = UidPool()
 
@@ -184,7 +185,7 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"machine CPU ms per session ({args.sessions} sessions of {len(CELLS)} cells, one at a time)")
-    for column in ("round", "shipped (S + holder)", "one supervisor, holder as init", "ratio"):
+    for column in ("round", "shipped", "its kernel work alone", "ratio"):
         table.add_column(column)
     for i, (a, b) in enumerate(zip(shipped, other)):
         table.add_row(str(i + 1), f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}x")

@@ -337,6 +337,25 @@ def test_threads_a_cell_leaves_running_are_stopped(sandbox):
     assert_still_works(sandbox, t)
 
 
+def test_threads_that_will_not_stop_end_the_cell_and_the_state_is_rebuilt(sandbox):
+    t = trajectory(sandbox)
+    t("survivor = 'still here'")
+    result = t("""
+        import threading, time
+        def stubborn():
+            while True:
+                try:
+                    time.sleep(0.01)
+                except BaseException:
+                    pass
+        threading.Thread(target=stubborn, daemon=True).start()
+        changed = True
+    """)
+    assert result.status == "killed" and result.output.endswith("did not stop; the session's state was reset")
+    assert t("'changed' in dir()").output == "False"  # the cell left no trace: replayed without it
+    assert_still_works(sandbox, t)
+
+
 def test_files_outside_the_work_directory_cannot_be_changed(sandbox, tmp_path):
     # /var/tmp is visible inside the sandbox and writable by anyone outside; the file is too.
     victim_dir = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="mathagent-victim-"))
@@ -467,13 +486,14 @@ def test_a_forgotten_session_frees_its_processes(sandbox):
 
 def test_each_session_sees_only_its_own_processes(sandbox):
     """Sessions started together (from the zygote's spares, then new ones) each get a pid namespace of their
-    own: a cell sees its supervisor and itself, never another trajectory's processes."""
+    own: a cell sees itself (and its supervisor S, where S is the namespace's init), never another
+    trajectory's processes."""
     code = ("import os\nprint(os.readlink('/proc/self/ns/pid'), "
             "sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
     results = sandbox.run([Cell(f"pidns-{i}", (), code) for i in range(6)])
     namespaces = [r.output.split(" ", 1) for r in results]
     assert len({ns for ns, _ in namespaces}) == 6, namespaces
-    assert all(pids == "[1, 2]" for _, pids in namespaces), namespaces
+    assert all(pids in ("[1]", "[1, 2]") for _, pids in namespaces), namespaces
 
 
 def test_reserved_sessions_are_started_before_their_first_cells():
@@ -544,15 +564,19 @@ def test_deeply_nested_json_on_the_result_channel_is_ignored_and_the_stage_goes_
 
 
 def test_a_cell_cannot_open_its_holders_memory_so_a_timed_out_cell_leaves_no_trace():
-    """The holder (the checkpoint a timed-out cell falls back to) runs with the cell's uid; it is not dumpable,
-    so /proc/<holder>/mem is closed to the cell, while the cell still reads its own /proc/self."""
-    attack = ("import os\ntry:\n    open(f'/proc/{os.getppid()}/mem', 'r+b')\n    print('opened')\n"
-              "except OSError as e:\n    print('refused', e.errno)\nprint(len(open('/proc/self/status').read()) > 0)\n"
+    """A timed-out cell falls back to the state before it. Where S (the namespace's init) forked the holder,
+    S runs with the cell's uid's reach but is not dumpable, so /proc/<S>/mem is closed to the cell; where the
+    holder is the init itself, no other process of the session is there to reach. The cell still reads its
+    own /proc/self."""
+    attack = ("import os\nif os.getppid() == 0:\n    print('alone', sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
+              "else:\n  try:\n    open(f'/proc/{os.getppid()}/mem', 'r+b')\n    print('opened')\n"
+              "  except OSError as e:\n    print('refused', e.errno)\nprint(len(open('/proc/self/status').read()) > 0)\n"
               "import time\ntime.sleep(30)")
     with Sandbox(workers=1, timeout=1.0) as box:
         box.run([Cell("m", (), "x = 1")])
         (result,) = box.run([Cell("m", ("x = 1",), attack)])
-        assert result.status == "timeout" and result.output.startswith("refused 13\nTrue")
+        assert result.status == "timeout"
+        assert result.output.startswith(("refused 13\nTrue", "alone ['1']\nTrue")), result.output
         assert box.run([Cell("m", ("x = 1", attack), "print(x)")])[0].output == "1"
 
 
@@ -1008,10 +1032,11 @@ def test_the_zygote_collects_ended_sessions_while_idle():
         for i in range(8):
             box.forget(f"z{i}")
         deadline = time.monotonic() + 5
-        while len(_processes_of(box, "sandbox-S")) > 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the eight supervisors have exited (the spares' stay)
+        while len(_processes_of(box, "sandbox-S") + _processes_of(box, "sandbox-holder")) > 2 and \
+                time.monotonic() < deadline:  # fmt: skip
+            time.sleep(0.05)  # the eight sessions' processes have exited (the spares' stay)
         time.sleep(0.3)
-        assert _zombies_of(box.zygote_pid) == 0
+        assert sum(_zombies_of(pid) for pid in _processes_of(box)) == 0
         parent = memory_cgroup_parent()
         if parent is not None:
             ours = [n for n in os.listdir(parent[0]) if n.startswith(f"mathagent-{box.zygote_pid}-")]
@@ -1050,3 +1075,39 @@ def test_a_failed_oom_score_change_is_counted_in_the_isolation_report():
     report = json.loads(proc.stdout)
     if report["memory"].startswith("cgroup"):
         assert report["oom_score_failures"] >= 1, report
+
+
+def test_an_unprivileged_caller_gets_each_result_at_the_cells_end():
+    """Not root (a GPU node's user): the sandbox goes through a launcher and a user namespace, where the
+    holder's system call is closed to its supervisor (the holder's memory belongs to the host's user
+    namespace); a cell still ends when it does, not at its deadline."""
+    import json
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import json, time
+        from mathagent.sandbox import Cell, Sandbox
+        with Sandbox(workers=1, timeout=5) as box:
+            box.run([Cell("u", (), "x = 1")])
+            began = time.monotonic()
+            (result,) = box.run([Cell("u", ("x = 1",), "x + 1")])
+            print(json.dumps([result.status, result.output, time.monotonic() - began]))
+    """)
+    def unprivileged():
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              cwd="/", env={"PATH": os.environ["PATH"], "HOME": "/tmp", "PYTHONPATH": str(root)},
+                              preexec_fn=unprivileged if os.geteuid() == 0 else None)  # fmt: skip
+    except PermissionError:
+        proc = None
+    if proc is None or proc.returncode != 0 and "Permission denied" in proc.stderr:
+        pytest.skip("this checkout or its Python is closed to an unprivileged user")
+    assert proc.returncode == 0, proc.stderr
+    status, output, seconds = json.loads(proc.stdout)
+    assert (status, output) == ("ok", "2") and seconds < 2, (status, output, seconds)

@@ -9,20 +9,25 @@ defined in turn 1 are visible in turn 3, and a trailing bare expression is echoe
         results[0].output  # '2*sqrt(2)'
         sandbox.forget("traj-7")
 
-Model-written code is hostile, so it never runs in the caller's process. The processes:
+Model-written code is hostile, so it never runs in the caller's process. The processes, as root with
+cgroups (the shared shape):
 
-    zygote Z (imports sympy, numpy once) --fork--> supervisor S, one per trajectory (through a launcher
-    caller threads <------------- socket --------> S: root, pid 1 of its own pid,   where not root)
-                                                   network and mount namespaces
-              holder: the namespace, a uid of its own, runs the cells <--fork-- S
+    supervisor (one, a thread per session) <--- socket ---> caller threads
+      └─ zygote Z (imports sympy, numpy once) --fork--> holder, one per trajectory: pid 1 of its own pid,
+                                                        mount, IPC and network namespaces, its own cgroups
+                                                        and uid; runs the cells
+
+and elsewhere (not root, no cgroups), a supervisor S per session, pid 1 of the session's namespaces, which
+forks the holder (Z forks S through a launcher where a user namespace has to come first).
 
 Cells run in the process that holds the trajectory's state (the "holder"), one after another, with no fork
-per cell. So the holder's word on a cell is the cell's: S decides when a cell has ended, from outside. It
-enforces the wall deadline and the session's CPU time itself, takes a result only once the holder is idle
-(one thread, blocked receiving its next command), then stops the holder (SIGSTOP) and kills everything else
-in the trajectory's pid namespace: whatever the cell started, daemons that double-forked and called setsid
+per cell. So the holder's word on a cell is the cell's: the supervisor decides when a cell has ended, from
+outside. It enforces the wall deadline and the session's CPU time itself, takes a result only once the holder
+is idle (one thread, blocked receiving its next command), then stops the holder (SIGSTOP) and kills every
+other process of the session (its cgroup's, or S's pid namespace's): whatever the cell started, daemons that
+double-forked and called setsid
 included. Between cells nothing of a session runs. When the cell times out, its process dies or it goes over
-its memory budget, S kills the holder with everything in the namespace, starts a new holder, and the caller
+its memory budget, the supervisor kills the holder with everything in the namespace, starts a new holder, and the caller
 rebuilds the state by replaying the trajectory's earlier cells without the failed one (`client`): the cell
 leaves no trace in the state (files it wrote stay). Cells that merely raise keep their partial effects, as
 in a notebook. A session that is lost is rebuilt the same way.
@@ -43,7 +48,7 @@ namespace with no interface up, and no socket families but unix and IP), the hos
 descriptor (each process of the chain closes every fd outside an allow-list), other sessions (a uid never
 handed out twice on the machine, IPC namespace, devpts, memory budget and CPU quota of its own; no file
 locks or kernel keys, which would outlive it or reach across), keeping privileges (no capabilities,
-no_new_privs), and outliving or overrunning its cell (S ends it, however it reports itself).
+no_new_privs), and outliving or overrunning its cell (the supervisor ends it, however it reports itself).
 
 What it does not cover:
 - the kernel: the seccomp filter refuses socket families, keys, io_uring and file locks; every other system
@@ -55,13 +60,13 @@ What it does not cover:
 - a weaker fallback where the OS refuses a mechanism (a container without CAP_SYS_ADMIN, not root): without a
   network namespace an audit hook refuses Python's own sockets only (ctypes or a subprocess get past it),
   without a mount namespace the host's files are protected by their permissions alone, without a cpu cgroup
-  there is no quota (S still ends each cell at its CPU limit) (docs/sandbox.md);
+  there is no quota (the supervisor still ends each cell at its CPU limit) (docs/sandbox.md);
 - memory, at its edges: the polled budget (no writable memory cgroup) can be passed between two looks;
 - replay: a state rebuilt after a failed cell or a lost session equals the one before only if its cells are
   deterministic (a random draw is not).
 
 The modules, by process: `client` (the caller's: `Sandbox`, its sessions and their sockets), `zygote` (the
-zygote and the launchers), `supervisor` (S), `cell` (the holder and a cell's run in it), `__main__` (the
+zygote and the launchers), `supervisor` (the supervisor in either shape), `cell` (the holder and a cell's run in it), `__main__` (the
 zygote's program); and what they share: `protocol` (what they say to each other), `jail` (namespaces, mounts,
 uids, privileges), `budgets` (the memory budget and CPU quota), `syscalls` (the seccomp filter).
 """

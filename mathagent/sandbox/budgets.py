@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 
 
@@ -77,12 +78,11 @@ class SessionCgroup:
 
     def oom_kills(self) -> int | None:
         """How many processes of the session the kernel's OOM killer has stopped so far."""
-        os.lseek(self.events, 0, os.SEEK_SET)
-        for line in os.read(self.events, 4096).decode().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return None
+        return _counter(self.events, "oom_kill")
+
+    def open_procs(self) -> None:
+        """Open the cgroup's process list again, for the next holder to join."""
+        self.procs = os.open(f"{self.name}/cgroup.procs", os.O_WRONLY, dir_fd=self.parent)
 
     def close_files(self) -> None:
         """Close the cgroup's files: the zygote (or launcher) keeps only what `remove` needs, a holder none."""
@@ -104,6 +104,80 @@ class SessionCgroup:
                 if e.errno != errno.EBUSY:
                     break
                 time.sleep(0.01)
+
+
+class CgroupReader:
+    """A session's cgroups as the shared supervisor reads them from outside (`supervisor.CgroupSupervisor`):
+    its processes, whatever they forked (no process of a session can leave its cgroups), the CPU time they
+    used, ended ones included, and the OOM kills. `cgroups`: one {"dir", "version", "controllers", "quota"}
+    per hierarchy, as the zygote made them."""
+
+    def __init__(self, cgroups: list[dict]):
+        self.name = os.path.basename(cgroups[0]["dir"])
+        self.memory_version = self.quota_version = None
+        self.events = self.usage = None
+        self.usage_in_stat = False  # cgroup v2's cpu.stat (usage_usec) rather than v1's cpuacct.usage (ns)
+        self.procs = os.path.join(cgroups[0]["dir"], "cgroup.procs")
+        for cgroup in cgroups:
+            directory, version = cgroup["dir"], cgroup["version"]
+            if "memory" in cgroup["controllers"]:
+                self.memory_version = version
+                events = "memory.oom_control" if version == 1 else "memory.events"
+                self.events = os.open(os.path.join(directory, events), os.O_RDONLY)
+            if cgroup["quota"]:
+                self.quota_version = version
+            usage = "cpu.stat" if version == 2 else "cpuacct.usage"
+            if self.usage is None and os.path.exists(os.path.join(directory, usage)):
+                self.usage, self.usage_in_stat = os.open(os.path.join(directory, usage), os.O_RDONLY), version == 2
+
+    @property
+    def version(self) -> int | None:
+        return self.memory_version
+
+    def pids(self) -> list[int]:
+        # Opened for each look: cgroup v1 keeps the list an open file read first for a second, however often
+        # it is read again from the start.
+        with open(self.procs, "rb") as f:
+            return [int(pid) for pid in f.read().split()]
+
+    def cpu_seconds(self) -> float:
+        if self.usage_in_stat:
+            return (_counter(self.usage, "usage_usec") or 0) / 1e6
+        return int(os.pread(self.usage, 64, 0)) / 1e9
+
+    def oom_kills(self) -> int | None:
+        return _counter(self.events, "oom_kill")
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL `pid`, a process listed in the cgroup, unless it has gone and its pid was reused outside the
+        session since (through a pidfd: the process checked is the one signalled)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                if any(line.rstrip("\n").endswith("/" + self.name) for line in f):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            pass  # gone meanwhile
+        finally:
+            os.close(pidfd)
+
+    def close(self) -> None:
+        for fd in (self.events, self.usage):
+            if fd is not None:
+                os.close(fd)
+        self.events = self.usage = None
+
+
+def _counter(fd: int, key: str) -> int | None:
+    """The value of `key` in a cgroup file of "key value" lines."""
+    for line in os.pread(fd, 4096, 0).decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return None
 
 
 def set_oom_score(value: int, pid: int | str = "self") -> bool:

@@ -7,7 +7,8 @@ math agent take). A trailing bare expression is echoed (`x = 2\\nx+1` prints `3`
 in Jupyter); an error shows the exception line after the last TRACEBACK_FRAMES frames of the cells, none of
 the harness. SIGALRM (wall clock) and SIGPROF (CPU time) raise inside the cell. A cell whose result the
 supervisor does not keep (a timeout, a death) ends the holder: the supervisor starts a new one and the caller
-replays the kept cells.
+replays the kept cells. Python threads a cell leaves running are ended at its end (SystemExit raised in
+them); a cell whose threads do not stop is ended like a killed one.
 
 The holder talks to its supervisor in JSON messages on two SEQPACKET sockets: commands in ("run"), and out
 "result" (a status of STATUSES and the error text). A cell can write to the results socket too, from the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ast
 import builtins
 import errno
+import fcntl
 import json
 import linecache
 import mmap
@@ -29,16 +31,19 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import traceback
+
 from mathagent.sandbox.budgets import PolledBudget, SessionCgroup, set_oom_score
 from mathagent.sandbox.jail import PR_SET_DUMPABLE, drop_privileges, keep_only_fds, prctl, reap, set_process_name
-from mathagent.sandbox.protocol import MAX_CODE_BYTES
+from mathagent.sandbox.protocol import MAX_CODE_BYTES, cpu_limit
 from mathagent.sandbox.syscalls import install_syscall_filter
 
 TRACEBACK_FRAMES = 2  # frames of a traceback the model sees, innermost last, besides the exception line
 # Address space held back from each cell and handed to the harness after it: a cell that ends at the RLIMIT_AS
 # (its namespace keeping what it allocated) must not leave the holder unable to format and send its result.
 HARNESS_RESERVE_BYTES = 32 << 20
+THREAD_STOP_SECONDS = 0.5  # how long the threads a cell left get to end
 
 
 class _CellTimeout(BaseException):
@@ -50,15 +55,15 @@ class Holder:
     """The process that holds a trajectory's namespace and runs its cells."""
 
     def __init__(self, commands: socket.socket, results: socket.socket, *, printed: int,
-                 cgroups: list[SessionCgroup], polled: bool, config: dict, uid: int, isolation: dict,
-                 cpu_limit: int):  # fmt: skip
-        """Set up in the new process S forked: join the session's cgroups, keep only our own files, drop
-        every privilege. `printed`: S's output memfd; `polled`: the memory budget is S's poll, not a cgroup;
-        `config`, `uid`, `isolation`: the session's (jail.drop_privileges)."""
+                 cgroups: list[SessionCgroup], polled: bool, config: dict, uid: int, isolation: dict):  # fmt: skip
+        """Set up in a new holder (forked by S, or by the zygote as the init of its own namespaces, which
+        joined its cgroups before: `cgroups` empty): join the session's cgroups, keep only our own files,
+        drop every privilege. `printed`: the output memfd; `polled`: the memory budget is S's poll, not a
+        cgroup; `config`, `uid`, `isolation`: the session's (jail.drop_privileges)."""
         self.commands, self.results = commands, results
         set_process_name(b"sandbox-holder")
         self.timeout = config["timeout"]
-        self.cpu_limit = cpu_limit  # seconds of CPU a cell's threads may use together
+        self.cpu_limit = cpu_limit(self.timeout)  # seconds of CPU a cell's threads may use together
         self.cap = config["max_output_chars"]
         self.namespace = {"__name__": "__main__", "__builtins__": builtins}
         self.in_cell = False
@@ -71,8 +76,9 @@ class Holder:
             # The polled budget is only as good as the supervisor's looks: a cell's processes must not keep it
             # off the cores (eight of them allocating at once on two cores passed twice the budget).
             os.nice(PolledBudget.NICE)
-        supervisor_stderr, sys.stderr = sys.stderr, open(2, "w", buffering=1, closefd=False)
-        supervisor_stderr.close()  # the caller's stderr is S's, not ours
+        earlier_stderr, sys.stderr = sys.stderr, open(2, "w", buffering=1, closefd=False)
+        if earlier_stderr.fileno() > 2:
+            earlier_stderr.close()  # S's copy of the caller's stderr, not ours
         # The holder's files, by an allow-list: stdio (/dev/null and the output memfd), the memfd's copy, and
         # the two sockets to S. No cgroup file, no other session's socket, no directory of the host's.
         keep_only_fds({0, 1, 2, self.printed, commands.fileno(), results.fileno()})
@@ -153,18 +159,58 @@ class Holder:
         # What a failed flush left in the buffer must not be written into a later cell's output when this
         # object is collected there: with its raw file closed, it is dropped silently.
         out.buffer.raw.close()
-        result = {"seq": seq, "kind": "result", "status": status, "error": error[-self.cap :]}
-        if status != "timeout" and len(os.listdir("/proc/self/task")) > 1:
-            # The cell left threads running. Python cannot stop a thread, so a fork of this process (which has
-            # only the forking thread) holds the state from here on, and the supervisor kills this one.
-            successor = os.fork()
-            if successor == 0:
-                return  # back to serve(): the new holder
-            result["successor"] = successor
-            self._send(result)
-            while True:
-                signal.pause()
-        self._send(result)
+        if status != "timeout" and len(os.listdir("/proc/self/task")) > 1 and not _stop_threads():
+            # The supervisor takes a result only from a holder with one thread: one that keeps others is
+            # replaced, and its state with it.
+            status, error = "killed", ("SandboxError: the cell left threads running that did not stop; the "
+                                       "session's state was reset")
+        self._send({"seq": seq, "kind": "result", "status": status, "error": error[-self.cap :]})
+
+    def send_ready(self, isolation: dict) -> None:
+        """Tell the supervisor that the holder is set up, and what is in force (before any cell ran)."""
+        self._send({"kind": "ready", "isolation": isolation})
+
+
+def _stop_threads(seconds: float = THREAD_STOP_SECONDS) -> bool:
+    """End the Python threads a cell left running: SystemExit raised in each at its next bytecode, again until
+    they are gone or `seconds` have passed. Whether the holder has one thread again (a thread blocked in C, or
+    one started outside Python, stays)."""
+    import ctypes
+    import time
+
+    me = threading.get_ident()
+    deadline = time.monotonic() + seconds
+    while len(os.listdir("/proc/self/task")) > 1:
+        if time.monotonic() > deadline:
+            return False
+        for ident in sys._current_frames():
+            if ident != me:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(SystemExit))
+        time.sleep(0.002)  # the GIL goes to them; each unwinds and its OS thread ends
+    return True
+
+
+def prepare_cell_process(mark: str, workdir: str, printed: int | None = None) -> int:
+    """Make this process's surroundings those of a cell, for the holder it is or will fork: a clean
+    environment, the work directory, stdin at end of file, fd 1 and 2 the output memfd (`printed`, made here
+    if None, and returned): the supervisor reads what a cell printed even after killing it, and what
+    subprocesses print lands there too. A write past the file-size cap fails with EFBIG, not a signal."""
+    os.environ.clear()
+    os.environ.update(
+        PATH="/usr/local/bin:/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8",
+        OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MATHAGENT_SANDBOX=mark,
+    )  # fmt: skip
+    os.chdir(workdir)
+    if printed is None:
+        printed = os.memfd_create("cell-output", 0)
+        fcntl.fcntl(printed, fcntl.F_SETFL, os.O_APPEND)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(printed, 1)
+    os.dup2(printed, 2)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return printed
 
 
 def _printed_size() -> int:

@@ -9,6 +9,7 @@ Every message from the holder's side is hostile until it parses: a cell runs in 
 write on its sockets (`supervisor`).
 """
 
+import math
 import struct
 
 STATUSES = ("ok", "error", "memory", "timeout", "killed")
@@ -16,3 +17,8 @@ KEPT_STATUSES = ("ok", "error", "memory")  # the cell ran to its end in the hold
 MAX_CODE_BYTES = 4 << 20  # the largest cell S hands to a holder (one SEQPACKET message)
 FRAME = struct.Struct(">I")  # the length of each JSON message between the caller and S
 GRACE_SECONDS = 1.0  # after `timeout`, how long a cell may take to unwind before S ends it
+
+
+def cpu_limit(timeout: float) -> int:
+    """The seconds of CPU time a cell's processes may use together, for a wall `timeout`."""
+    return math.ceil(timeout) + 1

@@ -1,16 +1,22 @@
-"""S, the supervisor of one session: the trusted process between the caller and the trajectory's cells,
-which runs no model code. The zygote (`zygote`) forks it, as root and the init of the session's pid
-namespace, or through a launcher. S enters its other namespaces (`jail`), mounts the session's file system,
-keeps the holder (`cell.Holder`, replaced after a failed cell), hands each cell to it and answers the caller:
-one JSON reply per cell, after its length (`protocol.FRAME`), with a status of `protocol.STATUSES`.
+"""The supervisor: the trusted process between the caller and a trajectory's cells, which runs no model code.
+It keeps the session's holder (`cell.Holder`, replaced after a failed cell), hands each cell to it and
+answers the caller: one JSON reply per cell, after its length (`protocol.FRAME`), with a status of
+`protocol.STATUSES`. Two shapes, one logic (`Supervisor`):
+
+- shared (`serve_sessions`, root with cgroups): one process supervises every session of the sandbox, a
+  thread each (`CgroupSupervisor`). The zygote forks each holder straight into new namespaces, as the init
+  of its own pid namespace; the supervisor finds a session's processes and CPU time through its cgroups.
+- one per session (`NamespaceSupervisor`, elsewhere): S, forked by the zygote or a launcher as the init of
+  the session's pid namespace, enters the other namespaces (`jail`), mounts the session's file system and
+  forks the holder.
 
 A cell runs in the holder's own process, so nothing the holder says about a cell can be trusted: the cell
-can send a result from the holder's pid and keep running. What S decides from outside instead: the wall
-deadline and the session's CPU time (read from /proc, every process of the namespace), and the cell's end.
-A result counts only once the holder is idle, one thread blocked receiving its next command; S then stops
-it (SIGSTOP, which no process can catch) and kills everything else in the namespace, and continues it with
-the next cell. A cell that sent a result and went on computing is a timeout; between cells nothing of a
-session runs.
+can send a result from the holder's pid and keep running. What the supervisor decides from outside instead:
+the wall deadline and the session's CPU time (every process of the session, living and ended), and the
+cell's end. A result counts only once the holder is idle, one thread blocked receiving its next command; the
+supervisor then stops it (SIGSTOP, which no process can catch, and which reaches a pid namespace's init from
+outside) and kills every other process of the session, and continues it with the next cell. A cell that sent
+a result and went on computing is a timeout; between cells nothing of a session runs.
 """
 
 from __future__ import annotations
@@ -18,209 +24,113 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import math
 import os
 import platform
+import resource
 import select
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 
-from mathagent.sandbox.budgets import PolledBudget, SessionCgroup, set_oom_score
-from mathagent.sandbox.cell import Holder
+from mathagent.sandbox.budgets import CgroupReader, PolledBudget, SessionCgroup, set_oom_score
+from mathagent.sandbox.cell import Holder, prepare_cell_process
 from mathagent.sandbox.jail import PR_SET_PDEATHSIG, isolate, keep_only_fds, kill, prctl, reap, set_process_name
-from mathagent.sandbox.protocol import FRAME, GRACE_SECONDS, KEPT_STATUSES, MAX_CODE_BYTES, STATUSES
+from mathagent.sandbox.protocol import FRAME, GRACE_SECONDS, KEPT_STATUSES, MAX_CODE_BYTES, STATUSES, cpu_limit
 
-CPU_CHECK_SECONDS = 0.1  # how often S reads the session's CPU time while a cell runs
+CPU_CHECK_SECONDS = 0.1  # how often the supervisor reads the session's CPU time while a cell runs
 _SO_SNDBUFFORCE = 32
 _PF_EXITING = 0x4  # in /proc/PID/stat's flags: the process is in exit()
 # The call an idle holder is blocked in, as /proc/PID/syscall names it: recvfrom(2), which Python's
 # socket.recv makes on a blocking socket.
 _RECV_CALLS = {"x86_64": "45", "aarch64": "207"}
+RECV_CALL = _RECV_CALLS.get(platform.machine())
+
+
+def chain_sockets() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """The two SEQPACKET channels between a supervisor and a holder: (commands, the holder's end of them,
+    results, the holder's end of them). A command holds a whole cell; the supervisor learns from the kernel
+    who sent each result."""
+    commands, chain_commands = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    results, chain_results = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        commands.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, MAX_CODE_BYTES + (1 << 16))
+    except OSError:
+        commands.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CODE_BYTES + (1 << 16))
+    commands.shutdown(socket.SHUT_RD)
+    results.shutdown(socket.SHUT_WR)
+    results.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel tells us who sent a result
+    return commands, chain_commands, results, chain_results
+
+
+def describe(isolation: dict, config: dict, memory_version: int | None, quota_version: int | None,
+             notes: list[str], recv_call: str | None) -> dict:  # fmt: skip
+    """The isolation report of a session: what the holder's namespaces and mounts put in force, and the
+    budgets, filter, uids and cell end around them."""
+    isolation["memory"] = f"cgroup v{memory_version}" if memory_version else "polled"
+    cpus = config["cpus"]
+    isolation["cpu"] = (f"{cpus:g} core{'s' if cpus != 1 else ''} (cgroup v{quota_version})" if quota_version
+                        else "no quota (no writable cpu cgroup)" if cpus else "no quota")  # fmt: skip
+    for note in notes:
+        key = "memory" if note.startswith("no memory") else "cpu"
+        isolation[key] += f" ({note})"
+    isolation.setdefault("seccomp", config.get("syscall_filter_note"))  # the holder's, where it reports them
+    isolation.setdefault("uids", config.get("uid_source"))
+    isolation["cell_end"] = ("decided by the supervisor: deadline and CPU time read from outside, "
+                             "a result counts once the holder is idle, stopped between cells")
+    if recv_call is None:
+        isolation["cell_end"] += " (idle: one sleeping thread; its system call unreadable here)"
+    return isolation
 
 
 class Supervisor:
-    """S: the trusted process of one trajectory. It runs no model code; it keeps the holder chain, hands
-    cells to it, decides when each has ended (the deadline, the CPU time, the holder idle and stopped),
-    kills what cells leave behind and answers the caller."""
+    """What a supervisor does for one session, in either shape: hand cells to the holder, decide when each
+    has ended (the deadline, the CPU time, the holder idle and stopped), kill what cells leave behind and
+    answer the caller. The shapes differ in where the holder comes from and how the session's processes and
+    CPU time are found (`_start_chain`, `_processes`, `_cpu_seconds`, `_kill_all_but`, `_end`)."""
 
-    def __init__(self, config: dict, caller: socket.socket, uid: int, namespaces: int, workdir: str | None,
-                 cgroups: list[SessionCgroup], notes: list[str]):  # fmt: skip
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        set_process_name(b"sandbox-S")
-        # Only what this session needs crosses into it: whatever else the zygote or launcher held (other
-        # sessions' sockets, cgroup directories of the host's mount namespace) is closed here, before the
-        # holder is forked.
-        keep_only_fds({0, 1, 2, caller.fileno(), *(fd for cgroup in cgroups for fd in cgroup.fds())})
+    def __init__(self, config: dict, caller: socket.socket, memory, polled: PolledBudget | None,
+                 recv_call: str | None):  # fmt: skip
         self.config = config
-        self.cgroups = cgroups
-        self.memory = next((cgroup for cgroup in cgroups if cgroup.events is not None), None)
         self.caller = caller
-        self.uid = uid
+        self.memory = memory  # the memory cgroup's OOM-kill counter (oom_kills()), or None
+        self.polled = polled
+        self.recv_call = recv_call
         self.timeout = config["timeout"]
-        self.cpu_limit = math.ceil(self.timeout) + 1  # seconds of CPU a cell's processes may use together
+        self.cpu_limit = cpu_limit(self.timeout)  # seconds of CPU a cell's processes may use together
         self.cap = config["max_output_chars"]
         self.output_limit = config["max_file_mb"] << 20
-        os.setsid()  # our own process group and session: kill(0) from a cell reaches nobody outside
-        self.isolation, self.workdir = isolate(config, uid, namespaces, workdir)
-        if self.isolation["mount_namespace"]:
-            mounts, directories = [path for path in ("/tmp", "/dev/shm") if os.path.isdir(path)], []
-        else:
-            mounts, directories = [], [self.workdir]
-        self.polled = None if self.memory else PolledBudget(config["memory_mb"] << 20, mounts, directories)
-        self.isolation["memory"] = f"cgroup v{self.memory.version}" if self.memory else "polled"
-        quota = next((cgroup for cgroup in cgroups if cgroup.cpus is not None), None)
-        cpus = config["cpus"]
-        self.isolation["cpu"] = (f"{cpus:g} core{'s' if cpus != 1 else ''} (cgroup v{quota.version})" if quota
-                                 else "no quota (no writable cpu cgroup)" if cpus else "no quota")  # fmt: skip
-        for note in notes:
-            key = "memory" if note.startswith("no memory") else "cpu"
-            self.isolation[key] += f" ({note})"
-        self.isolation["seccomp"] = config["syscall_filter_note"]
-        self.isolation["uids"] = config["uid_source"]
-        # The holder's idle state, as S reads it from /proc (root reads any process's; elsewhere a holder
-        # that is not dumpable hides it, and S goes by its thread count and sleep alone).
-        self.recv_call = _RECV_CALLS.get(platform.machine()) if os.geteuid() == 0 or self.isolation[
-            "user_namespace"] else None  # fmt: skip
-        self.isolation["cell_end"] = ("decided by the supervisor: deadline and CPU time read from outside, "
-                                      "a result counts once the holder is idle, stopped between cells")
-        if self.recv_call is None:
-            self.isolation["cell_end"] += " (idle: one sleeping thread; its system call unreadable here)"
-        os.environ.clear()
-        os.environ.update(
-            PATH="/usr/local/bin:/usr/bin:/bin", HOME=self.workdir, TMPDIR=self.workdir, LANG="C.UTF-8",
-            OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MATHAGENT_SANDBOX=config["mark"],
-        )  # fmt: skip
-        os.chdir(self.workdir)
-        # fd 1 and 2 of every cell are this memfd: the supervisor reads what a cell printed even after
-        # killing it, and what subprocesses print lands there too.
-        self.printed = os.memfd_create("cell-output", 0)
-        import fcntl
-
-        fcntl.fcntl(self.printed, fcntl.F_SETFL, os.O_APPEND)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        # Our own diagnostics (a bug in this package) still go to the caller's stderr; cells never see that fd.
-        sys.stderr = open(os.dup(2), "w", buffering=1)
-        os.dup2(self.printed, 1)
-        os.dup2(self.printed, 2)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size cap fails with EFBIG instead
         self.seq = 0
         self.holder, self.holder_pidfd, self.holder_commands = 0, None, -1
+        self.printed = -1  # the output memfd: fd 1 and 2 of every cell
         self.stopped = False  # the holder is stopped (SIGSTOP) until its next cell
         self.cpu_mark = 0.0  # the session's CPU time when the holder was stopped
         self.oom_scores = False  # the holder's OOM score was lowered: it raises it while a cell runs
         self.oom_score_failures = 0  # since the last reply
         self.commands = self.results = None
-        self._start_chain()
-        pidfd = os.pidfd_open(os.getpid()) if hasattr(os, "pidfd_open") else None
-        ready = json.dumps({"isolation": self.isolation}).encode()
-        try:
-            socket.send_fds(self.caller, [FRAME.pack(len(ready))], [pidfd] if pidfd is not None else [])
-            self.caller.sendall(ready)
-        except OSError:  # a spare session the zygote dropped unused
-            os._exit(0)
-        if pidfd is not None:
-            os.close(pidfd)
+        self.max_command = 0
 
-    # -- the holder chain ----------------------------------------------------------------------------------
-
-    def _start_chain(self) -> None:
-        """Kill the chain (if any) and fork a new holder with an empty namespace."""
-        if self.commands is not None:
-            self.commands.close()
-            self.results.close()
-        if self.holder_pidfd is not None:
-            os.close(self.holder_pidfd)
-            self.holder_pidfd = None
-        self._kill_all_but(set())
-        commands, chain_commands = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        results, chain_results = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            commands.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, MAX_CODE_BYTES + (1 << 16))
-        except OSError:
-            commands.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CODE_BYTES + (1 << 16))
+    def _adopt(self, pid: int, pidfd: int, commands: socket.socket, results: socket.socket,
+               holder_commands: int) -> None:  # fmt: skip
+        """A new holder, idle and unstopped, with an empty namespace."""
+        self.commands, self.results, self.holder, self.holder_pidfd = commands, results, pid, pidfd
+        self.holder_commands = holder_commands  # the commands socket's fd number in the holder
         self.max_command = commands.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 - 1024
-        commands.shutdown(socket.SHUT_RD)
-        results.shutdown(socket.SHUT_WR)
-        results.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel tells us who sent a result
-        pid = os.fork()
-        if pid == 0:
-            try:
-                for sock in (commands, results, self.caller):
-                    sock.close()
-                Holder(chain_commands, chain_results, printed=self.printed, cgroups=self.cgroups,
-                       polled=self.polled is not None, config=self.config, uid=self.uid,
-                       isolation=self.isolation, cpu_limit=self.cpu_limit).serve()  # it closes our other fds
-            except BaseException:
-                traceback.print_exc()
-            os._exit(1)
-        self.holder_commands = chain_commands.fileno()  # the same number in the holder and its successors
-        chain_commands.close()
-        chain_results.close()
-        self.commands, self.results, self.holder = commands, results, pid
-        self.holder_pidfd = os.pidfd_open(pid)
         self.stopped = False
         if self.memory is not None:
-            # Set by S, which is root: lowering a score needs CAP_SYS_RESOURCE, and a score set so is the
-            # lowest the holder may set itself later, when a cell has ended.
+            # Set by the supervisor, which is root: lowering a score needs CAP_SYS_RESOURCE, and a score set so
+            # is the lowest the holder may set itself later, when a cell has ended.
             self.oom_scores = set_oom_score(SessionCgroup.OOM_SCORE_HOLDER, pid)
             self.oom_score_failures += not self.oom_scores
 
-    def _processes(self) -> dict[int, tuple[int, bool, int]]:
-        """pid -> (parent pid, alive, CPU clock ticks) for every process under us (in a pid namespace: all of
-        /proc). A zombie, or a process already in exit() (it may have closed its files but not yet be a
-        zombie), is not alive: it runs no more code. The ticks are its own and its collected children's."""
-        table = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat", "rb") as f:
-                        stat = f.read()
-                except OSError:
-                    continue
-                fields = stat[stat.rindex(b")") + 2 :].split()
-                state, parent, flags = fields[0], int(fields[1]), int(fields[6])
-                ticks = sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
-                table[int(name)] = (parent, state not in b"ZX" and not flags & _PF_EXITING, ticks)
-        me = os.getpid()
-        children = collections.defaultdict(list)
-        for pid, (parent, _, _) in table.items():
-            children[parent].append(pid)
-        under, stack = {}, list(children[me])
-        while stack:
-            pid = stack.pop()
-            under[pid] = table[pid]
-            stack.extend(children[pid])
-        return under
-
-    def _cpu_seconds(self, processes: dict[int, tuple[int, bool, int]]) -> float:
-        """The CPU time the session's processes have used, living and ended: what a cell's threads, children
-        and daemons take is all here, wherever the cell moved it."""
-        collected = os.times()
-        ticks = sum(info[2] for info in processes.values())
-        return ticks / os.sysconf("SC_CLK_TCK") + collected.children_user + collected.children_system
-
-    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
-        """SIGKILL every process under us except `keep`, and return once none of them runs any more; the
-        process table as it is then."""
-        for attempt in itertools.count():
-            reap()
-            processes = self._processes()
-            victims = [pid for pid, (_, alive, _) in processes.items() if alive and pid not in keep]
-            if not victims:
-                return processes
-            for pid in victims:
-                kill(pid)
-            if attempt > 2:
-                time.sleep(min(0.001 * attempt, 0.05))  # a process in uninterruptible sleep: give it time
-            if attempt > 200:
-                print(f"sandbox: processes {victims} survive SIGKILL", file=sys.stderr)
-                return processes
+    def _signal_holder(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.holder_pidfd, signum)
+        except ProcessLookupError:
+            pass
 
     def _idle(self, pid: int) -> bool:
         """The holder has stopped computing: one thread, blocked receiving its next command."""
@@ -232,11 +142,16 @@ class Supervisor:
                     return f.read().rsplit(b")", 1)[1].split()[0] == b"S"
             with open(f"/proc/{pid}/syscall") as f:
                 call = f.read().split()
+        except PermissionError:
+            # Closed to us after all: in a user namespace, the holder's memory still belongs to the host's
+            # (where the zygote was started), so its system call is not ours to read.
+            self.recv_call = None
+            return self._idle(pid)
         except OSError:
             return False
         return len(call) > 1 and call[0] == self.recv_call and int(call[1], 16) == self.holder_commands
 
-    def _stop(self, pid: int) -> None:
+    def _stop(self) -> None:
         """Stop the idle holder until its next cell, and kill everything else of the session.
 
         SIGSTOP cannot be caught, blocked or ignored, and a task blocked in a system call that has it pending
@@ -245,20 +160,40 @@ class Supervisor:
         entered first. A process the cell left could continue the holder before it is killed; the second
         SIGSTOP, with nobody left to send SIGCONT, settles it. The session's CPU time is read here too:
         nothing of it runs until the next cell, which starts from this mark."""
-        kill(pid, signal.SIGSTOP)
-        processes = self._kill_all_but({pid})
-        kill(pid, signal.SIGSTOP)
+        self._signal_holder(signal.SIGSTOP)
+        processes = self._kill_all_but({self.holder})
+        self._signal_holder(signal.SIGSTOP)
         self.stopped, self.cpu_mark = True, self._cpu_seconds(processes)
 
     def _resume(self) -> None:
         if self.stopped:
-            kill(self.holder, signal.SIGCONT)
+            self._signal_holder(signal.SIGCONT)
             self.stopped = False
 
-    def _take_successor(self, successor: int) -> None:
-        """The holder's thread-free fork holds the state from now on (see cell.Holder)."""
-        os.close(self.holder_pidfd)
-        self.holder, self.holder_pidfd = successor, os.pidfd_open(successor)
+    # -- what each shape provides ----------------------------------------------------------------------------
+
+    def _start_chain(self) -> None:
+        """End the holder (if any) with every process of the session, and start a new one."""
+        raise NotImplementedError
+
+    def _processes(self) -> dict[int, tuple[int, bool, int]]:
+        """pid -> (parent pid, alive, CPU clock ticks) of the session's processes, where the shape needs them."""
+        raise NotImplementedError
+
+    def _cpu_seconds(self, processes: dict[int, tuple[int, bool, int]]) -> float:
+        raise NotImplementedError
+
+    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
+        """SIGKILL every process of the session except `keep`, and return once none of them runs any more."""
+        raise NotImplementedError
+
+    def _death(self, pid: int) -> dict | None:
+        """How the holder `pid` ended, where we can learn it (None: unknown)."""
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        """The caller is gone: end the session."""
+        raise NotImplementedError
 
     # -- serving the caller --------------------------------------------------------------------------------
 
@@ -276,15 +211,14 @@ class Supervisor:
                     reply["output"] = ""
                 data = json.dumps(reply).encode()
                 self.caller.sendall(FRAME.pack(len(data)) + data)
-        self._kill_all_but(set())
-        os._exit(0)
+        self._end()
 
     def _read(self, size: int) -> bytes | None:
         data = b""
         while len(data) < size:
             try:
                 chunk = self.caller.recv(size - len(data))
-            except ConnectionResetError:  # a spare session the zygote dropped unused
+            except (ConnectionResetError, OSError):  # a spare session the zygote dropped unused
                 return None
             if not chunk:
                 return None
@@ -340,9 +274,11 @@ class Supervisor:
                      + ("the cell was stopped" if not kept else f"{stopped} of the cell's processes were stopped"))
         if not kept:
             # The state the cell left cannot be trusted (or is gone with the holder): a new holder with an empty
-            # namespace, and the caller replays the cells that were kept (client).
+            # namespace, and the caller replays the cells that were kept (client). What the cell printed is
+            # read first: the new holder may come with a new output file.
+            reply = self._reply(status, error, seconds, lost=True, kept=kept)
             self._start_chain()
-            lost = True
+            return reply
         return self._reply(status, error, seconds, lost=lost, kept=kept)
 
     def _reply(self, status: str, error: str, seconds: float, *, lost: bool, kept: bool) -> dict:
@@ -368,11 +304,8 @@ class Supervisor:
                 return "deadline", None
             wait = deadline
             if result is not None:
-                holder = result.get("successor", self.holder)
-                if self._idle(holder):
-                    if holder != self.holder:
-                        self._take_successor(holder)
-                    self._stop(holder)
+                if self._idle(self.holder):
+                    self._stop()
                     return "result", result
                 settle_wait = min(max(settle_wait * 2, 0.0001), 0.01)  # an honest holder takes microseconds
                 wait = min(wait, now + settle_wait)
@@ -387,37 +320,15 @@ class Supervisor:
             wait = min(wait, next_cpu_check)
             for fd, _ in poller.poll(max(wait - now, 0) * 1000):
                 if fd == self.holder_pidfd:
-                    return "died", self._own_child_died(self.holder, wait=0.1)
+                    return "died", self._death(self.holder)
                 message, sender = self._receive()
                 if sender == -1:  # every process of the chain is gone
-                    return "died", self._own_child_died(self.holder, wait=0.1)
+                    return "died", self._death(self.holder)
                 if (result is None and message is not None and message.get("kind") == "result"
                         and message.get("seq") == seq and sender == self.holder and _valid_result(message)):
                     if message["status"] not in KEPT_STATUSES:
                         return "result", message  # the holder's own timeout: the chain is replaced anyway
                     result = message
-                    if not self._valid_successor(result):
-                        result.pop("successor", None)
-
-    def _valid_successor(self, result: dict) -> bool:
-        """A successor the holder named is a child of the holder's (else the holder itself must go idle)."""
-        successor = result.get("successor")
-        return isinstance(successor, int) and self._processes().get(successor, (0, False, 0))[0] == self.holder
-
-    def _own_child_died(self, pid: int, wait: float = 0.0) -> dict | None:
-        """How `pid` ended, if it is our child: a holder's successor becomes ours when the holder dies."""
-        deadline = time.perf_counter() + wait
-        while pid:
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                return None
-            if done:
-                return _died(pid, status)
-            if time.perf_counter() > deadline:
-                return None
-            time.sleep(0.002)
-        return None
 
     def _receive(self) -> tuple[dict | None, int]:
         """One message from the chain and its sender's pid, as the kernel saw it; sender -1 at EOF."""
@@ -437,6 +348,336 @@ class Supervisor:
     def _printed(self) -> str:
         size = os.fstat(self.printed).st_size
         return os.pread(self.printed, min(size, self.output_limit), 0).decode("utf-8", "replace")
+
+
+
+
+class NamespaceSupervisor(Supervisor):
+    """S: one session's own supervisor process, the init of its pid namespace (forked by the zygote, or by a
+    launcher where a user namespace comes first). It mounts the session's file system, forks the holder and
+    finds the session's processes in /proc: all of it is the session's."""
+
+    def __init__(self, config: dict, caller: socket.socket, uid: int, namespaces: int, workdir: str | None,
+                 cgroups: list[SessionCgroup], notes: list[str]):  # fmt: skip
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        set_process_name(b"sandbox-S")
+        # Only what this session needs crosses into it: whatever else the zygote or launcher held (other
+        # sessions' sockets, cgroup directories of the host's mount namespace) is closed here, before the
+        # holder is forked.
+        keep_only_fds({0, 1, 2, caller.fileno(), *(fd for cgroup in cgroups for fd in cgroup.fds())})
+        memory = next((cgroup for cgroup in cgroups if cgroup.events is not None), None)
+        self.cgroups, self.uid = cgroups, uid
+        os.setsid()  # our own process group and session: kill(0) from a cell reaches nobody outside
+        self.isolation, self.workdir = isolate(config, uid, namespaces, workdir)
+        if self.isolation["mount_namespace"]:
+            mounts, directories = [path for path in ("/tmp", "/dev/shm") if os.path.isdir(path)], []
+        else:
+            mounts, directories = [], [self.workdir]
+        polled = None if memory else PolledBudget(config["memory_mb"] << 20, mounts, directories)
+        # The holder's idle state, as S reads it from /proc (root reads any process's; elsewhere a holder
+        # that is not dumpable hides it, and S goes by its thread count and sleep alone).
+        recv_call = RECV_CALL if os.geteuid() == 0 or self.isolation["user_namespace"] else None
+        super().__init__(config, caller, memory, polled, recv_call)
+        quota = next((cgroup for cgroup in cgroups if cgroup.cpus is not None), None)
+        describe(self.isolation, config, memory.version if memory else None, quota.version if quota else None,
+                 notes, recv_call)  # fmt: skip
+        # Our own diagnostics (a bug in this package) still go to the caller's stderr; cells never see that fd.
+        sys.stderr = open(os.dup(2), "w", buffering=1)
+        self.printed = prepare_cell_process(config["mark"], self.workdir)
+        self._start_chain()
+        pidfd = os.pidfd_open(os.getpid()) if hasattr(os, "pidfd_open") else None
+        ready = json.dumps({"isolation": self.isolation}).encode()
+        try:
+            socket.send_fds(self.caller, [FRAME.pack(len(ready))], [pidfd] if pidfd is not None else [])
+            self.caller.sendall(ready)
+        except OSError:  # a spare session the zygote dropped unused
+            os._exit(0)
+        if pidfd is not None:
+            os.close(pidfd)
+
+    def _start_chain(self) -> None:
+        if self.commands is not None:
+            self.commands.close()
+            self.results.close()
+        if self.holder_pidfd is not None:
+            os.close(self.holder_pidfd)
+            self.holder_pidfd = None
+        self._kill_all_but(set())
+        commands, chain_commands, results, chain_results = chain_sockets()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for sock in (commands, results, self.caller):
+                    sock.close()
+                Holder(chain_commands, chain_results, printed=self.printed, cgroups=self.cgroups,
+                       polled=self.polled is not None, config=self.config, uid=self.uid,
+                       isolation=self.isolation).serve()  # it closes our other fds
+            except BaseException:
+                traceback.print_exc()
+            os._exit(1)
+        holder_commands = chain_commands.fileno()
+        chain_commands.close()
+        chain_results.close()
+        self._adopt(pid, os.pidfd_open(pid), commands, results, holder_commands)
+
+    def _processes(self) -> dict[int, tuple[int, bool, int]]:
+        """Every process under us (in a pid namespace: all of /proc). A zombie, or a process already in exit()
+        (it may have closed its files but not yet be a zombie), is not alive: it runs no more code. The ticks
+        are its own and its collected children's."""
+        table = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat", "rb") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(b")") + 2 :].split()
+                state, parent, flags = fields[0], int(fields[1]), int(fields[6])
+                ticks = sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
+                table[int(name)] = (parent, state not in b"ZX" and not flags & _PF_EXITING, ticks)
+        me = os.getpid()
+        children = collections.defaultdict(list)
+        for pid, (parent, _, _) in table.items():
+            children[parent].append(pid)
+        under, stack = {}, list(children[me])
+        while stack:
+            pid = stack.pop()
+            under[pid] = table[pid]
+            stack.extend(children[pid])
+        return under
+
+    def _cpu_seconds(self, processes: dict[int, tuple[int, bool, int]]) -> float:
+        """What a cell's threads, children and daemons take is all here, wherever the cell moved it."""
+        collected = os.times()
+        ticks = sum(info[2] for info in processes.values())
+        return ticks / os.sysconf("SC_CLK_TCK") + collected.children_user + collected.children_system
+
+    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
+        for attempt in itertools.count():
+            reap()
+            processes = self._processes()
+            victims = [pid for pid, (_, alive, _) in processes.items() if alive and pid not in keep]
+            if not victims:
+                return processes
+            for pid in victims:
+                kill(pid)
+            if _given_up(attempt, victims):
+                return processes
+
+    def _death(self, pid: int) -> dict | None:
+        """How our child `pid` ended."""
+        deadline = time.perf_counter() + 0.1
+        while True:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if done:
+                return _died(pid, status)
+            if time.perf_counter() > deadline:
+                return None
+            time.sleep(0.002)
+
+    def _end(self) -> None:
+        self._kill_all_but(set())
+        os._exit(0)
+
+
+class CgroupSupervisor(Supervisor):
+    """One session in the shared supervisor (`serve_sessions`), served by a thread of its own. The zygote
+    forks its holders, each the init of a new pid namespace with its own mounts (`zygote`): when a holder
+    dies, every process of its namespace dies with it. The session's processes are those of its cgroups
+    (which no process of the session can leave) and its CPU time theirs, ended ones included."""
+
+    def __init__(self, config: dict, caller: socket.socket, session: dict, fds: list[int], link: _ZygoteLink):
+        self.session, self.link = session["session"], link
+        self.cgroup = CgroupReader(session["cgroups"])
+        super().__init__(config, caller, self.cgroup if self.cgroup.memory_version else None, None, RECV_CALL)
+        self.notes = session["notes"]
+        self._take(session, fds)
+
+    def start(self) -> None:
+        """Wait for the first holder to be set up, tell the caller what is in force, then serve it."""
+        try:
+            isolation = self._await_ready()
+            if isolation is not None:
+                describe(isolation, self.config, self.cgroup.memory_version, self.cgroup.quota_version,
+                         self.notes, self.recv_call)  # fmt: skip
+                ready = json.dumps({"isolation": isolation}).encode()
+                try:
+                    self.caller.sendall(FRAME.pack(len(ready)) + ready)
+                except OSError:  # a spare session the zygote dropped unused
+                    isolation = None
+            if isolation is not None:
+                self.serve()
+                return
+        except BaseException:
+            traceback.print_exc()
+        self._end()
+
+    def _take(self, holder: dict, fds: list[int]) -> None:
+        commands, results, printed, pidfd = fds
+        self.printed = printed
+        results = socket.socket(fileno=results)
+        results.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._adopt(holder["pid"], pidfd, socket.socket(fileno=commands), results, holder["commands_fd"])
+
+    def _await_ready(self) -> dict | None:
+        """The first holder's report of what it put in force, once it is set up (None: it died first)."""
+        poller = select.poll()
+        poller.register(self.results, select.POLLIN)
+        poller.register(self.holder_pidfd, select.POLLIN)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for fd, _ in poller.poll(1000):
+                if fd == self.holder_pidfd:
+                    return None
+                message, sender = self._receive()
+                if sender == -1:
+                    return None
+                if sender == self.holder and message and message.get("kind") == "ready":
+                    return message.get("isolation")
+        return None
+
+    def _end_holder(self) -> None:
+        """Kill the holder, and with it every process of its namespace; return once they are gone."""
+        if self.holder_pidfd is None:
+            return
+        self._signal_holder(signal.SIGKILL)
+        exited = select.poll()
+        exited.register(self.holder_pidfd, select.POLLIN)
+        exited.poll(10_000)  # readable once it has exited: its namespace is empty
+        os.close(self.holder_pidfd)
+        self.holder_pidfd = None
+        self.link.forget(self.holder)
+        for sock in (self.commands, self.results):
+            sock.close()
+        os.close(self.printed)
+        self.printed = -1
+
+    def _start_chain(self) -> None:
+        self._end_holder()
+        holder, fds = self.link.holder(self.session)
+        self._take(holder, fds)
+
+    def _processes(self) -> dict[int, tuple[int, bool, int]]:
+        return {}  # the budget is the cgroup's, the CPU time the cgroup's counter
+
+    def _cpu_seconds(self, processes: dict[int, tuple[int, bool, int]]) -> float:
+        return self.cgroup.cpu_seconds()
+
+    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
+        for attempt in itertools.count():
+            victims = [pid for pid in self.cgroup.pids() if pid not in keep and _alive(pid)]
+            if not victims:
+                return {}
+            for pid in victims:
+                self.cgroup.kill(pid)
+            if _given_up(attempt, victims):
+                return {}
+
+    def _death(self, pid: int) -> dict | None:
+        return self.link.death(pid)
+
+    def _end(self) -> None:
+        self._end_holder()
+        self.link.end(self.session)
+        self.cgroup.close()
+        self.caller.close()
+
+
+class _ZygoteLink:
+    """The shared supervisor's line to the zygote: new holders on request, the ended sessions, and how each
+    holder (the zygote's child) ended, which the zygote reports as it collects them."""
+
+    def __init__(self, holders: socket.socket):
+        self.holders = holders
+        self.lock = threading.Lock()
+        self.ended = threading.Condition()
+        self.deaths: dict[int, int] = {}  # holder pid -> wait status
+
+    def holder(self, session: int) -> tuple[dict, list[int]]:
+        with self.lock:
+            self.holders.send(json.dumps({"kind": "holder", "session": session}).encode())
+            data, fds, _, _ = socket.recv_fds(self.holders, 1 << 16, 4)
+        if not data:
+            raise OSError("the zygote is gone")
+        return json.loads(data), fds
+
+    def end(self, session: int) -> None:
+        with self.lock:
+            try:
+                self.holders.send(json.dumps({"kind": "end", "session": session}).encode())
+            except OSError:
+                pass  # the zygote is gone, and the session's cgroups are stale
+
+    def died(self, pid: int, status: int) -> None:
+        with self.ended:
+            self.deaths[pid] = status
+            self.ended.notify_all()
+
+    def death(self, pid: int, wait: float = 2.0) -> dict | None:
+        with self.ended:
+            self.ended.wait_for(lambda: pid in self.deaths, wait)
+            status = self.deaths.pop(pid, None)
+        return _died(pid, status) if status is not None else None
+
+    def forget(self, pid: int) -> None:
+        with self.ended:
+            self.deaths.pop(pid, None)
+
+
+def serve_sessions(config: dict, sessions: socket.socket, holders: socket.socket) -> None:
+    """The shared supervisor's process: a thread per session the zygote starts, until the zygote is gone."""
+    set_process_name(b"sandbox-super")
+    keep_only_fds({0, 1, 2, sessions.fileno(), holders.fileno()})
+    _, most = resource.getrlimit(resource.RLIMIT_NOFILE)  # eight files per live session
+    resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+    threading.stack_size(1 << 20)
+    link = _ZygoteLink(holders)
+    threads = []
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sessions, 1 << 16, 5)
+        except OSError:
+            break
+        if not data:
+            break
+        message = json.loads(data)
+        if message["kind"] == "died":
+            link.died(message["pid"], message["status"])
+            continue
+        caller = socket.socket(fileno=fds[0])
+        supervisor = CgroupSupervisor(config, caller, message, fds[1:], link)
+        thread = threading.Thread(target=supervisor.start, daemon=True)
+        thread.start()
+        threads = [t for t in threads if t.is_alive()] + [thread]
+    # The zygote is gone, and its holders with it (their parent-death signal).
+    deadline = time.monotonic() + 5
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0))
+
+
+def _alive(pid: int) -> bool:
+    """Not a zombie and not in exit() (a process there may have closed its files but not yet be a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in b"ZX" and not int(fields[6]) & _PF_EXITING
+
+
+def _given_up(attempt: int, victims: list[int]) -> bool:
+    """Between rounds of SIGKILL: a process in uninterruptible sleep needs time to die; past 200 rounds we
+    say so and go on."""
+    if attempt > 2:
+        time.sleep(min(0.001 * attempt, 0.05))
+    if attempt > 200:
+        print(f"sandbox: processes {victims} survive SIGKILL", file=sys.stderr)
+        return True
+    return False
 
 
 def _utf8_safe(text: str) -> tuple[str, bool]:

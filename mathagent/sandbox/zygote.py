@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import fcntl
 import itertools
 import json
 import os
@@ -28,15 +29,16 @@ from mathagent.sandbox.jail import (
     UidPool,
     enter_namespaces,
     host_workdir,
+    isolate,
     keep_only_fds,
     libc_call,
     prctl,
     read_only_template,
-    reap,
     set_process_name,
     setns,
 )
-from mathagent.sandbox.supervisor import Supervisor
+from mathagent.sandbox.cell import Holder, prepare_cell_process
+from mathagent.sandbox.supervisor import NamespaceSupervisor, chain_sockets, serve_sessions
 from mathagent.sandbox.syscalls import install_syscall_filter, syscall_filter
 
 # Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
@@ -48,16 +50,48 @@ _MADV_COLLAPSE = 25
 
 
 def zygote_main(config: dict) -> None:
-    """Import the math modules once, then fork one session (or launcher) per session the caller asks for."""
+    """Import the math modules once, then fork one session (or launcher) per session the caller asks for.
+    Where the shared supervisor serves the sessions, this process becomes it first, and its child, forked
+    before the imports, is the zygote."""
     control = socket.socket(fileno=config["control_fd"])
     set_process_name(b"sandbox-zygote")
+    # Sessions' cgroups are named by this process, the one the caller started: remove_stale_cgroups finds
+    # those of a sandbox that is gone by it.
+    config["zygote"] = os.getpid()
+    # As root with every namespace granted, a session's first process is forked straight into them (no
+    # launcher); and where cgroups hold every session's processes and CPU time, one supervisor serves them
+    # all and the first process is the holder itself.
+    direct = _namespaces_granted(config["network"])
+    found = _hierarchies(config, cpu_time=direct)
+    shared = direct and _cgroups_hold_sessions(found)
+    if not shared:
+        found = _hierarchies(config, cpu_time=False)
+    link = to_supervisor = None  # shared: new sessions and ended holders go out on one, the other is asked
+    if shared:
+        to_supervisor, supervisor_sessions = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        link, supervisor_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        zygote = os.fork()
+        if zygote != 0:  # the caller's child supervises; the zygote is its child, small until it imports
+            control.close()
+            to_supervisor.close()
+            link.close()
+            try:
+                serve_sessions(config, supervisor_sessions, supervisor_link)
+            except BaseException:
+                traceback.print_exc()
+            os.waitpid(zygote, 0)  # its CPU time, and its holders', counts in the caller's children's
+            os._exit(0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        supervisor_sessions.close()
+        supervisor_link.close()
+        if os.getppid() != config["zygote"]:
+            os._exit(0)
     started = time.perf_counter()
     preload()
     try:
         control.send(json.dumps({"import_seconds": round(time.perf_counter() - started, 3)}).encode())
     except (BrokenPipeError, ConnectionResetError):
         os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
-    config["zygote"] = os.getpid()
     program, note = syscall_filter()
     if program is not None and not _filter_accepted(program):
         program, note = None, "off (the kernel refused the filter)"
@@ -65,7 +99,7 @@ def zygote_main(config: dict) -> None:
     # One directory fd per cgroup hierarchy, the parent of every session's cgroup in it: the zygote's alone
     # (a session closes it), not one per session, which every later session's cells inherited.
     hierarchies = []
-    for hierarchy in _hierarchies(config):
+    for hierarchy in found:
         remove_stale_cgroups(hierarchy[0])
         try:
             hierarchies.append((hierarchy, os.open(hierarchy[0], os.O_RDONLY | os.O_DIRECTORY)))
@@ -73,10 +107,8 @@ def zygote_main(config: dict) -> None:
             continue
     config["cgroups"] = [hierarchy for hierarchy, _ in hierarchies]
     uids = UidPool() if os.geteuid() == 0 else None  # only root gives each session a uid of its own
+    config["uid_source"] = uids.source if uids is not None else None
     sessions = itertools.count()
-    # As root with every namespace granted, S is forked straight into them (one fork of this large process
-    # per session instead of two); elsewhere a launcher enters them, a user namespace first where needed.
-    direct = _namespaces_granted(config["network"])
     # unshare(CLONE_NEWPID) works once per pid namespace we are in: after each fork we go back to our own
     # (setns), or the next unshare fails and every later session would share the first one's namespace.
     own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if direct else None
@@ -89,20 +121,72 @@ def zygote_main(config: dict) -> None:
         except OSError:
             pass  # each session remounts its own
     owned: dict[int, list[SessionCgroup]] = {}  # S's pid -> its session's cgroups, removed when S is collected
+    live: dict[int, tuple[int, list[SessionCgroup]]] = {}  # shared: session -> (uid, cgroups)
+    holders: set[int] = set()  # shared: the holders alive or not yet collected
     # A session that ends (its trajectory forgotten) is collected at once, not at the next request: SIGCHLD
     # wakes the loop below through this pipe.
     wake_up, wake_up_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_up_write, warn_on_full_buffer=False)
 
+    def fork_holder(n: int) -> tuple[dict, list[int]]:
+        """A new holder for shared session `n`, the init of a new pid namespace: what the supervisor is told
+        of it, and the fds it gets (commands, results, output memfd, pidfd)."""
+        uid, cgroups = live[n]
+        commands, chain_commands, results, chain_results = chain_sockets()
+        printed = os.memfd_create("cell-output", 0)
+        fcntl.fcntl(printed, fcntl.F_SETFL, os.O_APPEND)
+        for cgroup in cgroups:
+            cgroup.open_procs()
+        enter_namespaces(config["network"], only=CLONE_NEWPID, strict=True)  # our next child is its init
+        pid = None
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                setns(own_pid_namespace, CLONE_NEWPID)
+        if pid == 0:
+            try:
+                _holder_main(config, uid, cgroups, template, chain_commands, chain_results, printed)
+            except BaseException:
+                traceback.print_exc()
+            os._exit(1)
+        holders.add(pid)
+        pidfd = os.pidfd_open(pid)
+        for cgroup in cgroups:
+            cgroup.close_files()
+        fds = [commands.detach(), results.detach(), printed, pidfd]
+        holder = {"pid": pid, "commands_fd": chain_commands.fileno()}
+        chain_commands.close()
+        chain_results.close()
+        return holder, fds
+
+    def send_holder(message: dict, fds: list[int], channel: socket.socket) -> None:
+        try:
+            socket.send_fds(channel, [json.dumps(message).encode()], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def launch() -> socket.socket:
         caller_end, session_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         n = next(sessions)
         uid = uids.take() if uids is not None else SESSION_UID_BASE + n
-        config["uid_source"] = uids.source if uids is not None else None
         cgroups, notes = [], []
         if direct:
             cgroups, notes = _session_cgroups(config, hierarchies, n)
+        if shared:
+            if len(cgroups) < len(hierarchies):
+                raise OSError(f"a session's cgroups could not be made: {notes}")
+            live[n] = (uid, cgroups)
+            holder, fds = fork_holder(n)
+            described = [{"dir": os.path.join(hierarchy[0], cgroup.name), "version": cgroup.version,
+                          "controllers": list(hierarchy[2]), "quota": cgroup.cpus is not None}
+                         for (hierarchy, _), cgroup in zip(hierarchies, cgroups)]  # fmt: skip
+            send_holder(dict(holder, kind="session", session=n, cgroups=described, notes=notes),
+                        [session_end.detach(), *fds], to_supervisor)  # fmt: skip
+            return caller_end
+        if direct:
             enter_namespaces(config["network"], only=CLONE_NEWPID, strict=True)  # our next child is its init
         try:
             pid = os.fork()
@@ -124,7 +208,7 @@ def zygote_main(config: dict) -> None:
                     _launcher_main(config, session_end, uid, n)
                 namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID,
                                                              template=template)
-                Supervisor(config, session_end, uid, namespaces, None, cgroups, notes).serve()
+                NamespaceSupervisor(config, session_end, uid, namespaces, None, cgroups, notes).serve()
             except BaseException:
                 traceback.print_exc()
             os._exit(1)
@@ -136,9 +220,49 @@ def zygote_main(config: dict) -> None:
         return caller_end
 
     def collect() -> None:
-        """Collect every session (or launcher) that has exited, and remove the cgroups we made for it."""
-        for pid in reap():
+        """Collect every session (or launcher, or holder) that has exited: remove the cgroups we made for a
+        session, tell the supervisor how a holder ended."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
             for cgroup in owned.pop(pid, []):
+                cgroup.remove()
+            if pid in holders:
+                holders.discard(pid)
+                try:
+                    to_supervisor.send(json.dumps({"kind": "died", "pid": pid, "status": status}).encode())
+                except OSError:
+                    pass
+
+    def woken() -> None:
+        """SIGCHLD came (through the wake-up pipe): empty the pipe, collect what exited."""
+        while True:
+            try:
+                os.read(wake_up, 4096)
+            except BlockingIOError:
+                break
+        collect()
+
+    def answer_supervisor() -> None:
+        """A new holder for a session whose last one failed, or the end of a session (its holder is dead)."""
+        try:
+            message = link.recv(1 << 16)
+        except OSError:
+            message = b""
+        if not message:
+            os._exit(0)  # the supervisor is gone
+        request = json.loads(message)
+        n = request["session"]
+        if request["kind"] == "holder" and n in live:
+            holder, fds = fork_holder(n)
+            send_holder(holder, fds, link)
+        elif request["kind"] == "end" and n in live:
+            collect()
+            for cgroup in live.pop(n)[1]:
                 cgroup.remove()
 
     # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks: always
@@ -146,17 +270,16 @@ def zygote_main(config: dict) -> None:
     # time between the caller's requests, while the caller does something else (its engine generates).
     spares: collections.deque[socket.socket] = collections.deque()
     reserved = 0
+    inputs = [control, wake_up] + ([link] if shared else [])
     while True:
         while len(spares) < config["spares"]:
             spares.append(launch())
-        ready = select.select([control, wake_up], [], [], 0 if len(spares) < reserved else None)[0]
+        ready = select.select(inputs, [], [], 0 if len(spares) < reserved else None)[0]
         if wake_up in ready:
-            while True:
-                try:
-                    os.read(wake_up, 4096)
-                except BlockingIOError:
-                    break
-            collect()
+            woken()
+        if link is not None and link in ready:
+            answer_supervisor()
+            continue
         if control not in ready:
             if len(spares) < reserved:
                 spares.append(launch())
@@ -172,6 +295,12 @@ def zygote_main(config: dict) -> None:
             for spare in spares:
                 spare.close()
             signal.alarm(10)  # a session that does not exit by then is killed with us (parent-death signal)
+            if shared:  # the supervisor ends each session as the caller closes it, and tells us
+                while live:
+                    if link in select.select([link, wake_up], [], [])[0]:
+                        answer_supervisor()
+                    woken()
+                os._exit(0)
             while True:
                 try:
                     pid, _ = os.waitpid(-1, 0)
@@ -265,16 +394,52 @@ def _filter_accepted(program: list) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def _hierarchies(config: dict) -> list[tuple[str, int, tuple[str, ...]]]:
+def _hierarchies(config: dict, cpu_time: bool) -> list[tuple[str, int, tuple[str, ...]]]:
     """The cgroup hierarchies sessions get a cgroup in: (our cgroup's directory, version, the controllers
-    of the session's it carries). cgroup v2 carries memory and cpu in one, v1 one hierarchy each."""
+    of the session's it carries). cgroup v2 carries memory and cpu in one, v1 one hierarchy each; `cpu_time`:
+    also v1's cpuacct, which counts the CPU time of a cgroup's processes (v2's cpu.stat always does)."""
     wanted = (["memory"] if config["cgroup"] else []) + (["cpu"] if config["cpus"] else [])
+    wanted += ["cpuacct"] if cpu_time else []
     found: dict[tuple[str, int], list[str]] = {}
     for controller in wanted:
         parent = cgroup_parent(controller)
         if parent is not None:
             found.setdefault(parent, []).append(controller)
     return [(path, version, tuple(controllers)) for (path, version), controllers in found.items()]
+
+
+def _cgroups_hold_sessions(hierarchies: list[tuple[str, int, tuple[str, ...]]]) -> bool:
+    """Whether sessions' cgroups can stand in for a supervisor in each session's pid namespace: a memory
+    cgroup (the budget, and the list of every process of the session) and a count of their CPU time."""
+    memory = any("memory" in controllers for _, _, controllers in hierarchies)
+    return memory and any(version == 2 or "cpuacct" in controllers for _, version, controllers in hierarchies)
+
+
+def _holder_main(config: dict, uid: int, cgroups: list[SessionCgroup], template: int | None,
+                 commands: socket.socket, results: socket.socket, printed: int) -> None:  # fmt: skip
+    """A shared session's holder, just forked as the init of a new pid namespace: join the session's
+    cgroups, enter the other namespaces, mount the session's view, then serve the supervisor as a holder.
+    As the init, it collects the orphans of its cells, and whatever it leaves dies with it."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    set_process_name(b"sandbox-holder")
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote died: so do we, and our namespace
+    os.setsid()  # kill(0) from a cell reaches nobody outside
+    keep = {0, 1, 2, commands.fileno(), results.fileno(), printed, *(fd for c in cgroups for fd in c.fds())}
+    keep_only_fds(keep | ({template} if template is not None else set()))
+    for cgroup in cgroups:
+        cgroup.join()
+        cgroup.close_files()
+    namespaces = CLONE_NEWPID | enter_namespaces(config["network"], exclude=CLONE_NEWPID, template=template)
+    if template is not None:
+        os.close(template)
+    isolation, workdir = isolate(config, uid, namespaces, None)
+    isolation["seccomp"], isolation["uids"] = config["syscall_filter_note"], config["uid_source"]
+    prepare_cell_process(config["mark"], workdir, printed)
+    holder = Holder(commands, results, printed=printed, cgroups=[], polled=False, config=config, uid=uid,
+                    isolation=isolation)  # fmt: skip
+    holder.send_ready(isolation)
+    holder.serve()
 
 
 def _session_cgroups(config: dict, hierarchies: list, n: int) -> tuple[list[SessionCgroup], list[str]]:
@@ -311,7 +476,7 @@ def _launcher_main(config: dict, session_end: socket.socket, uid: int, n: int) -
     pid = os.fork()
     if pid == 0:
         try:
-            Supervisor(config, session_end, uid, namespaces, workdir, cgroups, notes + more).serve()
+            NamespaceSupervisor(config, session_end, uid, namespaces, workdir, cgroups, notes + more).serve()
         except BaseException:
             traceback.print_exc()
         os._exit(1)
