@@ -190,16 +190,21 @@ def _stop_threads(seconds: float = THREAD_STOP_SECONDS) -> bool:
     return True
 
 
+def cell_environment(mark: str, workdir: str) -> dict[str, str]:
+    """The environment a cell runs in: a fixed minimal one, nothing of the caller's."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MATHAGENT_SANDBOX": mark}
+
+
 def prepare_cell_process(mark: str, workdir: str, printed: int | None = None) -> int:
     """Make this process's surroundings those of a cell, for the holder it is or will fork: a clean
     environment, the work directory, stdin at end of file, fd 1 and 2 the output memfd (`printed`, made here
     if None, and returned): the supervisor reads what a cell printed even after killing it, and what
     subprocesses print lands there too. A write past the file-size cap fails with EFBIG, not a signal."""
-    os.environ.clear()
-    os.environ.update(
-        PATH="/usr/local/bin:/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8",
-        OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MATHAGENT_SANDBOX=mark,
-    )  # fmt: skip
+    environment = cell_environment(mark, workdir)
+    if os.environ.copy() != environment:  # the zygote sets it once where every holder's is the same
+        os.environ.clear()
+        os.environ.update(environment)
     os.chdir(workdir)
     if printed is None:
         printed = os.memfd_create("cell-output", 0)

@@ -87,9 +87,17 @@ def syscall_filter() -> tuple[list[tuple[int, int, int, int]] | None, str]:
     return resolved, f"on: sockets {families} only; no keys, io_uring or file locks"
 
 
-def install_syscall_filter(program: list[tuple[int, int, int, int]]) -> None:
+class CompiledFilter:
+    """A program as the kernel takes it (struct sock_fprog), built once: the zygote's, so that each holder
+    only installs it."""
+
+    def __init__(self, program: list[tuple[int, int, int, int]]):
+        self.filters = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
+        self.fprog = _SockFprog(len(program), self.filters)
+
+
+def install_syscall_filter(program: list[tuple[int, int, int, int]] | CompiledFilter) -> None:
     """Install the filter for this process and everything it starts, for good (needs no_new_privs)."""
-    filters = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
-    fprog = _SockFprog(len(program), filters)
-    libc_call("prctl", ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog),
-               ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
+    compiled = program if isinstance(program, CompiledFilter) else CompiledFilter(program)
+    libc_call("prctl", ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER),
+              ctypes.byref(compiled.fprog), ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip

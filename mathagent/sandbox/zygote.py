@@ -37,9 +37,9 @@ from mathagent.sandbox.jail import (
     set_process_name,
     setns,
 )
-from mathagent.sandbox.cell import Holder, prepare_cell_process
+from mathagent.sandbox.cell import Holder, cell_environment, prepare_cell_process
 from mathagent.sandbox.supervisor import NamespaceSupervisor, chain_sockets, serve_sessions
-from mathagent.sandbox.syscalls import install_syscall_filter, syscall_filter
+from mathagent.sandbox.syscalls import CompiledFilter, install_syscall_filter, syscall_filter
 
 # Imported once in the zygote so that a cell does not pay for them (sympy alone takes ~0.5 s).
 PRELOADED_MODULES = (
@@ -95,7 +95,8 @@ def zygote_main(config: dict) -> None:
     program, note = syscall_filter()
     if program is not None and not _filter_accepted(program):
         program, note = None, "off (the kernel refused the filter)"
-    config["syscall_filter"], config["syscall_filter_note"] = program, note
+    config["syscall_filter"] = CompiledFilter(program) if program is not None else None
+    config["syscall_filter_note"] = note
     # One directory fd per cgroup hierarchy, the parent of every session's cgroup in it: the zygote's alone
     # (a session closes it), not one per session, which every later session's cells inherited.
     hierarchies = []
@@ -120,6 +121,9 @@ def zygote_main(config: dict) -> None:
             template, config["read_only_template"] = read_only_template()
         except OSError:
             pass  # each session remounts its own
+    if shared:  # every holder's work directory is the /tmp of its own mount namespace: its environment, set once
+        os.environ.clear()
+        os.environ.update(cell_environment(config["mark"], "/tmp"))
     owned: dict[int, list[SessionCgroup]] = {}  # S's pid -> its session's cgroups, removed when S is collected
     live: dict[int, tuple[int, list[SessionCgroup]]] = {}  # shared: session -> (uid, cgroups)
     holders: set[int] = set()  # shared: the holders alive or not yet collected
