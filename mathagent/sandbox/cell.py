@@ -36,7 +36,7 @@ import traceback
 
 from mathagent.sandbox.budgets import PolledBudget, SessionCgroup, set_oom_score
 from mathagent.sandbox.jail import PR_SET_DUMPABLE, drop_privileges, keep_only_fds, prctl, reap, set_process_name
-from mathagent.sandbox.protocol import MAX_CODE_BYTES, cpu_limit
+from mathagent.sandbox.protocol import cpu_limit
 from mathagent.sandbox.syscalls import install_syscall_filter
 
 TRACEBACK_FRAMES = 2  # frames of a traceback the model sees, innermost last, besides the exception line
@@ -106,10 +106,13 @@ class Holder:
             raise _CellTimeout(signum)
 
     def serve(self) -> None:
+        peek = bytearray(1)
+
         def receive() -> dict:
-            # recv(n) maps n bytes and touches only what arrives; a bytearray of n (zeroed) costs every
-            # session a thousand page faults.
-            data = self.commands.recv(MAX_CODE_BYTES + (1 << 16))
+            # The command's length first (the holder waits in this recvfrom between cells), then exactly it:
+            # recv of the largest command would map 4 MB for every command and shrink it again.
+            size = self.commands.recv_into(peek, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+            data = self.commands.recv(size) if size else b""
             return json.loads(data) if data else {"kind": "exit"}
 
         while True:
