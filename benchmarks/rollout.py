@@ -148,14 +148,14 @@ def toolkit_loop(trajectories: list[dict], engine, config: agent.AgentConfig, wo
 
 
 def run_loop(design: str, trajectories: list[dict], engine, config: agent.AgentConfig,
-             workers: int | None = None) -> int:
+             workers: int | None = None, sandbox: Sandbox | None = None) -> int:
     """One design's rollout of `trajectories` on `engine`, cells on `workers` (default: one per core): the
-    toolkit's loop and its pool, or mathagent's with its sandbox (every isolation property on). Returns the
-    number of cells run."""
+    toolkit's loop and its pool, or mathagent's with its sandbox (every isolation property on; `sandbox`, one
+    opened before the engine, is closed at the end). Returns the number of cells run."""
     if design == "toolkit":
         return toolkit_loop(trajectories, engine, config, workers)
     turns = []
-    with Sandbox(workers=workers) as sandbox, Grader() as grader:
+    with sandbox or Sandbox(workers=workers) as sandbox, Grader() as grader:
         agent.run_agent(trajectories, engine, sandbox, grader, config, on_turn=turns.append)
     return sum(r.executed for r in turns)
 
@@ -199,13 +199,16 @@ def tail_workload(args, schedule: str = "turns", slow: str = "wait") -> tuple[li
 def run(design: str, model: str, args, base_url: str | None = None) -> dict:
     trajectories, config = plain_workload(args, "continuous" if design.endswith("continuous") else "turns")
     start = time.perf_counter()
+    # As `mathagent rollout` does, ours opens its sandbox before the engine: the zygote imports meanwhile.
+    sandbox = Sandbox() if design != "toolkit" else None
     if design == "mathagent-server":  # the server already runs: "start" is the client's
         engine = open_engine("openai", model, base_urls=[base_url], concurrency=args.concurrency)
     else:
         engine = open_engine("vllm", model, seed=0)
     started = time.perf_counter()
     try:
-        cells = run_loop("toolkit" if design == "toolkit" else "mathagent", trajectories, engine, config)
+        cells = run_loop("toolkit" if design == "toolkit" else "mathagent", trajectories, engine, config,
+                         sandbox=sandbox)
         end = time.perf_counter()
     finally:
         engine.close()

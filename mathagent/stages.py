@@ -356,9 +356,10 @@ def rollout(jobs: Sequence[RolloutJob], engine_options: EngineOptions, sandbox_o
             units = todo
         planned.append((job, units, kept))
     work = any(units for _, units, _ in planned)
-    # (a job sets only its sampling: whether code runs is the command's, the same for every job)
-    with (engine_options.open() if work else nothing() as engine,
-          sandbox_options.open() if work and jobs[0].config.execute else nothing() as sandbox,
+    # (a job sets only its sampling: whether code runs is the command's, the same for every job). The sandbox
+    # first: its zygote imports the math modules in the background while the engine starts.
+    with (sandbox_options.open() if work and jobs[0].config.execute else nothing() as sandbox,
+          engine_options.open() if work else nothing() as engine,
           Grader() if work else nothing() as grader):
         for job, units, kept in planned:
             trajectories = [t for unit in units for t in unit]
@@ -614,8 +615,8 @@ def mc_label(io: RecordIO, engine_options: EngineOptions, sandbox_options: Sandb
             f"{turn.finished} completions ended")
 
     with (io.writer() as writer, Grader() as grader,
-          engine_options.open() if needs_engine else nothing() as engine,
-          sandbox_options.open() if needs_engine else nothing() as sandbox):
+          sandbox_options.open() if needs_engine else nothing() as sandbox,  # importing while the engine starts
+          engine_options.open() if needs_engine else nothing() as engine):
         cache = labeling.LabelCache()
         for chunk in chunks(records, chunk_size):
             new = [r for r in chunk if r["id"] not in finished]
