@@ -170,21 +170,43 @@ def process_cpu_seconds(pid: int) -> float:
     return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """`process_cpu_seconds` of `pid` and of every live process under it: the sandbox's process the caller
+    started and, where that one is the shared supervisor, the zygote it forked before the imports."""
+    parents = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                parents[int(name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except OSError:
+            continue
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            total += process_cpu_seconds(current)
+        except OSError:
+            continue
+        stack.extend(child for child, parent in parents.items() if parent == current)
+    return total
+
+
 def bench_sessions(workers: int, sessions: int) -> dict:
     """The sandbox's own cost, without the cells' work: `sessions` new trajectories of two trivial cells each
     (a session start, then a warm cell), through `run` in one call per turn as a rollout makes them.
 
     Two measures of the CPU: the machine's (/proc/stat, the figure of earlier rounds: it counts whatever else
     the machine runs meanwhile) and the sandbox's own, exact on a busy machine: every process of the sandbox
-    is collected by its parent up to the zygote, which this process collects at `close`, so RUSAGE_CHILDREN
-    holds them all (sessions' exits included); minus what the zygote had used before the measured turns
+    is collected by its parent up to the process this one started (the zygote, or the shared supervisor that
+    collects the zygote), which this process collects at `close`, so RUSAGE_CHILDREN holds them all (sessions'
+    exits included); minus what those had used before the measured turns
     (its imports, the warm-up session), plus the caller's own CPU time in the turns and the `forget`s."""
     children_before = own_cpu_seconds(resource.RUSAGE_CHILDREN)
     with Sandbox(workers=workers, timeout=10) as sandbox:
         sandbox.run([Cell("warm-up", (), "1")])
         sandbox.forget("warm-up")
         time.sleep(0.5)
-        zygote_before = process_cpu_seconds(sandbox.zygote_pid)
+        zygote_before = tree_cpu_seconds(sandbox.zygote_pid)
         caller_before = own_cpu_seconds(resource.RUSAGE_SELF)
         cpu, started = machine_cpu_seconds(), time.perf_counter()
         first = sandbox.run([Cell(f"s{i}", (), "x = 1") for i in range(sessions)])
