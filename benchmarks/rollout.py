@@ -4,7 +4,8 @@ The toolkit's design, written here from its description (no code of it is used):
 `generate` over all live trajectories, stopping at "```output"; then each trajectory's whole code history is
 exec'ed with fresh globals in a warm process pool created once (imports stay warm; no isolation, no state
 kept between turns). mathagent's loop runs the same model on the same engine, problems, prompts, sampling and
-per-request seeds, with every isolation property of its sandbox on. Engine start is included in both.
+per-request seeds, with every isolation property of its sandbox on. Engine start is included in both (ours
+opens its sandbox first, as `mathagent rollout` does, so that the zygote imports while the engine starts).
 
 Workload (the issue's): 128 arithmetic problems x 4 samples = 512 trajectories, up to 3 turns, 96 tokens a
 turn, on the embedded tiny model warmed up to write the agent's format. Reported: trajectories/s of both and
