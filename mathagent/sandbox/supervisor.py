@@ -601,9 +601,10 @@ class _ZygoteLink:
         with self.lock:
             self.holders.send(json.dumps({"kind": "holder", "session": session}).encode())
             data, fds, _, _ = socket.recv_fds(self.holders, 1 << 16, 4)
-        if not data:
-            raise OSError("the zygote is gone")
-        return json.loads(data), fds
+        holder = json.loads(data) if data else {"error": "the zygote is gone"}
+        if "error" in holder:
+            raise OSError(f"no new holder: {holder['error']}")
+        return holder, fds
 
     def end(self, session: int) -> None:
         with self.lock:

@@ -261,8 +261,8 @@ def zygote_main(config: dict) -> None:
             os._exit(0)  # the supervisor is gone
         request = json.loads(message)
         n = request["session"]
-        if request["kind"] == "holder" and n in live:
-            holder, fds = fork_holder(n)
+        if request["kind"] == "holder":  # answered always: the supervisor's thread waits for it
+            holder, fds = fork_holder(n) if n in live else ({"error": f"no session {n}"}, [])
             send_holder(holder, fds, link)
         elif request["kind"] == "end" and n in live:
             collect()
