@@ -130,10 +130,6 @@ class CgroupReader:
             if self.usage is None and os.path.exists(os.path.join(directory, usage)):
                 self.usage, self.usage_in_stat = os.open(os.path.join(directory, usage), os.O_RDONLY), version == 2
 
-    @property
-    def version(self) -> int | None:
-        return self.memory_version
-
     def pids(self) -> list[int]:
         # Opened for each look: cgroup v1 keeps the list an open file read first for a second, however often
         # it is read again from the start.

@@ -199,6 +199,13 @@ def cell_environment(mark: str, workdir: str) -> dict[str, str]:
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MATHAGENT_SANDBOX": mark}
 
 
+def output_memfd() -> int:
+    """A new output file for a holder's cells (fd 1 and 2 of each), written in append mode."""
+    printed = os.memfd_create("cell-output", 0)
+    fcntl.fcntl(printed, fcntl.F_SETFL, os.O_APPEND)
+    return printed
+
+
 def prepare_cell_process(mark: str, workdir: str, printed: int | None = None) -> int:
     """Make this process's surroundings those of a cell, for the holder it is or will fork: a clean
     environment, the work directory, stdin at end of file, fd 1 and 2 the output memfd (`printed`, made here
@@ -210,8 +217,7 @@ def prepare_cell_process(mark: str, workdir: str, printed: int | None = None) ->
         os.environ.update(environment)
     os.chdir(workdir)
     if printed is None:
-        printed = os.memfd_create("cell-output", 0)
-        fcntl.fcntl(printed, fcntl.F_SETFL, os.O_APPEND)
+        printed = output_memfd()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

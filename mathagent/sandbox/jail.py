@@ -436,14 +436,15 @@ def kill(pid: int, signum: int = signal.SIGKILL) -> None:
         pass
 
 
-def reap() -> list[int]:
-    """Collect every child that has exited so far, without waiting for those still running; their pids."""
+def reap() -> list[tuple[int, int]]:
+    """Collect every child that has exited so far, without waiting for those still running; their pids and
+    wait statuses."""
     collected = []
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return collected
         if pid == 0:
             return collected
-        collected.append(pid)
+        collected.append((pid, status))

@@ -183,9 +183,29 @@ class Supervisor:
     def _cpu_seconds(self, processes: dict[int, tuple[int, bool, int]]) -> float:
         raise NotImplementedError
 
-    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
-        """SIGKILL every process of the session except `keep`, and return once none of them runs any more."""
+    def _survivors(self, keep: set[int]) -> tuple[dict[int, tuple[int, bool, int]], list[int]]:
+        """The session's processes as `_processes` gives them, and those of them alive but not in `keep`."""
         raise NotImplementedError
+
+    def _kill(self, pid: int) -> None:
+        """SIGKILL one process of the session."""
+        raise NotImplementedError
+
+    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
+        """SIGKILL every process of the session except `keep`, and return once none of them runs any more; the
+        session's processes as they are then. A process in uninterruptible sleep needs time to die; past 200
+        rounds we say so and go on."""
+        for attempt in itertools.count():
+            processes, victims = self._survivors(keep)
+            if not victims:
+                return processes
+            for pid in victims:
+                self._kill(pid)
+            if attempt > 2:
+                time.sleep(min(0.001 * attempt, 0.05))
+            if attempt > 200:
+                print(f"sandbox: processes {victims} survive SIGKILL", file=sys.stderr)
+                return processes
 
     def _death(self, pid: int) -> dict | None:
         """How the holder `pid` ended, where we can learn it (None: unknown)."""
@@ -218,7 +238,7 @@ class Supervisor:
         while len(data) < size:
             try:
                 chunk = self.caller.recv(size - len(data))
-            except (ConnectionResetError, OSError):  # a spare session the zygote dropped unused
+            except OSError:  # a spare session the zygote dropped unused (connection reset)
                 return None
             if not chunk:
                 return None
@@ -351,7 +371,6 @@ class Supervisor:
 
 
 
-
 class NamespaceSupervisor(Supervisor):
     """S: one session's own supervisor process, the init of its pid namespace (forked by the zygote, or by a
     launcher where a user namespace comes first). It mounts the session's file system, forks the holder and
@@ -433,9 +452,8 @@ class NamespaceSupervisor(Supervisor):
                 except OSError:
                     continue
                 fields = stat[stat.rindex(b")") + 2 :].split()
-                state, parent, flags = fields[0], int(fields[1]), int(fields[6])
                 ticks = sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
-                table[int(name)] = (parent, state not in b"ZX" and not flags & _PF_EXITING, ticks)
+                table[int(name)] = (int(fields[1]), _running(fields), ticks)
         me = os.getpid()
         children = collections.defaultdict(list)
         for pid, (parent, _, _) in table.items():
@@ -453,17 +471,13 @@ class NamespaceSupervisor(Supervisor):
         ticks = sum(info[2] for info in processes.values())
         return ticks / os.sysconf("SC_CLK_TCK") + collected.children_user + collected.children_system
 
-    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
-        for attempt in itertools.count():
-            reap()
-            processes = self._processes()
-            victims = [pid for pid, (_, alive, _) in processes.items() if alive and pid not in keep]
-            if not victims:
-                return processes
-            for pid in victims:
-                kill(pid)
-            if _given_up(attempt, victims):
-                return processes
+    def _survivors(self, keep: set[int]) -> tuple[dict[int, tuple[int, bool, int]], list[int]]:
+        reap()  # we are the namespace's init: its orphans are ours to collect
+        processes = self._processes()
+        return processes, [pid for pid, (_, alive, _) in processes.items() if alive and pid not in keep]
+
+    def _kill(self, pid: int) -> None:
+        kill(pid)
 
     def _death(self, pid: int) -> dict | None:
         """How our child `pid` ended."""
@@ -567,15 +581,11 @@ class CgroupSupervisor(Supervisor):
     def _cpu_seconds(self, processes: dict[int, tuple[int, bool, int]]) -> float:
         return self.cgroup.cpu_seconds()
 
-    def _kill_all_but(self, keep: set[int]) -> dict[int, tuple[int, bool, int]]:
-        for attempt in itertools.count():
-            victims = [pid for pid in self.cgroup.pids() if pid not in keep and _alive(pid)]
-            if not victims:
-                return {}
-            for pid in victims:
-                self.cgroup.kill(pid)
-            if _given_up(attempt, victims):
-                return {}
+    def _survivors(self, keep: set[int]) -> tuple[dict[int, tuple[int, bool, int]], list[int]]:
+        return {}, [pid for pid in self.cgroup.pids() if pid not in keep and _alive(pid)]
+
+    def _kill(self, pid: int) -> None:
+        self.cgroup.kill(pid)
 
     def _death(self, pid: int) -> dict | None:
         return self.link.death(pid)
@@ -661,24 +671,17 @@ def serve_sessions(config: dict, sessions: socket.socket, holders: socket.socket
 
 
 def _alive(pid: int) -> bool:
-    """Not a zombie and not in exit() (a process there may have closed its files but not yet be a zombie)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+            return _running(f.read().rsplit(b")", 1)[1].split())
     except OSError:
         return False
+
+
+def _running(fields: list[bytes]) -> bool:
+    """From /proc/PID/stat's fields after the name: not a zombie and not in exit() (a process there may have
+    closed its files but not yet be a zombie): it runs no more code."""
     return fields[0] not in b"ZX" and not int(fields[6]) & _PF_EXITING
-
-
-def _given_up(attempt: int, victims: list[int]) -> bool:
-    """Between rounds of SIGKILL: a process in uninterruptible sleep needs time to die; past 200 rounds we
-    say so and go on."""
-    if attempt > 2:
-        time.sleep(min(0.001 * attempt, 0.05))
-    if attempt > 200:
-        print(f"sandbox: processes {victims} survive SIGKILL", file=sys.stderr)
-        return True
-    return False
 
 
 def _utf8_safe(text: str) -> tuple[str, bool]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import fcntl
 import itertools
 import json
 import os
@@ -34,10 +33,11 @@ from mathagent.sandbox.jail import (
     libc_call,
     prctl,
     read_only_template,
+    reap,
     set_process_name,
     setns,
 )
-from mathagent.sandbox.cell import Holder, cell_environment, prepare_cell_process
+from mathagent.sandbox.cell import Holder, cell_environment, output_memfd, prepare_cell_process
 from mathagent.sandbox.supervisor import NamespaceSupervisor, chain_sockets, serve_sessions
 from mathagent.sandbox.syscalls import CompiledFilter, install_syscall_filter, syscall_filter
 
@@ -93,10 +93,10 @@ def zygote_main(config: dict) -> None:
     except (BrokenPipeError, ConnectionResetError):
         os._exit(0)  # the caller closed the sandbox before its first cell (e.g. a rollout without code)
     program, note = syscall_filter()
-    if program is not None and not _filter_accepted(program):
-        program, note = None, "off (the kernel refused the filter)"
-    config["syscall_filter"] = CompiledFilter(program) if program is not None else None
-    config["syscall_filter_note"] = note
+    compiled = CompiledFilter(program) if program is not None else None
+    if compiled is not None and not _filter_accepted(compiled):
+        compiled, note = None, "off (the kernel refused the filter)"
+    config["syscall_filter"], config["syscall_filter_note"] = compiled, note
     # One directory fd per cgroup hierarchy, the parent of every session's cgroup in it: the zygote's alone
     # (a session closes it), not one per session, which every later session's cells inherited.
     hierarchies = []
@@ -138,8 +138,7 @@ def zygote_main(config: dict) -> None:
         of it, and the fds it gets (commands, results, output memfd, pidfd)."""
         uid, cgroups = live[n]
         commands, chain_commands, results, chain_results = chain_sockets()
-        printed = os.memfd_create("cell-output", 0)
-        fcntl.fcntl(printed, fcntl.F_SETFL, os.O_APPEND)
+        printed = output_memfd()
         for cgroup in cgroups:
             cgroup.open_procs()
         enter_namespaces(config["network"], only=CLONE_NEWPID, strict=True)  # our next child is its init
@@ -226,13 +225,7 @@ def zygote_main(config: dict) -> None:
     def collect() -> None:
         """Collect every session (or launcher, or holder) that has exited: remove the cgroups we made for a
         session, tell the supervisor how a holder ended."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reap():
             for cgroup in owned.pop(pid, []):
                 cgroup.remove()
             if pid in holders:
@@ -384,7 +377,7 @@ def _namespaces_granted(network: bool) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def _filter_accepted(program: list) -> bool:
+def _filter_accepted(program: CompiledFilter) -> bool:
     """Whether the kernel takes the system-call filter (a child tries it, as a holder will)."""
     pid = os.fork()
     if pid == 0:
