@@ -124,6 +124,7 @@ class GPUStandIn:
                  background: bool = True):
         self.completions = completions
         self.background = background
+        self.on_cpu = False  # it stands for an engine on an accelerator
         self.tokenizer = tokenizer
         self.latency = latency
         self.stats = EngineStats()

@@ -19,6 +19,8 @@ this machine's CPU and turns where it does (`resolve_schedule`), as benchmarks/r
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import math
 import os
@@ -240,6 +242,27 @@ def run_agent(
     carries its token ids (`mathagent.tokens`): those it lacks are computed first, and each request's prompt
     is its ids so far, never a new rendering of its messages.
     """
+    with _collector_out_of_the_way():
+        return _run_agent(trajectories, engine, sandbox, grader, config, on_turn)
+
+
+@contextlib.contextmanager
+def _collector_out_of_the_way():
+    """The objects alive when the loop starts (the modules, the tokenizer, an in-process engine, the records)
+    frozen out of the cyclic collector's full passes while it runs. Each such pass holds the interpreter for
+    all of them (0.2 s and more in a process that imported vLLM), and in that time no cell result is taken,
+    no cell submitted and no request sent; what the loop allocates is still collected. Unfrozen at the end,
+    unless someone froze the heap before (vLLM's engine core does), whose freeze is then left as it is."""
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
+
+
+def _run_agent(trajectories, engine, sandbox, grader, config, on_turn):
     H = config.max_turns
     sampling = Sampling(config.temperature, config.top_p, config.max_tokens,
                         stop=(OBSERVATION_FENCE,) if config.tools else ())
@@ -420,6 +443,7 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
     ready = list(keyed)  # trajectories to look at: end, run their pending code, or act
     cells: dict = {}  # future of a CellResult -> key
     generating = 0
+    on_cpu = getattr(engine, "on_cpu", True)
     turn = max((len(actions(t["messages"])) for t in trajectories), default=0)  # the most actions any has
     while ready or generating or cells:
         report = TurnReport(0, 0, 0, 0, 0, 0.0)
@@ -436,13 +460,17 @@ def _run_continuously(trajectories, engine, sandbox, config: AgentConfig, sampli
                 engine.submit(key, _request(t, engine, config), sampling)
                 generating += 1
         ready = []
-        # Step the engine when its batch is at least as large as the cells still running; otherwise give those
-        # cells a moment (STEP_WAIT) first, so that their trajectories join one larger batch instead of the
-        # engine stepping a handful of requests at a time while the cells fight it for the cores.
+        # On this CPU, step the engine when its batch is at least as large as the cells still running; otherwise
+        # give those cells a moment (STEP_WAIT) first, so that their trajectories join one larger batch instead
+        # of the engine stepping a handful of requests at a time while the cells fight it for the cores. Off
+        # the CPU a step takes nothing from the cells, and the engine has gone on meanwhile: what it finished
+        # is taken at once (each action's cell starts), whether or not cells keep finishing.
         step = bool(generating)
-        if cells and generating < len(cells):
-            done, _ = wait(cells, timeout=STEP_WAIT if generating else None, return_when=FIRST_COMPLETED)
-            step = step and not done
+        if cells and not generating:
+            wait(cells, return_when=FIRST_COMPLETED)
+        elif cells and on_cpu and generating < len(cells):
+            done, _ = wait(cells, timeout=STEP_WAIT, return_when=FIRST_COMPLETED)
+            step = not done
         if step:
             tokens_before, seconds_before = engine.stats.generated_tokens, engine.stats.seconds
             for key, completion in engine.step():

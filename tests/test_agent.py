@@ -338,3 +338,109 @@ def test_auto_schedule_is_continuous_only_where_generation_leaves_the_cpu_to_the
     assert resolve_schedule("auto", batch_only) == "turns"
     assert resolve_schedule("turns", continuous_gpu) == "turns"
     assert resolve_schedule("continuous", continuous_cpu) == "continuous"
+
+
+def test_the_objects_alive_when_the_loop_starts_are_out_of_the_collectors_passes_until_it_ends(scripted, sandbox,
+                                                                                               grader):
+    """A full pass of the cyclic collector over a heap such as vLLM's holds the interpreter for 0.2 s and more,
+    with no cell result taken meanwhile: the loop freezes what is alive when it starts and thaws it at the end,
+    but leaves a freeze made before it (vLLM's engine core makes one) as it found it."""
+    import gc
+
+    seen = []
+
+    def policy(state, turn):
+        seen.append(gc.get_freeze_count())
+        return CODE_ACTION if turn == 0 else "So \\boxed{42}."
+
+    def rollout():
+        run_agent(agent.new_trajectories({"id": "p", "question": "q", "answer": "42"}, 2, PROMPTS["tool"]),
+                  scripted(policy), sandbox, grader, AgentConfig(max_turns=3))
+
+    frozen_by_others = gc.get_freeze_count()  # an in-process vLLM of an earlier test froze the heap
+    gc.unfreeze()  # only the collector's bookkeeping: every object stays where it is
+    try:
+        rollout()
+        assert seen and min(seen) > 1000
+        assert gc.get_freeze_count() == 0
+        gc.freeze()
+        before = gc.get_freeze_count()
+        rollout()
+        assert gc.get_freeze_count() >= before
+    finally:
+        gc.unfreeze()
+        if frozen_by_others:
+            gc.freeze()
+
+
+class _Continuous:
+    """A continuous-batching engine off this machine's CPU (as a CUDA vLLM or servers): a request's action is
+    done as soon as it is submitted, and `step` hands it back; records when each step was called."""
+
+    on_cpu = False
+
+    def __init__(self, tokenizer, clock):
+        from mathagent.engines import EngineStats
+
+        self.tokenizer, self.stats, self.clock = tokenizer, EngineStats(), clock
+        self.done, self.steps = [], []
+
+    def submit(self, key, request, sampling):
+        from mathagent.engines import Completion
+
+        ids = self.tokenizer("So \\boxed{1}.", add_special_tokens=False)["input_ids"]
+        self.done.append((key, Completion(text="So \\boxed{1}.", num_tokens=len(ids), finish_reason="stop",
+                                          token_ids=ids, logprobs=None)))
+
+    def step(self):
+        self.steps.append(self.clock())
+        done, self.done = self.done, []
+        return done
+
+
+def test_off_the_cpu_an_action_that_is_done_is_taken_while_other_trajectories_cells_keep_finishing(tiny_tokenizer,
+                                                                                                   grader):
+    """Holding the engine's step back while cells finish lets a batch grow only where stepping takes the
+    cells' cores (an engine on this CPU). Off the CPU the engine has gone on anyway: what it finished is taken
+    at once, not after the stream of cell results pauses. Here 12 cells finish one every 20 ms while one
+    trajectory's action is done from the start; it is taken before the third cell is back."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    class TimedCells:
+        """Cell results that come back one every 20 ms, in order of submission (the loop's collaborator)."""
+
+        def __init__(self):
+            self.finished = 0
+
+        def reserve(self, n):
+            pass
+
+        def forget(self, session):
+            pass
+
+        def submit(self, cell):
+            from mathagent.sandbox import CellResult
+
+            future = Future()
+
+            def finish():
+                time.sleep(0.02 * (int(cell.session.split("-")[0][1:]) + 1))
+                self.finished += 1
+                future.set_result(CellResult("1", "ok", 0.0))
+
+            threading.Thread(target=finish, daemon=True).start()
+            return future
+
+    cells = TimedCells()
+    trajectories = []
+    for i in range(12):
+        (t,) = agent.new_trajectories({"id": f"c{i}", "question": "q", "answer": "1"}, 1, PROMPTS["tool"])
+        t["messages"].append({"role": "assistant", "content": "```python\nprint(1)\n```"})
+        trajectories.append(t)
+    trajectories += agent.new_trajectories({"id": "g", "question": "q", "answer": "1"}, 1, PROMPTS["tool"])
+    engine = _Continuous(tiny_tokenizer, lambda: cells.finished)
+    run_agent(trajectories, engine, cells, grader, AgentConfig(max_turns=3, schedule="continuous"))
+    assert trajectories[-1]["status"] == "answered"
+    assert engine.steps[0] < 3
