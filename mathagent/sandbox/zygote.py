@@ -1,9 +1,13 @@
 """The zygote: the first process of a sandbox, started by the caller (`client.Sandbox`) with `python -I` and an
 empty environment. It imports the math modules once and keeps `workers` sessions started ahead of need, more
-when the caller reserves them. For each session it takes a uid from the machine's pool, makes the session's
-cgroups (memory budget, CPU quota) and forks the session's supervisor S (`supervisor`) as the init of a new
-pid namespace, or a launcher that does so where a user namespace has to come first: when S exits, every
-process of the trajectory is gone. The zygote collects it at once (SIGCHLD) and removes its cgroups.
+when the caller reserves them. For each session it takes a uid from the machine's pool and makes the session's
+cgroups (memory budget, CPU quota, CPU time). As root with cgroups that hold every session's processes and CPU
+time, the process the caller started stays small and is the one supervisor of every session
+(`supervisor.serve_sessions`); its child, forked before the imports, is the zygote, which forks each session's
+holder straight into new namespaces as the init of its pid namespace. Elsewhere the zygote is that process and
+forks each session's own supervisor S (`supervisor.NamespaceSupervisor`) as the init of a new pid namespace,
+or a launcher that does so where a user namespace has to come first. Either way, when the init exits every
+process of the trajectory is gone; the zygote collects it at once (SIGCHLD) and removes its cgroups.
 """
 
 from __future__ import annotations
