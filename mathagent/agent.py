@@ -226,6 +226,24 @@ def observe(t: dict[str, Any], result, observation_role: str, tokenizer=None) ->
         messages[-1][tokens.TOKEN_IDS] = tokens.observation_ids(tokenizer, messages, len(messages) - 1)
 
 
+@contextlib.contextmanager
+def _collector_out_of_the_way():
+    """The objects alive when the loop starts (the modules, the tokenizer, an in-process engine, the records)
+    frozen out of the cyclic collector's full passes while it runs. Each such pass holds the interpreter for
+    all of them (0.28 s over the ~360,000 of benchmarks/rollout.py's process with transformers imported), and
+    in that time no cell result is taken, no cell submitted and no request sent; what the loop allocates is
+    still collected. Unfrozen at the end, unless someone froze the heap before (vLLM's engine core does),
+    whose freeze is then left as it is."""
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
+
+
+@_collector_out_of_the_way()
 def run_agent(
     trajectories: list[dict[str, Any]],
     engine: Engine,
@@ -242,28 +260,6 @@ def run_agent(
     carries its token ids (`mathagent.tokens`): those it lacks are computed first, and each request's prompt
     is its ids so far, never a new rendering of its messages.
     """
-    with _collector_out_of_the_way():
-        return _run_agent(trajectories, engine, sandbox, grader, config, on_turn)
-
-
-@contextlib.contextmanager
-def _collector_out_of_the_way():
-    """The objects alive when the loop starts (the modules, the tokenizer, an in-process engine, the records)
-    frozen out of the cyclic collector's full passes while it runs. Each such pass holds the interpreter for
-    all of them (0.28 s over the ~360,000 of benchmarks/rollout.py's process with transformers imported), and
-    in that time no cell result is taken, no cell submitted and no request sent; what the loop allocates is
-    still collected. Unfrozen at the end,
-    unless someone froze the heap before (vLLM's engine core does), whose freeze is then left as it is."""
-    frozen_before = gc.get_freeze_count()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        if not frozen_before:
-            gc.unfreeze()
-
-
-def _run_agent(trajectories, engine, sandbox, grader, config, on_turn):
     H = config.max_turns
     sampling = Sampling(config.temperature, config.top_p, config.max_tokens,
                         stop=(OBSERVATION_FENCE,) if config.tools else ())
