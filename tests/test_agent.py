@@ -366,7 +366,8 @@ def test_the_objects_alive_when_the_loop_starts_are_out_of_the_collectors_passes
         gc.freeze()
         before = gc.get_freeze_count()
         rollout()
-        assert gc.get_freeze_count() >= before
+        # a frozen object that dies meanwhile leaves the count; a thaw by the loop would leave it at 0
+        assert gc.get_freeze_count() > before // 2
     finally:
         gc.unfreeze()
         if frozen_by_others:
