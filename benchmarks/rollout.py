@@ -202,10 +202,15 @@ def run(design: str, model: str, args, base_url: str | None = None) -> dict:
     start = time.perf_counter()
     # As `mathagent rollout` does, ours opens its sandbox before the engine: the zygote imports meanwhile.
     sandbox = Sandbox() if design != "toolkit" else None
-    if design == "mathagent-server":  # the server already runs: "start" is the client's
-        engine = open_engine("openai", model, base_urls=[base_url], concurrency=args.concurrency)
-    else:
-        engine = open_engine("vllm", model, seed=0)
+    try:
+        if design == "mathagent-server":  # the server already runs: "start" is the client's
+            engine = open_engine("openai", model, base_urls=[base_url], concurrency=args.concurrency)
+        else:
+            engine = open_engine("vllm", model, seed=0)
+    except BaseException:
+        if sandbox is not None:  # run_loop would have closed it
+            sandbox.close()
+        raise
     started = time.perf_counter()
     try:
         cells = run_loop("toolkit" if design == "toolkit" else "mathagent", trajectories, engine, config,

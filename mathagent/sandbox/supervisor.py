@@ -647,7 +647,7 @@ def serve_sessions(config: dict, sessions: socket.socket, holders: socket.socket
     resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
     threading.stack_size(1 << 20)
     link = _ZygoteLink(holders)
-    threads = []
+    threads, pruned = [], 0  # the threads of sessions maybe alive; how many were after the last pruning
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sessions, 1 << 16, 5)
@@ -663,7 +663,10 @@ def serve_sessions(config: dict, sessions: socket.socket, holders: socket.socket
         supervisor = CgroupSupervisor(config, caller, message, fds[1:], link)
         thread = threading.Thread(target=supervisor.start, daemon=True)
         thread.start()
-        threads = [t for t in threads if t.is_alive()] + [thread]
+        threads.append(thread)
+        if len(threads) > 2 * pruned + 64:  # the ended ones dropped now and then: O(1) a session, not O(live)
+            threads = [t for t in threads if t.is_alive()]
+            pruned = len(threads)
     # The zygote is gone, and its holders with it (their parent-death signal).
     deadline = time.monotonic() + 5
     for thread in threads:
