@@ -268,21 +268,21 @@ def zygote_main(config: dict) -> None:
 
     # Sessions started ahead of need, so that a new trajectory does not wait for namespaces and forks: always
     # `spares` of them, and as many as the caller said it will soon ask for (b"reserve N"), built one at a
-    # time between the caller's requests, while the caller does something else (its engine generates).
+    # time between the caller's requests, while the caller does something else (its engine generates). A
+    # request waits for one launch at most, never for the whole set (the first cells, for `spares` of them).
     spares: collections.deque[socket.socket] = collections.deque()
     reserved = 0
     inputs = [control, wake_up] + ([link] if shared else [])
     while True:
-        while len(spares) < config["spares"]:
-            spares.append(launch())
-        ready = select.select(inputs, [], [], 0 if len(spares) < reserved else None)[0]
+        short = len(spares) < max(config["spares"], reserved)
+        ready = select.select(inputs, [], [], 0 if short else None)[0]
         if wake_up in ready:
             woken()
         if link is not None and link in ready:
             answer_supervisor()
             continue
         if control not in ready:
-            if len(spares) < reserved:
+            if short:
                 spares.append(launch())
             continue
         try:
